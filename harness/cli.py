@@ -1,0 +1,227 @@
+"""The command line: the only module that knows about Hydra (besides cli_train/cli_zoo).
+
+    harness run --methods autoregressive,hf-generate --task humaneval --limit 20 [key=value ...]
+    harness list
+    harness train ... | harness zoo ...
+
+Flags are shorthands for overrides; any config field can be set as ``key=value``
+(``task.languages=[cpp,go]``, ``model.dtype=bfloat16``, ``method.<name>.<field>=...``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+from harness.config import ModelConfig, RunSettings, SamplingConfig
+from harness.paths import resolve_repo_path
+from harness.registry import METHODS, MODELS, TASKS, UnknownName
+
+ROOT = "harness_run"
+
+
+@dataclass
+class RootConfig:
+    defaults: list[Any] = field(default_factory=lambda: ["_self_", {"task": "humaneval"}, {"model": default_model()}])
+    methods: list[str] = field(default_factory=lambda: ["autoregressive"])  # methods to compare
+    run: RunSettings = field(default_factory=RunSettings)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    task: Any = None  # filled from the `task` group
+    model: Any = None  # filled from the `model` group
+    method: dict[str, Any] = field(default_factory=dict)  # per-method configs, one entry per requested method
+
+
+def default_model() -> str:
+    return "zoo-target" if (resolve_repo_path("zoo/target") / "config.json").exists() else "random-tiny"
+
+
+def register_configs() -> None:
+    from hydra.core.config_store import ConfigStore
+
+    cs = ConfigStore.instance()
+    cs.store(name=ROOT, node=RootConfig)
+    for name in TASKS.names():
+        cs.store(group="task", name=name, node=TASKS.get(name).config_class(name=name))
+    for name in MODELS.names():
+        cs.store(group="model", name=name, node=MODELS.get(name))
+    for name in METHODS.names():
+        cs.store(group="method", name=name, node=METHODS.get(name).config_class(name=name))
+
+
+def run_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="harness run",
+        description="Benchmark decoding methods against greedy autoregressive decoding of the same model.",
+        epilog=overrides_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--methods", help="comma-separated method names (autoregressive always runs as the reference)")
+    p.add_argument("--task", help="task name (default humaneval)")
+    p.add_argument("--model", help="model preset name, or a hub id / local directory of any causal LM")
+    p.add_argument("--limit", type=int, help="at most N samples (per language for humaneval-x)")
+    p.add_argument("--max-new-tokens", type=int, help="new tokens per turn (default 128)")
+    p.add_argument("--out", help="run directory (re-running with the same one resumes)")
+    p.add_argument("--force", action="store_true", help="append to a run directory made with another config")
+    p.add_argument("--drop-corrupt", action="store_true", help="move corrupt samples.jsonl lines aside on resume")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    p.add_argument("overrides", nargs="*", help="key=value config overrides (see below)")
+    return p
+
+
+def overrides_help() -> str:
+    lines = ["config overrides (key=value):"]
+
+    def fields(obj: Any, prefix: str) -> None:
+        for f in dataclasses.fields(obj):
+            if f.name == "name":
+                continue
+            lines.append(f"  {prefix}{f.name}={getattr(obj, f.name)!r}")
+
+    fields(RunSettings(), "run.")
+    fields(SamplingConfig(), "sampling.")
+    fields(ModelConfig(), "model.")
+    for name in TASKS.names():
+        lines.append(f" task {name}:")
+        fields(TASKS.get(name).config_class(name=name), "task.")
+    for name in METHODS.names():
+        cfg = METHODS.get(name).config_class(name=name)
+        if len(dataclasses.fields(cfg)) > 1:
+            lines.append(f" method {name}:")
+            fields(cfg, f"method.{name}.")
+    lines.append("models: " + ", ".join(MODELS.names()) + "  (or any hub id / local path)")
+    return "\n".join(lines)
+
+
+def compose(args: argparse.Namespace):
+    from hydra import compose as hydra_compose
+    from hydra import initialize
+    from omegaconf import OmegaConf
+
+    overrides = []
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else ["autoregressive"]
+    for m in methods:
+        METHODS.get(m)  # unknown names fail here with the list of valid ones
+        overrides.append(f"+method@method.{m}={m}")
+    overrides.append(f"methods=[{','.join(methods)}]")
+    if args.task:
+        TASKS.get(args.task)
+        overrides.append(f"task={args.task}")
+    if args.model:
+        if args.model in MODELS.names():
+            overrides.append(f"model={args.model}")
+        elif "/" not in args.model and not resolve_repo_path(args.model).exists():
+            raise UnknownName(
+                f"unknown model '{args.model}': not a preset ({', '.join(MODELS.names())}) nor a local directory; "
+                "give a hub id as owner/name or a path"
+            )
+        else:  # any hub id or local path
+            overrides += ["model=random-tiny", f"model.name={args.model}", f"model.path={args.model}",
+                          "model.random_init=false"]  # fmt: skip
+    if args.limit is not None:
+        overrides.append(f"task.limit={args.limit}")
+    if args.max_new_tokens is not None:
+        overrides.append(f"run.max_new_tokens={args.max_new_tokens}")
+    if args.out:
+        overrides.append(f"run.out={args.out}")
+    if args.force:
+        overrides.append("run.force=true")
+    if args.drop_corrupt:
+        overrides.append("run.drop_corrupt=true")
+    overrides += args.overrides
+    register_configs()
+    with initialize(version_base=None, config_path=None):
+        cfg = hydra_compose(config_name=ROOT, overrides=overrides)
+    return cfg, OmegaConf
+
+
+def to_experiment(cfg, OmegaConf):
+    from harness.runner import Experiment
+
+    obj = OmegaConf.to_object(cfg)
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    plain.pop("defaults", None)
+    return Experiment(
+        model=obj.model,
+        task=obj.task,
+        methods={name: obj.method[name] for name in obj.methods},
+        run=obj.run,
+        sampling=obj.sampling,
+        config=plain,
+    )
+
+
+def cmd_run(argv: list[str]) -> int:
+    args = run_parser().parse_intermixed_args(argv)
+    try:
+        import transformers
+
+        from harness import runner
+
+        transformers.utils.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+
+        cfg, OmegaConf = compose(args)
+        exp = to_experiment(cfg, OmegaConf)
+        result = runner.run(exp)
+    except Exception as exc:  # noqa: BLE001 - every failure becomes one line unless --debug
+        if args.debug:
+            raise
+        print(f"error: {one_line(exc)}", file=sys.stderr)
+        return 2
+    print((result.path / "leaderboard.md").read_text())
+    print(f"run directory: {result.path}")
+    return 0
+
+
+def one_line(exc: BaseException) -> str:
+    from harness.engine import ModelLoadError
+    from harness.results import RunDirError
+    from harness.runner import HarnessError
+    from tasks.base import TaskDataError
+
+    known = (HarnessError, ModelLoadError, RunDirError, TaskDataError, UnknownName)
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    if isinstance(exc, known):
+        return text
+    name = type(exc).__name__
+    if "ConfigComposition" in name or "OverrideParse" in name or "ConfigKey" in name or "Validation" in name:
+        return f"bad config override: {text} (see `harness run --help` for the valid keys)"
+    if isinstance(exc, KeyboardInterrupt):
+        return "interrupted; finished records are saved, rerun with the same --out to resume"
+    return f"{name}: {text} (rerun with --debug for the traceback)"
+
+
+def cmd_list() -> int:
+    for title, reg in (("methods", METHODS), ("tasks", TASKS), ("models", MODELS)):
+        print(f"{title}: {', '.join(reg.names())}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    commands = "run, list, train, zoo"
+    if not argv or argv[0] in ("-h", "--help"):
+        print(f"usage: harness {{{commands}}} ...  (harness run --help for the benchmark options)")
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if command == "run":
+        return cmd_run(rest)
+    if command == "list":
+        return cmd_list()
+    if command == "train":
+        from harness import cli_train
+
+        return cli_train.main(rest)
+    if command == "zoo":
+        from harness import cli_zoo
+
+        return cli_zoo.main(rest)
+    print(f"error: unknown command '{command}'; valid commands: {commands}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,63 @@
+"""Typed configuration shared by the library. Plain dataclasses: the command line
+registers them with Hydra's ConfigStore (harness/cli.py); nothing else imports Hydra.
+
+Method configs live beside each method (methods/<name>.py) and task configs beside
+each task (tasks/<name>.py); both subclass the small bases defined here and in
+tasks/base.py.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+
+@dataclass
+class ModelConfig:
+    name: str = "custom"  # label used in outputs
+    path: str = ""  # hub id or local directory (relative paths also tried from the repo root)
+    tokenizer: Optional[str] = None  # tokenizer id/path when it differs from `path`
+    revision: Optional[str] = None  # hub revision (branch, tag or commit)
+    dtype: str = "float32"  # float32 | bfloat16 | float16
+    device: str = "auto"  # auto (CUDA when present, else CPU) | cpu | cuda | cuda:N
+    attn_implementation: str = "sdpa"  # sdpa | eager (both accept custom 4-D masks)
+    random_init: bool = False  # build from config.json with random weights (untrained!)
+    seed: int = 0  # seed for random_init
+    trust_remote_code: bool = False  # only when you trust the model's repository
+    draft: Optional[str] = None  # default draft model (registry name or path) for `speculative`
+
+
+@dataclass
+class MethodConfig:
+    """Base of every method's config; subclasses add their own fields."""
+
+    name: str = "?"  # registry name
+
+
+@dataclass
+class SamplingConfig:
+    do_sample: bool = False  # False = greedy (the lossless comparison mode)
+    temperature: float = 1.0  # applied to p (and to q, for draft methods)
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1.0 = off
+
+
+@dataclass
+class RunSettings:
+    max_new_tokens: int = 128  # per turn
+    seed: int = 0  # seed for sampling methods (sample i uses seed + i)
+    warmup: int = 1  # samples generated and discarded per method before timing
+    warmup_tokens: int = 16  # max_new_tokens during warm-up
+    threads: int = 0  # torch CPU threads; 0 = leave torch's default
+    tie_margin: float = 1e-3  # a first mismatch whose reference top1-top2 logit margin is below this is a `tie`
+    out: Optional[str] = None  # run directory (default results/runs/<timestamp>)
+    force: bool = False  # append to an existing run directory made with another config
+    drop_corrupt: bool = False  # move corrupt lines of samples.jsonl aside on resume
+    progress: bool = True  # show a progress bar
+
+
+@dataclass
+class RunConfig:
+    methods: list[str] = field(default_factory=lambda: ["autoregressive"])
+    run: RunSettings = field(default_factory=RunSettings)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)

@@ -1,0 +1,25 @@
+"""Where things live: the repository root, the shipped zoo and the default data directory."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+ZOO_DIR = REPO_ROOT / "zoo"
+DATA_ENV = "HARNESS_DATA_DIR"
+
+
+def default_data_dir() -> Path:
+    """``$HARNESS_DATA_DIR`` if set, else ``../shared/datasets`` beside the repository."""
+    env = os.environ.get(DATA_ENV)
+    return Path(env) if env else REPO_ROOT.parent / "shared" / "datasets"
+
+
+def resolve_repo_path(path: str | os.PathLike) -> Path:
+    """A path as given if it exists from the current directory, else relative to the repo."""
+    p = Path(path).expanduser()
+    if p.is_absolute() or p.exists():
+        return p
+    candidate = REPO_ROOT / p
+    return candidate if candidate.exists() else p

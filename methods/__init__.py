@@ -1,0 +1,1 @@
+"""Decoding methods, one per file; see methods/base.py for the interface."""

@@ -1,0 +1,1 @@
+"""Task suites: each yields Samples; see tasks/base.py."""

@@ -1,0 +1,135 @@
+"""The task interface: a task turns a data file into a list of Samples.
+
+Tasks never import methods or models. Prompt text is built here (``render_prompt``);
+tokenisation and timing belong to the runner.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from harness.paths import DATA_ENV
+
+
+class TaskDataError(Exception):
+    """Missing or malformed task data; the message says where we looked and what to do."""
+
+
+@dataclass
+class TaskConfig:
+    name: str = "?"  # registry name of the task
+    limit: Optional[int] = None  # at most this many samples (per language for humaneval-x)
+
+
+@dataclass
+class Sample:
+    id: str  # unique within the task, stable across runs
+    turns: list[str]  # user turns; single-turn tasks have exactly one
+    chat: bool = False  # format turns with the tokenizer's chat template
+    language: Optional[str] = None  # programming language, when the task has one
+    category: Optional[str] = None  # category label (Spec-Bench), when the task has one
+    meta: dict[str, Any] = field(default_factory=dict)  # tests, entry point, reference...
+
+
+class Task:
+    """Base class: subclasses set ``config_class`` and implement ``load()``."""
+
+    config_class: type[TaskConfig] = TaskConfig
+
+    def __init__(self, cfg: TaskConfig):
+        self.cfg = cfg
+
+    def load(self) -> list[Sample]:
+        """All samples of the task, filters applied, before ``limit``."""
+        raise NotImplementedError
+
+    def samples(self) -> list[Sample]:
+        samples = self.load()
+        if self.cfg.limit is not None:
+            samples = samples[: self.cfg.limit]
+        return samples
+
+
+def data_not_found(
+    what: str, looked: str | os.PathLike, key: str, env: bool = True
+) -> TaskDataError:
+    """The one-line error for missing data: where we looked and how to point elsewhere.
+
+    ``key`` is the config override (e.g. ``task.data_dir``); ``env`` adds the data-dir
+    environment variable as a second way out when the default location applies.
+    """
+    hint = f"pass {key}=<path>"
+    if env:
+        hint += f" or set {DATA_ENV} to the directory that holds the shared datasets"
+    return TaskDataError(f"{what} not found at {looked}; {hint}")
+
+
+def read_json_records(path: Path) -> list[dict[str, Any]]:
+    """The rows of a JSON-lines file (``.gz`` too) via ``datasets``, offline and cached."""
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # read at import: set before it
+    import datasets
+
+    quiet = not datasets.are_progress_bars_disabled()
+    if quiet:
+        datasets.disable_progress_bars()
+    try:
+        ds = datasets.load_dataset("json", data_files=[str(path)], split="train")
+    except Exception as e:  # malformed JSON, unreadable file, cache trouble...
+        raise TaskDataError(f"could not read {path}: {type(e).__name__}: {e}") from e
+    finally:
+        if quiet:
+            datasets.enable_progress_bars()
+    return ds.to_list()
+
+
+def iter_json_lines(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """``(line number, object)`` for each non-blank line of a JSON-lines file (``.gz`` too)."""
+    opener: Any = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise TaskDataError(f"{path}:{lineno}: invalid JSON ({e.msg})") from e
+            if not isinstance(row, dict):
+                kind = type(row).__name__
+                raise TaskDataError(f"{path}:{lineno}: expected a JSON object, got {kind}")
+            yield lineno, row
+
+
+VICUNA_SYSTEM = (
+    "A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's questions."
+)
+
+
+def render_prompt(sample: Sample, turn: int, replies: list[str], tokenizer: Any) -> str:
+    """The text fed to the model for ``turn`` (0-based), given the earlier ``replies``.
+
+    Plain samples are used as they are. Chat samples use the tokenizer's chat template
+    when it has one, else the Vicuna v1.1 format that Spec-Bench uses.
+    """
+    if not sample.chat:
+        return sample.turns[turn]
+    messages: list[dict[str, str]] = []
+    for i in range(turn + 1):
+        messages.append({"role": "user", "content": sample.turns[i]})
+        if i < turn:
+            messages.append({"role": "assistant", "content": replies[i]})
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    text = VICUNA_SYSTEM + " "
+    for m in messages:
+        if m["role"] == "user":
+            text += f"USER: {m['content']} ASSISTANT:"
+        else:
+            text += f" {m['content']}</s>"
+    return text

@@ -1,0 +1,161 @@
+"""End to end through the command line: outputs, resume, kill -9, and every bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from harness.cli import main
+from harness.results import SUMMARY_COLUMNS
+
+PROMPTS = ["def add(a, b):", "for i in range", "class Foo:", "int main() {", "function f(x) {", "x = 1"]
+
+
+@pytest.fixture()
+def prompts(tmp_path) -> Path:
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("".join(json.dumps({"id": f"p{i}", "prompt": p}) + "\n" for i, p in enumerate(PROMPTS)))
+    return path
+
+
+def base_args(model_dir, prompts, out, n=12) -> list[str]:
+    return ["run", "--model", str(model_dir), "--task", "jsonl", f"task.path={prompts}", "--max-new-tokens", str(n),
+            "--out", str(out), "run.progress=false"]  # fmt: skip
+
+
+def read_records(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+
+
+def test_run_writes_all_outputs(model_dir, prompts, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(base_args(model_dir, prompts, out) + ["--methods", "autoregressive,hf-generate"]) == 0
+    printed = capsys.readouterr().out
+    assert "| autoregressive" in printed and "| hf-generate" in printed
+    for name in ("manifest.json", "samples.jsonl", "summary.csv", "leaderboard.md"):
+        assert (out / name).exists(), name
+    records = read_records(out)
+    assert len(records) == 2 * len(PROMPTS)
+    assert all(r["status"] == "exact" for r in records)  # hf-generate agrees with the baseline
+    summary = pd.read_csv(out / "summary.csv")
+    assert list(summary.columns) == SUMMARY_COLUMNS
+    ar = summary[summary.method == "autoregressive"].iloc[0]
+    assert ar.speedup == 1.0 and ar.mean_accepted_tokens == 1.0 and ar.exact_match == 1.0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["model"]["dtype"] == "float32" and manifest["config"]["methods"] == ["autoregressive", "hf-generate"]
+    assert {"torch", "transformers"} <= set(manifest["packages"]) and manifest["environment"]["threads"] >= 1
+
+
+def test_reference_runs_even_when_not_requested(model_dir, prompts, tmp_path):
+    out = tmp_path / "run"
+    assert main(base_args(model_dir, prompts, out) + ["--methods", "hf-generate", "--limit", "2"]) == 0
+    assert sorted({r["method"] for r in read_records(out)}) == ["autoregressive", "hf-generate"]
+
+
+def test_resume_skips_finished_pairs(model_dir, prompts, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(base_args(model_dir, prompts, out) + ["--limit", "2"]) == 0
+    assert len(read_records(out)) == 2
+    capsys.readouterr()
+    assert main(base_args(model_dir, prompts, out) + ["--limit", "4"]) == 0  # raising limit extends the run
+    assert "2 of 4 (method, sample, turn) records already done" in capsys.readouterr().out
+    assert [r["sample_id"] for r in read_records(out)] == ["p0", "p1", "p2", "p3"]
+
+
+def test_refuses_other_config_unless_forced(model_dir, prompts, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(base_args(model_dir, prompts, out, n=8) + ["--limit", "1"]) == 0
+    assert main(base_args(model_dir, prompts, out, n=9) + ["--limit", "1"]) == 2
+    assert "different config" in capsys.readouterr().err
+    assert main(base_args(model_dir, prompts, out, n=9) + ["--limit", "1", "--force"]) == 0
+
+
+def test_kill_9_loses_at_most_the_pair_in_flight(model_dir, tmp_path):
+    prompts = tmp_path / "many.jsonl"
+    prompts.write_text("".join(json.dumps({"id": f"q{i}", "prompt": f"x = {i}"}) + "\n" for i in range(60)))
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "harness.cli"] + base_args(model_dir, prompts, out, n=48)
+    cmd += ["--methods", "autoregressive,hf-generate"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    samples = out / "samples.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not samples.exists() or len(samples.read_text().splitlines()) < 5):
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    survived = len(samples.read_text().splitlines())
+    assert 5 <= survived < 120, "the run must be killed part-way"
+    assert main(base_args(model_dir, prompts, out, n=48) + ["--methods", "autoregressive,hf-generate"]) == 0
+    records = read_records(out)
+    keys = [(r["method"], r["sample_id"]) for r in records]
+    assert len(keys) == len(set(keys)) == 120
+    assert all(r["status"] == "exact" for r in records)
+
+
+def test_corrupt_line_is_named_and_can_be_moved_aside(model_dir, prompts, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(base_args(model_dir, prompts, out) + ["--limit", "3"]) == 0
+    lines = (out / "samples.jsonl").read_text().splitlines()
+    lines[1] = lines[1][:20]  # a corrupt record in the middle
+    (out / "samples.jsonl").write_text("\n".join(lines) + "\n")
+    assert main(base_args(model_dir, prompts, out) + ["--limit", "3"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "line 2 is corrupt" in err and "--drop-corrupt" in err and len(err.splitlines()) == 1
+    assert main(base_args(model_dir, prompts, out) + ["--limit", "3", "--drop-corrupt"]) == 0
+    assert [r["sample_id"] for r in read_records(out)] == ["p0", "p2", "p1"]  # p1 re-run, the rest kept
+    assert (out / "samples.corrupt.jsonl").exists()
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--methods", "nope"], "unknown method 'nope'; valid methods: autoregressive"),
+        (["--task", "nope"], "unknown task 'nope'; valid tasks:"),
+        (["--max-new-tokens", "0"], "max_new_tokens must be positive"),
+        (["no_such_key=1"], "bad config override"),
+        (["task.no_such_field=1"], "bad config override"),
+    ],
+)
+def test_bad_input_is_one_line(model_dir, prompts, tmp_path, capsys, extra, message):
+    assert main(base_args(model_dir, prompts, tmp_path / "run") + extra) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1 and "Traceback" not in err
+
+
+def test_bad_model_is_one_line(prompts, tmp_path, capsys):
+    assert main(base_args("nosuchmodel", prompts, tmp_path / "a")) == 2
+    assert "unknown model 'nosuchmodel'" in capsys.readouterr().err
+    assert main(base_args(tmp_path / "missing-dir", prompts, tmp_path / "b")) == 2
+    err = capsys.readouterr().err.strip()
+    assert "cannot load model" in err and len(err.splitlines()) == 1
+
+
+def test_prompt_longer_than_context(model_dir, tmp_path, capsys):
+    long = tmp_path / "long.jsonl"
+    long.write_text(json.dumps({"id": "big", "prompt": "x = 1\n" * 400}) + "\n")
+    assert main(base_args(model_dir, long, tmp_path / "run")) == 2
+    err = capsys.readouterr().err.strip()
+    assert "sample big" in err and "exceeds the model's context of 512" in err
+
+
+def test_missing_data_is_one_line(model_dir, tmp_path, capsys):
+    args = base_args(model_dir, tmp_path / "nope.jsonl", tmp_path / "run")
+    assert main(args) == 2
+    assert "nope.jsonl" in capsys.readouterr().err
+
+
+def test_list_and_help(capsys):
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    assert "autoregressive" in out and "humaneval-x" in out and "random-tiny" in out
+    with pytest.raises(SystemExit):
+        main(["run", "--help"])
+    assert "task.languages" in capsys.readouterr().out
