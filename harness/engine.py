@@ -92,6 +92,7 @@ class Engine:
         self.forwards = 0  # forwards since creation; methods count their own per sample
         self.forward_seconds = 0.0  # wall time spent inside forward() (see sync_each_forward)
         self.sync_each_forward = False  # CUDA: synchronise after each forward so the time is exact
+        self.forward_log: Optional[list[tuple[int, float]]] = None  # (new tokens, seconds) per forward, when a list
 
     # ---- loading -------------------------------------------------------------------
     @classmethod
@@ -190,7 +191,10 @@ class Engine:
         finally:
             if self.sync_each_forward:
                 self.synchronize()
-            self.forward_seconds += time.perf_counter() - start
+            seconds = time.perf_counter() - start
+            self.forward_seconds += seconds
+            if self.forward_log is not None:
+                self.forward_log.append((new, seconds))
 
     def _forward(self, ids_t, pos_t, attn, cache: KVCache, hidden: bool, last_only: bool) -> ForwardOutput:
         if not hidden:
@@ -220,10 +224,37 @@ class Engine:
         self.synchronize()
         return time.perf_counter()
 
+    def reset_peak_memory(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            reset_peak_rss()
+
     def peak_memory_bytes(self) -> Optional[int]:
+        """Peak CUDA allocation, or the process's peak RSS on CPU, since reset_peak_memory()."""
         if self.device.type == "cuda":
             return int(torch.cuda.max_memory_allocated(self.device))
-        return None
+        return peak_rss()
+
+
+def reset_peak_rss() -> None:
+    """Reset the kernel's peak-RSS counter (VmHWM) for this process, where Linux allows it."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def peak_rss() -> Optional[int]:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 def _dtype_name(dtype: torch.dtype) -> str:

@@ -49,7 +49,11 @@ class Record:
     tokens: list[int]
     text: str
     wall_time_s: float
-    forward_time_s: float  # time inside model forwards (execution layer), within wall_time_s
+    forward_time_s: float  # time inside model forwards (target and draft, execution layer), within wall_time_s
+    prefill_time_s: Optional[float]  # the first target forward (the prompt); None if not on the execution layer
+    draft_forward_time_s: float  # time inside draft-model forwards
+    verify_tokens: int  # tokens fed to the target after prefill (sum of chunk sizes)
+    peak_memory_bytes: Optional[int]  # peak CUDA allocation, or peak process RSS on CPU, during the generation
     target_forwards: int
     draft_forwards: int
     accepted_per_step: list[int]

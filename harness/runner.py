@@ -217,11 +217,17 @@ def run_one(
     seed: int,
     reference: Optional[Record],
 ) -> Record:
-    forward_before = engine.forward_seconds
+    drafts = method.draft_engines()
+    for e in [engine] + drafts:
+        e.forward_log = []
+    engine.reset_peak_memory()
     start = engine.clock()
     gen = method.generate(prompt_ids, stop, seed=seed)
     wall = engine.clock() - start
-    forward_time = engine.forward_seconds - forward_before
+    peak = engine.peak_memory_bytes()
+    target_log, draft_log = engine.forward_log, [entry for e in drafts for entry in e.forward_log]
+    for e in [engine] + drafts:
+        e.forward_log = None
 
     checked = not exp.sampling.do_sample and not gen.lossy
     fields: dict = {"status": NOT_CHECKED}
@@ -239,7 +245,11 @@ def run_one(
         tokens=gen.tokens,
         text=engine.tokenizer.decode(gen.tokens, skip_special_tokens=True),
         wall_time_s=wall,
-        forward_time_s=forward_time,
+        forward_time_s=sum(t for _, t in target_log) + sum(t for _, t in draft_log),
+        prefill_time_s=target_log[0][1] if target_log else None,
+        draft_forward_time_s=sum(t for _, t in draft_log),
+        verify_tokens=sum(n for n, _ in target_log[1:]),
+        peak_memory_bytes=peak,
         target_forwards=gen.target_forwards,
         draft_forwards=gen.draft_forwards,
         accepted_per_step=gen.accepted_per_step,

@@ -51,6 +51,10 @@ class Method:
     def generate(self, prompt_ids: list[int], stop: StopRule, seed: int = 0) -> Generation:
         raise NotImplementedError
 
+    def draft_engines(self) -> list[Engine]:
+        """Engines other than the target that this method runs (a draft model), for timing."""
+        return []
+
 
 class Committer:
     """Appends tokens under a ``StopRule``; ``done`` once EOS or the limit is reached."""
