@@ -194,6 +194,90 @@ def one_line(exc: BaseException) -> str:
     return f"{name}: {text} (rerun with --debug for the traceback)"
 
 
+def guarded(debug: bool, fn) -> int:
+    """Run fn(); any failure becomes one line on stderr and exit code 2 (unless debug)."""
+    try:
+        return fn()
+    except Exception as exc:  # noqa: BLE001
+        if debug:
+            raise
+        print(f"error: {one_line(exc)}", file=sys.stderr)
+        return 2
+
+
+def cmd_leaderboard(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="harness leaderboard", description="Tables and plots from run directories.")
+    p.add_argument("runs", nargs="+", help="run directories (several are merged: machines, shards, tasks)")
+    p.add_argument("--format", default="markdown", choices=["markdown", "csv", "html", "json"])
+    p.add_argument("--by", choices=["language", "category"], help="also split rows by language or category")
+    p.add_argument("--out", help="write to this file instead of stdout")
+    p.add_argument("--plots", help="also write the PNG plots into this directory")
+    p.add_argument("--allow-mixed", action="store_true", help="merge runs of different models/settings anyway")
+    p.add_argument("--debug", action="store_true")
+    args = p.parse_args(argv)
+
+    def go() -> int:
+        from pathlib import Path
+
+        from harness.leaderboard import make_plots, render, write_plots
+        from harness.report import load_runs, metrics
+
+        runs = load_runs(args.runs, allow_mixed=args.allow_mixed)
+        table = metrics(runs, by=args.by)
+        plots = make_plots(runs, table, by=args.by) if (args.plots or args.format == "html") else {}
+        text = render(runs, table, args.format, by=args.by, plots=plots)
+        if args.plots:
+            for path in write_plots(plots, Path(args.plots)):
+                print(f"wrote {path}", file=sys.stderr)
+        if args.out:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(text)
+            print(f"wrote {args.out}", file=sys.stderr)
+        else:
+            print(text)
+        return 0
+
+    return guarded(args.debug, go)
+
+
+def cmd_baseline(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="harness baseline", description="Record a run's figures as a baseline.")
+    p.add_argument("runs", nargs="+", help="run directories")
+    p.add_argument("--out", required=True, help="baseline file, e.g. results/baselines/NAME.json")
+    p.add_argument("--speedup-tolerance", type=float, help="allowed relative speedup drop (default 0.25)")
+    p.add_argument("--debug", action="store_true")
+    args = p.parse_args(argv)
+
+    def go() -> int:
+        from harness.gate import Tolerances, make_baseline, save_baseline
+
+        tol = Tolerances()
+        if args.speedup_tolerance is not None:
+            tol.speedup = args.speedup_tolerance
+        save_baseline(make_baseline(args.runs, tol), args.out)
+        print(f"wrote {args.out}")
+        return 0
+
+    return guarded(args.debug, go)
+
+
+def cmd_check(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="harness check", description="Fail when a run regresses against a baseline.")
+    p.add_argument("runs", nargs="+", help="run directories")
+    p.add_argument("--baseline", required=True, help="a file written by `harness baseline`")
+    p.add_argument("--debug", action="store_true")
+    args = p.parse_args(argv)
+
+    def go() -> int:
+        from harness.gate import check, load_baseline, render_verdict
+
+        verdict = check(args.runs, load_baseline(args.baseline))
+        print(render_verdict(verdict))
+        return 0 if verdict.ok else 1
+
+    return guarded(args.debug, go)
+
+
 def cmd_list() -> int:
     for title, reg in (("methods", METHODS), ("tasks", TASKS), ("models", MODELS)):
         print(f"{title}: {', '.join(reg.names())}")
@@ -202,7 +286,7 @@ def cmd_list() -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    commands = "run, list, train, zoo"
+    commands = "run, list, leaderboard, baseline, check, train, zoo"
     if not argv or argv[0] in ("-h", "--help"):
         print(f"usage: harness {{{commands}}} ...  (harness run --help for the benchmark options)")
         return 0 if argv else 2
@@ -211,6 +295,12 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_run(rest)
     if command == "list":
         return cmd_list()
+    if command == "leaderboard":
+        return cmd_leaderboard(rest)
+    if command == "baseline":
+        return cmd_baseline(rest)
+    if command == "check":
+        return cmd_check(rest)
     if command == "train":
         from harness import cli_train
 

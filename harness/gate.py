@@ -1,0 +1,131 @@
+"""The regression gate CI runs.
+
+    harness baseline RUN_DIR --out results/baselines/NAME.json
+    harness check RUN_DIR --baseline results/baselines/NAME.json
+
+A baseline stores, per method x task, the deterministic figures (exact-match rate,
+mean accepted tokens, target forwards, a hash of every output's token ids) and the
+speedup, with tolerances. ``check`` fails (exit 1, with a table of what changed) when a
+lossless method loses exact-match, when a deterministic figure moves beyond its
+tolerance, or when a speedup falls below the baseline's by more than its tolerance.
+Speedups are compared only between runs on the same kind of machine (same device name
+and thread count): a speedup measured elsewhere is reported as not compared.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pandas as pd
+from tabulate import tabulate
+
+from harness.report import header, load_runs, metrics
+
+
+@dataclass
+class Tolerances:
+    mean_accepted_tokens: float = 0.02  # relative change allowed
+    target_forwards: float = 0.02  # relative change allowed
+    tokens_hash: bool = True  # require identical output ids
+    speedup: float = 0.25  # allowed relative drop below the baseline speedup (same machine kind only)
+
+
+@dataclass
+class Baseline:
+    created: str
+    machine: dict  # device name and threads: speedups compare only on the same kind
+    header: str
+    tolerances: Tolerances
+    rows: list[dict] = field(default_factory=list)  # per method x task figures
+
+
+def machine_of(manifests: list[dict]) -> dict:
+    envs = {(m["environment"].get("device_name"), m["environment"].get("threads")) for m in manifests}
+    name, threads = sorted(envs, key=str)[0]
+    return {"device_name": name, "threads": threads}
+
+
+FIGURES = ["method", "task", "samples", "exact_match", "lossless", "mean_accepted_tokens", "target_forwards",
+           "tokens_hash", "speedup"]  # fmt: skip
+
+
+def make_baseline(run_dirs: list[str], tolerances: Tolerances | None = None) -> Baseline:
+    runs = load_runs(run_dirs)
+    table = metrics(runs)
+    rows = table[FIGURES].to_dict(orient="records")
+    return Baseline(
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        machine=machine_of(runs.manifests),
+        header=header(runs),
+        tolerances=tolerances or Tolerances(),
+        rows=rows,
+    )
+
+
+def save_baseline(baseline: Baseline, path: str | Path) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(asdict(baseline), indent=2, default=str) + "\n")
+
+
+def load_baseline(path: str | Path) -> Baseline:
+    data = json.loads(Path(path).read_text())
+    data["tolerances"] = Tolerances(**data["tolerances"])
+    return Baseline(**data)
+
+
+@dataclass
+class Verdict:
+    ok: bool
+    problems: pd.DataFrame  # method, task, figure, baseline, now, verdict
+    notes: list[str]
+
+
+def check(run_dirs: list[str], baseline: Baseline) -> Verdict:
+    runs = load_runs(run_dirs)
+    now = metrics(runs).set_index(["method", "task"])
+    tol = baseline.tolerances
+    same_machine = machine_of(runs.manifests) == baseline.machine
+    notes = []
+    if not same_machine:
+        notes.append(
+            f"speedups not compared: baseline machine {baseline.machine}, this run {machine_of(runs.manifests)} "
+            "(speedups only compare on the same kind of machine)"
+        )
+    rows = []
+
+    def add(method, task, figure, old, new, verdict):
+        rows.append({"method": method, "task": task, "figure": figure, "baseline": old, "now": new, "verdict": verdict})
+
+    for b in baseline.rows:
+        key = (b["method"], b["task"])
+        if key not in now.index:
+            add(*key, "present", "yes", "missing", "FAIL")
+            continue
+        n = now.loc[key]
+        if b["lossless"] == "checked" and n.exact_match < b["exact_match"]:
+            add(*key, "exact_match", b["exact_match"], n.exact_match, "FAIL")
+        for figure in ("mean_accepted_tokens", "target_forwards"):
+            old, new = float(b[figure]), float(n[figure])
+            if old and abs(new - old) / old > getattr(tol, figure):
+                add(*key, figure, old, new, "FAIL")
+        if tol.tokens_hash and b["tokens_hash"] != n.tokens_hash:
+            add(*key, "tokens_hash", b["tokens_hash"], n.tokens_hash, "FAIL")
+        if b["method"] != "autoregressive" and same_machine and b["speedup"] == b["speedup"]:
+            floor = b["speedup"] * (1 - tol.speedup)
+            if n.speedup < floor:
+                add(*key, "speedup", round(b["speedup"], 3), round(float(n.speedup), 3), f"FAIL (< {floor:.3f})")
+    problems = pd.DataFrame(rows, columns=["method", "task", "figure", "baseline", "now", "verdict"])
+    return Verdict(ok=problems.empty, problems=problems, notes=notes)
+
+
+def render_verdict(verdict: Verdict) -> str:
+    lines = list(verdict.notes)
+    if verdict.ok:
+        lines.append("check passed: no regression against the baseline")
+    else:
+        lines.append("check FAILED:")
+        lines.append(tabulate(verdict.problems, headers="keys", tablefmt="github", showindex=False))
+    return "\n".join(lines)

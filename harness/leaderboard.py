@@ -1,0 +1,152 @@
+"""Leaderboards (markdown, csv, html, json) and plots from run directories.
+
+    harness leaderboard RUN_DIR... [--format markdown|csv|html|json] [--by language|category]
+                                   [--out FILE] [--plots DIR] [--allow-mixed]
+
+The HTML report is one self-contained file: tables plus the plots embedded as PNG.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from pathlib import Path
+from typing import Optional
+
+import pandas as pd
+from tabulate import tabulate
+
+from harness.report import REFERENCE, Runs, header, metrics
+
+SHOWN = [
+    "method", "task", "samples", "exact_match", "ties", "mismatches", "mean_accepted_tokens", "tokens_per_s",
+    "speedup", "speedup_ci", "efficiency", "latency_p50_s", "latency_p90_s", "prefill_ms", "peak_memory_mb",
+]  # fmt: skip
+NOTE = (
+    "speedup: tokens/s over `autoregressive`, paired per sample within each run, with a bootstrap 95% interval; "
+    "mean_accepted_tokens: new tokens per target forward; exact_match: share of outputs equal to greedy "
+    "`autoregressive` of the same model token for token (ties = first difference at a near-zero logit margin); "
+    "efficiency: speedup / (accepted tokens per step x t(1-token forward) / t(step forwards)), i.e. how much of "
+    "what the acceptance allows on this machine the implementation delivers."
+)
+
+
+def display_table(table: pd.DataFrame, by: Optional[str]) -> pd.DataFrame:
+    t = table.copy()
+    t["speedup_ci"] = [f"[{lo:.2f}, {hi:.2f}]" if lo == lo else "" for lo, hi in zip(t.speedup_low, t.speedup_high)]
+    cols = SHOWN[:2] + ([by] if by else []) + SHOWN[2:]
+    cols += [c for c in ("pass@1",) if c in t.columns]
+    return t[cols]
+
+
+def render(runs: Runs, table: pd.DataFrame, fmt: str, by: Optional[str] = None, plots: Optional[dict] = None) -> str:
+    if fmt == "json":
+        return json.dumps({"header": header(runs), "rows": table.to_dict(orient="records")}, indent=2, default=str)
+    if fmt == "csv":
+        return table.to_csv(index=False)
+    shown = display_table(table, by)
+    if fmt == "markdown":
+        body = tabulate(shown, headers="keys", tablefmt="github", showindex=False, floatfmt=".3f")
+        return f"# Leaderboard\n\n{header(runs)}\n\n{NOTE}\n\n{body}\n"
+    if fmt == "html":
+        return render_html(runs, shown, plots or {})
+    raise ValueError(f"unknown format '{fmt}'; use markdown, csv, html or json")
+
+
+def render_html(runs: Runs, shown: pd.DataFrame, plots: dict[str, bytes]) -> str:
+    images = "\n".join(
+        f'<figure><img alt="{html.escape(name)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
+        f"<figcaption>{html.escape(name)}</figcaption></figure>"
+        for name, png in plots.items()
+    )
+    table = shown.to_html(index=False, float_format=lambda x: f"{x:.3f}", border=0)
+    return f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>spec-harness report</title>
+<style>body{{font-family:sans-serif;margin:2em;max-width:1200px}} table{{border-collapse:collapse;font-size:13px}}
+td,th{{padding:3px 8px;border-bottom:1px solid #ddd;text-align:right}} figure{{display:inline-block;margin:1em}}
+img{{max-width:560px}} .note{{color:#555;font-size:13px}}</style></head>
+<body><h1>spec-harness report</h1><p>{html.escape(header(runs))}</p><p class="note">{html.escape(NOTE)}</p>
+{table}
+<h2>Plots</h2>
+{images}
+</body></html>
+"""
+
+
+def make_plots(runs: Runs, table: pd.DataFrame, by: Optional[str] = None) -> dict[str, bytes]:
+    """PNG bytes by name: speedup with intervals, accepted tokens vs speedup, acceptance by position,
+    and speedup per language or category."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def png(fig) -> bytes:
+        buf = io.BytesIO()
+        fig.tight_layout()
+        fig.savefig(buf, format="png", dpi=110)
+        plt.close(fig)
+        return buf.getvalue()
+
+    out: dict[str, bytes] = {}
+    base = table if not by else metrics(runs)
+    base = base[base.method != REFERENCE].reset_index(drop=True)
+    if base.empty:
+        return out
+    labels = [f"{m}\n{t}" for m, t in zip(base.method, base.task)]
+
+    fig, ax = plt.subplots(figsize=(max(5, 1.1 * len(base)), 3.8))
+    err = [(base.speedup - base.speedup_low).clip(lower=0), (base.speedup_high - base.speedup).clip(lower=0)]
+    ax.bar(labels, base.speedup, yerr=err, capsize=4, color="#4C72B0")
+    ax.axhline(1.0, color="gray", lw=1, ls="--")
+    ax.set_ylabel("speedup over autoregressive")
+    ax.set_title("Speedup (bootstrap 95% interval)")
+    ax.tick_params(axis="x", labelsize=8)
+    out["speedup.png"] = png(fig)
+
+    fig, ax = plt.subplots(figsize=(5, 4))
+    ax.scatter(base.mean_accepted_tokens, base.speedup, color="#DD8452")
+    for x, y, name in zip(base.mean_accepted_tokens, base.speedup, base.method):
+        ax.annotate(name, (x, y), fontsize=8, xytext=(4, 4), textcoords="offset points")
+    top = max(base.mean_accepted_tokens.max(), base.speedup.max(), 1.0) * 1.1
+    ax.plot([1, top], [1, top], color="gray", lw=1, ls="--", label="speedup = accepted tokens")
+    ax.set_xlabel("mean accepted tokens per target forward")
+    ax.set_ylabel("speedup")
+    ax.legend(fontsize=8)
+    ax.set_title("Accepted tokens vs speedup")
+    out["accepted_vs_speedup.png"] = png(fig)
+
+    rates = [(m, t, r) for m, t, r in zip(base.method, base.task, base.acceptance_by_position) if len(r)]
+    if rates:
+        fig, ax = plt.subplots(figsize=(5, 4))
+        for m, t, r in rates:
+            ax.plot(range(1, len(r) + 1), r, marker="o", label=f"{m} ({t})")
+        ax.set_xlabel("draft position / tree depth")
+        ax.set_ylabel("acceptance rate")
+        ax.set_ylim(0, 1.05)
+        ax.legend(fontsize=8)
+        ax.set_title("Acceptance by position")
+        out["acceptance_by_position.png"] = png(fig)
+
+    if by:
+        sub = table[table.method != REFERENCE]
+        pivot = sub.pivot_table(index=by, columns="method", values="speedup")
+        if not pivot.empty:
+            fig, ax = plt.subplots(figsize=(max(5, 0.9 * len(pivot)), 4))
+            pivot.plot.bar(ax=ax)
+            ax.axhline(1.0, color="gray", lw=1, ls="--")
+            ax.set_ylabel("speedup over autoregressive")
+            ax.set_title(f"Speedup per {by}")
+            out[f"speedup_by_{by}.png"] = png(fig)
+    return out
+
+
+def write_plots(plots: dict[str, bytes], directory: Path) -> list[Path]:
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, data in plots.items():
+        (directory / name).write_bytes(data)
+        paths.append(directory / name)
+    return paths

@@ -1,0 +1,192 @@
+"""Metrics over one or more run directories: what leaderboards, plots and the gate read.
+
+Everything here is derived from ``manifest.json`` and ``samples.jsonl``; nothing reads a
+model. Speedups are paired: each method's sample is compared with `autoregressive` on
+the same sample in the same run directory, so runs from several machines or shards can
+be merged without mixing their clocks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import pandas as pd
+
+from harness.results import RunDir, RunDirError
+
+REFERENCE = "autoregressive"
+# What must agree for runs to be merged (besides the task and the methods).
+COMPATIBILITY = {
+    "model": lambda m: (m.get("model", {}).get("path"), m.get("model", {}).get("dtype")),
+    "device": lambda m: m.get("environment", {}).get("device_name"),
+    "max_new_tokens": lambda m: m.get("config", {}).get("run", {}).get("max_new_tokens"),
+    "sampling": lambda m: json.dumps(m.get("config", {}).get("sampling", {}), sort_keys=True),
+}
+
+
+@dataclass
+class Runs:
+    """Records of one or more run directories, with the manifests they came from."""
+
+    records: pd.DataFrame  # one row per record, plus `run` (index of its directory)
+    manifests: list[dict]
+    paths: list[Path]
+
+
+def load_runs(paths: list[str | Path], allow_mixed: bool = False) -> Runs:
+    frames, manifests = [], []
+    for index, path in enumerate(paths):
+        rundir = RunDir(path)
+        if not (rundir.path / "manifest.json").exists():
+            raise RunDirError(f"{rundir.path} is not a run directory (no manifest.json); give the --out of a run")
+        manifest = rundir.manifest()
+        records, _ = rundir.records()
+        frame = pd.DataFrame([r.__dict__ for r in records])
+        frame["run"] = index
+        frames.append(frame)
+        manifests.append(manifest)
+    if not allow_mixed:
+        for what, key in COMPATIBILITY.items():
+            values = {str(key(m)) for m in manifests}
+            if len(values) > 1:
+                raise RunDirError(
+                    f"runs differ in {what} ({' vs '.join(sorted(values))}); merge only like with like, "
+                    "or pass --allow-mixed"
+                )
+    records = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+    return Runs(records, manifests, [Path(p) for p in paths])
+
+
+def _decode_stats(g: pd.DataFrame) -> tuple[float, float]:
+    """(seconds per decode step inside forwards, tokens per decode step), prefill excluded."""
+    steps = (g.target_forwards - 1).clip(lower=0).sum()
+    if steps == 0 or g.prefill_time_s.isna().any():
+        return float("nan"), float("nan")
+    time = (g.forward_time_s - g.prefill_time_s).sum()
+    tokens = (g.tokens.map(len) - 1).clip(lower=0).sum()
+    return time / steps, tokens / steps
+
+
+def paired_speedups(records: pd.DataFrame, method: str, task: str) -> pd.DataFrame:
+    """Per (run, sample, turn): the method's and the reference's tokens and wall time."""
+    cols = ["run", "task", "sample_id", "turn"]
+    mine = records[(records.method == method) & (records.task == task)]
+    ref = records[(records.method == REFERENCE) & (records.task == task)]
+    both = mine.merge(ref, on=cols, suffixes=("", "_ref"))
+    return pd.DataFrame(
+        {
+            "tokens": both.tokens.map(len),
+            "wall": both.wall_time_s,
+            "tokens_ref": both.tokens_ref.map(len),
+            "wall_ref": both.wall_time_s_ref,
+        }
+    )
+
+
+def ratio_speedup(p: pd.DataFrame) -> float:
+    if p.empty or p.wall.sum() == 0 or p.tokens_ref.sum() == 0:
+        return float("nan")
+    return (p.tokens.sum() / p.wall.sum()) / (p.tokens_ref.sum() / p.wall_ref.sum())
+
+
+def bootstrap_interval(p: pd.DataFrame, rounds: int = 1000, seed: int = 0) -> tuple[float, float]:
+    """95% percentile interval of the speedup, resampling paired samples."""
+    if len(p) < 2:
+        return float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    arr = p[["tokens", "wall", "tokens_ref", "wall_ref"]].to_numpy(dtype=float)
+    idx = rng.integers(0, len(arr), size=(rounds, len(arr)))
+    s = arr[idx].sum(axis=1)  # [rounds, 4]
+    values = (s[:, 0] / s[:, 1]) / (s[:, 2] / s[:, 3])
+    return float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))
+
+
+def acceptance_by_position(g: pd.DataFrame) -> list[float]:
+    """Share of proposals accepted at each draft position (or tree depth)."""
+    width = max((len(x) for x in g.proposed_per_position), default=0)
+    proposed, accepted = np.zeros(width), np.zeros(width)
+    for p, a in zip(g.proposed_per_position, g.accepted_per_position):
+        proposed[: len(p)] += p
+        accepted[: len(a)] += a
+    return [float(a / p) if p else float("nan") for a, p in zip(accepted, proposed)]
+
+
+def tokens_hash(g: pd.DataFrame) -> str:
+    """A digest of every output's ids, independent of record order."""
+    rows = sorted(f"{r.task}|{r.sample_id}|{r.turn}|{','.join(map(str, r.tokens))}" for r in g.itertuples())
+    return hashlib.sha256("\n".join(rows).encode()).hexdigest()[:16]
+
+
+def metrics(runs: Runs, by: Optional[str] = None, pass_at_1: Optional[pd.DataFrame] = None) -> pd.DataFrame:
+    """One row per method x task (x language or category when ``by`` is given)."""
+    df = runs.records
+    if df.empty:
+        return pd.DataFrame()
+    keys = ["method", "task"] + ([by] if by else [])
+    rows = []
+    for key, g in df.groupby(keys, sort=False, dropna=False):
+        key = dict(zip(keys, key if isinstance(key, tuple) else (key,)))
+        sub = df[(df.method == REFERENCE) & (df.task == key["task"])]
+        if by:
+            sub = sub[sub[by] == key[by]]
+        pairs = paired_speedups(pd.concat([g, sub]) if key["method"] != REFERENCE else g, key["method"], key["task"])
+        speedup = ratio_speedup(pairs)
+        low, high = bootstrap_interval(pairs)
+        checked = g[~g.lossy & (g.status != "not-checked")]
+        new_tokens = int(g.tokens.map(len).sum())
+        wall = float(g.wall_time_s.sum())
+        step_time, step_tokens = _decode_stats(g)
+        t1 = _decode_stats(sub)[0]  # the reference's time per 1-token step, same rows
+        bound = step_tokens * t1 / step_time if step_time and step_time == step_time else float("nan")
+        rows.append(
+            {
+                **key,
+                "samples": int(g[["run", "sample_id", "turn"]].drop_duplicates().shape[0]),
+                "exact_match": float((checked.status == "exact").mean()) if len(checked) else float("nan"),
+                "ties": int((g.status == "tie").sum()),
+                "mismatches": int((g.status == "mismatch").sum()),
+                "lossless": "lossy mode" if g.lossy.any() else ("checked" if len(checked) else "not checked"),
+                "mean_accepted_tokens": new_tokens / max(int(g.target_forwards.sum()), 1),
+                "acceptance_by_position": acceptance_by_position(g),
+                "tokens_per_s": new_tokens / wall if wall else float("nan"),
+                "speedup": speedup,
+                "speedup_low": low,
+                "speedup_high": high,
+                "efficiency": speedup / bound if bound == bound and bound else float("nan"),
+                "latency_p50_s": float(g.wall_time_s.quantile(0.5)),
+                "latency_p90_s": float(g.wall_time_s.quantile(0.9)),
+                "prefill_ms": float(g.prefill_time_s.mean() * 1000) if g.prefill_time_s.notna().any() else float("nan"),
+                "peak_memory_mb": float(g.peak_memory_bytes.max() / 2**20) if g.peak_memory_bytes.notna().any() else float("nan"),
+                "target_forwards": int(g.target_forwards.sum()),
+                "draft_forwards": int(g.draft_forwards.sum()),
+                "new_tokens": new_tokens,
+                "tokens_hash": tokens_hash(g),
+            }
+        )
+    table = pd.DataFrame(rows)
+    if pass_at_1 is not None and not pass_at_1.empty:
+        table = table.merge(pass_at_1, on=[k for k in keys if k in pass_at_1.columns], how="left")
+    return table
+
+
+def header(runs: Runs) -> str:
+    """Device, dtype, model and versions of the merged runs, for table headers."""
+    parts = []
+    for what, fn in (
+        ("model", lambda m: m.get("model", {}).get("label")),
+        ("device", lambda m: f"{m['environment'].get('device')} ({m['environment'].get('device_name')})"),
+        ("dtype", lambda m: m.get("model", {}).get("dtype")),
+        ("threads", lambda m: m.get("environment", {}).get("threads")),
+        ("torch", lambda m: m.get("packages", {}).get("torch")),
+        ("transformers", lambda m: m.get("packages", {}).get("transformers")),
+        ("commit", lambda m: (m.get("git", {}).get("commit") or "?")[:10]),
+    ):
+        values = sorted({str(fn(m)) for m in runs.manifests})
+        parts.append(f"{what}: {', '.join(values)}")
+    return " | ".join(parts)
+

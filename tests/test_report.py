@@ -1,0 +1,122 @@
+"""Leaderboards, plots and the regression gate, on runs made here with a tiny model."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from harness.cli import main
+from harness.gate import check, load_baseline, make_baseline, save_baseline
+from harness.report import bootstrap_interval, load_runs, metrics, paired_speedups
+from harness.results import RunDirError
+
+
+def make_run(model_dir, tmp_path, name, n=10, limit=4) -> Path:
+    prompts = tmp_path / "prompts.jsonl"
+    if not prompts.exists():
+        lines = [{"id": f"p{i}", "prompt": f"def f{i}(x):", "language": ["py", "js"][i % 2]} for i in range(6)]
+        prompts.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    out = tmp_path / name
+    args = ["run", "--model", str(model_dir), "--task", "jsonl", f"task.path={prompts}", "--max-new-tokens", str(n),
+            "--limit", str(limit), "--out", str(out), "--methods", "autoregressive,hf-generate", "run.progress=false"]  # fmt: skip
+    assert main(args) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def run_dir(model_dir, tmp_path_factory) -> Path:
+    return make_run(model_dir, tmp_path_factory.mktemp("runs"), "base")
+
+
+def edit_records(src: Path, dst: Path, method: str, change) -> Path:
+    shutil.copytree(src, dst)
+    lines = []
+    for line in (dst / "samples.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        if r["method"] == method:
+            change(r)
+        lines.append(json.dumps(r))
+    (dst / "samples.jsonl").write_text("\n".join(lines) + "\n")
+    return dst
+
+
+def test_metrics_columns_and_reference_row(run_dir):
+    table = metrics(load_runs([run_dir]))
+    ar = table[table.method == "autoregressive"].iloc[0]
+    assert ar.speedup == pytest.approx(1.0) and ar.efficiency == pytest.approx(1.0)
+    assert ar.mean_accepted_tokens == 1.0 and ar.exact_match == 1.0 and ar.samples == 4
+    assert ar.latency_p90_s >= ar.latency_p50_s > 0 and ar.prefill_ms > 0
+    hf = table[table.method == "hf-generate"].iloc[0]
+    assert hf.speedup_low <= hf.speedup <= hf.speedup_high
+
+
+def test_paired_speedup_and_interval_by_hand():
+    import pandas as pd
+
+    pairs = pd.DataFrame({"tokens": [10, 10], "wall": [1.0, 1.0], "tokens_ref": [10, 10], "wall_ref": [2.0, 2.0]})
+    assert bootstrap_interval(pairs) == (pytest.approx(2.0), pytest.approx(2.0))
+
+
+def test_leaderboard_formats_and_plots(run_dir, tmp_path, capsys):
+    for fmt in ("markdown", "csv", "json"):
+        assert main(["leaderboard", str(run_dir), "--format", fmt]) == 0
+        out = capsys.readouterr().out
+        assert "hf-generate" in out
+    report = tmp_path / "report.html"
+    plots = tmp_path / "plots"
+    assert main(["leaderboard", str(run_dir), "--format", "html", "--out", str(report), "--plots", str(plots),
+                 "--by", "language"]) == 0  # fmt: skip
+    html = report.read_text()
+    assert html.count("data:image/png;base64,") >= 2 and "float32" in html
+    assert {"speedup.png", "accepted_vs_speedup.png", "speedup_by_language.png"} <= {p.name for p in plots.iterdir()}
+
+
+def test_merge_refuses_different_settings(model_dir, run_dir, tmp_path, capsys):
+    other = make_run(model_dir, tmp_path, "other", n=6)
+    assert main(["leaderboard", str(run_dir), str(other)]) == 2
+    assert "runs differ in max_new_tokens" in capsys.readouterr().err
+    assert main(["leaderboard", str(run_dir), str(other), "--allow-mixed"]) == 0
+    with pytest.raises(RunDirError):
+        load_runs([tmp_path])  # not a run directory
+
+
+def test_gate_passes_on_unchanged_run(run_dir, tmp_path, capsys):
+    base = tmp_path / "base.json"
+    assert main(["baseline", str(run_dir), "--out", str(base)]) == 0
+    capsys.readouterr()
+    assert main(["check", str(run_dir), "--baseline", str(base)]) == 0
+    assert "check passed" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "figure, change",
+    [
+        ("exact_match", lambda r: r.update(status="mismatch", first_diff=0, margin=3.0)),
+        ("mean_accepted_tokens", lambda r: r.update(target_forwards=max(1, r["target_forwards"] // 2))),
+        ("tokens_hash", lambda r: r.update(tokens=r["tokens"][:-1] + [(r["tokens"][-1] + 1) % 300])),
+        ("speedup", lambda r: r.update(wall_time_s=r["wall_time_s"] * 3)),
+    ],
+)
+def test_gate_fails_on_each_planted_regression(run_dir, tmp_path, figure, change):
+    baseline = make_baseline([str(run_dir)])
+    save_baseline(baseline, tmp_path / "b.json")
+    bad = edit_records(run_dir, tmp_path / "bad", "hf-generate", change)
+    verdict = check([str(bad)], load_baseline(tmp_path / "b.json"))
+    assert not verdict.ok
+    assert figure in set(verdict.problems.figure)
+
+
+def test_speedup_not_compared_across_machines(run_dir, tmp_path):
+    baseline = make_baseline([str(run_dir)])
+    baseline.machine = {"device_name": "some other CPU", "threads": 64}
+    slow = edit_records(run_dir, tmp_path / "slow", "hf-generate", lambda r: r.update(wall_time_s=r["wall_time_s"] * 3))
+    verdict = check([str(slow)], baseline)
+    assert verdict.ok and "speedups not compared" in verdict.notes[0]
+
+
+def test_paired_speedups_pair_within_a_run(run_dir):
+    runs = load_runs([run_dir, run_dir])  # the same directory twice: pairs must not cross runs
+    assert len(paired_speedups(runs.records, "hf-generate", "jsonl")) == 8
