@@ -64,6 +64,10 @@ MODELS = Registry("model", "harness.models")
 # --- methods: one file each under methods/ ---
 METHODS.add("autoregressive", "methods.autoregressive:Autoregressive")
 METHODS.add("hf-generate", "methods.hf_generate:HFGenerate")
+METHODS.add("speculative", "methods.speculative:Speculative")
+METHODS.add("prompt-lookup", "methods.prompt_lookup:PromptLookup")
+METHODS.add("hf-assisted", "methods.hf_assisted:HFAssisted")
+METHODS.add("hf-prompt-lookup", "methods.hf_prompt_lookup:HFPromptLookup")
 
 # --- tasks: one file each under tasks/ ---
 TASKS.add("humaneval", "tasks.humaneval:HumanEval")

@@ -1,0 +1,231 @@
+"""What every draft-and-verify method shares: the acceptance rules, n-gram lookup, and
+the target side of a chain (non-tree) verify step.
+
+Pure helpers (later methods reuse them on their own candidates):
+  greedy_accept(draft, logits)        longest draft prefix equal to the target argmax + one
+  sample_accept(draft, p, q, gen)     speculative sampling (q = None: a deterministic draft)
+  residual(p, q | token)              the distribution sampled after a rejection
+  NgramIndex / ngram_lookup           latest earlier match of the last n tokens
+
+``ChainVerifier`` holds the target cache, the committed tokens and the per-sample
+counts, and verifies ``[last committed token, d_1..d_g]`` in one forward; a method
+only has to propose.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from harness.config import SamplingConfig
+from harness.engine import Engine
+from methods.base import Committer, Generation, StopRule, make_generator, next_token, probabilities
+
+Draft = Sequence[int] | torch.Tensor  # proposed tokens d_1..d_g (a list, or a 1-D tensor on any device)
+
+
+# ---- acceptance rules --------------------------------------------------------------
+def greedy_accept(draft: Draft, logits: torch.Tensor) -> list[int]:
+    """Tokens to commit after verifying ``draft`` greedily.
+
+    ``logits`` [g+1, vocab] are the target's rows for ``[x_{n-1}, d_1..d_g]``. The result is
+    the accepted prefix ``d_1..d_a`` (each equal to the target's argmax) followed by the
+    target's argmax after it (the correction, or the bonus when a == g): a+1 tokens.
+    One argmax over the block and one transfer to the host.
+    """
+    g = logits.shape[0] - 1
+    best = logits.argmax(dim=-1)
+    if isinstance(draft, torch.Tensor):
+        both = torch.cat((best, draft.to(best.device))).tolist()
+        best_ids, draft_ids = both[: g + 1], both[g + 1 :]
+    else:
+        best_ids, draft_ids = best.tolist(), draft
+    a = 0
+    while a < g and draft_ids[a] == best_ids[a]:
+        a += 1
+    return best_ids[: a + 1]  # best[:a] == draft[:a]
+
+
+def residual(p: torch.Tensor, q: Optional[torch.Tensor] = None, token: Optional[int] = None) -> torch.Tensor:
+    """Unnormalised distribution to sample from after rejecting a draft token.
+
+    With a draft distribution ``q``: max(0, p - q). With a deterministic draft (one-hot q
+    at ``token``): p without ``token``. Falls back to ``p`` when the residual vanishes
+    (p == q up to rounding, where a rejection has probability zero anyway).
+    """
+    if q is not None:
+        rest = (p - q).clamp_min(0)
+    else:
+        rest = p.clone()
+        rest[token] = 0
+    return rest if float(rest.sum()) > 0 else p
+
+
+def sample_accept(
+    draft: Draft, p: torch.Tensor, q: Optional[torch.Tensor], gen: Optional[torch.Generator]
+) -> list[int]:
+    """Tokens to commit after verifying ``draft`` by speculative sampling.
+
+    p [g+1, vocab]: target probabilities for the rows of ``[x_{n-1}, d_1..d_g]``;
+    q [g, vocab]: the draft's probabilities, or None for a deterministic draft (one-hot q).
+    d_i is accepted with probability min(1, p_i(d_i) / q_i(d_i)) (p_i(d_i) when one-hot);
+    at the first rejection the token is drawn from ``residual``; if all are accepted a
+    bonus token is drawn from p_{g+1}. The output is distributed exactly as sampling p.
+    """
+    d = torch.as_tensor(draft, dtype=torch.long, device=p.device)
+    g = d.numel()
+    a = 0
+    if g:
+        rows = torch.arange(g, device=p.device)
+        ratio = p[rows, d] if q is None else p[rows, d] / q[rows, d]
+        u = torch.rand(g, generator=gen, device=p.device)
+        a = int((u < ratio).cumprod(dim=0).sum())
+    if a == g:
+        weights = p[g]
+    else:
+        weights = residual(p[a], None if q is None else q[a], int(d[a]))
+    last = int(torch.multinomial(weights, 1, generator=gen))
+    return d[:a].tolist() + [last]
+
+
+def one_hot_accept(draft: Draft, p: torch.Tensor, gen: Optional[torch.Generator]) -> list[int]:
+    """``sample_accept`` for a deterministic draft (prompt lookup, argmax candidates)."""
+    return sample_accept(draft, p, None, gen)
+
+
+# ---- n-gram lookup -------------------------------------------------------------------
+class NgramIndex:
+    """The latest start of every n-gram (min_n <= n <= max_n) of a growing token list that
+    has at least one token after it, so a lookup costs one dict probe per n.
+
+    ``update(tokens)`` indexes what was appended since the last call (the list must only
+    grow); ``lookup(tokens, k)`` returns up to k tokens that followed the most recent
+    earlier occurrence of the last n tokens, trying the longest n first, or []. When that
+    continuation runs into the end of the list the text is periodic there, and it goes on
+    with the period (an overlapping copy, as in LZ77): ``[1, 2, 3, 1, 2]`` -> ``3, 1, 2, 3, ...``.
+    """
+
+    def __init__(self, min_n: int = 1, max_n: int = 3):
+        if not 1 <= min_n <= max_n:
+            raise ValueError(f"n-gram sizes need 1 <= min_ngram <= max_ngram, got {min_n} and {max_n}")
+        self.sizes = range(max_n, min_n - 1, -1)
+        self.latest: dict[tuple[int, ...], int] = {}
+        self.seen = 0
+
+    def update(self, tokens: Sequence[int]) -> None:
+        latest = self.latest
+        for j in range(max(self.seen, 1), len(tokens)):  # token j continues the n-grams ending at j-1
+            for n in self.sizes:
+                if n <= j:
+                    latest[tuple(tokens[j - n : j])] = j - n
+        self.seen = len(tokens)
+
+    def lookup(self, tokens: Sequence[int], k: int) -> list[int]:
+        if k <= 0:
+            return []
+        for n in self.sizes:
+            start = self.latest.get(tuple(tokens[-n:])) if n <= len(tokens) else None
+            if start is not None:
+                out = list(tokens[start + n : start + n + k])
+                period = len(tokens) - n - start  # the suffix repeats the match this many tokens later
+                while len(out) < k:
+                    out.append(out[len(out) - period])
+                return out
+        return []
+
+
+def ngram_lookup(tokens: Sequence[int], k: int, min_n: int = 1, max_n: int = 3) -> list[int]:
+    """One-shot ``NgramIndex`` lookup (O(len(tokens))); loops keep an index instead."""
+    index = NgramIndex(min_n, max_n)
+    index.update(tokens)
+    return index.lookup(tokens, k)
+
+
+# ---- the verify step -------------------------------------------------------------------
+def _bump(counts: list[int], n: int, width: int) -> None:
+    """Add 1 to counts[0:n], first growing the list to ``width`` entries."""
+    if len(counts) < width:
+        counts.extend([0] * (width - len(counts)))
+    for i in range(n):
+        counts[i] += 1
+
+
+class ChainVerifier:
+    """The target side of a chain draft-and-verify loop, for one prompt.
+
+    Invariant between steps: ``cache`` holds ``seq[:-1]`` (prompt + committed tokens but
+    the last) and ``seq[-1]``, the last committed token, is fed with the next proposal.
+    After generation ``len(cache) == len(prompt) + len(tokens) - 1``.
+    """
+
+    def __init__(self, engine: Engine, sampling: SamplingConfig, stop: StopRule, prompt_ids: list[int], seed: int):
+        self.engine = engine
+        self.sampling = sampling
+        self.out = Committer(stop)
+        self.seq = list(prompt_ids)  # prompt + committed tokens
+        self.cache = engine.new_cache()
+        self.gen = make_generator(seed, engine.device) if sampling.do_sample else None
+        self.forwards = 0
+        self.per_step: list[int] = []  # tokens committed per target forward (prefill included)
+        self.proposed: list[int] = []  # per draft position
+        self.accepted: list[int] = []
+        self.proposal_lengths: list[int] = []  # g of every verify step
+
+    @property
+    def done(self) -> bool:
+        return self.out.done
+
+    def room(self) -> int:
+        """How many draft tokens one step may still propose: the step adds one more itself."""
+        return self.out.stop.max_new_tokens - len(self.out.tokens) - 1
+
+    def prefill(self) -> None:
+        """Run the prompt; its last row gives the first token."""
+        logits = self.engine.forward(self.seq, self.cache, last_only=True).logits[-1]
+        self.forwards += 1
+        self._commit([next_token(logits, self.sampling, self.gen)])
+
+    def verify(self, draft: Draft, q: Optional[torch.Tensor] = None) -> int:
+        """One target forward on ``[seq[-1], *draft]``; commits the accepted prefix and one
+        target token, rolls the cache back, and returns how many draft tokens were committed.
+
+        q [g, vocab]: the draft's sampling distributions (sampling mode; None = one-hot draft).
+        """
+        g = len(draft)
+        if isinstance(draft, torch.Tensor):
+            ids = torch.cat((draft.new_tensor([self.seq[-1]]), draft))
+        else:
+            ids = [self.seq[-1], *draft]
+        logits = self.engine.forward(ids, self.cache, last_only=g == 0).logits
+        self.forwards += 1
+        if self.sampling.do_sample:
+            tokens = sample_accept(draft, probabilities(logits, self.sampling), q, self.gen)
+        else:
+            tokens = greedy_accept(draft, logits)
+        accepted = min(self._commit(tokens), len(tokens) - 1)
+        self.proposal_lengths.append(g)
+        _bump(self.proposed, g, g)
+        _bump(self.accepted, accepted, len(self.proposed))
+        return accepted
+
+    def _commit(self, tokens: list[int]) -> int:
+        count = self.out.add(tokens)
+        self.seq.extend(tokens[:count])
+        self.per_step.append(count)
+        self.cache.truncate(len(self.seq) - 1)
+        return count
+
+    def result(self, draft_forwards: int = 0, extra: Optional[dict] = None) -> Generation:
+        lengths = self.proposal_lengths
+        # mean draft tokens per verify step (speculative: the mean of the gamma history)
+        stats = {"mean_proposal": sum(lengths) / len(lengths) if lengths else 0.0}
+        return Generation(
+            tokens=self.out.tokens,
+            target_forwards=self.forwards,
+            draft_forwards=draft_forwards,
+            accepted_per_step=self.per_step,
+            proposed_per_position=self.proposed,
+            accepted_per_position=self.accepted,
+            extra={**stats, **(extra or {})},
+        )

@@ -1,0 +1,57 @@
+"""transformers' assisted generation (``generate(assistant_model=...)``), greedy.
+
+The comparison point for ``speculative``: the same draft model (``draft`` resolves
+exactly as there), with the draft length and schedule set explicitly, and the
+confidence threshold at 0 by default so every step drafts ``num_assistant_tokens``
+tokens as ``speculative`` does (transformers' default threshold 0.4 stops most drafts
+early). Forward counts come from forward pre-hooks on both models; tokens committed
+per step are not exposed by ``generate``, so ``accepted_per_step`` stays empty, and
+since transformers runs both models itself the engines' per-forward timings stay empty
+too (``draft_engines`` is left empty).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from transformers import GenerationConfig
+
+from harness.config import MethodConfig, SamplingConfig
+from harness.engine import Engine
+from methods.base import Generation, Method, StopRule
+from methods.hf_generate import counting_calls, hf_generate, require_greedy
+from methods.speculative import load_draft
+
+
+@dataclass
+class HFAssistedConfig(MethodConfig):
+    name: str = "hf-assisted"
+    draft: Optional[str] = None  # draft model: registry name or hub id / local path; None = the target's `draft`
+    num_assistant_tokens: int = 4  # draft tokens per step (the start value under "heuristic")
+    num_assistant_tokens_schedule: str = "constant"  # constant | heuristic | heuristic_transient
+    assistant_confidence_threshold: float = 0.0  # 0 = always draft num_assistant_tokens tokens
+
+
+class HFAssisted(Method):
+    config_class = HFAssistedConfig
+
+    def __init__(
+        self, cfg: HFAssistedConfig, engine: Engine, sampling: SamplingConfig, draft: Optional[Engine] = None
+    ):
+        super().__init__(cfg, engine, sampling)
+        require_greedy(cfg.name, sampling)
+        self.draft = load_draft(cfg, engine, draft)
+
+    def generate(self, prompt_ids: list[int], stop: StopRule, seed: int = 0) -> Generation:
+        cfg = self.cfg
+        # transformers reads these from the assistant's own generation config and writes the
+        # heuristic's gamma back into it after each call: start every call from a fresh one
+        self.draft.model.generation_config = GenerationConfig(
+            num_assistant_tokens=cfg.num_assistant_tokens,
+            num_assistant_tokens_schedule=cfg.num_assistant_tokens_schedule,
+            assistant_confidence_threshold=cfg.assistant_confidence_threshold,
+        )
+        with counting_calls(self.engine.model, self.draft.model) as counts:
+            tokens = hf_generate(self.engine, prompt_ids, stop, assistant_model=self.draft.model)
+        return Generation(tokens=tokens, target_forwards=counts[0], draft_forwards=counts[1])

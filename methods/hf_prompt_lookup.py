@@ -1,0 +1,41 @@
+"""transformers' prompt lookup decoding (``generate(prompt_lookup_num_tokens=...)``), greedy.
+
+The comparison point for ``prompt-lookup``. transformers proposes the continuation of
+the *first* (leftmost) match of the last n tokens, n from ``max_matching_ngram_size``
+down to 1; ``prompt-lookup`` uses the most recent one. Target forwards are counted with
+a forward pre-hook; tokens committed per step are not exposed by ``generate``, so
+``accepted_per_step`` stays empty.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from harness.config import MethodConfig, SamplingConfig
+from harness.engine import Engine
+from methods.base import Generation, Method, StopRule
+from methods.hf_generate import counting_calls, hf_generate, require_greedy
+
+
+@dataclass
+class HFPromptLookupConfig(MethodConfig):
+    name: str = "hf-prompt-lookup"
+    prompt_lookup_num_tokens: int = 10  # tokens proposed per match (at most)
+    max_matching_ngram_size: int = 3  # longest n-gram matched (transformers' default 2; 3 = prompt-lookup's)
+
+
+class HFPromptLookup(Method):
+    config_class = HFPromptLookupConfig
+
+    def __init__(self, cfg: HFPromptLookupConfig, engine: Engine, sampling: SamplingConfig):
+        super().__init__(cfg, engine, sampling)
+        require_greedy(cfg.name, sampling)
+
+    def generate(self, prompt_ids: list[int], stop: StopRule, seed: int = 0) -> Generation:
+        options = dict(
+            prompt_lookup_num_tokens=self.cfg.prompt_lookup_num_tokens,
+            max_matching_ngram_size=self.cfg.max_matching_ngram_size,
+        )
+        with counting_calls(self.engine.model) as counts:
+            tokens = hf_generate(self.engine, prompt_ids, stop, options)
+        return Generation(tokens=tokens, target_forwards=counts[0])
