@@ -1,0 +1,320 @@
+"""Medusa-1 head training: the base model frozen, only the heads learn (resumable).
+
+    from harness.train.medusa import MedusaTrainConfig, run_medusa_training, export_medusa
+    run_medusa_training(MedusaTrainConfig(max_minutes=60, threads=1))   # again = resume
+    export_medusa(MedusaTrainConfig())                                  # fp16 heads + card -> zoo/target-medusa
+
+Loss = sum over heads i of w_i * cross-entropy(head i's logits at t, token at t+i+2), with
+w_i = ``head_decay ** i`` unless ``head_weights`` is given. The base model runs under
+``no_grad`` to give the last hidden states; batches are windows of the tokenised corpus
+(``TokenBlockBatches``) and the loop is the shared one in ``harness.train.loop``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from harness.train.lm import TokenBlockBatches, default_cache_dir
+from harness.train.loop import TrainLoopConfig, TrainResult, load_checkpoint, train
+from methods.medusa_heads import MedusaHeads, MedusaHeadsConfig, save_heads
+
+
+@dataclass
+class MedusaTrainConfig(TrainLoopConfig):
+    """``harness train medusa`` settings: the loop's fields plus these."""
+
+    lr: float = 1e-3  # peak learning rate (upstream Medusa-1: 1e-3)
+    weight_decay: float = 0.0  # upstream uses none
+    max_minutes: float = 60.0  # wall-clock budget over all resumed runs
+    base: str = "zoo/target"  # frozen base model (hub id or local dir; relative = from the repo root)
+    data_dir: str = ""  # tokenised corpus with train.npy / heldout_*.npy ("" = <cache>/zoo-data/tokens)
+    out_dir: str = ""  # checkpoint dir ("" = <cache>/train/medusa)
+    export_dir: str = "zoo/target-medusa"  # where export writes the shipped heads
+    num_heads: int = 3  # K: head i predicts the token i+2 ahead
+    num_layers: int = 1  # L: ResBlocks per head
+    head_decay: float = 0.8  # loss weight of head i = head_decay ** i ...
+    head_weights: list[float] = field(default_factory=list)  # ... unless given explicitly (K values)
+    batch_size: int = 8  # sequences per step
+    seq_len: int = 512  # tokens per sequence
+    export_at_end: bool = True  # export when the plan / budget is finished
+    eval_tokens: int = 20000  # held-out tokens per language for the accuracy figures (0 = all)
+    device: str = "cpu"  # cpu | cuda | auto (where the base and the heads run)
+
+
+def cache_paths(cfg: MedusaTrainConfig) -> tuple[Path, Path]:
+    """(data_dir, out_dir) with the defaults filled in."""
+    root = default_cache_dir()
+    data = Path(cfg.data_dir).expanduser() if cfg.data_dir else root / "zoo-data" / "tokens"
+    out = Path(cfg.out_dir).expanduser() if cfg.out_dir else root / "train" / "medusa"
+    return data, out
+
+
+def head_weights(cfg: MedusaTrainConfig) -> list[float]:
+    if cfg.head_weights:
+        if len(cfg.head_weights) != cfg.num_heads:
+            raise ValueError(f"head_weights has {len(cfg.head_weights)} values for {cfg.num_heads} heads")
+        return [float(w) for w in cfg.head_weights]
+    return [cfg.head_decay**i for i in range(cfg.num_heads)]
+
+
+def load_base(path: str, device: str = "cpu") -> torch.nn.Module:
+    """The frozen base causal LM in float32 (through the execution layer's loader)."""
+    from harness.config import ModelConfig  # noqa: PLC0415
+    from harness.engine import Engine  # noqa: PLC0415
+
+    engine = Engine.load(ModelConfig(name="medusa-base", path=path, dtype="float32", device=device))
+    return engine.model
+
+
+def new_heads(base: torch.nn.Module, num_heads: int, num_layers: int, name: str = "") -> MedusaHeads:
+    """Heads sized for ``base`` whose output layers start as its LM head."""
+    lm_head = base.get_output_embeddings().weight
+    cfg = MedusaHeadsConfig(num_heads=num_heads, num_layers=num_layers, hidden_size=lm_head.shape[1],
+                            vocab_size=lm_head.shape[0], base_model_name_or_path=name)  # fmt: skip
+    heads = MedusaHeads(cfg).to(lm_head.device)
+    heads.init_from_lm_head(lm_head.detach().float())
+    return heads
+
+
+def base_hidden(base: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """Last hidden states ``[B, T, H]`` of the frozen base (no graph)."""
+    with torch.no_grad():
+        return base.get_decoder()(input_ids=ids).last_hidden_state.float()
+
+
+def medusa_loss_fn(base: torch.nn.Module, weights: list[float]) -> Callable[[torch.nn.Module, torch.Tensor], tuple[torch.Tensor, int]]:
+    """``loss_fn(heads, batch [B, T+1])`` for the training loop."""
+
+    def loss_fn(heads: torch.nn.Module, batch: torch.Tensor) -> tuple[torch.Tensor, int]:
+        batch = batch.to(next(heads.parameters()).device)
+        length = batch.shape[1] - 1
+        h = base_hidden(base, batch[:, :-1])  # h[:, t] has read tokens 0..t
+        total = h.new_zeros(())
+        for i, head in enumerate(heads):
+            n = length - i - 1  # positions t with a label at t+i+2 <= length
+            if n <= 0:
+                continue
+            logits = head(h[:, :n])
+            total = total + weights[i] * F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, i + 2 :].reshape(-1))
+        return total, batch.shape[0] * length
+
+    return loss_fn
+
+
+def run_medusa_training(cfg: MedusaTrainConfig, log: Callable[[str], None] | None = None) -> tuple[TrainResult, dict]:
+    """Train (or resume) the heads; exports them when finished and ``export_at_end``.
+
+    Returns the loop's result and a summary (with the export info when exported).
+    """
+    log = log or (lambda s: print(s, file=sys.stderr, flush=True))
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    data_dir, out_dir = cache_paths(cfg)
+    weights = head_weights(cfg)
+    base = load_base(cfg.base, cfg.device)
+    ckpt = load_checkpoint(out_dir)
+    if ckpt is not None:
+        shape = ckpt.get("extra", {}).get("heads", {})
+        if (shape.get("num_heads"), shape.get("num_layers")) != (cfg.num_heads, cfg.num_layers):
+            raise ValueError(f"the checkpoint in {out_dir} has {shape.get('num_heads')} heads x {shape.get('num_layers')} "
+                             f"layers, the config asks for {cfg.num_heads} x {cfg.num_layers}: use another out_dir")  # fmt: skip
+    heads = new_heads(base, cfg.num_heads, cfg.num_layers, name=cfg.base)
+    tokens = np.load(data_dir / "train.npy", mmap_mode="r")
+    batches = TokenBlockBatches(tokens, cfg.batch_size, cfg.seq_len, seed=cfg.seed)
+    n_params = sum(p.numel() for p in heads.parameters())
+    log(f"[train medusa] {cfg.num_heads} heads x {cfg.num_layers} layers, {n_params / 1e6:.2f}M parameters, "
+        f"head weights {[round(w, 3) for w in weights]}, out_dir {out_dir}")
+    extra = {"heads": asdict(heads.config), "head_weights": weights, "base": cfg.base, "data_dir": str(data_dir),
+             "batch_size": cfg.batch_size, "seq_len": cfg.seq_len, "n_params": n_params}  # fmt: skip
+    loop = TrainLoopConfig(**{k: getattr(cfg, k) for k in TrainLoopConfig.__dataclass_fields__})
+    result = train(heads, medusa_loss_fn(base, weights), batches, loop, out_dir, extra_state=extra,
+                   desc="train medusa", log=log)  # fmt: skip
+    summary: dict[str, Any] = {"step": result.step, "tokens": result.tokens, "epochs": round(batches.epochs_done, 3),
+                               "elapsed_min": round(result.elapsed_s / 60, 2), "finished": result.finished,
+                               "last_loss": result.last_loss}  # fmt: skip
+    if result.finished and cfg.export_at_end:
+        summary["export"] = export_medusa(cfg, base=base, log=log)
+    return result, summary
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def _accuracy_counts(base: torch.nn.Module, heads: torch.nn.Module, tokens, seq_len: int, top_k: int) -> np.ndarray:
+    """[3, K+1] rows (top-1 hits, top-k hits, labels); column 0 is the base LM head."""
+    device = next(base.parameters()).device
+    dtype = next(heads.parameters()).dtype
+    tokens = np.asarray(tokens, dtype=np.int64)
+    counts = np.zeros((3, heads.num_heads + 1))
+    for start in range(0, max(0, len(tokens) - 1), seq_len):
+        window = torch.from_numpy(tokens[start : start + seq_len + 1]).to(device).view(1, -1)
+        length = window.shape[1] - 1
+        h = base_hidden(base, window[:, :-1])
+        outputs = [base.get_output_embeddings()(h)] + [head(h.to(dtype)) for head in heads]
+        for j, logits in enumerate(outputs):  # j = 0: base (offset 1); j = i + 1: head i (offset i + 2)
+            n = length - j
+            if n <= 0:
+                continue
+            labels = window[:, j + 1 :]
+            top = torch.topk(logits[:, :n].float(), min(top_k, logits.shape[-1]), dim=-1).indices
+            counts[0, j] += float((top[..., 0] == labels).sum())
+            counts[1, j] += float((top == labels.unsqueeze(-1)).any(dim=-1).sum())
+            counts[2, j] += n
+    return counts
+
+
+def _rates(counts: np.ndarray, top_k: int) -> dict:
+    rate = lambda hits, n: round(float(hits / n), 4) if n else None  # noqa: E731
+    k = counts.shape[1] - 1
+    return {
+        "base_top1": rate(counts[0, 0], counts[2, 0]),
+        "top1": [rate(counts[0, j], counts[2, j]) for j in range(1, k + 1)],
+        f"top{top_k}": [rate(counts[1, j], counts[2, j]) for j in range(1, k + 1)],
+        "tokens": int(counts[2, 0]),
+    }
+
+
+def head_accuracy(base, heads: torch.nn.Module, tokens, seq_len: int = 512, top_k: int = 5) -> dict:
+    """Top-1 and top-k accuracy of every head (head i against the token i+2 ahead) and of the
+    base LM head (next token), teacher-forced on non-overlapping windows of ``tokens``.
+    ``base``: a causal LM (or an ``Engine``)."""
+    base = base if isinstance(base, torch.nn.Module) else base.model
+    was_training = heads.training
+    heads.eval()
+    try:
+        return _rates(_accuracy_counts(base, heads, tokens, seq_len, top_k), top_k)
+    finally:
+        heads.train(was_training)
+
+
+def heldout_accuracy(base, heads, data_dir: Path, max_tokens_per_lang: int = 0, seq_len: int = 512, top_k: int = 5) -> dict:
+    """``head_accuracy`` per held-out language (``heldout_<lang>.npy``) and pooled."""
+    per, total = {}, None
+    heads.eval()
+    for p in sorted(Path(data_dir).glob("heldout_*.npy")):
+        toks = np.load(p)
+        if max_tokens_per_lang:
+            toks = toks[: max_tokens_per_lang + 1]
+        counts = _accuracy_counts(base, heads, toks, seq_len, top_k)
+        per[p.stem[len("heldout_") :]] = _rates(counts, top_k)
+        total = counts if total is None else total + counts
+    return {"per_language": per, "all": _rates(total, top_k) if total is not None else None}
+
+
+# ----------------------------------------------------------------------------- export
+
+
+def export_medusa(cfg: MedusaTrainConfig, base: torch.nn.Module | None = None, log: Callable[[str], None] | None = None) -> dict:
+    """Write the latest checkpoint's heads to ``cfg.export_dir``: fp16 safetensors (upstream
+    key layout), config.json, training.json and a README.md card with held-out accuracy."""
+    from harness.paths import REPO_ROOT  # noqa: PLC0415
+
+    log = log or (lambda s: print(s, file=sys.stderr, flush=True))
+    data_dir, out_dir = cache_paths(cfg)
+    ckpt = load_checkpoint(out_dir)
+    if ckpt is None:
+        raise FileNotFoundError(f"no Medusa checkpoint in {out_dir}: run the training first")
+    extra = ckpt.get("extra", {})
+    base = base if base is not None else load_base(extra.get("base", cfg.base), cfg.device)
+    heads = MedusaHeads(MedusaHeadsConfig(**extra["heads"]))
+    heads.load_state_dict(ckpt["model"])
+    heads.to(dtype=torch.float16).to(dtype=torch.float32, device=next(base.parameters()).device)  # measure what ships
+    t0 = time.time()
+    acc = heldout_accuracy(base, heads, data_dir, max_tokens_per_lang=cfg.eval_tokens, seq_len=cfg.seq_len)
+    log(f"[train medusa] held-out top-1 per head {acc['all'] and acc['all']['top1']} "
+        f"(base next-token {acc['all'] and acc['all']['base_top1']}) in {time.time() - t0:.0f} s")
+    info = {
+        "base_model": extra.get("base", cfg.base),
+        "heads": extra["heads"],
+        "head_weights": extra.get("head_weights"),
+        "parameters": extra.get("n_params"),
+        "step": ckpt["step"],
+        "planned_steps": ckpt["planned_steps"],
+        "training_tokens": ckpt["tokens"],
+        "wall_time_min": round(ckpt["elapsed_s"] / 60, 1),
+        "batch_size": extra.get("batch_size"),
+        "seq_len": extra.get("seq_len"),
+        "loss_ema_at_export": ckpt.get("loss_ema"),
+        "loop_config": ckpt.get("loop_config"),
+        "heldout_accuracy": acc,
+        "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    final = Path(cfg.export_dir).expanduser()
+    final = final if final.is_absolute() else REPO_ROOT / final  # relative = inside the repository
+    tmp = final.with_name(f".{final.name}.tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    save_heads(heads, tmp, dtype=torch.float16, extra={"format": "medusa-1 heads (harness); upstream key layout"})
+    (tmp / "training.json").write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
+    (tmp / "README.md").write_text(medusa_card(info), encoding="utf-8")
+    old = final.with_name(f".{final.name}.old")
+    if old.exists():
+        shutil.rmtree(old)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    if old.exists():
+        shutil.rmtree(old)
+    log(f"[train medusa] exported step {info['step']} -> {final}")
+    return {"dir": str(final), **{k: info[k] for k in ("step", "training_tokens", "wall_time_min")}, "accuracy": acc["all"]}
+
+
+def medusa_card(info: dict) -> str:
+    """The README.md of exported heads."""
+    h = info["heads"]
+    acc = info["heldout_accuracy"]
+    rows = []
+    for name, a in [("all", acc["all"]), *sorted(acc["per_language"].items())]:
+        if not a:
+            continue
+        topk_key = next(k for k in a if k.startswith("top") and k != "top1")
+        cells = " | ".join(f"{t1:.3f} / {tk:.3f}" for t1, tk in zip(a["top1"], a[topk_key]))
+        rows.append(f"| {name} | {a['tokens']:,} | {a['base_top1']:.3f} | {cells} |")
+    topk_name = next((k for k in (acc["all"] or {}) if k.startswith("top") and k != "top1"), "top5")
+    head_cols = " | ".join(f"head {i} (t+{i + 2})" for i in range(h["num_heads"]))
+    sep = " | ".join("---" for _ in range(h["num_heads"]))
+    done = info["planned_steps"] and info["step"] >= info["planned_steps"]
+    return f"""# Medusa heads for `{info['base_model']}`
+
+{h['num_heads']} Medusa-1 heads (Cai et al. 2024) trained on the frozen base model `{info['base_model']}`:
+head i = ResBlock x {h['num_layers']} + Linear({h['hidden_size']}, {h['vocab_size']}) on the base model's last
+hidden state, predicting the token i+2 positions ahead. {info['parameters']:,} parameters, stored in fp16.
+
+## Use
+    harness run --model zoo-target --methods medusa method.medusa.tree=small   # chain | small | large
+
+`methods.medusa_heads.load_heads(dir)` loads them (it also reads upstream's released format).
+
+## Files
+- `medusa_lm_head.safetensors`: keys `{{i}}.{{j}}.linear.weight|bias` (ResBlocks) and `{{i}}.{h['num_layers']}.weight`
+  (output), the key layout of FasterDecoding/Medusa's `medusa_lm_head` files.
+- `config.json`: `medusa_num_heads`, `medusa_num_layers`, `base_model_name_or_path`, sizes.
+- `training.json`: training and evaluation figures.
+
+## Training
+Medusa-1 (base frozen), loss = sum_i w_i * CE(head i, token t+i+2), w = {[round(w, 3) for w in info['head_weights'] or []]};
+{info['step']:,} steps{'' if done else ' (schedule NOT complete)'} of {info['batch_size']} x {info['seq_len']} tokens
+({info['training_tokens']:,} tokens), {info['wall_time_min']} min on CPU; final loss (EMA) {info['loss_ema_at_export']}.
+
+## Held-out accuracy (top-1 / {topk_name}, teacher-forced on the held-out corpus)
+| split | tokens | base next-token top-1 | {head_cols} |
+| --- | --- | --- | {sep} |
+{chr(10).join(rows)}
+
+Each head guesses from one hidden state, without the tokens in between, so accuracy falls with the
+offset. A tree node at depth d is accepted only when heads 0..d-1 all guessed right (at its ranks).
+
+Exported {info['exported_at']}.
+"""
