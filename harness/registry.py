@@ -68,6 +68,7 @@ METHODS.add("speculative", "methods.speculative:Speculative")
 METHODS.add("prompt-lookup", "methods.prompt_lookup:PromptLookup")
 METHODS.add("hf-assisted", "methods.hf_assisted:HFAssisted")
 METHODS.add("hf-prompt-lookup", "methods.hf_prompt_lookup:HFPromptLookup")
+METHODS.add("space", "methods.space:Space")
 METHODS.add("medusa", "methods.medusa:Medusa")
 
 # --- tasks: one file each under tasks/ ---

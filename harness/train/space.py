@@ -1,0 +1,457 @@
+"""SPACE semi-autoregressive fine-tuning (SAR-SFT) of any causal LM, and its export.
+
+The fine-tune teaches the model to fill k mask tokens ``[M]`` with the tokens after the
+next one (what ``methods/space.py`` decodes with). Upstream builds one example per
+sequence: ``prefix + target[:s] + [M]*(k+1)`` with probability ``mask_prob``, else a plain
+AR example. This module uses the packed variant instead, which gives more signal per
+CPU second: every training block ``x[0:L+1]`` keeps its ordinary next-token loss on all
+L positions, and ``mask_groups`` groups of k masks are appended after it::
+
+    x_0 .. x_{L-1} | M M M M M (split p_1) | M M M M M (split p_2) | ...
+
+A 4-D attention mask lets the masks of the group with split point p see ``x[0:p]`` and the
+earlier masks of their own group only (never the other groups; no real token sees a
+mask), and explicit position ids put mask m of that group at position p+m. So mask m is
+exactly upstream's mask m of the example ``x[0:p] + [M]*(k+1)``: it is labelled with
+``x[p+m+1]`` (the last real token ``x[p-1]`` predicts ``x[p]``, which the AR loss already
+covers). Upstream's (k+1)-th mask carries no label and no later row attends to it, so it
+cannot change any loss and is left out. A block's groups are labelled with probability
+``mask_prob`` (upstream's per-example mix); unlabelled groups are computed and ignored.
+
+Loss = AR cross-entropy (mean over the L positions) + ``mask_weight`` x mask
+cross-entropy (mean over labelled mask positions). For code-corpus blocks (no
+prompt/answer split) the split point p is uniform in ``[1, L-k]``.
+
+The decoder reads k and the mask id from the checkpoint: they are stored in the saved
+config as ``space_k`` and ``space_mask_token_id``.
+
+Files: ``out_dir/checkpoint.pt`` (the generic loop's resumable checkpoint) and
+``out_dir/model_init/`` (the config with the SPACE fields and the tokenizer with its mask
+token, written at the first start); :func:`export` writes fp16 safetensors, tokenizer,
+config, ``training.json``, ``quality.json`` and a card ``README.md`` to ``export_dir``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from harness.paths import REPO_ROOT, resolve_repo_path
+from harness.train.lm import TokenBlockBatches, default_cache_dir
+from harness.train.loop import TrainLoopConfig, TrainResult, load_checkpoint, train
+
+INIT_DIR = "model_init"  # under out_dir: config + tokenizer of the model being fine-tuned
+IGNORE = -100  # label of positions without a loss
+
+
+@dataclass
+class SpaceTrainConfig(TrainLoopConfig):
+    """One SPACE fine-tune: the loop's settings (lr, max_minutes, ...) plus the ones below."""
+
+    base: str = "zoo/target"  # causal LM to fine-tune (hub id or local dir; relative: also tried from the repo root)
+    data_dir: str = ""  # token data with train.npy / heldout_*.npy ("" = <cache>/zoo-data/tokens)
+    out_dir: str = ""  # checkpoint dir ("" = <cache>/train/space)
+    export_dir: str = "zoo/target-space"  # where export() writes the model (relative = from the repo root)
+    k: int = 5  # mask tokens per group = candidates per decoding step
+    mask_prob: float = 0.5  # probability that a block's mask groups carry a loss (upstream's per-example mix)
+    mask_weight: float = 1.0  # weight of the mask loss beside the AR loss
+    mask_groups: int = 8  # mask groups appended per block (each at its own random split point)
+    mask_token: str = "<mask>"  # added to the tokenizer (embeddings resized) if it has no mask token
+    batch_size: int = 16  # blocks per optimiser step
+    seq_len: int = 256  # real tokens per block (the AR part)
+    lr: float = 5e-4  # peak learning rate (a small model fine-tuned briefly)
+    warmup_steps: int = 20  # linear warm-up steps
+    weight_decay: float = 0.0  # no decay pulling a pretrained model towards zero
+    max_minutes: float = 60.0  # wall-clock budget over all resumed runs (max_steps = 0)
+    export_dtype: str = "float16"  # float16 | bfloat16 | float32 weights on disk
+    evaluate: bool = True  # quality figures at export (held-out ppl, mask accuracy, HumanEval parse share)
+    eval_tokens_per_lang: int = 20000  # held-out tokens per language for ppl and mask accuracy (0 = all)
+    humaneval_limit: int = 0  # HumanEval prompts for the parse share (0 = all 164, -1 = skip)
+    max_new_tokens: int = 128  # greedy completion length for the parse share
+
+
+def loop_config(cfg: SpaceTrainConfig) -> TrainLoopConfig:
+    return TrainLoopConfig(**{f.name: getattr(cfg, f.name) for f in fields(TrainLoopConfig)})
+
+
+def cache_path(value: str, default: Path) -> Path:
+    return Path(value).expanduser() if value else default
+
+
+def out_path(value: str) -> Path:
+    """An output location: absolute as given, relative from the repository root."""
+    p = Path(value).expanduser()
+    return p if p.is_absolute() else REPO_ROOT / p
+
+
+def paths_of(cfg: SpaceTrainConfig) -> tuple[Path, Path]:
+    """(data_dir, out_dir) with the defaults filled in."""
+    root = default_cache_dir()
+    return cache_path(cfg.data_dir, root / "zoo-data" / "tokens"), cache_path(cfg.out_dir, root / "train" / "space")
+
+
+# ----------------------------------------------------------------------------- the mask token
+
+
+def ensure_mask_token(model, tokenizer, token: str = "<mask>") -> int:
+    """The tokenizer's mask token id, adding ``token`` as its mask token (and resizing the
+    model's embeddings) when it has none. Returns the id."""
+    if tokenizer.mask_token_id is None:
+        tokenizer.add_special_tokens({"mask_token": token})
+    mask_id = int(tokenizer.mask_token_id)
+    rows = model.get_input_embeddings().weight.shape[0]
+    if mask_id >= rows:
+        model.resize_token_embeddings(len(tokenizer))
+    return mask_id
+
+
+# ----------------------------------------------------------------------------- packed batches
+
+
+def pack_space_batch(block: torch.Tensor, k: int, groups: int, mask_prob: float, mask_id: int,
+                     rng: np.random.Generator) -> dict[str, Any]:
+    """The packed SAR batch of ``block`` ``[B, L+1]``: AR part plus ``groups`` mask groups.
+
+    Returns input_ids, position_ids, labels ``[B, T]`` (T = L + groups*k), ``visible``
+    ``[B, T, T]`` (True = may attend), ``splits`` ``[B, groups]`` (p of each group) and
+    ``n_real`` = L.
+    """
+    B, L = block.shape[0], block.shape[1] - 1
+    if L < k + 1:
+        raise ValueError(f"blocks of {L} tokens are too short for k={k} (need at least k+1)")
+    x = block[:, :L]
+    splits = torch.from_numpy(rng.integers(1, L - k + 1, size=(B, groups)))  # p in [1, L-k]
+    offs = torch.arange(k)
+    mask_pos = (splits[:, :, None] + offs).reshape(B, groups * k)  # mask m of a group at p + m
+    labels_mask = block.gather(1, mask_pos + 1)  # ... predicts x[p+m+1]
+    labelled = torch.from_numpy(rng.random(B) < mask_prob)
+    labels_mask[~labelled] = IGNORE
+    n_mask = groups * k
+    input_ids = torch.cat((x, torch.full((B, n_mask), mask_id, dtype=x.dtype)), dim=1)
+    position_ids = torch.cat((torch.arange(L).expand(B, L), mask_pos), dim=1)
+    labels = torch.cat((block[:, 1:], labels_mask), dim=1)
+    T = L + n_mask
+    visible = torch.zeros(B, T, T, dtype=torch.bool)
+    visible[:, :L, :L] = torch.ones(L, L, dtype=torch.bool).tril()
+    # mask rows see the real tokens before their group's split point ...
+    visible[:, L:, :L] = torch.arange(L).view(1, 1, L) < splits.repeat_interleave(k, dim=1)[:, :, None]
+    # ... and the earlier masks of their own group (block-diagonal lower triangles)
+    group = torch.arange(n_mask) // k
+    visible[:, L:, L:] = (group[:, None] == group[None, :]) & torch.ones(n_mask, n_mask, dtype=torch.bool).tril()
+    return {"input_ids": input_ids, "position_ids": position_ids, "labels": labels, "visible": visible,
+            "splits": splits, "n_real": L}
+
+
+def attention_bias(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``[B, T, T]`` booleans -> the 4-D float mask transformers takes (0 / dtype min)."""
+    bias = torch.zeros(visible.shape, dtype=dtype, device=visible.device)
+    bias.masked_fill_(~visible, torch.finfo(dtype).min)
+    return bias.unsqueeze(1)
+
+
+def packed_logits(model, batch: dict[str, Any]) -> torch.Tensor:
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    out = model(
+        input_ids=batch["input_ids"].to(device),
+        position_ids=batch["position_ids"].to(device),
+        attention_mask=attention_bias(batch["visible"].to(device), dtype),
+        use_cache=False,
+    )
+    return out.logits.float()
+
+
+def space_losses(model, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(AR loss, mask loss, labelled mask positions) of a packed batch."""
+    logits = packed_logits(model, batch)
+    labels = batch["labels"].to(logits.device)
+    L, V = batch["n_real"], logits.shape[-1]
+    ar = F.cross_entropy(logits[:, :L].reshape(-1, V), labels[:, :L].reshape(-1))
+    mask_labels = labels[:, L:].reshape(-1)
+    n_mask = int((mask_labels != IGNORE).sum())
+    if n_mask == 0:
+        return ar, ar.new_zeros(()), 0
+    mask = F.cross_entropy(logits[:, L:].reshape(-1, V), mask_labels, ignore_index=IGNORE)
+    return ar, mask, n_mask
+
+
+def make_space_loss(mask_weight: float) -> Callable:
+    def loss_fn(model, batch):
+        ar, mask, _ = space_losses(model, batch)
+        return ar + mask_weight * mask, batch["input_ids"].shape[0] * batch["n_real"]
+
+    return loss_fn
+
+
+class SpaceBatches:
+    """Packed SAR batches over a :class:`TokenBlockBatches`; resumable through it (the
+    split points of a batch are seeded by its place in the data, not by a global RNG)."""
+
+    def __init__(self, blocks: TokenBlockBatches, k: int, groups: int, mask_prob: float, mask_id: int, seed: int = 0):
+        self.blocks = blocks
+        self.k, self.groups, self.mask_prob, self.mask_id, self.seed = k, groups, mask_prob, mask_id, seed
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, Any]:
+        place = [self.seed, self.blocks.epoch, self.blocks.cursor]
+        block = next(self.blocks)
+        rng = np.random.default_rng(place)
+        return pack_space_batch(block, self.k, self.groups, self.mask_prob, self.mask_id, rng)
+
+    def state_dict(self) -> dict:
+        return self.blocks.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.blocks.load_state_dict(state)
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def _load_for_training(cfg: SpaceTrainConfig, out_dir: Path, log):
+    """The model to train and its tokenizer: from ``out_dir/model_init`` when resuming,
+    else from the base (mask token added, SPACE fields set, model_init written)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer  # noqa: PLC0415
+
+    init = out_dir / INIT_DIR
+    if (init / "config.json").exists() and load_checkpoint(out_dir) is not None:
+        config = AutoConfig.from_pretrained(str(init))
+        if int(config.space_k) != cfg.k:
+            raise ValueError(f"{out_dir} holds a SPACE fine-tune with k={config.space_k}; resume it with k="
+                             f"{config.space_k} or pick another out_dir")
+        tok = AutoTokenizer.from_pretrained(str(init))
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)  # weights come from the checkpoint
+        return model, tok, int(config.space_mask_token_id)
+    base = str(resolve_repo_path(cfg.base))
+    log(f"[space] fine-tuning {base}")
+    tok = AutoTokenizer.from_pretrained(base)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    mask_id = ensure_mask_token(model, tok, cfg.mask_token)
+    model.config.space_k = cfg.k
+    model.config.space_mask_token_id = mask_id
+    model.config.space_base_model = cfg.base
+    if init.exists():
+        shutil.rmtree(init)
+    init.mkdir(parents=True)
+    model.config.save_pretrained(str(init))
+    if model.generation_config is not None:
+        model.generation_config.save_pretrained(str(init))
+    tok.save_pretrained(str(init))
+    return model, tok, mask_id
+
+
+def run_space_training(cfg: SpaceTrainConfig, log: Optional[Callable[[str], None]] = None) -> tuple[TrainResult, dict]:
+    """Fine-tune (or resume) and return the loop result and a summary (also ``summary.json``)."""
+    log = log or (lambda s: print(s, file=sys.stderr, flush=True))
+    if not 0.0 <= cfg.mask_prob <= 1.0:
+        raise ValueError(f"mask_prob must be in [0, 1], got {cfg.mask_prob}")
+    if cfg.k < 1 or cfg.mask_groups < 1:
+        raise ValueError(f"k and mask_groups must be >= 1, got k={cfg.k}, mask_groups={cfg.mask_groups}")
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    data_dir, out_dir = paths_of(cfg)
+    train_file = data_dir / "train.npy"
+    if not train_file.exists():
+        raise FileNotFoundError(f"no token data at {train_file}; build it with `harness zoo build` or set data_dir=")
+    model, _tok, mask_id = _load_for_training(cfg, out_dir, log)
+    tokens = np.load(train_file, mmap_mode="r")
+    blocks = TokenBlockBatches(tokens, cfg.batch_size, cfg.seq_len, seed=cfg.seed + 1)  # not the base's order
+    batches = SpaceBatches(blocks, cfg.k, cfg.mask_groups, cfg.mask_prob, mask_id, seed=cfg.seed)
+    extra = {"space": asdict(cfg), "mask_id": mask_id, "data_dir": str(data_dir),
+             "n_params": sum(p.numel() for p in model.parameters())}
+    result = train(model, make_space_loss(cfg.mask_weight), batches, loop_config(cfg), out_dir,
+                   extra_state=extra, desc="train space", log=log)
+    summary = {"step": result.step, "planned_steps": result.planned_steps, "tokens": result.tokens,
+               "epochs": round(blocks.epochs_done, 3), "elapsed_min": round(result.elapsed_s / 60, 2),
+               "finished": result.finished, "last_loss": result.last_loss, "k": cfg.k, "mask_id": mask_id}
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    return result, summary
+
+
+# ----------------------------------------------------------------------------- export
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    path.write_text(json.dumps(obj, indent=1, default=str), encoding="utf-8")
+
+
+def export(cfg: SpaceTrainConfig, log: Optional[Callable[[str], None]] = None) -> Path:
+    """Write the latest checkpoint to ``cfg.export_dir`` as a loadable model: weights in
+    ``export_dtype`` safetensors, tokenizer (with the mask token), config (with
+    ``space_k`` / ``space_mask_token_id``), ``training.json``, and, with ``evaluate``,
+    ``quality.json``; then the card ``README.md``. Returns the directory."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig  # noqa: PLC0415
+
+    from harness.train.space_quality import space_quality  # noqa: PLC0415
+
+    log = log or (lambda s: print(s, file=sys.stderr, flush=True))
+    data_dir, out_dir = paths_of(cfg)
+    ckpt = load_checkpoint(out_dir)
+    init = out_dir / INIT_DIR
+    if ckpt is None or not (init / "config.json").exists():
+        raise FileNotFoundError(f"no SPACE checkpoint in {out_dir}; run the fine-tune first (run_space_training)")
+    dtypes = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+    if cfg.export_dtype not in dtypes:
+        raise ValueError(f"export_dtype must be one of {', '.join(dtypes)}, got {cfg.export_dtype!r}")
+    config = AutoConfig.from_pretrained(str(init))
+    tok = AutoTokenizer.from_pretrained(str(init))
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(ckpt["model"])
+    model.eval()
+    # round to the shipped dtype first, so the figures describe the exported weights
+    model.to(dtypes[cfg.export_dtype]).float()
+    if (init / "generation_config.json").exists():
+        model.generation_config = GenerationConfig.from_pretrained(str(init))
+    trained = ckpt.get("extra", {}).get("space", {})
+    info = {
+        "base_model": trained.get("base", cfg.base),
+        "k": int(config.space_k),
+        "mask_token_id": int(config.space_mask_token_id),
+        "mask_token": tok.convert_ids_to_tokens(int(config.space_mask_token_id)),
+        "step": ckpt["step"],
+        "planned_steps": ckpt["planned_steps"],
+        "schedule_complete": bool(ckpt["planned_steps"]) and ckpt["step"] >= ckpt["planned_steps"],
+        "training_tokens": ckpt["tokens"],
+        "wall_time_min": round(ckpt["elapsed_s"] / 60, 1),
+        "loss_ema_at_export": ckpt.get("loss_ema"),
+        "settings": trained,
+        "loss_history": ckpt.get("history", [])[:: max(1, len(ckpt.get("history", [])) // 50)],
+        "n_params": ckpt.get("extra", {}).get("n_params"),
+        "exported_dtype": cfg.export_dtype,
+        "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    quality = None
+    if cfg.evaluate:
+        base = AutoModelForCausalLM.from_pretrained(str(resolve_repo_path(info["base_model"])), dtype=torch.float32)
+        quality = space_quality(model, base, tok, data_dir, info["k"], info["mask_token_id"], cfg, log=log)
+    final = out_path(cfg.export_dir)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".{final.name}.tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    model.to(dtypes[cfg.export_dtype])
+    model.config.dtype = cfg.export_dtype
+    model.save_pretrained(str(tmp))
+    tok.save_pretrained(str(tmp))
+    _write_json(tmp / "training.json", info)
+    if quality is not None:
+        _write_json(tmp / "quality.json", quality)
+    write_card(tmp, cfg.export_dir, info, quality)
+    old = final.with_name(f".{final.name}.old")
+    if old.exists():
+        shutil.rmtree(old)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    if old.exists():
+        shutil.rmtree(old)
+    log(f"[space] exported step {info['step']}/{info['planned_steps']} (k={info['k']}, mask id "
+        f"{info['mask_token_id']}) -> {final}")
+    return final
+
+
+def _cell(x: Any) -> str:
+    return "-" if x is None else str(x)
+
+
+def _row(values: Optional[list], k: int) -> str:
+    return " | ".join(_cell(v) for v in (values or [None] * k)) + " |"
+
+
+def write_card(model_dir: Path, name: str, info: dict, quality: Optional[dict]) -> None:
+    """README.md of an exported SPACE model (``name``: the path users load it by)."""
+    s = info.get("settings", {})
+    status = ("final: the cosine schedule ran to its end" if info.get("schedule_complete")
+              else f"an intermediate checkpoint (step {info['step']} of {info['planned_steps']} planned)")
+    lines = [
+        f"# {name}",
+        "",
+        f"`{info['base_model']}` after a SPACE semi-autoregressive fine-tune (Yi et al. 2024): k = {info['k']} "
+        f"mask tokens `{info['mask_token']}` (id {info['mask_token_id']}) placed after a sequence guess the "
+        "tokens after its next one, so `methods/space.py` verifies the previous guesses and makes new ones in "
+        "one forward. k and the mask id are in `config.json` (`space_k`, `space_mask_token_id`); the decoder "
+        "reads them from there.",
+        "",
+        "**The fine-tune changes the model.** SPACE decoding is lossless with respect to *this* model "
+        "(greedy: same tokens as greedy autoregressive decoding of this checkpoint), not with respect to the "
+        "base model: compare against `autoregressive` run on this directory.",
+        "",
+        "## Training",
+        "",
+        f"Packed SAR fine-tune (`harness/train/space.py`): each block of {s.get('seq_len')} tokens keeps its "
+        f"next-token loss on every position, and {s.get('mask_groups')} groups of k masks at random split points "
+        "are appended behind it (a 4-D attention mask shows a group only the tokens before its split point and "
+        "its own earlier masks; mask m of a group at split p sits at position p+m and predicts token p+m+1). "
+        f"A block's groups carry a loss with probability {s.get('mask_prob')}; loss = AR loss + "
+        f"{s.get('mask_weight')} x mask loss.",
+        "",
+        f"{info['step']:,} optimiser steps of {s.get('batch_size')} blocks, {info['training_tokens']:,} tokens, "
+        f"{info['wall_time_min']} minutes (fp32, CPU); AdamW lr {s.get('lr')} (warm-up {s.get('warmup_steps')} "
+        f"steps, cosine to {s.get('min_lr_ratio')} x), weight decay {s.get('weight_decay')}, seed {s.get('seed')}. "
+        f"This export is {status}. Training loss (EMA) at export: "
+        f"{round(info.get('loss_ema_at_export') or float('nan'), 4)}. Weights on disk: {info['exported_dtype']}.",
+        "",
+    ]
+    if quality:
+        b, f = quality["base"], quality["space"]
+        lines += [
+            "## Quality beside the base model (computed on the exported weights)",
+            "",
+            "| figure | base | SPACE fine-tune |",
+            "| --- | --- | --- |",
+            f"| held-out loss | {_cell(b['heldout'].get('loss'))} | {_cell(f['heldout'].get('loss'))} |",
+            f"| held-out perplexity | {_cell(b['heldout'].get('ppl'))} | {_cell(f['heldout'].get('ppl'))} |",
+        ]
+        if "humaneval" in f:
+            lines += [
+                f"| HumanEval greedy completions that parse | {_cell(b['humaneval'].get('parse_rate'))} | "
+                f"{_cell(f['humaneval'].get('parse_rate'))} |",
+                f"| repeated 4-gram share | {_cell(b['humaneval'].get('repeated_4gram_share_mean'))} | "
+                f"{_cell(f['humaneval'].get('repeated_4gram_share_mean'))} |",
+            ]
+        lines += [
+            f"| next-token top-1 accuracy (held-out) | {_cell(b['mask'].get('ar_accuracy'))} | "
+            f"{_cell(f['mask'].get('ar_accuracy'))} |",
+            f"| mean leading run of masks agreeing with the model's own argmax | "
+            f"{_cell(b['mask'].get('mean_leading_agreement'))} | {_cell(f['mask'].get('mean_leading_agreement'))} |",
+            "",
+            "Mask accuracy per offset on held-out tokens (mask j guesses the token j+2 after the last real "
+            "token): *accuracy* against the true token, *agreement* against the model's own next-token argmax at "
+            "that position (what greedy verification accepts, teacher-forced).",
+            "",
+            "| mask j | " + " | ".join(str(j) for j in range(info["k"])) + " |",
+            "| --- |" + " --- |" * info["k"],
+            "| accuracy, SPACE | " + _row(f["mask"].get("accuracy"), info["k"]),
+            "| agreement, SPACE | " + _row(f["mask"].get("agreement"), info["k"]),
+            "| accuracy, base | " + _row(b["mask"].get("accuracy"), info["k"]),
+            "",
+            f"Held-out data: up to {quality.get('eval_tokens_per_lang') or 'all'} tokens per language of the zoo's "
+            "held-out files; all figures also in `quality.json`.",
+            "",
+        ]
+    else:
+        lines += ["## Quality", "", "Not evaluated in this export (`evaluate=false`).", ""]
+    lines += [
+        "## Use",
+        "",
+        "```bash",
+        f"harness run --model {name} --methods space --task humaneval --limit 20",
+        "```",
+        "",
+        "Rebuild: `run_space_training(SpaceTrainConfig(...))` then `export(...)` from `harness.train.space` "
+        "(same settings; a second run resumes from the checkpoint).",
+        "",
+    ]
+    (model_dir / "README.md").write_text("\n".join(lines), encoding="utf-8")

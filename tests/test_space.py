@@ -1,0 +1,309 @@
+"""SPACE: chunk layout, greedy equality with autoregressive decoding, oracle proposals,
+stop rules inside an accepted block, exact sampling, checkpoint fields, and the
+fine-tune (packed layout, loss going down, resume, export)."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from conftest import build_tokenizer, tiny_model
+from transformers import PreTrainedTokenizerFast
+
+from harness.config import ModelConfig, SamplingConfig
+from harness.engine import Engine
+from harness.train.loop import load_checkpoint
+from harness.train.space import (
+    SpaceTrainConfig,
+    ensure_mask_token,
+    export,
+    pack_space_batch,
+    packed_logits,
+    run_space_training,
+    space_losses,
+)
+from methods.autoregressive import Autoregressive, AutoregressiveConfig
+from methods.base import StopRule, probabilities
+from methods.space import Space, SpaceConfig, SpaceSetupError, chunk_layout
+
+PROMPTS = [[0, 17, 42, 99, 5], [0, 3], [0, 250, 251, 252, 253, 254, 255, 10, 11]]
+GREEDY = SamplingConfig()
+
+
+def grid(text: str) -> torch.Tensor:
+    return torch.tensor([[c == "x" for c in row.split()] for row in text.strip().splitlines()])
+
+
+# ---- the chunk layout -----------------------------------------------------------------
+def test_chunk_layout_k2():
+    #   rows: x  m  m  c0 m  m  c1 m  m      (x = x_{n-1}, m = mask, groups G0, G1, G2)
+    expected = grid("""
+        x . . . . . . . .
+        x x . . . . . . .
+        x x x . . . . . .
+        x . . x . . . . .
+        x . . x x . . . .
+        x . . x x x . . .
+        x . . x . . x . .
+        x . . x . . x x .
+        x . . x . . x x x
+    """)
+    lay = chunk_layout(2)
+    assert lay.length == 9 and torch.equal(lay.visible, expected)
+    assert lay.rel_pos.tolist() == [0, 1, 2, 1, 2, 3, 2, 3, 4]
+    assert lay.verify_rows == (0, 3, 6) and lay.cand_rows == (3, 6)
+    assert lay.groups == ((1, 2), (4, 5), (7, 8))
+
+
+def test_chunk_layout_k3():
+    expected = grid("""
+        x . . . . . . . . . . . . . . .
+        x x . . . . . . . . . . . . . .
+        x x x . . . . . . . . . . . . .
+        x x x x . . . . . . . . . . . .
+        x . . . x . . . . . . . . . . .
+        x . . . x x . . . . . . . . . .
+        x . . . x x x . . . . . . . . .
+        x . . . x x x x . . . . . . . .
+        x . . . x . . . x . . . . . . .
+        x . . . x . . . x x . . . . . .
+        x . . . x . . . x x x . . . . .
+        x . . . x . . . x x x x . . . .
+        x . . . x . . . x . . . x . . .
+        x . . . x . . . x . . . x x . .
+        x . . . x . . . x . . . x x x .
+        x . . . x . . . x . . . x x x x
+    """)
+    lay = chunk_layout(3)
+    assert lay.length == 16 and torch.equal(lay.visible, expected)
+    assert lay.rel_pos.tolist() == [0, 1, 2, 3, 1, 2, 3, 4, 2, 3, 4, 5, 3, 4, 5, 6]
+    assert lay.verify_rows == (0, 4, 8, 12)
+    assert lay.groups == ((1, 2, 3), (5, 6, 7), (9, 10, 11), (13, 14, 15))
+    assert chunk_layout(3) is lay  # built once per k
+
+
+# ---- greedy losslessness -------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def engines(engine, tokenizer):
+    # the session's random model, and a second one with larger weights (peakier, loops more)
+    return [engine, Engine.from_model(tiny_model(len(tokenizer), seed=1, initializer_range=0.2), tokenizer)]
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 5])
+def test_equals_greedy_autoregressive_on_random_models(engines, k):
+    for eng in engines:
+        ar, sp = Autoregressive(AutoregressiveConfig(), eng, GREEDY), Space(SpaceConfig(k=k), eng, GREEDY)
+        for prompt in PROMPTS:
+            stop = StopRule(30, frozenset())
+            ref, got = ar.generate(prompt, stop), sp.generate(prompt, stop)
+            assert got.tokens == ref.tokens
+            assert got.target_forwards == len(got.accepted_per_step) and sum(got.accepted_per_step) == 30
+            assert got.proposed_per_position == [got.target_forwards - 1] * k and got.extra["k"] == k
+
+
+class Oracle(Space):
+    """Proposes the reference continuation, right for the first `right` candidates, then wrong."""
+
+    def __init__(self, *a, reference, prompt_len, right, **kw):
+        super().__init__(*a, **kw)
+        self.reference, self.prompt_len, self.right = reference, prompt_len, right
+
+    def propose(self, group_logits, seq):
+        done = len(seq) - self.prompt_len
+        true = (self.reference + [0] * (self.k + 1))[done : done + self.k]
+        vocab = group_logits.shape[-1]
+        return torch.tensor([t if i < self.right else (t + 1) % vocab for i, t in enumerate(true)])
+
+
+@pytest.mark.parametrize("k,right", [(3, 3), (3, 1), (3, 0), (5, 5), (5, 2)])
+def test_oracle_proposals_commit_the_expected_blocks(engines, k, right):
+    """Accepted candidates go through the KV compaction: any error there changes later tokens."""
+    eng = engines[1]
+    n = 25
+    for prompt in PROMPTS[:2]:
+        ref = Autoregressive(AutoregressiveConfig(), eng, GREEDY).generate(prompt, StopRule(n, frozenset())).tokens
+        sp = Oracle(SpaceConfig(k=k), eng, GREEDY, reference=ref, prompt_len=len(prompt), right=right)
+        got = sp.generate(prompt, StopRule(n, frozenset()))
+        assert got.tokens == ref
+        block = right + 1
+        steps = math.ceil((n - 1) / block)
+        assert got.target_forwards == 1 + steps
+        assert got.accepted_per_step == [1] + [block] * (steps - 1) + [n - 1 - block * (steps - 1)]
+        assert got.accepted_per_position[right:] == [0] * (k - right)
+        assert got.accepted_per_position[0] == (steps if right else 0)
+        assert sum(got.accepted_per_step) / got.target_forwards >= 1
+
+
+def test_stop_rules_inside_an_accepted_block(engines):
+    eng, k, prompt = engines[1], 3, PROMPTS[0]
+    ref = Autoregressive(AutoregressiveConfig(), eng, GREEDY).generate(prompt, StopRule(20, frozenset())).tokens
+    # blocks of k+1 = 4 after the first token: [0] [1..4] [5..8]; index 6 is inside the third block
+    oracle = dict(reference=ref, prompt_len=len(prompt), right=k)
+    got = Oracle(SpaceConfig(k=k), eng, GREEDY, **oracle).generate(prompt, StopRule(7, frozenset()))
+    assert got.tokens == ref[:7] and got.accepted_per_step == [1, 4, 2]
+    i = next(i for i in range(6, 9) if ref[i] not in ref[:i])  # a token first emitted mid-block
+    stop = StopRule(20, frozenset({ref[i]}))
+    got = Oracle(SpaceConfig(k=k), eng, GREEDY, **oracle).generate(prompt, stop)
+    assert got.tokens == Autoregressive(AutoregressiveConfig(), eng, GREEDY).generate(prompt, stop).tokens
+    assert got.tokens == ref[: i + 1] and got.accepted_per_step[-1] == i - 4
+
+
+# ---- k and the mask id ------------------------------------------------------------------
+def test_k_and_mask_id_come_from_config_checkpoint_or_tokenizer(tokenizer):
+    model = tiny_model(len(tokenizer))
+    eng = Engine.from_model(model, tokenizer)
+    with pytest.raises(SpaceSetupError, match="space_k"):
+        Space(SpaceConfig(), eng, GREEDY)
+    sp = Space(SpaceConfig(k=2), eng, GREEDY)
+    assert (sp.k, sp.mask_id) == (2, tokenizer.mask_token_id)  # the tokenizer's <mask>
+    model.config.space_k, model.config.space_mask_token_id = 4, 7  # a checkpoint's fields
+    sp = Space(SpaceConfig(), eng, GREEDY)
+    assert (sp.k, sp.mask_id) == (4, 7)
+    sp = Space(SpaceConfig(k=5, mask_id=9), eng, GREEDY)  # a released checkpoint: given explicitly
+    assert (sp.k, sp.mask_id) == (5, 9)
+    for bad in (len(tokenizer), 32002, -1):
+        with pytest.raises(SpaceSetupError, match="outside the model's vocabulary"):
+            Space(SpaceConfig(k=5, mask_id=bad), eng, GREEDY)
+
+
+# ---- sampling: the output distribution is the target's -----------------------------------
+def upstream_rule(draft, p, gen):
+    """cteant/SPACE's rule: accept c with probability p(c), on rejection sample from all of p."""
+    d = torch.as_tensor(draft, dtype=torch.long)
+    u = torch.rand(d.numel(), generator=gen)
+    a = int((u < p[torch.arange(d.numel()), d]).cumprod(0).sum())
+    return d[:a].tolist() + [int(torch.multinomial(p[a], 1, generator=gen))]
+
+
+class UpstreamSpace(Space):
+    sample_rule = staticmethod(upstream_rule)
+
+
+def chi_square(exact: dict, counts: dict, n: int) -> tuple[float, int]:
+    """Pearson's statistic against exact probabilities (cells expecting < 5 pooled); outcomes
+    of probability zero make it infinite."""
+    if any(exact.get(c, 0.0) == 0.0 for c in counts):
+        return math.inf, 1
+    cells = [(exact[c] * n, counts.get(c, 0)) for c in exact if exact[c] > 0]
+    big = [c for c in cells if c[0] >= 5]
+    small = [c for c in cells if c[0] < 5]
+    if small:
+        big.append((sum(e for e, _ in small), sum(o for _, o in small)))
+    return sum((o - e) ** 2 / e for e, o in big), len(big) - 1
+
+
+def test_sampling_matches_the_target_distribution_and_catches_upstreams_rule():
+    vocab, mask_id, prompt, n = 6, 5, [0, 4, 2, 3], 1200
+    model = tiny_model(vocab, initializer_range=0.3)
+    eng = Engine.from_model(model, None)
+    s = SamplingConfig(do_sample=True, temperature=0.9, top_k=4)
+    # exact distribution of the first three tokens, by enumeration
+    pairs = list(itertools.product(range(vocab), repeat=2))
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([prompt + list(ab) for ab in pairs])).logits
+    p1 = probabilities(logits[0, len(prompt) - 1], s)
+    exact = {}
+    for row, (a, b) in enumerate(pairs):
+        p2, p3 = probabilities(logits[row, len(prompt) : len(prompt) + 2], s)
+        for c in range(vocab):
+            exact[(a, b, c)] = float(p1[a] * p2[b] * p3[c])
+
+    def histogram(method):
+        counts, accepted = {}, [0, 0]
+        for seed in range(n):
+            g = method.generate(prompt, StopRule(3, frozenset()), seed=seed)
+            counts[tuple(g.tokens)] = counts.get(tuple(g.tokens), 0) + 1
+            accepted = [x + y for x, y in zip(accepted, g.accepted_per_position or [0, 0])]
+        return counts, accepted
+
+    def flagged(stat):
+        x2, df = stat
+        return x2 > df + 6 * math.sqrt(2 * df)  # ~6 sigma: a false alarm is practically impossible
+
+    cfg = SpaceConfig(k=2, mask_id=mask_id)
+    ar_counts, _ = histogram(Autoregressive(AutoregressiveConfig(), eng, s))
+    sp_counts, sp_acc = histogram(Space(cfg, eng, s))
+    up_counts, _ = histogram(UpstreamSpace(cfg, eng, s))
+    assert sp_acc[0] > n // 10 and sp_acc[1] > 0  # candidates were accepted, and rejected
+    assert not flagged(chi_square(exact, ar_counts, n))  # the statistic accepts plain sampling
+    assert not flagged(chi_square(exact, sp_counts, n))
+    assert flagged(chi_square(exact, up_counts, n))  # ...and catches upstream's rejection rule
+
+
+# ---- the fine-tune -----------------------------------------------------------------------------
+def test_packed_batch_equals_separate_examples():
+    model = tiny_model(300, initializer_range=0.2)
+    block = torch.randint(4, 300, (2, 17), generator=torch.Generator().manual_seed(0))
+    k, groups, mask_id = 3, 3, 3
+    batch = pack_space_batch(block, k, groups, 1.0, mask_id, np.random.default_rng(0))
+    with torch.no_grad():
+        logits = packed_logits(model, batch)
+        L = batch["n_real"]
+        assert torch.allclose(logits[:, :L], model(input_ids=block[:, :L]).logits, atol=1e-4)
+        for r, g in itertools.product(range(2), range(groups)):
+            p = int(batch["splits"][r, g])
+            alone = model(input_ids=torch.cat((block[r, :p], torch.full((k + 1,), mask_id)))[None]).logits[0]
+            rows = slice(L + g * k, L + g * k + k)
+            assert torch.allclose(logits[r, rows], alone[p : p + k], atol=1e-4)  # upstream's example, k+1 masks
+            assert batch["labels"][r, rows].tolist() == block[r, p + 1 : p + k + 1].tolist()
+    none = pack_space_batch(block, k, groups, 0.0, mask_id, np.random.default_rng(0))
+    assert (none["labels"][:, L:] == -100).all() and (none["labels"][:, :L] == block[:, 1:]).all()
+
+
+def test_mask_token_is_added_when_missing():
+    tok = build_tokenizer()
+    bare = PreTrainedTokenizerFast(tokenizer_object=tok.backend_tokenizer, bos_token="<s>", eos_token="</s>")
+    assert bare.mask_token_id is None
+    model = tiny_model(len(bare))
+    assert ensure_mask_token(model, bare, "[MASK]") == 300 and model.get_input_embeddings().weight.shape[0] == 301
+    model = tiny_model(len(tok))
+    assert ensure_mask_token(model, tok) == 3 and model.get_input_embeddings().weight.shape[0] == 300
+
+
+def test_training_lowers_the_loss_resumes_and_exports(tmp_path, model_dir, tokenizer):
+    data = tmp_path / "tokens"
+    data.mkdir()
+    cycle = np.random.default_rng(0).integers(4, 300, size=23)  # a learnable repeating stream
+    np.save(data / "train.npy", np.tile(cycle, 200).astype(np.uint16))
+    np.save(data / "heldout_python.npy", np.tile(cycle, 20).astype(np.uint16))
+    cfg = SpaceTrainConfig(
+        base=str(model_dir), data_dir=str(data), out_dir=str(tmp_path / "ckpt"), export_dir=str(tmp_path / "export"),
+        k=2, mask_prob=1.0, mask_groups=3, batch_size=4, seq_len=24, max_steps=30, max_minutes=0.0, lr=3e-3,
+        warmup_steps=3, progress=False, eval_tokens_per_lang=200, humaneval_limit=1, max_new_tokens=4,
+    )  # fmt: skip
+    logs = []
+    first, _ = run_space_training(cfg, log=logs.append)
+    assert first.step == 30 and first.resumed_from == 0
+
+    block = torch.from_numpy(np.tile(cycle, 3)[:25].astype(np.int64))[None]
+    batch = pack_space_batch(block, 2, 3, 1.0, 3, np.random.default_rng(1))
+    base = tiny_model(len(tokenizer))  # what model_dir holds
+    tuned = tiny_model(len(tokenizer))
+    tuned.load_state_dict(load_checkpoint(cfg.out_dir)["model"])
+    with torch.no_grad():
+        before, after = space_losses(base, batch), space_losses(tuned, batch)
+    assert after[0] < before[0] - 1 and after[1] < before[1] - 1  # AR and mask losses both fall
+
+    cfg.max_steps = 40
+    again, _ = run_space_training(cfg, log=logs.append)
+    assert again.resumed_from == 30 and again.step == 40
+
+    out = export(cfg, log=logs.append)
+    config = json.loads((out / "config.json").read_text())
+    assert config["space_k"] == 2 and config["space_mask_token_id"] == 3 and config["dtype"] == "float16"
+    quality = json.loads((out / "quality.json").read_text())
+    assert len(quality["space"]["mask"]["accuracy"]) == 2 and "ppl" in quality["base"]["heldout"]
+    assert "parse_rate" in quality["space"]["humaneval"] and (out / "README.md").exists()
+    # the exported checkpoint decodes with k and the mask id it carries, losslessly
+    eng = Engine.load(ModelConfig(path=str(out), device="cpu"))
+    sp = Space(SpaceConfig(), eng, GREEDY)
+    assert (sp.k, sp.mask_id) == (2, 3)
+    prompt = [0, *cycle[:6].tolist()]
+    stop = StopRule(24, frozenset())
+    got = sp.generate(prompt, stop)
+    assert got.tokens == Autoregressive(AutoregressiveConfig(), eng, GREEDY).generate(prompt, stop).tokens
+    assert got.target_forwards < 24  # the fine-tuned masks guess the cycle: several tokens per forward
