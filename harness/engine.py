@@ -163,6 +163,7 @@ class Engine:
         mask: Optional[torch.Tensor] = None,
         hidden: bool = False,
         last_only: bool = False,
+        keep_last: int = 0,
     ) -> ForwardOutput:
         """Run ``ids`` after the ``len(cache)`` cached entries and append them to the cache.
 
@@ -170,6 +171,7 @@ class Engine:
         mask: boolean ``[new, cached + new]``, True = may attend; default causal.
         hidden: also return the last hidden state (Medusa heads need it).
         last_only: compute logits for the last token only (plain decoding).
+        keep_last: compute logits (and hidden) for the last ``keep_last`` tokens only (0 = all).
         """
         ids_t = torch.as_tensor(ids, dtype=torch.long, device=self.device).view(1, -1)
         past = len(cache)
@@ -187,7 +189,7 @@ class Engine:
         self.forwards += 1
         start = time.perf_counter()
         try:
-            return self._forward(ids_t, pos_t, attn, cache, hidden, last_only)
+            return self._forward(ids_t, pos_t, attn, cache, hidden, 1 if last_only else keep_last)
         finally:
             if self.sync_each_forward:
                 self.synchronize()
@@ -196,7 +198,7 @@ class Engine:
             if self.forward_log is not None:
                 self.forward_log.append((new, seconds))
 
-    def _forward(self, ids_t, pos_t, attn, cache: KVCache, hidden: bool, last_only: bool) -> ForwardOutput:
+    def _forward(self, ids_t, pos_t, attn, cache: KVCache, hidden: bool, keep: int) -> ForwardOutput:
         if not hidden:
             out = self.model(
                 input_ids=ids_t,
@@ -204,14 +206,14 @@ class Engine:
                 attention_mask=attn,
                 cache=cache.inner,
                 use_cache=True,
-                logits_to_keep=1 if last_only else 0,
+                logits_to_keep=keep,
             )
             return ForwardOutput(logits=out.logits[0].float())
         base = self.model.get_decoder()
         out = base(input_ids=ids_t, position_ids=pos_t, attention_mask=attn, cache=cache.inner, use_cache=True)
         h = out.last_hidden_state[0]
-        if last_only:
-            h = h[-1:]
+        if keep:
+            h = h[-keep:]
         logits = self.model.get_output_embeddings()(h)
         return ForwardOutput(logits=logits.float(), hidden=h)
 

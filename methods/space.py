@@ -168,11 +168,11 @@ class Space(Method):
         proposed, accepted = [0] * k, [0] * k
 
         # 1. prefill prompt + G_0: the last prompt row gives the first token, G_0 the first candidates
-        logits = engine.forward(seq + [mask_id] * k, cache).logits
-        first = next_token(logits[len(seq) - 1], self.sampling, gen)
+        logits = engine.forward(seq + [mask_id] * k, cache, keep_last=k + 1).logits  # rows: last prompt token, G_0
+        first = next_token(logits[0], self.sampling, gen)
         per_step.append(out.add([first]))
         seq.append(first)
-        cands = self.propose(logits[len(seq) - 1 :], seq)
+        cands = self.propose(logits[1:], seq)
         cache.truncate(len(seq) - 1)
 
         while not out.done:
