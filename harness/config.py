@@ -54,6 +54,8 @@ class RunSettings:
     force: bool = False  # append to an existing run directory made with another config
     drop_corrupt: bool = False  # move corrupt lines of samples.jsonl aside on resume
     progress: bool = True  # show a progress bar
+    execute: bool = False  # run each completion against the task's tests in a sandbox (pass@1); opt-in
+    execute_workers: int = 1  # sandboxed programs run at a time
 
 
 @dataclass

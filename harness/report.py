@@ -17,7 +17,7 @@ from typing import Optional
 import numpy as np
 import pandas as pd
 
-from harness.results import RunDir, RunDirError
+from harness.results import RunDir, RunDirError, pass_at_1
 
 REFERENCE = "autoregressive"
 # What must agree for runs to be merged (besides the task and the methods).
@@ -34,12 +34,13 @@ class Runs:
     """Records of one or more run directories, with the manifests they came from."""
 
     records: pd.DataFrame  # one row per record, plus `run` (index of its directory)
+    execution: list[dict]  # sandboxed test results (execution.jsonl), plus `run`
     manifests: list[dict]
     paths: list[Path]
 
 
 def load_runs(paths: list[str | Path], allow_mixed: bool = False) -> Runs:
-    frames, manifests = [], []
+    frames, manifests, execution = [], [], []
     for index, path in enumerate(paths):
         rundir = RunDir(path)
         if not (rundir.path / "manifest.json").exists():
@@ -49,6 +50,7 @@ def load_runs(paths: list[str | Path], allow_mixed: bool = False) -> Runs:
         frame = pd.DataFrame([r.__dict__ for r in records])
         frame["run"] = index
         frames.append(frame)
+        execution += [{**r, "run": index} for r in rundir.execution()]
         manifests.append(manifest)
     if not allow_mixed:
         for what, key in COMPATIBILITY.items():
@@ -59,7 +61,7 @@ def load_runs(paths: list[str | Path], allow_mixed: bool = False) -> Runs:
                     "or pass --allow-mixed"
                 )
     records = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
-    return Runs(records, manifests, [Path(p) for p in paths])
+    return Runs(records, execution, manifests, [Path(p) for p in paths])
 
 
 def _decode_stats(g: pd.DataFrame) -> tuple[float, float]:
@@ -122,7 +124,7 @@ def tokens_hash(g: pd.DataFrame) -> str:
     return hashlib.sha256("\n".join(rows).encode()).hexdigest()[:16]
 
 
-def metrics(runs: Runs, by: Optional[str] = None, pass_at_1: Optional[pd.DataFrame] = None) -> pd.DataFrame:
+def metrics(runs: Runs, by: Optional[str] = None) -> pd.DataFrame:
     """One row per method x task (x language or category when ``by`` is given)."""
     df = runs.records
     if df.empty:
@@ -169,8 +171,8 @@ def metrics(runs: Runs, by: Optional[str] = None, pass_at_1: Optional[pd.DataFra
             }
         )
     table = pd.DataFrame(rows)
-    if pass_at_1 is not None and not pass_at_1.empty:
-        table = table.merge(pass_at_1, on=[k for k in keys if k in pass_at_1.columns], how="left")
+    if runs.execution:
+        table = table.merge(pass_at_1(runs.execution, keys), on=keys, how="left")
     return table
 
 

@@ -25,6 +25,7 @@ from tabulate import tabulate
 from harness.paths import REPO_ROOT
 
 MANIFEST, SAMPLES, SUMMARY, LEADERBOARD = "manifest.json", "samples.jsonl", "summary.csv", "leaderboard.md"
+EXECUTION = "execution.jsonl"  # sandboxed test results per record (opt-in: run.execute=true)
 SUMMARY_COLUMNS = [
     "method", "task", "samples", "exact_match", "mean_accepted_tokens", "tokens_per_s", "speedup",
     "target_forwards", "draft_forwards", "new_tokens", "wall_time_s", "forward_share", "ties", "mismatches",
@@ -183,15 +184,33 @@ class RunDir:
         return good, notices
 
     # ---- derived files ------------------------------------------------------------
+    def write_execution(self, results: list[dict]) -> None:
+        self._write_atomic(EXECUTION, "".join(json.dumps(r, default=str) + "\n" for r in results))
+
+    def execution(self) -> list[dict]:
+        path = self.path / EXECUTION
+        if not path.exists():
+            return []
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
     def write_summary(self, records: list[Record]) -> pd.DataFrame:
-        table = summarize(records)
+        table = summarize(records, self.execution())
         table.to_csv(self.path / SUMMARY, index=False)
         self._write_atomic(LEADERBOARD, render_leaderboard(table, self.manifest()))
         return table
 
 
-def summarize(records: list[Record]) -> pd.DataFrame:
-    """One row per method x task with the columns in ``SUMMARY_COLUMNS``."""
+def pass_at_1(execution: list[dict], keys: list[str]) -> pd.DataFrame:
+    """pass@1 (share of judged completions that passed; skipped ones left out) per ``keys``."""
+    ex = pd.DataFrame(execution)
+    ex = ex[ex.status != "skipped"]
+    if ex.empty:
+        return pd.DataFrame(columns=keys + ["pass@1"])
+    return ex.groupby(keys).status.apply(lambda s: float((s == "passed").mean())).rename("pass@1").reset_index()
+
+
+def summarize(records: list[Record], execution: Optional[list[dict]] = None) -> pd.DataFrame:
+    """One row per method x task with the columns in ``SUMMARY_COLUMNS`` (+ pass@1 when executed)."""
     if not records:
         return pd.DataFrame(columns=SUMMARY_COLUMNS)
     df = pd.DataFrame(
@@ -242,12 +261,15 @@ def summarize(records: list[Record]) -> pd.DataFrame:
     table["speedup"] = [
         row.tokens_per_s / base[row.task] if row.task in base.index else float("nan") for row in table.itertuples()
     ]
-    return table[SUMMARY_COLUMNS]
+    table = table[SUMMARY_COLUMNS]
+    if execution:
+        table = table.merge(pass_at_1(execution, ["method", "task"]), on=["method", "task"], how="left")
+    return table
 
 
 def render_leaderboard(table: pd.DataFrame, manifest: dict) -> str:
     shown = ["method", "task", "samples", "exact_match", "mean_accepted_tokens", "tokens_per_s", "speedup", "ties",
-             "mismatches", "lossless"]  # fmt: skip
+             "mismatches", "lossless"] + [c for c in ("pass@1",) if c in table.columns]  # fmt: skip
     env = manifest.get("environment", {})
     model = manifest.get("model", {})
     head = (

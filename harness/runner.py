@@ -170,8 +170,24 @@ def run(exp: Experiment, log: Callable[[str], None] = print) -> RunResult:
             replies.append(reference.text)
     bar.close()
     all_records, _ = rundir.records()
+    if settings.execute:
+        execute(rundir, samples, all_records, settings, log)
     table = rundir.write_summary(all_records)
     return RunResult(out, table, resumed, skipped, notices)
+
+
+def execute(rundir: RunDir, samples: list[Sample], records: list[Record], settings: RunSettings, log) -> None:
+    """Judge every completion against its task's tests in the sandbox (harness/execution.py)."""
+    from harness.execution import score_records
+
+    if not any("test" in s.meta for s in samples):
+        raise HarnessError("run.execute=true needs a task with tests (humaneval, humaneval-x)")
+    log(f"executing {len(records)} completions in the sandbox ...")
+    results = score_records({s.id: s for s in samples}, records, workers=settings.execute_workers)
+    rundir.write_execution(results)
+    skipped = {r["detail"] for r in results if r["status"] == "skipped"}
+    for reason in sorted(skipped):
+        log(f"skipped: {reason}")
 
 
 def rotate(items: list[str], k: int) -> list[str]:

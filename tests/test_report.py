@@ -120,3 +120,38 @@ def test_speedup_not_compared_across_machines(run_dir, tmp_path):
 def test_paired_speedups_pair_within_a_run(run_dir):
     runs = load_runs([run_dir, run_dir])  # the same directory twice: pairs must not cross runs
     assert len(paired_speedups(runs.records, "hf-generate", "jsonl")) == 8
+
+
+def test_execute_reports_pass_at_1(model_dir, tmp_path):
+    """run.execute=true judges completions in the sandbox: a method that writes the
+    canonical solution passes, the random model's text does not."""
+    from harness.config import MethodConfig
+    from harness.registry import METHODS
+    from methods.base import Generation, Method
+    from tasks.humaneval import HumanEval, HumanEvalConfig
+
+    solutions = {s.turns[0]: s.meta["canonical_solution"] for s in HumanEval(HumanEvalConfig(limit=2)).samples()}
+
+    class Oracle(Method):
+        config_class = MethodConfig
+
+        def generate(self, prompt_ids, stop, seed=0):
+            prompt = self.engine.tokenizer.decode(prompt_ids, skip_special_tokens=True)
+            return Generation(tokens=self.engine.tokenizer(solutions[prompt], add_special_tokens=False).input_ids,
+                              target_forwards=1)  # fmt: skip
+
+    METHODS.add("oracle-solution", Oracle)
+    out = tmp_path / "exec"
+    args = ["run", "--model", str(model_dir), "--task", "humaneval", "--limit", "2", "--max-new-tokens", "8",
+            "--methods", "oracle-solution", "--out", str(out), "run.progress=false", "run.execute=true"]  # fmt: skip
+    try:
+        assert main(args) == 0
+    finally:
+        METHODS._targets.pop("oracle-solution")
+    table = metrics(load_runs([out])).set_index("method")
+    assert table.loc["oracle-solution", "pass@1"] == 1.0
+    assert table.loc["autoregressive", "pass@1"] == 0.0
+    import pandas as pd
+
+    summary = pd.read_csv(out / "summary.csv").set_index("method")
+    assert summary.loc["oracle-solution", "pass@1"] == 1.0
