@@ -1,17 +1,31 @@
 # The two commands of the README:
 #   make bench   set up, then run the default benchmark on the shipped zoo
 #   make test    set up, then run the tests
-# Variables: TORCH_SPEC (see scripts/setup.sh), BENCH_ARGS (extra `harness run` arguments).
-PY := .venv/bin/python
-BENCH_METHODS ?= autoregressive,hf-generate,speculative,prompt-lookup,hf-assisted,hf-prompt-lookup
-BENCH_ARGS ?=
+# Also: make leaderboard (regenerates the published results/leaderboard*.md and reports).
+# Variables: TORCH_SPEC (see scripts/setup.sh), LIMIT (HumanEval problems), ARGS (extra
+# `harness run` arguments, e.g. ARGS="model.device=cuda model.dtype=bfloat16").
+LIMIT ?= 20
+ARGS ?=
+OUT ?= results/runs/bench
+METHODS := autoregressive,hf-generate,speculative,prompt-lookup,medusa,hf-assisted,hf-prompt-lookup
+RUN := .venv/bin/harness run --task humaneval --limit $(LIMIT) --max-new-tokens 128 run.threads=1
 
-.PHONY: setup bench test
+.PHONY: setup bench test leaderboard
 setup:
 	bash scripts/setup.sh
 
+# target + draft + Medusa heads, then SPACE on its own fine-tuned model (its own reference)
 bench: setup
-	.venv/bin/harness run --methods $(BENCH_METHODS) --task humaneval --limit 20 --max-new-tokens 128 $(BENCH_ARGS)
+	$(RUN) --methods $(METHODS) --out $(OUT) $(ARGS)
+	$(RUN) --model zoo-space --methods autoregressive,space --out $(OUT)-space $(ARGS)
 
 test: setup
-	$(PY) -m pytest
+	.venv/bin/python -m pytest
+
+leaderboard: setup
+	rm -rf results/runs/zoo results/runs/zoo-space
+	$(MAKE) bench OUT=results/runs/zoo
+	.venv/bin/harness leaderboard results/runs/zoo --out results/leaderboard.md
+	.venv/bin/harness leaderboard results/runs/zoo --format html --out results/report.html
+	.venv/bin/harness leaderboard results/runs/zoo-space --out results/leaderboard-space.md
+	.venv/bin/harness leaderboard results/runs/zoo-space --format html --out results/report-space.html
