@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from harness.train.lm import DRAFT, TARGET, LMTrainConfig, ModelConfig
-from harness.train.loop import TrainLoopConfig
 from harness.zoo.build import ZooDataConfig
 
 USAGE = (

@@ -23,3 +23,20 @@ def resolve_repo_path(path: str | os.PathLike) -> Path:
         return p
     candidate = REPO_ROOT / p
     return candidate if candidate.exists() else p
+
+
+def replace_dir(new: Path, final: Path) -> None:
+    """Swap the fully written directory ``new`` into place as ``final`` (old one removed).
+
+    Readers see either the old or the new directory, never a half-written one.
+    """
+    import shutil
+
+    old = final.with_name(f".{final.name}.old")
+    if old.exists():
+        shutil.rmtree(old)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(new, final)
+    if old.exists():
+        shutil.rmtree(old)

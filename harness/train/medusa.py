@@ -13,7 +13,6 @@ w_i = ``head_decay ** i`` unless ``head_weights`` is given. The base model runs 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import sys
 import time
@@ -25,6 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from harness.paths import replace_dir
 from harness.train.lm import TokenBlockBatches, default_cache_dir
 from harness.train.loop import TrainLoopConfig, TrainResult, load_checkpoint, train
 from methods.medusa_heads import MedusaHeads, MedusaHeadsConfig, save_heads
@@ -259,14 +259,7 @@ def export_medusa(cfg: MedusaTrainConfig, base: torch.nn.Module | None = None, l
     save_heads(heads, tmp, dtype=torch.float16, extra={"format": "medusa-1 heads (harness); upstream key layout"})
     (tmp / "training.json").write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
     (tmp / "README.md").write_text(medusa_card(info), encoding="utf-8")
-    old = final.with_name(f".{final.name}.old")
-    if old.exists():
-        shutil.rmtree(old)
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)
-    if old.exists():
-        shutil.rmtree(old)
+    replace_dir(tmp, final)
     log(f"[train medusa] exported step {info['step']} -> {final}")
     return {"dir": str(final), **{k: info[k] for k in ("step", "training_tokens", "wall_time_min")}, "accuracy": acc["all"]}
 

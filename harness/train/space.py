@@ -34,7 +34,6 @@ config, ``training.json``, ``quality.json`` and a card ``README.md`` to ``export
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import sys
 import time
@@ -46,7 +45,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from harness.paths import REPO_ROOT, resolve_repo_path
+from harness.paths import REPO_ROOT, replace_dir, resolve_repo_path
 from harness.train.lm import TokenBlockBatches, default_cache_dir
 from harness.train.loop import TrainLoopConfig, TrainResult, load_checkpoint, train
 
@@ -349,14 +348,7 @@ def export(cfg: SpaceTrainConfig, log: Optional[Callable[[str], None]] = None) -
     if quality is not None:
         _write_json(tmp / "quality.json", quality)
     write_card(tmp, cfg.export_dir, info, quality)
-    old = final.with_name(f".{final.name}.old")
-    if old.exists():
-        shutil.rmtree(old)
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)
-    if old.exists():
-        shutil.rmtree(old)
+    replace_dir(tmp, final)
     log(f"[space] exported step {info['step']}/{info['planned_steps']} (k={info['k']}, mask id "
         f"{info['mask_token_id']}) -> {final}")
     return final

@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import fcntl
 import json
-import math
-import os
 import shutil
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from harness.paths import replace_dir
 from harness.zoo.corpus import CorpusConfig, build_corpus, load_corpus, save_corpus, write_json
 from harness.zoo.tokenizer import TokenizerConfig, check_tokenizer, load_tokenizer, train_tokenizer
 
@@ -199,14 +198,7 @@ def export_model(name: str, ckpt_dir: Path, paths: DataPaths, zoo_dir: Path, dty
         info["heldout_at_end_of_training"] = read_json(held)
     write_json(tmp / "training.json", info)
     final = zoo_dir / name
-    old = zoo_dir / f".{name}.old"
-    if old.exists():
-        shutil.rmtree(old)
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)
-    if old.exists():
-        shutil.rmtree(old)
+    replace_dir(tmp, final)
     log(f"[zoo] exported {name}: step {info['step']}/{info['planned_steps']}, {info['training_tokens']:,} tokens, "
         f"{info['wall_time_min']} min -> {final}")
     return info
@@ -357,7 +349,7 @@ def write_card(model_dir: Path, log=print) -> None:
                 f"HumanEval continuations); mean agreeing run from the start of a continuation "
                 f"{a['mean_initial_agreeing_run']} tokens.",
             ]
-        lines += ["", f"Figures also in `quality.json`; completions in `humaneval_completions.jsonl`.", ""]
+        lines += ["", "Figures also in `quality.json`; completions in `humaneval_completions.jsonl`.", ""]
     else:
         lines += ["## Quality", "", "Not evaluated in this export (`export.evaluate=false`).", ""]
     dec = manifest.get("decontamination", {})

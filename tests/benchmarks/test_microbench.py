@@ -16,7 +16,6 @@ mean / target_forwards.
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 import torch
