@@ -17,7 +17,7 @@ from typing import Optional
 import numpy as np
 import pandas as pd
 
-from harness.results import RunDir, RunDirError, pass_at_1
+from harness.results import RunDir, RunDirError, pass_at_1, resume_key
 
 REFERENCE = "autoregressive"
 # What must agree for runs to be merged (besides the task and the methods).
@@ -52,6 +52,7 @@ def load_runs(paths: list[str | Path], allow_mixed: bool = False) -> Runs:
         frames.append(frame)
         execution += [{**r, "run": index} for r in rundir.execution()]
         manifests.append(manifest)
+    check_shards(manifests, [Path(p) for p in paths])
     if not allow_mixed:
         for what, key in COMPATIBILITY.items():
             values = {str(key(m)) for m in manifests}
@@ -62,6 +63,31 @@ def load_runs(paths: list[str | Path], allow_mixed: bool = False) -> Runs:
                 )
     records = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
     return Runs(records, execution, manifests, [Path(p) for p in paths])
+
+
+def check_shards(manifests: list[dict], paths: list[Path]) -> None:
+    """Shards of one run must share a configuration, and none may be missing or repeated."""
+    groups: dict[str, dict[int, Path]] = {}
+    sizes: dict[str, int] = {}
+    for manifest, path in zip(manifests, paths):
+        config = manifest.get("config", {})
+        task = config.get("task", {})
+        n = int(task.get("num_shards", 1))
+        if n == 1:
+            continue
+        key = resume_key({**config, "task": {k: v for k, v in task.items() if k != "shard"}})
+        shard = int(task.get("shard", 0))
+        if shard in groups.setdefault(key, {}):
+            raise RunDirError(f"shard {shard} of {n} given twice: {groups[key][shard]} and {path}")
+        groups[key][shard] = path
+        sizes[key] = n
+    if len(groups) > 1:
+        raise RunDirError("these shards come from different configurations; merge each configuration separately")
+    for key, shards in groups.items():
+        missing = sorted(set(range(sizes[key])) - set(shards))
+        if missing:
+            raise RunDirError(f"shard(s) {', '.join(map(str, missing))} of {sizes[key]} missing; run them with "
+                              f"task.shard=N task.num_shards={sizes[key]} and pass every shard's directory")
 
 
 def _decode_stats(g: pd.DataFrame) -> tuple[float, float]:

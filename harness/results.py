@@ -80,6 +80,15 @@ def config_hash(config: dict) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def resume_key(config: dict) -> str:
+    """What must match to append to an existing run: all but limit and run-local flags."""
+    stable = {k: v for k, v in config.items() if k != "run"}
+    stable["task"] = {k: v for k, v in config.get("task", {}).items() if k != "limit"}
+    run = config.get("run", {})
+    stable["run"] = {k: run.get(k) for k in ("max_new_tokens", "seed")}
+    return config_hash(stable)
+
+
 def git_commit() -> dict[str, Any]:
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10).stdout.strip()

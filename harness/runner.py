@@ -25,7 +25,7 @@ from harness.engine import Engine
 from harness.lossless import EXACT, NOT_CHECKED, compare
 from harness.paths import REPO_ROOT
 from harness.registry import METHODS, TASKS
-from harness.results import Record, RunDir, config_hash, cpu_name, git_commit, package_versions
+from harness.results import Record, RunDir, cpu_name, git_commit, package_versions, resume_key
 from methods.base import Method, StopRule
 from tasks.base import Sample, Task, TaskConfig, render_prompt
 
@@ -98,15 +98,6 @@ def make_manifest(exp: Experiment, engine: Engine) -> dict:
         "seed": exp.run.seed,
         "reference": f"greedy {REFERENCE} of the same model ({model_label(engine)})",
     }
-
-
-def resume_key(config: dict) -> str:
-    """What must match to append to an existing run: all but limit and run-local flags."""
-    stable = {k: v for k, v in config.items() if k != "run"}
-    stable["task"] = {k: v for k, v in config.get("task", {}).items() if k != "limit"}
-    run = config.get("run", {})
-    stable["run"] = {k: run.get(k) for k in ("max_new_tokens", "seed")}
-    return config_hash(stable)
 
 
 def encode(engine: Engine, text: str) -> list[int]:

@@ -25,6 +25,8 @@ class TaskDataError(Exception):
 class TaskConfig:
     name: str = "?"  # registry name of the task
     limit: Optional[int] = None  # at most this many samples (per language for humaneval-x)
+    shard: int = 0  # run only shard `shard` of `num_shards` (samples shard, shard+N, ...; after limit)
+    num_shards: int = 1  # split the task into this many disjoint shards (merge with `harness leaderboard`)
 
 
 @dataclass
@@ -50,10 +52,14 @@ class Task:
         raise NotImplementedError
 
     def samples(self) -> list[Sample]:
-        samples = self.load()
-        if self.cfg.limit is not None:
-            samples = samples[: self.cfg.limit]
-        return samples
+        """The samples to run: filters, then ``limit``, then this run's shard."""
+        n, i = self.cfg.num_shards, self.cfg.shard
+        if n < 1 or not 0 <= i < n:
+            raise TaskDataError(f"task.shard={i} task.num_shards={n}: need num_shards >= 1 and 0 <= shard < num_shards")
+        return self.apply_limit(self.load())[i::n]
+
+    def apply_limit(self, samples: list[Sample]) -> list[Sample]:
+        return samples if self.cfg.limit is None else samples[: self.cfg.limit]
 
 
 def data_not_found(

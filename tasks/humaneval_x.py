@@ -86,9 +86,8 @@ class HumanEvalX(Task):
                 )
         return samples
 
-    def samples(self) -> list[Sample]:
-        """Like ``Task.samples`` but ``limit`` counts per language."""
-        samples = self.load()
+    def apply_limit(self, samples: list[Sample]) -> list[Sample]:
+        """``limit`` counts per language."""
         if self.cfg.limit is None:
             return samples
         seen: dict[Optional[str], int] = {}

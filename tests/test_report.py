@@ -155,3 +155,29 @@ def test_execute_reports_pass_at_1(model_dir, tmp_path):
 
     summary = pd.read_csv(out / "summary.csv").set_index("method")
     assert summary.loc["oracle-solution", "pass@1"] == 1.0
+
+
+def test_two_shards_merged_equal_the_unsharded_run(model_dir, tmp_path, capsys):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"id": f"s{i}", "prompt": f"x{i} = "}) + "\n" for i in range(5)))
+
+    def run(out, *extra):
+        args = ["run", "--model", str(model_dir), "--task", "jsonl", f"task.path={prompts}", "--max-new-tokens", "10",
+                "--methods", "autoregressive,hf-generate", "--out", str(tmp_path / out), "run.progress=false", *extra]  # fmt: skip
+        assert main(args) == 0
+        return tmp_path / out
+
+    whole = run("whole")
+    shards = [run(f"shard{i}", f"task.shard={i}", "task.num_shards=2") for i in range(2)]
+    sizes = [len((s / "samples.jsonl").read_text().splitlines()) for s in shards]
+    assert sizes == [6, 4]  # samples 0,2,4 and 1,3: disjoint, deterministic
+    cols = ["method", "task", "samples", "exact_match", "mean_accepted_tokens", "target_forwards", "tokens_hash"]
+    merged = metrics(load_runs(shards))[cols].sort_values("method").reset_index(drop=True)
+    single = metrics(load_runs([whole]))[cols].sort_values("method").reset_index(drop=True)
+    assert merged.equals(single)
+    capsys.readouterr()
+    assert main(["leaderboard", str(shards[0])]) == 2
+    assert "shard(s) 1 of 2 missing" in capsys.readouterr().err
+    other = run("other-shard1", "task.shard=1", "task.num_shards=2", "run.seed=5")
+    assert main(["leaderboard", str(shards[0]), str(other)]) == 2
+    assert "different configurations" in capsys.readouterr().err
