@@ -188,6 +188,7 @@ def train(
     planned = cfg.max_steps if cfg.max_steps > 0 else 0
     warmup_end_s: float | None = None
     history: list = []
+    runs: list = []  # one entry per start/resume: where it started and with which budget
     if ckpt is not None:
         module.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
@@ -196,6 +197,7 @@ def train(
         step, tokens, elapsed_prev = ckpt["step"], ckpt["tokens"], ckpt["elapsed_s"]
         planned = ckpt["planned_steps"] if cfg.max_steps <= 0 else cfg.max_steps
         history = list(ckpt.get("history", []))
+        runs = list(ckpt.get("runs", []))
         warmup_end_s = ckpt.get("warmup_end_s")
         if warmup_end_s is None and step >= cfg.warmup_steps > 0:
             # a checkpoint from before this field existed: assume a steady pace
@@ -207,6 +209,9 @@ def train(
         np.random.seed(cfg.seed)
         torch.manual_seed(cfg.seed)
     resumed_from = step
+    runs.append({"started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "step": step,
+                 "elapsed_s": round(elapsed_prev, 1), "schedule": mode, "max_minutes": cfg.max_minutes,
+                 "max_steps": cfg.max_steps, "lr": cfg.lr, "threads": cfg.threads})
     if planned <= 0 and not math.isfinite(budget_s):
         raise ValueError("set train.max_steps or train.max_minutes")
 
@@ -251,6 +256,7 @@ def train(
             "data": batches.state_dict(),
             "loss_ema": loss_ema,
             "history": history,
+            "runs": runs,
             "loop_config": asdict(cfg),
             "extra": extra_state or {},
         }
