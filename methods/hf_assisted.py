@@ -28,7 +28,7 @@ from methods.speculative import load_draft
 class HFAssistedConfig(MethodConfig):
     name: str = "hf-assisted"
     draft: Optional[str] = None  # draft model: registry name or hub id / local path; None = the target's `draft`
-    num_assistant_tokens: int = 4  # draft tokens per step (the start value under "heuristic")
+    num_assistant_tokens: int = 2  # draft tokens per step (start value under "heuristic"); same as `speculative`
     num_assistant_tokens_schedule: str = "constant"  # constant | heuristic | heuristic_transient
     assistant_confidence_threshold: float = 0.0  # 0 = always draft num_assistant_tokens tokens
 
