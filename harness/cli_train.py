@@ -23,7 +23,6 @@ USAGE = (
     "usage: harness train {lm model=target|draft | medusa | space} [key=value ...]   "
     "(harness train <job> --help shows all keys)"
 )
-JOBS = ("lm", "medusa", "space")
 
 
 @dataclass
@@ -73,19 +72,21 @@ def _one_line(exc: BaseException) -> str:
     return text
 
 
-def main(argv: list[str]) -> int:
+def dispatch(argv: list[str], usage: str, runners: dict, config_name, noun: str, register=None) -> int:
+    """Shared front end of ``harness train`` and ``harness zoo``: pick the job, compose its
+    config from ``key=value`` overrides (``--cfg`` prints it), run it; failures are one line."""
     if not argv or argv[0] in ("-h", "--help"):
-        print(USAGE)
+        print(usage)
         return 0 if argv else 2
     what, rest = argv[0], argv[1:]
-    if what not in JOBS:
-        print(f"error: unknown training job {what!r}. {USAGE}", file=sys.stderr)
+    if what not in runners:
+        print(f"error: unknown {noun} {what!r}. {usage}", file=sys.stderr)
         return 2
     show = any(a in ("-h", "--help", "--cfg") for a in rest)
     rest = [a for a in rest if a not in ("-h", "--help", "--cfg")]
-    register_configs()
+    (register or register_configs)()
     try:
-        cmd, yaml = compose_config(f"train_{what}", rest)
+        cmd, yaml = compose_config(config_name(what), rest)
     except Exception as exc:  # noqa: BLE001 - one clear line for bad overrides
         print(f"error: bad configuration: {_one_line(exc)}", file=sys.stderr)
         return 2
@@ -93,10 +94,15 @@ def main(argv: list[str]) -> int:
         print(yaml)
         return 0
     try:
-        return {"lm": run_train_lm, "medusa": run_train_medusa, "space": run_train_space}[what](cmd)
-    except (FileNotFoundError, ValueError, RuntimeError) as exc:
+        return runners[what](cmd)
+    except (FileNotFoundError, ValueError, RuntimeError, KeyError) as exc:
         print(f"error: {_one_line(exc)}", file=sys.stderr)
         return 1
+
+
+def main(argv: list[str]) -> int:
+    runners = {"lm": run_train_lm, "medusa": run_train_medusa, "space": run_train_space}
+    return dispatch(argv, USAGE, runners, lambda what: f"train_{what}", "training job")
 
 
 def run_train_lm(cmd: TrainLMCommand) -> int:

@@ -21,7 +21,6 @@ from pathlib import Path
 from harness.train.lm import DRAFT, TARGET, LMTrainConfig, ModelConfig
 from harness.zoo.build import ExportConfig, ZooDataConfig
 
-COMMANDS = ("prepare", "build", "export", "eval")
 USAGE = "usage: harness zoo {prepare|build|export|eval} [key=value ...]   (--cfg shows all keys)"
 
 
@@ -46,31 +45,10 @@ def register_configs() -> None:
 
 
 def main(argv: list[str]) -> int:
-    from harness.cli_train import _one_line, compose_config  # noqa: PLC0415
+    from harness.cli_train import dispatch  # noqa: PLC0415
 
-    if not argv or argv[0] in ("-h", "--help"):
-        print(USAGE)
-        return 0 if argv else 2
-    what, rest = argv[0], argv[1:]
-    if what not in COMMANDS:
-        print(f"error: unknown zoo command {what!r}. {USAGE}", file=sys.stderr)
-        return 2
-    show = any(a in ("-h", "--help", "--cfg") for a in rest)
-    rest = [a for a in rest if a not in ("-h", "--help", "--cfg")]
-    register_configs()
-    try:
-        cmd, yaml = compose_config("zoo", rest)
-    except Exception as exc:  # noqa: BLE001 - one clear line for bad overrides
-        print(f"error: bad configuration: {_one_line(exc)}", file=sys.stderr)
-        return 2
-    if show:
-        print(yaml)
-        return 0
-    try:
-        return {"prepare": _prepare, "build": _build, "export": _export, "eval": _eval}[what](cmd)
-    except (FileNotFoundError, ValueError, RuntimeError, KeyError) as exc:
-        print(f"error: {_one_line(exc)}", file=sys.stderr)
-        return 1
+    runners = {"prepare": _prepare, "build": _build, "export": _export, "eval": _eval}
+    return dispatch(argv, USAGE, runners, lambda _what: "zoo", "zoo command", register_configs)
 
 
 def _prepare(cmd: ZooCommand) -> int:
