@@ -91,7 +91,9 @@ class Engine:
         self.config = model.config
         self.forwards = 0  # forwards since creation; methods count their own per sample
         self.forward_seconds = 0.0  # wall time spent inside forward() (see sync_each_forward)
-        self.sync_each_forward = False  # CUDA: synchronise after each forward so the time is exact
+        # CUDA: synchronise after each forward so forward times are real (every method syncs
+        # once per step anyway to read its accepted tokens)
+        self.sync_each_forward = device.type == "cuda"
         self.forward_log: Optional[list[tuple[int, float]]] = None  # (new tokens, seconds) per forward, when a list
 
     # ---- loading -------------------------------------------------------------------
