@@ -67,6 +67,8 @@ def run_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="append to a run directory made with another config")
     p.add_argument("--drop-corrupt", action="store_true", help="move corrupt samples.jsonl lines aside on resume")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
+    p.add_argument("-m", "--multirun", action="store_true",
+                   help="sweep: key=a,b overrides expand into one job (and run directory under --out) per combination")
     p.add_argument("overrides", nargs="*", help="key=value config overrides (see below)")
     return p
 
@@ -153,8 +155,61 @@ def to_experiment(cfg, OmegaConf):
     )
 
 
+def expand_sweep(overrides: list[str]) -> list[list[str]]:
+    """Hydra sweep syntax (``key=a,b``) -> one override list per combination, in order."""
+    import itertools
+
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    axes = []
+    for o in OverridesParser.create().parse_overrides(overrides):
+        key = o.get_key_element()
+        values = list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.get_value_element_as_str()]
+        axes.append([f"{key}={v}" for v in values])
+    return [list(combo) for combo in itertools.product(*axes)]
+
+
+def job_dirname(job: list[str], swept: set[str]) -> str:
+    """A stable directory name from a job's swept values, so a re-run resumes job by job."""
+    import re
+
+    parts = [o for o in job if o.split("=", 1)[0] in swept] or ["job"]
+    return re.sub(r"[^A-Za-z0-9_.+-]+", "_", "+".join(p.replace("=", "-") for p in parts))[:120]
+
+
+def cmd_multirun(args: argparse.Namespace) -> int:
+    """Run every combination of the sweep, one run directory per job under --out."""
+    from datetime import datetime
+    from pathlib import Path
+
+    jobs = expand_sweep(args.overrides)
+    swept = {o.split("=", 1)[0] for o in args.overrides if "," in o.split("=", 1)[-1] and "[" not in o}
+    root = Path(args.out or f"results/runs/sweep-{datetime.now():%Y%m%d-%H%M%S}")
+    failed = 0
+    for number, job in enumerate(jobs):
+        out = root / job_dirname(job, swept)
+        print(f"[sweep] job {number + 1}/{len(jobs)}: {' '.join(job)} -> {out}", flush=True)
+        job_args = argparse.Namespace(**{**vars(args), "overrides": job, "out": str(out), "multirun": False})
+        failed += cmd_run_args(job_args) != 0
+    print(f"[sweep] {len(jobs) - failed} of {len(jobs)} jobs done under {root}; "
+          f"compare with: harness leaderboard {root}/* --by run_dir")  # fmt: skip
+    return 0 if failed == 0 else 2
+
+
 def cmd_run(argv: list[str]) -> int:
     args = run_parser().parse_intermixed_args(argv)
+    if args.multirun:
+        try:
+            return cmd_multirun(args)
+        except Exception as exc:  # noqa: BLE001
+            if args.debug:
+                raise
+            print(f"error: {one_line(exc)}", file=sys.stderr)
+            return 2
+    return cmd_run_args(args)
+
+
+def cmd_run_args(args: argparse.Namespace) -> int:
     try:
         import transformers
 
@@ -209,7 +264,8 @@ def cmd_leaderboard(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="harness leaderboard", description="Tables and plots from run directories.")
     p.add_argument("runs", nargs="+", help="run directories (several are merged: machines, shards, tasks)")
     p.add_argument("--format", default="markdown", choices=["markdown", "csv", "html", "json"])
-    p.add_argument("--by", choices=["language", "category"], help="also split rows by language or category")
+    p.add_argument("--by", choices=["language", "category", "run_dir"],
+                   help="also split rows by language, category, or run directory (sweep jobs)")
     p.add_argument("--out", help="write to this file instead of stdout")
     p.add_argument("--plots", help="also write the PNG plots into this directory")
     p.add_argument("--allow-mixed", action="store_true", help="merge runs of different models/settings anyway")

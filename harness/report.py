@@ -49,6 +49,7 @@ def load_runs(paths: list[str | Path], allow_mixed: bool = False) -> Runs:
         records, _ = rundir.records()
         frame = pd.DataFrame([r.__dict__ for r in records])
         frame["run"] = index
+        frame["run_dir"] = rundir.path.name  # `--by run_dir`: one row per run (sweep jobs)
         frames.append(frame)
         execution += [{**r, "run": index} for r in rundir.execution()]
         manifests.append(manifest)

@@ -159,3 +159,20 @@ def test_list_and_help(capsys):
     with pytest.raises(SystemExit):
         main(["run", "--help"])
     assert "task.languages" in capsys.readouterr().out
+
+
+def test_multirun_sweep_one_directory_per_job_and_resumes(model_dir, prompts, tmp_path, capsys):
+    out = tmp_path / "sweep"
+    args = ["run", "-m", "--model", str(model_dir), "--task", "jsonl", f"task.path={prompts}", "--limit", "2",
+            "--max-new-tokens", "6", "--methods", "autoregressive,hf-generate", "--out", str(out),
+            "run.progress=false", "run.seed=0,1", "run.warmup=0,1"]  # fmt: skip
+    assert main(args) == 0
+    jobs = sorted(p.name for p in out.iterdir())
+    assert jobs == ["run.seed-0+run.warmup-0", "run.seed-0+run.warmup-1", "run.seed-1+run.warmup-0",
+                    "run.seed-1+run.warmup-1"]  # fmt: skip
+    assert all(len(read_records(out / j)) == 4 for j in jobs)
+    assert "4 of 4 jobs done" in capsys.readouterr().out
+    assert main(args) == 0  # a re-run resumes job by job
+    assert capsys.readouterr().out.count("4 of 4 (method, sample, turn) records already done") == 4
+    assert main(["leaderboard", *[str(out / j) for j in jobs], "--by", "run_dir", "--format", "csv"]) == 0
+    assert capsys.readouterr().out.count("hf-generate") == 4
