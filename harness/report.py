@@ -39,7 +39,8 @@ class Runs:
     paths: list[Path]
 
 
-def load_runs(paths: list[str | Path], allow_mixed: bool = False) -> Runs:
+def load_runs(paths: list[str | Path], allow_mixed: bool = False, one_shard: bool = False) -> Runs:
+    """Records of the run directories; ``one_shard``: a single shard's own summary (no completeness check)."""
     frames, manifests, execution = [], [], []
     for index, path in enumerate(paths):
         rundir = RunDir(path)
@@ -53,7 +54,8 @@ def load_runs(paths: list[str | Path], allow_mixed: bool = False) -> Runs:
         frames.append(frame)
         execution += [{**r, "run": index} for r in rundir.execution()]
         manifests.append(manifest)
-    check_shards(manifests, [Path(p) for p in paths])
+    if not one_shard:
+        check_shards(manifests, [Path(p) for p in paths])
     if not allow_mixed:
         for what, key in COMPATIBILITY.items():
             values = {str(key(m)) for m in manifests}
@@ -194,6 +196,9 @@ def metrics(runs: Runs, by: Optional[str] = None) -> pd.DataFrame:
                 "target_forwards": int(g.target_forwards.sum()),
                 "draft_forwards": int(g.draft_forwards.sum()),
                 "new_tokens": new_tokens,
+                "wall_time_s": wall,
+                "forward_share": float(g.forward_time_s.sum()) / wall if wall else float("nan"),
+                "model": g.model.iloc[0],
                 "tokens_hash": tokens_hash(g),
             }
         )

@@ -202,8 +202,9 @@ class RunDir:
             return []
         return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
-    def write_summary(self, records: list[Record]) -> pd.DataFrame:
-        table = summarize(records, self.execution())
+    def write_summary(self, table: pd.DataFrame) -> pd.DataFrame:
+        """Write summary.csv (the ``SUMMARY_COLUMNS`` of ``report.metrics``) and leaderboard.md."""
+        table = table.reindex(columns=SUMMARY_COLUMNS + [c for c in ("pass@1",) if c in table.columns])
         table.to_csv(self.path / SUMMARY, index=False)
         self._write_atomic(LEADERBOARD, render_leaderboard(table, self.manifest()))
         return table
@@ -216,64 +217,6 @@ def pass_at_1(execution: list[dict], keys: list[str]) -> pd.DataFrame:
     if ex.empty:
         return pd.DataFrame(columns=keys + ["pass@1"])
     return ex.groupby(keys).status.apply(lambda s: float((s == "passed").mean())).rename("pass@1").reset_index()
-
-
-def summarize(records: list[Record], execution: Optional[list[dict]] = None) -> pd.DataFrame:
-    """One row per method x task with the columns in ``SUMMARY_COLUMNS`` (+ pass@1 when executed)."""
-    if not records:
-        return pd.DataFrame(columns=SUMMARY_COLUMNS)
-    df = pd.DataFrame(
-        [
-            {
-                "method": r.method,
-                "task": r.task,
-                "sample": r.sample_id,
-                "new_tokens": len(r.tokens),
-                "wall_time_s": r.wall_time_s,
-                "forward_time_s": r.forward_time_s,
-                "target_forwards": r.target_forwards,
-                "draft_forwards": r.draft_forwards,
-                "exact": r.status == "exact",
-                "tie": r.status == "tie",
-                "mismatch": r.status == "mismatch",
-                "lossy": r.lossy,
-                "model": r.model,
-            }
-            for r in records
-        ]
-    )
-    rows = []
-    for (method, task), g in df.groupby(["method", "task"], sort=False):
-        wall = g.wall_time_s.sum()
-        checked = ~g.lossy
-        rows.append(
-            {
-                "method": method,
-                "task": task,
-                "samples": int(g["sample"].nunique()),
-                "exact_match": float(g.exact[checked].mean()) if checked.any() else float("nan"),
-                "mean_accepted_tokens": g.new_tokens.sum() / max(int(g.target_forwards.sum()), 1),
-                "tokens_per_s": g.new_tokens.sum() / wall if wall > 0 else float("nan"),
-                "target_forwards": int(g.target_forwards.sum()),
-                "draft_forwards": int(g.draft_forwards.sum()),
-                "new_tokens": int(g.new_tokens.sum()),
-                "wall_time_s": wall,
-                "forward_share": g.forward_time_s.sum() / wall if wall > 0 else float("nan"),
-                "ties": int(g.tie.sum()),
-                "mismatches": int(g.mismatch.sum()),
-                "lossless": "no (lossy mode)" if g.lossy.any() else "checked",
-                "model": g.model.iloc[0],
-            }
-        )
-    table = pd.DataFrame(rows)
-    base = table[table.method == "autoregressive"].set_index("task").tokens_per_s
-    table["speedup"] = [
-        row.tokens_per_s / base[row.task] if row.task in base.index else float("nan") for row in table.itertuples()
-    ]
-    table = table[SUMMARY_COLUMNS]
-    if execution:
-        table = table.merge(pass_at_1(execution, ["method", "task"]), on=["method", "task"], how="left")
-    return table
 
 
 def render_leaderboard(table: pd.DataFrame, manifest: dict) -> str:

@@ -25,6 +25,7 @@ from harness.engine import Engine
 from harness.lossless import EXACT, NOT_CHECKED, compare
 from harness.paths import REPO_ROOT
 from harness.registry import METHODS, TASKS
+from harness.report import load_runs, metrics
 from harness.results import Record, RunDir, cpu_name, git_commit, package_versions, resume_key
 from methods.base import Method, StopRule
 from tasks.base import Sample, Task, TaskConfig, render_prompt
@@ -160,10 +161,9 @@ def run(exp: Experiment, log: Callable[[str], None] = print) -> RunResult:
                 bar.update(1)
             replies.append(reference.text)
     bar.close()
-    all_records, _ = rundir.records()
     if settings.execute:
-        execute(rundir, samples, all_records, settings, log)
-    table = rundir.write_summary(all_records)
+        execute(rundir, samples, rundir.records()[0], settings, log)
+    table = rundir.write_summary(metrics(load_runs([out], one_shard=True)))
     return RunResult(out, table, resumed, skipped, notices)
 
 
