@@ -21,8 +21,11 @@ bench: setup
 	$(RUN) --methods $(METHODS) --out $(OUT) $(ARGS)
 	$(RUN) --model zoo-space --methods autoregressive,space method.space.k=$(SPACE_K) --out $(OUT)-space $(ARGS)
 
-test: setup
-	.venv/bin/python -m pytest
+# the tests also run the cluster launchers (joblib, a local Ray cluster, submitit): their
+# extras are installed, and a missing one fails the tests instead of skipping them
+test:
+	EXTRAS=dev,plots,cluster bash scripts/setup.sh
+	HARNESS_REQUIRE_EXTRAS=1 .venv/bin/python -m pytest
 
 leaderboard: setup
 	rm -rf results/runs/zoo results/runs/zoo-space

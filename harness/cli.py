@@ -69,6 +69,8 @@ def run_parser() -> argparse.ArgumentParser:
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     p.add_argument("-m", "--multirun", action="store_true",
                    help="sweep: key=a,b overrides expand into one job (and run directory under --out) per combination")
+    p.add_argument("--launcher", help="with -m: basic (default, sequential) | joblib | ray | submitit_local | "
+                   "submitit_slurm (Hydra launcher plugins; hydra.launcher.* overrides configure them)")
     p.add_argument("overrides", nargs="*", help="key=value config overrides (see below)")
     return p
 
@@ -97,17 +99,12 @@ def overrides_help() -> str:
     return "\n".join(lines)
 
 
-def compose(args: argparse.Namespace):
-    from hydra import compose as hydra_compose
-    from hydra import initialize
-    from omegaconf import OmegaConf
-
+def flag_overrides(args: argparse.Namespace, methods: list[str]) -> list[str]:
+    """The overrides the shorthand flags stand for (method configs for ``methods`` included)."""
     overrides = []
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else ["autoregressive"]
     for m in methods:
         METHODS.get(m)  # unknown names fail here with the list of valid ones
         overrides.append(f"+method@method.{m}={m}")
-    overrides.append(f"methods=[{','.join(methods)}]")
     if args.task:
         TASKS.get(args.task)
         overrides.append(f"task={args.task}")
@@ -126,12 +123,26 @@ def compose(args: argparse.Namespace):
         overrides.append(f"task.limit={args.limit}")
     if args.max_new_tokens is not None:
         overrides.append(f"run.max_new_tokens={args.max_new_tokens}")
-    if args.out:
-        overrides.append(f"run.out={args.out}")
     if args.force:
         overrides.append("run.force=true")
     if args.drop_corrupt:
         overrides.append("run.drop_corrupt=true")
+    return overrides
+
+
+def method_list(text: str | None) -> list[str]:
+    return [m.strip() for m in text.split(",") if m.strip()] if text else ["autoregressive"]
+
+
+def compose(args: argparse.Namespace):
+    from hydra import compose as hydra_compose
+    from hydra import initialize
+    from omegaconf import OmegaConf
+
+    methods = method_list(args.methods)
+    overrides = flag_overrides(args, methods) + [f"methods=[{','.join(methods)}]"]
+    if args.out:
+        overrides.append(f"run.out={args.out}")
     overrides += args.overrides
     register_configs()
     with initialize(version_base=None, config_path=None):
@@ -155,44 +166,31 @@ def to_experiment(cfg, OmegaConf):
     )
 
 
-def expand_sweep(overrides: list[str]) -> list[list[str]]:
-    """Hydra sweep syntax (``key=a,b``) -> one override list per combination, in order."""
-    import itertools
-
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    axes = []
-    for o in OverridesParser.create().parse_overrides(overrides):
-        key = o.get_key_element()
-        values = list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.get_value_element_as_str()]
-        axes.append([f"{key}={v}" for v in values])
-    return [list(combo) for combo in itertools.product(*axes)]
-
-
-def job_dirname(job: list[str], swept: set[str]) -> str:
-    """A stable directory name from a job's swept values, so a re-run resumes job by job."""
-    import re
-
-    parts = [o for o in job if o.split("=", 1)[0] in swept] or ["job"]
-    return re.sub(r"[^A-Za-z0-9_.+-]+", "_", "+".join(p.replace("=", "-") for p in parts))[:120]
-
-
 def cmd_multirun(args: argparse.Namespace) -> int:
-    """Run every combination of the sweep, one run directory per job under --out."""
+    """A Hydra multirun: one job (and run directory under --out) per combination of the
+    swept overrides, run by the chosen launcher (see harness/sweep.py)."""
     from datetime import datetime
     from pathlib import Path
 
-    jobs = expand_sweep(args.overrides)
-    swept = {o.split("=", 1)[0] for o in args.overrides if "," in o.split("=", 1)[-1] and "[" not in o}
-    root = Path(args.out or f"results/runs/sweep-{datetime.now():%Y%m%d-%H%M%S}")
-    failed = 0
-    for number, job in enumerate(jobs):
-        out = root / job_dirname(job, swept)
-        print(f"[sweep] job {number + 1}/{len(jobs)}: {' '.join(job)} -> {out}", flush=True)
-        job_args = argparse.Namespace(**{**vars(args), "overrides": job, "out": str(out), "multirun": False})
-        failed += cmd_run_args(job_args) != 0
-    print(f"[sweep] {len(jobs) - failed} of {len(jobs)} jobs done under {root}; "
-          f"compare with: harness leaderboard {root}/* --by run_dir")  # fmt: skip
+    from harness import sweep
+
+    methods = method_list(args.methods)
+    swept_methods = [m for v in sweep.sweep_values(args.overrides, "methods") for m in v.strip("[]").split(",")]
+    configs = list(dict.fromkeys(methods + [m.strip() for m in swept_methods if m.strip()]))
+    base = flag_overrides(args, configs)
+    if not any(o.split("=", 1)[0] == "methods" for o in args.overrides):
+        base.append(f"methods=[{','.join(methods)}]")
+    root = Path(args.out or f"results/runs/sweep-{datetime.now():%Y%m%d-%H%M%S}").resolve()
+    user = list(args.overrides)
+    launcher = args.launcher or "basic"
+    for o in list(user):
+        if o.startswith("hydra/launcher="):
+            launcher = o.split("=", 1)[1]
+            user.remove(o)
+    plan = sweep.plan(base, user, root, launcher)
+    done, failed = sweep.launch(plan)
+    print(f"[sweep] {done} of {done + failed} jobs done under {root}; "
+          f"compare with: harness leaderboard {root}/*/ --by run_dir")  # fmt: skip
     return 0 if failed == 0 else 2
 
 
@@ -211,13 +209,9 @@ def cmd_run(argv: list[str]) -> int:
 
 def cmd_run_args(args: argparse.Namespace) -> int:
     try:
-        import transformers
-
         from harness import runner
 
-        transformers.utils.logging.set_verbosity_error()
-        transformers.utils.logging.disable_progress_bar()
-
+        quiet_transformers()
         cfg, OmegaConf = compose(args)
         exp = to_experiment(cfg, OmegaConf)
         result = runner.run(exp)
@@ -231,13 +225,21 @@ def cmd_run_args(args: argparse.Namespace) -> int:
     return 0
 
 
+def quiet_transformers() -> None:
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
 def one_line(exc: BaseException) -> str:
     from harness.engine import ModelLoadError
     from harness.results import RunDirError
     from harness.runner import HarnessError
+    from harness.sweep import SweepError
     from tasks.base import TaskDataError
 
-    known = (HarnessError, ModelLoadError, RunDirError, TaskDataError, UnknownName)
+    known = (HarnessError, ModelLoadError, RunDirError, TaskDataError, UnknownName, SweepError)
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     if isinstance(exc, known):
         return text

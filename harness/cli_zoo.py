@@ -31,8 +31,9 @@ class ZooCommand:
     data: ZooDataConfig = field(default_factory=ZooDataConfig)  # corpus / tokenizer / token data
     draft: ModelConfig = field(default_factory=lambda: DRAFT)  # draft architecture
     target: ModelConfig = field(default_factory=lambda: TARGET)  # target architecture
-    draft_train: LMTrainConfig = field(default_factory=lambda: LMTrainConfig(max_minutes=40.0, lr=3e-3))  # draft budget
-    target_train: LMTrainConfig = field(default_factory=lambda: LMTrainConfig(max_minutes=120.0))  # target budget
+    # ~20 training tokens per parameter (8,192 tokens per step): 0.95M x 20 and 3.44M x 20
+    draft_train: LMTrainConfig = field(default_factory=lambda: LMTrainConfig(max_steps=2400, lr=3e-3))  # draft plan
+    target_train: LMTrainConfig = field(default_factory=lambda: LMTrainConfig(max_steps=8400))  # target plan
     export: ExportConfig = field(default_factory=ExportConfig)  # export / evaluation settings
     train_root: str = ""  # checkpoint root ("" = <cache>/train; models in <train_root>/<name>)
     clean: bool = False  # build only: delete cached data and these checkpoints first

@@ -10,6 +10,7 @@ flight and a re-run with the same directory resumes.
 
 from __future__ import annotations
 
+import os
 import platform
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
@@ -83,6 +84,9 @@ def make_manifest(exp: Experiment, engine: Engine) -> dict:
         "environment": {
             "device": str(engine.device),
             "device_name": torch.cuda.get_device_name(engine.device) if engine.device.type == "cuda" else cpu_name(),
+            "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+            "host": platform.node(),
+            "pid": os.getpid(),
             "cpu": cpu_name(),
             "threads": threads,
             "python": platform.python_version(),

@@ -5,10 +5,13 @@
 #               (default torch==2.13.0: the CPU wheel; GPU users: TORCH_SPEC=torch
 #               takes PyPI's CUDA build, or install your own build into .venv first)
 #   PYTHON      interpreter for the venv (default python3, >= 3.10)
+#   EXTRAS      the project's extras to install (default dev,plots; `make test` adds
+#               cluster: the joblib, Ray and submitit launchers its tests run)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
+EXTRAS=${EXTRAS:-dev,plots}
 if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
   .venv/bin/python -m pip install -q --upgrade pip
@@ -16,5 +19,9 @@ fi
 if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   .venv/bin/python -m pip install -q "$TORCH_SPEC"
 fi
-.venv/bin/python -m pip install -q -e '.[dev,plots]' 2>&1 | grep -v "^WARNING: Location" || true
+if ! log=$(.venv/bin/python -m pip install -q -e ".[$EXTRAS]" 2>&1); then
+  echo "$log" >&2
+  exit 1
+fi
+echo "$log" | grep -v "^WARNING: Location" || true
 .venv/bin/python -c "import torch, transformers, harness; print('ready: torch', torch.__version__, '| transformers', transformers.__version__, '| cuda', torch.cuda.is_available())"

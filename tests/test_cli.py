@@ -167,7 +167,7 @@ def test_multirun_sweep_one_directory_per_job_and_resumes(model_dir, prompts, tm
             "--max-new-tokens", "6", "--methods", "autoregressive,hf-generate", "--out", str(out),
             "run.progress=false", "run.seed=0,1", "run.warmup=0,1"]  # fmt: skip
     assert main(args) == 0
-    jobs = sorted(p.name for p in out.iterdir())
+    jobs = sorted(p.name for p in out.iterdir() if p.is_dir())
     assert jobs == ["run.seed-0+run.warmup-0", "run.seed-0+run.warmup-1", "run.seed-1+run.warmup-0",
                     "run.seed-1+run.warmup-1"]  # fmt: skip
     assert all(len(read_records(out / j)) == 4 for j in jobs)

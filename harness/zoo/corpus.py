@@ -37,7 +37,7 @@ class CorpusConfig:
     """What goes into the corpus (plain dataclass; the CLI composes it with Hydra)."""
 
     languages: list[str] = field(default_factory=lambda: list(LANGUAGES))  # languages to collect
-    max_bytes_per_lang: int = 5_000_000  # byte cap per language, to balance the mix
+    max_bytes_per_lang: int = 12_000_000  # byte cap per language, to balance the mix
     max_file_bytes: int = 200_000  # skip larger files (generated tables, bundles)
     min_file_bytes: int = 200  # skip tiny files (stubs, empty __init__.py)
     heldout_fraction: float = 0.03  # share of each language's bytes held out (whole files, by hash order)
