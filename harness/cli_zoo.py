@@ -2,7 +2,9 @@
 
 - ``prepare``: corpus -> tokenizer -> token data (in the cache; skipped if present).
 - ``build``: everything from scratch: prepare, train draft, train target (each resumable,
-  one after the other, with their time budgets), export with quality figures and cards.
+  one after the other, with their plans), export them with quality figures and cards, then
+  train and export the target's Medusa heads and its SPACE fine-tune. ``stages=[...]``
+  runs a subset (a finished stage is skipped on a re-run: its checkpoint says so);
   ``clean=true`` first deletes the cached data and checkpoints.
 - ``export``: export the latest checkpoints (fp16 safetensors + tokenizer + manifest) to
   ``zoo/``, evaluate them (``export.evaluate=false`` to skip) and write the cards.
@@ -19,7 +21,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from harness.train.lm import DRAFT, TARGET, LMTrainConfig, ModelConfig
+from harness.train.medusa import MedusaTrainConfig
+from harness.train.space import SpaceTrainConfig
 from harness.zoo.build import ExportConfig, ZooDataConfig
+
+STAGES = ("draft", "target", "export", "medusa", "space")
 
 USAGE = "usage: harness zoo {prepare|build|export|eval} [key=value ...]   (--cfg shows all keys)"
 
@@ -35,6 +41,9 @@ class ZooCommand:
     draft_train: LMTrainConfig = field(default_factory=lambda: LMTrainConfig(max_steps=2400, lr=3e-3))  # draft plan
     target_train: LMTrainConfig = field(default_factory=lambda: LMTrainConfig(max_steps=8400))  # target plan
     export: ExportConfig = field(default_factory=ExportConfig)  # export / evaluation settings
+    medusa: MedusaTrainConfig = field(default_factory=MedusaTrainConfig)  # heads on the exported target
+    space: SpaceTrainConfig = field(default_factory=SpaceTrainConfig)  # SAR fine-tune of the exported target
+    stages: list[str] = field(default_factory=lambda: list(STAGES))  # build only: which stages run, in this order
     train_root: str = ""  # checkpoint root ("" = <cache>/train; models in <train_root>/<name>)
     clean: bool = False  # build only: delete cached data and these checkpoints first
 
@@ -62,24 +71,72 @@ def _prepare(cmd: ZooCommand) -> int:
 
 def _build(cmd: ZooCommand) -> int:
     from harness.train.lm import make_job, run_lm_training  # noqa: PLC0415
-    from harness.zoo.build import data_paths, export_zoo, prepare_data  # noqa: PLC0415
+    from harness.train.medusa import run_medusa_training  # noqa: PLC0415
+    from harness.train.space import export as export_space  # noqa: PLC0415
+    from harness.train.space import run_space_training  # noqa: PLC0415
+    from harness.zoo.build import data_paths, export_zoo, prepare_data, zoo_dir_of  # noqa: PLC0415
 
+    unknown = [s for s in cmd.stages if s not in STAGES]
+    if unknown:
+        raise ValueError(f"unknown zoo stage(s) {', '.join(unknown)}: choose from {', '.join(STAGES)}")
     paths = data_paths(cmd.data)
     root = Path(cmd.train_root).expanduser() if cmd.train_root else paths.root / "train"
     if cmd.clean:
-        for d in (paths.corpus, paths.tokenizer, paths.tokens, root / cmd.draft.name, root / cmd.target.name):
+        for d in (paths.corpus, paths.tokenizer, paths.tokens, root / cmd.draft.name, root / cmd.target.name,
+                  root / "medusa", root / "space"):  # fmt: skip
             if d.exists():
                 shutil.rmtree(d)
                 print(f"[zoo] removed {d}")
     prepare_data(cmd.data)
     for model, train_cfg in ((cmd.draft, cmd.draft_train), (cmd.target, cmd.target_train)):
-        job = make_job(model, train_cfg, paths, str(root / model.name))
-        _res, summary = run_lm_training(job)
-        print(f"[zoo] trained {model.name}: {summary}")
-    cmd.export.models = [cmd.draft.name, cmd.target.name]
-    cmd.export.draft_name, cmd.export.target_name = cmd.draft.name, cmd.target.name
-    export_zoo(cmd.export, cmd.data, str(root))
+        if model.name in cmd.stages:
+            job = make_job(model, train_cfg, paths, str(root / model.name))
+            _res, summary = run_lm_training(job)
+            print(f"[zoo] trained {model.name}: {summary}")
+            if not _res.finished:
+                print(f"[zoo] {model.name} stopped before its plan ended: rerun to continue")
+                return 1
+    if "export" in cmd.stages:
+        cmd.export.models = [cmd.draft.name, cmd.target.name]
+        cmd.export.draft_name, cmd.export.target_name = cmd.draft.name, cmd.target.name
+        export_zoo(cmd.export, cmd.data, str(root))
+    zoo = zoo_dir_of(cmd.export)
+    for job, export_name in ((cmd.medusa, "target-medusa"), (cmd.space, "target-space")):
+        job.data_dir = job.data_dir or str(paths.tokens)
+        if cmd.export.zoo_dir:  # a zoo elsewhere (tests, experiments): train on and write into it
+            job.base, job.export_dir = str(zoo / cmd.target.name), str(zoo / export_name)
+    if "medusa" in cmd.stages:
+        cmd.medusa.out_dir = cmd.medusa.out_dir or str(root / "medusa")
+        _restart_if_base_changed(Path(cmd.medusa.out_dir), cmd.medusa.base)
+        _res, summary = run_medusa_training(cmd.medusa)  # exports to medusa.export_dir at the end
+        print(f"[zoo] trained medusa heads: {summary}")
+    if "space" in cmd.stages:
+        cmd.space.out_dir = cmd.space.out_dir or str(root / "space")
+        _restart_if_base_changed(Path(cmd.space.out_dir), cmd.space.base)
+        res, summary = run_space_training(cmd.space)
+        print(f"[zoo] trained space: {summary}")
+        if res.finished:
+            print(f"[zoo] exported {export_space(cmd.space)}")
     return 0
+
+
+def _restart_if_base_changed(out_dir: Path, base: str) -> None:
+    """Heads and fine-tunes belong to one base: when the base's weights changed since the
+    checkpoint in ``out_dir`` was started, that checkpoint is deleted and training restarts."""
+    import hashlib
+
+    from harness.paths import resolve_repo_path  # noqa: PLC0415
+
+    weights = resolve_repo_path(base) / "model.safetensors"
+    if not weights.exists():
+        return  # a hub id or another layout: the trainer reports what it cannot load
+    digest = hashlib.sha256(weights.read_bytes()).hexdigest()
+    stamp = out_dir / "base.sha256"
+    if out_dir.exists() and (not stamp.exists() or stamp.read_text().strip() != digest):
+        shutil.rmtree(out_dir)
+        print(f"[zoo] {base} changed since {out_dir} was trained: starting it again")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stamp.write_text(digest + "\n")
 
 
 def _export(cmd: ZooCommand) -> int:

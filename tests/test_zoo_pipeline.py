@@ -255,6 +255,9 @@ def test_cli_zoo_build_micro(tmp_path):
         "draft_train.max_steps=3", "draft_train.batch_size=2", "draft_train.seq_len=32", "draft_train.progress=false",
         "target_train.max_steps=4", "target_train.batch_size=2", "target_train.seq_len=32", "target_train.progress=false",
         f"export.zoo_dir={tmp_path / 'zoo'}", "export.humaneval_limit=2", "export.max_new_tokens=4",
+        "medusa.max_steps=2", "medusa.batch_size=2", "medusa.seq_len=32", "medusa.eval_tokens=200", "medusa.progress=false",
+        "space.max_steps=2", "space.batch_size=2", "space.seq_len=32", "space.k=2", "space.mask_groups=2",
+        "space.eval_tokens_per_lang=200", "space.humaneval_limit=2", "space.max_new_tokens=4", "space.progress=false",
     ]
     assert cli_zoo.main(args) == 0
     for name in ("draft", "target"):
@@ -265,7 +268,19 @@ def test_cli_zoo_build_micro(tmp_path):
     assert "draft" in (tmp_path / "zoo" / "README.md").read_text()
     man = json.loads((tmp_path / "zoo" / "target" / "corpus_manifest.json").read_text())
     assert set(man["decontamination"]["per_language"]) == {"python", "go"}
-    # more steps on the same cache: training resumes rather than restarting
-    assert cli_zoo.main([a.replace("target_train.max_steps=4", "target_train.max_steps=6") for a in args]) == 0
+    # the Medusa heads and the SPACE fine-tune of that target, exported beside it
+    assert (tmp_path / "zoo" / "target-medusa" / "config.json").exists()
+    space_cfg = json.loads((tmp_path / "zoo" / "target-space" / "config.json").read_text())
+    assert space_cfg["vocab_size"] == json.loads((tmp_path / "zoo" / "target" / "config.json").read_text())["vocab_size"]
+    # more steps on the same cache: training resumes rather than restarting; the heads and
+    # the fine-tune of the changed target are trained again from the start
+    rerun = [a.replace("target_train.max_steps=4", "target_train.max_steps=6") for a in args]
+    stamp = tmp_path / "cache" / "train" / "medusa" / "base.sha256"
+    before = stamp.read_text()
+    assert cli_zoo.main(rerun) == 0
     info = json.loads((tmp_path / "zoo" / "target" / "training.json").read_text())
     assert info["step"] == 6 and info["training_tokens"] == 6 * 2 * 32
+    assert stamp.read_text() != before  # restarted for the new target ...
+    state = json.loads((tmp_path / "cache" / "train" / "medusa" / "train_state.json").read_text())
+    assert state["step"] == 2 and state["reason"] == "end"  # ... and trained to its plan again
+    assert cli_zoo.main(rerun + ["stages=[bogus]"]) == 1
