@@ -336,6 +336,28 @@ def cmd_check(argv: list[str]) -> int:
     return guarded(args.debug, go)
 
 
+def cmd_profile(argv: list[str]) -> int:
+    """harness profile --methods NAME [run flags and overrides]: where the method's time goes."""
+    parser = run_parser()
+    parser.prog = "harness profile"
+    parser.description = "Profile one method (cProfile over its functions; nothing is written)."
+    parser.add_argument("--top", type=int, default=15, help="functions to show (default 15)")
+    args = parser.parse_intermixed_args(argv)
+
+    def go() -> int:
+        from harness.profile import profile
+
+        methods = method_list(args.methods)
+        if len(methods) != 1:
+            raise UnknownName(f"profile one method at a time, got {len(methods)}: --methods NAME")
+        quiet_transformers()
+        cfg, OmegaConf = compose(args)
+        print(profile(to_experiment(cfg, OmegaConf), methods[0], top=args.top).table())
+        return 0
+
+    return guarded(args.debug, go)
+
+
 def cmd_list() -> int:
     for title, reg in (("methods", METHODS), ("tasks", TASKS), ("models", MODELS)):
         print(f"{title}: {', '.join(reg.names())}")
@@ -344,7 +366,7 @@ def cmd_list() -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    commands = "run, list, leaderboard, baseline, check, train, zoo"
+    commands = "run, list, leaderboard, baseline, check, profile, train, zoo"
     if not argv or argv[0] in ("-h", "--help"):
         print(f"usage: harness {{{commands}}} ...  (harness run --help for the benchmark options)")
         return 0 if argv else 2
@@ -353,6 +375,8 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_run(rest)
     if command == "list":
         return cmd_list()
+    if command == "profile":
+        return cmd_profile(rest)
     if command == "leaderboard":
         return cmd_leaderboard(rest)
     if command == "baseline":

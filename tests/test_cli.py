@@ -176,3 +176,18 @@ def test_multirun_sweep_one_directory_per_job_and_resumes(model_dir, prompts, tm
     assert capsys.readouterr().out.count("4 of 4 (method, sample, turn) records already done") == 4
     assert main(["leaderboard", *[str(out / j) for j in jobs], "--by", "run_dir", "--format", "csv"]) == 0
     assert capsys.readouterr().out.count("hf-generate") == 4
+
+
+def test_profile_reports_phases_and_forward_counts(model_dir, prompts, capsys):
+    args = ["profile", "--model", str(model_dir), "--task", "jsonl", f"task.path={prompts}", "--limit", "2",
+            "--max-new-tokens", "5", "--methods", "autoregressive"]  # fmt: skip
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    import re
+
+    # autoregressive: one target forward per token (the prefill gives the first), whatever the timings
+    tokens, forwards = re.search(r"2 samples, (\d+) tokens.*; (\d+) target forwards", out).groups()
+    assert tokens == forwards and 2 <= int(tokens) <= 10
+    assert "harness/engine.py" in out and "methods/autoregressive.py" in out
+    assert main(["profile", "--model", str(model_dir), "--methods", "autoregressive,hf-generate"]) == 2
+    assert "one method at a time" in capsys.readouterr().err
