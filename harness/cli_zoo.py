@@ -74,7 +74,7 @@ def _build(cmd: ZooCommand) -> int:
     from harness.train.medusa import run_medusa_training  # noqa: PLC0415
     from harness.train.space import export as export_space  # noqa: PLC0415
     from harness.train.space import run_space_training  # noqa: PLC0415
-    from harness.zoo.build import data_paths, export_zoo, prepare_data, zoo_dir_of  # noqa: PLC0415
+    from harness.zoo.build import data_paths, export_zoo, prepare_data, write_zoo_index, zoo_dir_of  # noqa: PLC0415
 
     unknown = [s for s in cmd.stages if s not in STAGES]
     if unknown:
@@ -117,6 +117,8 @@ def _build(cmd: ZooCommand) -> int:
         print(f"[zoo] trained space: {summary}")
         if res.finished:
             print(f"[zoo] exported {export_space(cmd.space)}")
+    if zoo.exists():
+        write_zoo_index(zoo)
     return 0
 
 

@@ -431,16 +431,26 @@ def write_zoo_index(zoo_dir: Path) -> None:
     rows = []
     for d in sorted(p for p in zoo_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
         size = sum(f.stat().st_size for f in d.rglob("*") if f.is_file())
-        desc = ""
-        if (d / "training.json").exists():
-            info = read_json(d / "training.json")
-            q = read_json(d / "quality.json") if (d / "quality.json").exists() else {}
+        info = read_json(d / "training.json") if (d / "training.json").exists() else None
+        q = read_json(d / "quality.json") if (d / "quality.json").exists() else {}
+        if info and "heads" in info:  # Medusa heads
+            h = info["heads"]
+            desc = (f"Medusa heads ({h['num_heads']} heads, {h['num_layers']} ResBlock each) for `{info['base_model']}`, "
+                    f"{_fmt_int(info.get('parameters'))} params, {_fmt_int(info['training_tokens'])} training tokens, "
+                    f"{info['wall_time_min']} min")
+        elif info and "k" in info:  # SPACE fine-tune
+            ppl = q.get("space", {}).get("heldout", {}).get("ppl", "n/a")
+            desc = (f"SPACE fine-tune (k = {info['k']}, mask id {info['mask_token_id']}) of {info['base_model']}, "
+                    f"{_fmt_int(info['training_tokens'])} training tokens, {info['wall_time_min']} min; held-out ppl {ppl}")
+        elif info:
             ppl = q.get("heldout", {}).get("ppl", "n/a")
             desc = (f"Llama, {_fmt_int(info.get('parameters'))} params, {_fmt_int(info['training_tokens'])} training tokens, "
                     f"{info['wall_time_min']} min; held-out ppl {ppl}")
         elif (d / "README.md").exists():
             first = (d / "README.md").read_text(encoding="utf-8").splitlines()
-            desc = next((line for line in first[1:] if line.strip()), "")[:120]
+            desc = next((line for line in first[1:] if line.strip()), "").replace("**", "")[:120]
+        else:
+            desc = ""
         rows.append(f"| [`{d.name}`]({d.name}/README.md) | {desc} | {size / 1e6:.1f} MB |")
     total = sum(f.stat().st_size for f in zoo_dir.rglob("*") if f.is_file())
     text = "\n".join([
@@ -458,11 +468,12 @@ def write_zoo_index(zoo_dir: Path) -> None:
         "",
         "## Rebuild",
         "",
-        "- `harness zoo build` reproduces draft and target from scratch (corpus from the machine's own "
-        "source code -> tokenizer -> training -> export -> quality -> cards); `clean=true` drops cached "
-        "data and checkpoints first. Intermediate files and checkpoints live in `$HARNESS_CACHE` "
-        "(default `~/.cache/harness`).",
-        "- `harness train lm model=target train.max_minutes=115 train.threads=1` trains (or resumes) one "
+        "- `harness zoo build` reproduces the whole zoo from scratch: corpus from the machine's own "
+        "source code -> tokenizer -> draft and target training -> export -> quality -> cards, then the "
+        "target's Medusa heads and SPACE fine-tune; `stages=[...]` runs some of them, `clean=true` drops "
+        "cached data and checkpoints first. Every stage resumes from its last checkpoint when re-run. "
+        "Intermediate files and checkpoints live in `$HARNESS_CACHE` (default `~/.cache/harness`).",
+        "- `harness train lm model=target train.max_steps=8400 train.threads=2` trains (or resumes) one "
         "model; re-running the same command continues from its last checkpoint.",
         "- `harness zoo export` ships the latest checkpoints here (fp16) with quality figures and cards; "
         "`harness zoo eval` re-evaluates what is shipped.",
