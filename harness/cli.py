@@ -166,6 +166,32 @@ def to_experiment(cfg, OmegaConf):
     )
 
 
+def model_paths_as_presets(override: str) -> str:
+    """``model=zoo-target,Qwen/Qwen2.5-0.5B,/models/x``: a hub id or local path in a model
+    sweep becomes a preset of its own (registered here, named after it), so presets and any
+    causal LM can be swept together."""
+    import re
+
+    from hydra.core.config_store import ConfigStore
+
+    key, _, value = override.partition("=")
+    if key.lstrip("+") != "model" or "," not in value:
+        return override
+    names = []
+    for v in value.split(","):
+        v = v.strip()
+        if v in MODELS.names():
+            names.append(v)
+            continue
+        if "/" not in v and not resolve_repo_path(v).exists():
+            raise UnknownName(f"unknown model '{v}' in the sweep: not a preset ({', '.join(MODELS.names())}) "
+                              "nor a local directory; give a hub id as owner/name or a path")
+        name = re.sub(r"[^A-Za-z0-9_.-]+", "--", v).strip("-")
+        ConfigStore.instance().store(group="model", name=name, node=ModelConfig(name=v, path=v))
+        names.append(name)
+    return f"{key}={','.join(names)}"
+
+
 def cmd_multirun(args: argparse.Namespace) -> int:
     """A Hydra multirun: one job (and run directory under --out) per combination of the
     swept overrides, run by the chosen launcher (see harness/sweep.py)."""
@@ -181,7 +207,7 @@ def cmd_multirun(args: argparse.Namespace) -> int:
     if not any(o.split("=", 1)[0] == "methods" for o in args.overrides):
         base.append(f"methods=[{','.join(methods)}]")
     root = Path(args.out or f"results/runs/sweep-{datetime.now():%Y%m%d-%H%M%S}").resolve()
-    user = list(args.overrides)
+    user = [model_paths_as_presets(o) for o in args.overrides]
     launcher = args.launcher or "basic"
     for o in list(user):
         if o.startswith("hydra/launcher="):

@@ -134,3 +134,15 @@ def test_each_parallel_job_holds_its_own_gpu(tmp_path):
         assert again == "cuda:0"
     with claim_device("cpu", count=2, locks=tmp_path) as cpu, claim_device("auto", count=1, locks=tmp_path) as one:
         assert (cpu, one) == ("cpu", "auto")
+
+
+def test_model_sweep_mixes_presets_and_paths(model_dir, prompts, tmp_path, capsys):
+    out = tmp_path / "sweep"
+    args = ["run", "-m", "--task", "jsonl", f"task.path={prompts}", "--max-new-tokens", "4", "--out", str(out),
+            "run.progress=false", "--methods", "hf-generate", f"model=random-tiny,{model_dir}"]  # fmt: skip
+    assert main(args) == 0
+    assert "2 of 2 jobs done" in capsys.readouterr().out
+    paths = sorted(json.loads((j / "manifest.json").read_text())["model"]["path"] for j in job_dirs(out))
+    assert paths == sorted([str(model_dir), "zoo/random-tiny"])
+    assert main(args[:-1] + ["model=random-tiny,no-such-model"]) == 2
+    assert "unknown model 'no-such-model' in the sweep" in capsys.readouterr().err

@@ -250,8 +250,9 @@ def evaluate_zoo(zoo_dir: Path, cfg: ExportConfig, paths: DataPaths, log=print) 
             "evaluated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
         if cfg.healed_prompts:
-            # Byte-level BPE merges "\n" with the following indentation, so a prompt ending in a
-            # bare "\n" token is rare in training and pushes the model to an unindented line.
+            # Token-boundary check: with GPT-2's byte-level regex "\n" merges with the next line's
+            # indentation, so a prompt ending in a bare "\n" pushes the model to an unindented
+            # line; the zoo's tokenizer isolates line breaks, so both figures should be close.
             healed = [p[:-1] if p.endswith("\n") else p for p in prompts]
             t0 = time.time()
             hcomps = Q.greedy_completions(model, tok, healed, cfg.max_new_tokens)
