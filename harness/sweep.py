@@ -123,8 +123,11 @@ def launch(sweep: SweepPlan, extra_hydra: list[str] = ()) -> tuple[int, int]:
 
     register_configs()
     app = hydra.main(version_base=None, config_path=None, config_name=ROOT)(run_job)
+    import time
+
+    started = time.time()
     argv = sys.argv
-    sys.argv = ["harness-run", "-m", *sweep.overrides, *extra_hydra]
+    sys.argv = ["harness-run", "-m", *sweep.overrides, *extra_hydra]  # hydra.main reads its command line
     try:
         app()
     except SystemExit as exc:  # Hydra exits on a bad override; our jobs never raise
@@ -132,7 +135,9 @@ def launch(sweep: SweepPlan, extra_hydra: list[str] = ()) -> tuple[int, int]:
             raise SweepError("the sweep could not start: see Hydra's message above") from None
     finally:
         sys.argv = argv
-    jobs = [p for p in sweep.root.iterdir() if (p / ".hydra").is_dir()] if sweep.root.exists() else []
+    # this launch's jobs: Hydra rewrites each job's .hydra/overrides.yaml when it starts it
+    candidates = [p / ".hydra" / "overrides.yaml" for p in sweep.root.iterdir()] if sweep.root.exists() else []
+    jobs = [f.parent.parent for f in candidates if f.exists() and f.stat().st_mtime >= started - 1]
     failed = sum((p / ERROR_FILE).exists() for p in jobs)
     return len(jobs) - failed, failed
 
