@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -96,7 +97,7 @@ def plan(base: list[str], user: list[str], root: Path, launcher: str) -> SweepPl
     job_overrides = base + user
     swept = set(swept_keys(job_overrides))
     if not swept:
-        raise ValueError("-m needs at least one swept key, e.g. method.speculative.gamma=1,2 or model=a,b")
+        raise SweepError("-m needs at least one swept key, e.g. method.speculative.gamma=1,2 or model=a,b")
     fixed = sorted(set(override_keys(job_overrides)) - set(override_keys(job_overrides, swept)))
     hydra_overrides = [
         f"hydra.sweep.dir={root}",
@@ -115,7 +116,7 @@ def _quote(key: str) -> str:
     return f"'{key}'" if any(c in key for c in "@/") else key
 
 
-def launch(sweep: SweepPlan, extra_hydra: list[str] = ()) -> tuple[int, int]:
+def launch(sweep: SweepPlan) -> tuple[int, int]:
     """Run the sweep through ``hydra.main``; returns (jobs done, jobs failed)."""
     import hydra
 
@@ -123,11 +124,9 @@ def launch(sweep: SweepPlan, extra_hydra: list[str] = ()) -> tuple[int, int]:
 
     register_configs()
     app = hydra.main(version_base=None, config_path=None, config_name=ROOT)(run_job)
-    import time
-
     started = time.time()
     argv = sys.argv
-    sys.argv = ["harness-run", "-m", *sweep.overrides, *extra_hydra]  # hydra.main reads its command line
+    sys.argv = ["harness-run", "-m", *sweep.overrides]  # hydra.main reads its command line
     try:
         app()
     except SystemExit as exc:  # Hydra exits on a bad override; our jobs never raise
