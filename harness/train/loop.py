@@ -69,6 +69,7 @@ class TrainLoopConfig:
     checkpoint_minutes: float = 5.0  # write a checkpoint this often (and at the end)
     seed: int = 0  # seeds python, numpy and torch at the first start
     threads: int = 0  # torch.set_num_threads (0 = leave as is)
+    compile: bool = False  # torch.compile the module for the training steps (~1.3x on CPU; checkpoints stay plain)
     progress: bool = True  # show a tqdm progress bar
 
 
@@ -280,6 +281,7 @@ def train(
                    mininterval=0.5 if interactive else 30.0, file=sys.stderr)
 
     module.train()
+    step_module = torch.compile(module) if cfg.compile else module  # shares the parameters
     try:
         while True:
             if mode == "steps" and planned > 0 and step >= planned:
@@ -299,7 +301,7 @@ def train(
             for g in opt.param_groups:
                 g["lr"] = cfg.lr * mult
             batch = next(batches)
-            loss, n_tok = loss_fn(module, batch)
+            loss, n_tok = loss_fn(step_module, batch)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip > 0:
