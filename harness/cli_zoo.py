@@ -38,8 +38,8 @@ class ZooCommand:
     draft: ModelConfig = field(default_factory=lambda: DRAFT)  # draft architecture
     target: ModelConfig = field(default_factory=lambda: TARGET)  # target architecture
     # ~20 training tokens per parameter (8,192 tokens per step): 0.95M x 20 and 3.44M x 20
-    draft_train: LMTrainConfig = field(default_factory=lambda: LMTrainConfig(max_steps=2400, lr=3e-3))  # draft plan
-    target_train: LMTrainConfig = field(default_factory=lambda: LMTrainConfig(max_steps=8400))  # target plan
+    draft_train: LMTrainConfig = field(default_factory=lambda: LMTrainConfig(max_steps=2400, lr=3e-3, compile=True))  # draft plan
+    target_train: LMTrainConfig = field(default_factory=lambda: LMTrainConfig(max_steps=8400, compile=True))  # target plan
     export: ExportConfig = field(default_factory=ExportConfig)  # export / evaluation settings
     medusa: MedusaTrainConfig = field(default_factory=MedusaTrainConfig)  # heads on the exported target
     space: SpaceTrainConfig = field(default_factory=SpaceTrainConfig)  # SAR fine-tune of the exported target
