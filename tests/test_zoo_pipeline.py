@@ -267,6 +267,7 @@ def test_cli_zoo_build_micro(tmp_path):
         "target.hidden_size=32", "target.num_attention_heads=2", "target.num_hidden_layers=1", "target.intermediate_size=64",
         "draft_train.max_steps=3", "draft_train.batch_size=2", "draft_train.seq_len=32", "draft_train.progress=false",
         "target_train.max_steps=4", "target_train.batch_size=2", "target_train.seq_len=32", "target_train.progress=false",
+        "draft_train.compile=false", "target_train.compile=false",  # compiled training has its own test
         f"export.zoo_dir={tmp_path / 'zoo'}", "export.humaneval_limit=2", "export.max_new_tokens=4",
         "medusa.max_steps=2", "medusa.batch_size=2", "medusa.seq_len=32", "medusa.eval_tokens=200", "medusa.progress=false",
         "space.max_steps=2", "space.batch_size=2", "space.seq_len=32", "space.k=2", "space.mask_groups=2",
