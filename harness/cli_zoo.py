@@ -42,7 +42,8 @@ class ZooCommand:
     target_train: LMTrainConfig = field(default_factory=lambda: LMTrainConfig(max_steps=8400, compile=True))  # target plan
     export: ExportConfig = field(default_factory=ExportConfig)  # export / evaluation settings
     medusa: MedusaTrainConfig = field(default_factory=MedusaTrainConfig)  # heads on the exported target
-    space: SpaceTrainConfig = field(default_factory=SpaceTrainConfig)  # SAR fine-tune of the exported target
+    # SAR fine-tune of the exported target; every block's masks carry a loss (the AR loss is always there)
+    space: SpaceTrainConfig = field(default_factory=lambda: SpaceTrainConfig(mask_prob=1.0))
     stages: list[str] = field(default_factory=lambda: list(STAGES))  # build only: which stages run, in this order
     train_root: str = ""  # checkpoint root ("" = <cache>/train; models in <train_root>/<name>)
     clean: bool = False  # build only: delete cached data and these checkpoints first
