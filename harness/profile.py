@@ -55,8 +55,8 @@ def profile(exp, method_name: str, top: int = 15) -> ProfileReport:
     import torch
 
     from harness.engine import Engine
-    from harness.registry import METHODS, TASKS
-    from harness.runner import encode
+    from harness.registry import TASKS
+    from harness.runner import build_methods, encode
     from methods.base import StopRule
     from tasks.base import render_prompt
 
@@ -65,8 +65,7 @@ def profile(exp, method_name: str, top: int = 15) -> ProfileReport:
         torch.set_num_threads(settings.threads)
     samples = TASKS.get(exp.task.name)(exp.task).samples()
     engine = Engine.load(exp.model)
-    method = METHODS.get(method_name)(exp.methods.get(method_name) or METHODS.get(method_name).config_class(),
-                                      engine, exp.sampling)
+    method = build_methods(exp, engine)[method_name]
     prompts = [encode(engine, render_prompt(s, 0, [], engine.tokenizer)) for s in samples]
     stop = StopRule(settings.max_new_tokens, frozenset(engine.eos_ids))
     method.generate(prompts[0], StopRule(settings.warmup_tokens, stop.eos_ids), seed=settings.seed)  # warm-up
