@@ -22,14 +22,15 @@ from harness.report import REFERENCE, Runs, header, metrics
 
 SHOWN = [
     "method", "task", "samples", "exact_match", "ties", "mismatches", "mean_accepted_tokens", "tokens_per_s",
-    "speedup", "speedup_ci", "efficiency", "latency_p50_s", "latency_p90_s", "prefill_ms", "peak_memory_mb",
+    "speedup", "speedup_ci", "efficiency", "step_cost", "latency_p50_s", "latency_p90_s", "prefill_ms", "peak_memory_mb",
 ]  # fmt: skip
 NOTE = (
     "speedup: tokens/s over `autoregressive`, paired per sample within each run, with a bootstrap 95% interval; "
     "mean_accepted_tokens: new tokens per target forward; exact_match: share of outputs equal to greedy "
     "`autoregressive` of the same model token for token (ties = first difference at a near-zero logit margin); "
     "efficiency: speedup / (accepted tokens per step x t(1-token forward) / t(step forwards)), i.e. how much of "
-    "what the acceptance allows on this machine the implementation delivers."
+    "what the acceptance allows on this machine the implementation delivers; step_cost: t(step forwards) / "
+    "t(1-token forward), what one decoding step's forwards (tree, chunk, draft + verify) cost against one plain step."
 )
 
 

@@ -189,6 +189,7 @@ def metrics(runs: Runs, by: Optional[str] = None) -> pd.DataFrame:
                 "speedup_low": low,
                 "speedup_high": high,
                 "efficiency": speedup / bound if bound == bound and bound else float("nan"),
+                "step_cost": step_time / t1 if t1 == t1 and t1 else float("nan"),
                 "latency_p50_s": float(g.wall_time_s.quantile(0.5)),
                 "latency_p90_s": float(g.wall_time_s.quantile(0.9)),
                 "prefill_ms": float(g.prefill_time_s.mean() * 1000) if g.prefill_time_s.notna().any() else float("nan"),

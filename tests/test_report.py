@@ -53,6 +53,26 @@ def test_metrics_columns_and_reference_row(run_dir):
     assert hf.speedup_low <= hf.speedup <= hf.speedup_high
 
 
+def test_step_cost_and_efficiency_by_hand(run_dir, tmp_path):
+    """1-token steps of 10 ms for the reference; the other method: 3 steps of 25 ms each."""
+
+    def plain(r):
+        r.update(prefill_time_s=0.005, forward_time_s=0.005 + (r["target_forwards"] - 1) * 0.010)
+
+    def three_steps(r):
+        r.update(prefill_time_s=0.005, target_forwards=4, forward_time_s=0.005 + 3 * 0.025)
+
+    edited = edit_records(run_dir, tmp_path / "ar", "autoregressive", plain)
+    edited = edit_records(edited, tmp_path / "both", "hf-generate", three_steps)
+    table = metrics(load_runs([edited]))
+    ar, other = (table[table.method == m].iloc[0] for m in ("autoregressive", "hf-generate"))
+    assert ar.step_cost == pytest.approx(1.0)
+    assert other.step_cost == pytest.approx(2.5)
+    records = load_runs([edited]).records
+    tokens_per_step = (records[records.method == "hf-generate"].tokens.map(len) - 1).sum() / (3 * other.samples)
+    assert other.efficiency == pytest.approx(other.speedup / (tokens_per_step / 2.5))
+
+
 def test_paired_speedup_and_interval_by_hand():
     import pandas as pd
 
