@@ -1,7 +1,8 @@
 # The two commands of the README:
 #   make bench   set up, then run the default benchmark on the shipped zoo
 #   make test    set up, then run the tests
-# Also: make leaderboard (regenerates the published results/leaderboard*.md and reports).
+# Also: make leaderboard (regenerates the published results/leaderboard*.md and reports),
+# make tables (the Medusa tree table and the SPACE k sweep: results/medusa-trees.md, results/space-k.md).
 # Variables: TORCH_SPEC (see scripts/setup.sh), LIMIT (HumanEval problems), ARGS (extra
 # `harness run` arguments, e.g. ARGS="model.device=cuda model.dtype=bfloat16").
 LIMIT ?= 20
@@ -12,7 +13,7 @@ OUT ?= results/runs/bench
 METHODS := autoregressive,hf-generate,speculative,prompt-lookup,medusa,hf-assisted,hf-prompt-lookup
 RUN := .venv/bin/harness run --task humaneval --limit $(LIMIT) --max-new-tokens 128 run.threads=1
 
-.PHONY: setup bench test leaderboard
+.PHONY: setup bench test leaderboard tables
 setup:
 	bash scripts/setup.sh
 
@@ -34,3 +35,12 @@ leaderboard: setup
 	.venv/bin/harness leaderboard results/runs/zoo --format html --out results/report.html
 	.venv/bin/harness leaderboard results/runs/zoo-space --out results/leaderboard-space.md
 	.venv/bin/harness leaderboard results/runs/zoo-space --format html --out results/report-space.html
+
+# one sweep job per Medusa tree and per SPACE k, each with its own autoregressive reference;
+# --by run_dir gives one row per job (tree or k), step_cost is t(tree or chunk forward) / t(1-token forward)
+tables: setup
+	rm -rf results/runs/medusa-trees results/runs/space-k
+	$(RUN) -m --methods autoregressive,medusa 'method.medusa.tree=chain,small,large' --out results/runs/medusa-trees $(ARGS)
+	.venv/bin/harness leaderboard results/runs/medusa-trees/*/ --by run_dir --allow-mixed --out results/medusa-trees.md
+	$(RUN) -m --model zoo-space --methods autoregressive,space 'method.space.k=1,2,3,4,5' --out results/runs/space-k $(ARGS)
+	.venv/bin/harness leaderboard results/runs/space-k/*/ --by run_dir --allow-mixed --out results/space-k.md
