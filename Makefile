@@ -7,7 +7,8 @@
 # `harness run` arguments, e.g. ARGS="model.device=cuda model.dtype=bfloat16").
 LIMIT ?= 20
 ARGS ?=
-# SPACE decodes with k candidates (<= the trained 5); k=1 measured best on 2 CPU cores, a GPU prefers 5
+# SPACE decodes with k candidates (<= the trained 5); k=1 measured best on 2 CPU cores (make tables);
+# where a chunk forward costs less (a GPU), run make tables there and pass the best: make bench SPACE_K=...
 SPACE_K ?= 1
 OUT ?= results/runs/bench
 METHODS := autoregressive,hf-generate,speculative,prompt-lookup,medusa,hf-assisted,hf-prompt-lookup

@@ -41,9 +41,10 @@ class ZooCommand:
     draft_train: LMTrainConfig = field(default_factory=lambda: LMTrainConfig(max_steps=2400, lr=3e-3, compile=True))  # draft plan
     target_train: LMTrainConfig = field(default_factory=lambda: LMTrainConfig(max_steps=8400, compile=True))  # target plan
     export: ExportConfig = field(default_factory=ExportConfig)  # export / evaluation settings
-    medusa: MedusaTrainConfig = field(default_factory=MedusaTrainConfig)  # heads on the exported target
+    # heads on the exported target (the shipped zoo: 45 minutes each, Medusa and SPACE side by side, one thread each)
+    medusa: MedusaTrainConfig = field(default_factory=lambda: MedusaTrainConfig(max_minutes=45))
     # SAR fine-tune of the exported target; every block's masks carry a loss (the AR loss is always there)
-    space: SpaceTrainConfig = field(default_factory=lambda: SpaceTrainConfig(mask_prob=1.0))
+    space: SpaceTrainConfig = field(default_factory=lambda: SpaceTrainConfig(mask_prob=1.0, max_minutes=45))
     stages: list[str] = field(default_factory=lambda: list(STAGES))  # build only: which stages run, in this order
     train_root: str = ""  # checkpoint root ("" = <cache>/train; models in <train_root>/<name>)
     clean: bool = False  # build only: delete cached data and these checkpoints first

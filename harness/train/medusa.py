@@ -299,7 +299,7 @@ hidden state, predicting the token i+2 positions ahead. {info['parameters']:,} p
 ## Training
 Medusa-1 (base frozen), loss = sum_i w_i * CE(head i, token t+i+2), w = {[round(w, 3) for w in info['head_weights'] or []]};
 {info['step']:,} steps{'' if done else ' (schedule NOT complete)'} of {info['batch_size']} x {info['seq_len']} tokens
-({info['training_tokens']:,} tokens), {info['wall_time_min']} min on CPU; final loss (EMA) {info['loss_ema_at_export']}.
+({info['training_tokens']:,} tokens), {info['wall_time_min']} min on CPU; final loss (EMA) {info['loss_ema_at_export'] or float('nan'):.4f}.
 
 ## Held-out accuracy (top-1 / {topk_name}, teacher-forced on the held-out corpus)
 | split | tokens | base next-token top-1 | {head_cols} |
