@@ -367,10 +367,10 @@ def write_card(model_dir: Path, log=print) -> None:
         if hh:
             lines += [
                 "",
-                "Token-boundary effect: the byte-level BPE merges a newline with the indentation after it, so "
-                "a prompt ending in a bare newline (every HumanEval prompt) is an unusual token sequence and "
-                "the model tends to start an unindented line (a new `def`), which the cut above removes. With "
-                "the final newline dropped from each prompt (the model then writes the newline and indentation "
+                "Prompt-boundary check: the tokenizer keeps a line break apart from the indentation after it, "
+                "so a prompt ending in a bare newline (every HumanEval prompt) tokenizes as the same prefix the "
+                "model saw in training, and the body starts with its own indentation token. With the final "
+                "newline dropped from each prompt instead (the model then writes the newline and indentation "
                 f"itself): **{hh['parse_rate'] * 100:.1f}%** parse, **{hh['parse_rate_with_code'] * 100:.1f}%** "
                 f"parse with at least one statement; repeated 4-gram share {hh['repeated_4gram_share_mean']}.",
             ]
