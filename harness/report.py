@@ -173,7 +173,8 @@ def metrics(runs: Runs, by: Optional[str] = None) -> pd.DataFrame:
         wall = float(g.wall_time_s.sum())
         step_time, step_tokens = _decode_stats(g)
         t1 = _decode_stats(sub)[0]  # the reference's time per 1-token step, same rows
-        bound = step_tokens * t1 / step_time if step_time and step_time == step_time else float("nan")
+        step_cost = step_time / t1 if t1 == t1 and t1 else float("nan")  # t(step forwards) / t(1-token forward)
+        bound = step_tokens / step_cost if step_cost == step_cost and step_cost else float("nan")
         rows.append(
             {
                 **key,
@@ -189,7 +190,7 @@ def metrics(runs: Runs, by: Optional[str] = None) -> pd.DataFrame:
                 "speedup_low": low,
                 "speedup_high": high,
                 "efficiency": speedup / bound if bound == bound and bound else float("nan"),
-                "step_cost": step_time / t1 if t1 == t1 and t1 else float("nan"),
+                "step_cost": step_cost,
                 "latency_p50_s": float(g.wall_time_s.quantile(0.5)),
                 "latency_p90_s": float(g.wall_time_s.quantile(0.9)),
                 "prefill_ms": float(g.prefill_time_s.mean() * 1000) if g.prefill_time_s.notna().any() else float("nan"),

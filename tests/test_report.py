@@ -64,11 +64,12 @@ def test_step_cost_and_efficiency_by_hand(run_dir, tmp_path):
 
     edited = edit_records(run_dir, tmp_path / "ar", "autoregressive", plain)
     edited = edit_records(edited, tmp_path / "both", "hf-generate", three_steps)
-    table = metrics(load_runs([edited]))
+    runs = load_runs([edited])
+    table = metrics(runs)
     ar, other = (table[table.method == m].iloc[0] for m in ("autoregressive", "hf-generate"))
     assert ar.step_cost == pytest.approx(1.0)
     assert other.step_cost == pytest.approx(2.5)
-    records = load_runs([edited]).records
+    records = runs.records
     tokens_per_step = (records[records.method == "hf-generate"].tokens.map(len) - 1).sum() / (3 * other.samples)
     assert other.efficiency == pytest.approx(other.speedup / (tokens_per_step / 2.5))
 
