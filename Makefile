@@ -2,26 +2,40 @@
 #   make bench   set up, then run the default benchmark on the shipped zoo
 #   make test    set up, then run the tests
 # Also: make leaderboard (regenerates the published results/leaderboard*.md and reports),
-# make tables (the Medusa tree table and the SPACE k sweep: results/medusa-trees.md, results/space-k.md).
-# Variables: TORCH_SPEC (see scripts/setup.sh), LIMIT (HumanEval problems), ARGS (extra
-# `harness run` arguments, e.g. ARGS="model.device=cuda model.dtype=bfloat16").
+# make tables (the speculative gamma, Medusa tree and SPACE k sweeps: results/speculative-gamma.md,
+# results/medusa-trees.md, results/space-k.md).
+# Tuning apart from reporting: make tables sweeps on HumanEval's tuning split (problems 0-39,
+# task.split=tune), where the defaults below and in methods/ are chosen; make bench and make
+# leaderboard report on the other problems (40-163, task.split=report).
+# Variables: TORCH_SPEC (see scripts/setup.sh), LIMIT (HumanEval problems per run), SPLIT (make
+# bench's split), ARGS (extra `harness run` arguments, e.g. ARGS="model.device=cuda model.dtype=bfloat16").
 LIMIT ?= 20
+SPLIT ?= report
 ARGS ?=
-# SPACE decodes with k candidates (<= the trained 5); k=1 measured best on 2 CPU cores (make tables);
+# SPACE decodes with k candidates (<= the trained 5); k=1 measured best on 2 CPU cores (make tables, tuning split);
 # where a chunk forward costs less (a GPU), run make tables there and pass the best: make bench SPACE_K=...
 SPACE_K ?= 1
-OUT ?= results/runs/bench
+# make leaderboard / make tables refuse a tree with uncommitted changes (outside results/ and
+# README.md): the tables could not be reproduced from their commit. ALLOW_DIRTY=1 publishes
+# anyway, and every table then says "DIRTY tree" (each run's manifest records the flag).
+ALLOW_DIRTY ?=
+# MODE=compiled: the baseline and every method on the compiled execution layer (model.compile=true:
+# static KV cache + torch.compile, harness/compiled.py; compiling happens in the untimed warm-up);
+# its runs go to their own directories (OUT gets a -compiled suffix): leaderboards keep modes apart
+MODE ?= eager
+MODE_ARGS := $(if $(filter compiled,$(MODE)),model.compile=true,$(if $(filter eager,$(MODE)),,$(error MODE must be eager or compiled, got '$(MODE)')))
+OUT ?= results/runs/bench$(if $(filter compiled,$(MODE)),-compiled,)
 METHODS := autoregressive,hf-generate,speculative,prompt-lookup,medusa,hf-assisted,hf-prompt-lookup
-RUN := .venv/bin/harness run --task humaneval --limit $(LIMIT) --max-new-tokens 128 run.threads=1
+RUN := .venv/bin/harness run --task humaneval --limit $(LIMIT) --max-new-tokens 128 run.threads=1 $(MODE_ARGS)
 
-.PHONY: setup bench test leaderboard tables
+.PHONY: setup bench test leaderboard tables readme
 setup:
 	bash scripts/setup.sh
 
 # target + draft + Medusa heads, then SPACE on its own fine-tuned model (its own reference)
 bench: setup
-	$(RUN) --methods $(METHODS) --out $(OUT) $(ARGS)
-	$(RUN) --model zoo-space --methods autoregressive,space method.space.k=$(SPACE_K) --out $(OUT)-space $(ARGS)
+	$(RUN) task.split=$(SPLIT) --methods $(METHODS) --out $(OUT) $(ARGS)
+	$(RUN) task.split=$(SPLIT) --model zoo-space --methods autoregressive,space method.space.k=$(SPACE_K) --out $(OUT)-space $(ARGS)
 
 # the tests also run the cluster launchers (joblib, a local Ray cluster, submitit): their
 # extras are installed, and a missing one fails the tests instead of skipping them
@@ -30,18 +44,29 @@ test:
 	HARNESS_REQUIRE_EXTRAS=1 .venv/bin/python -m pytest
 
 leaderboard: setup
+	ALLOW_DIRTY=$(ALLOW_DIRTY) .venv/bin/python -m harness.publish clean-tree
 	rm -rf results/runs/zoo results/runs/zoo-space
 	$(MAKE) bench OUT=results/runs/zoo
 	.venv/bin/harness leaderboard results/runs/zoo --out results/leaderboard.md
 	.venv/bin/harness leaderboard results/runs/zoo --format html --out results/report.html
 	.venv/bin/harness leaderboard results/runs/zoo-space --out results/leaderboard-space.md
 	.venv/bin/harness leaderboard results/runs/zoo-space --format html --out results/report-space.html
+	$(MAKE) readme
 
-# one sweep job per Medusa tree and per SPACE k, each with its own autoregressive reference;
-# --by run_dir gives one row per job (tree or k), step_cost is t(tree or chunk forward) / t(1-token forward)
+# one sweep job per speculative gamma, Medusa tree and SPACE k, each with its own autoregressive
+# reference, on the tuning split; --by run_dir gives one row per job (gamma, tree or k),
+# step_cost is t(one step's forwards) / t(1-token forward)
 tables: setup
-	rm -rf results/runs/medusa-trees results/runs/space-k
-	$(RUN) -m --methods autoregressive,medusa 'method.medusa.tree=chain,small,large' --out results/runs/medusa-trees $(ARGS)
+	ALLOW_DIRTY=$(ALLOW_DIRTY) .venv/bin/python -m harness.publish clean-tree
+	rm -rf results/runs/speculative-gamma results/runs/medusa-trees results/runs/space-k
+	$(RUN) -m task.split=tune --methods autoregressive,speculative 'method.speculative.gamma=1,2,3,4' --out results/runs/speculative-gamma $(ARGS)
+	.venv/bin/harness leaderboard results/runs/speculative-gamma/*/ --by run_dir --allow-mixed --out results/speculative-gamma.md
+	$(RUN) -m task.split=tune --methods autoregressive,medusa 'method.medusa.tree=chain,small,large' --out results/runs/medusa-trees $(ARGS)
 	.venv/bin/harness leaderboard results/runs/medusa-trees/*/ --by run_dir --allow-mixed --out results/medusa-trees.md
-	$(RUN) -m --model zoo-space --methods autoregressive,space 'method.space.k=1,2,3,4,5' --out results/runs/space-k $(ARGS)
+	$(RUN) -m task.split=tune --model zoo-space --methods autoregressive,space 'method.space.k=1,2,3,4,5' --out results/runs/space-k $(ARGS)
 	.venv/bin/harness leaderboard results/runs/space-k/*/ --by run_dir --allow-mixed --out results/space-k.md
+	$(MAKE) readme
+
+# the README's result tables, generated from results/*.md (tests/test_readme.py compares them)
+readme:
+	.venv/bin/python -m harness.publish readme

@@ -307,6 +307,8 @@ def cmd_leaderboard(argv: list[str]) -> int:
         from harness.report import load_runs, metrics
 
         runs = load_runs(args.runs, allow_mixed=args.allow_mixed)
+        for notice in runs.notices:
+            print(f"note: {notice}", file=sys.stderr)
         table = metrics(runs, by=args.by)
         plots = make_plots(runs, table, by=args.by) if (args.plots or args.format == "html") else {}
         text = render(runs, table, args.format, by=args.by, plots=plots)

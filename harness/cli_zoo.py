@@ -2,8 +2,10 @@
 
 - ``prepare``: corpus -> tokenizer -> token data (in the cache; skipped if present).
 - ``build``: everything from scratch: prepare, train draft, train target (each resumable,
-  one after the other, with their plans), export them with quality figures and cards, then
-  train and export the target's Medusa heads and its SPACE fine-tune. ``stages=[...]``
+  one after the other, with their plans), continue the target on the file + function-level
+  mix (``target_functions``, zoo v3), export them with quality figures and cards, generate
+  the target's self-distillation data (``selfdistill``), then train and export the
+  target's Medusa heads and its SPACE fine-tune. ``stages=[...]``
   runs a subset (a finished stage is skipped on a re-run: its checkpoint says so);
   ``clean=true`` first deletes the cached data and checkpoints.
 - ``export``: export the latest checkpoints (fp16 safetensors + tokenizer + manifest) to
@@ -17,15 +19,16 @@ from __future__ import annotations
 
 import shutil
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from harness.train.lm import DRAFT, TARGET, LMTrainConfig, ModelConfig
 from harness.train.medusa import MedusaTrainConfig
 from harness.train.space import SpaceTrainConfig
 from harness.zoo.build import ExportConfig, ZooDataConfig
+from harness.zoo.selfdistill import SelfDistillConfig
 
-STAGES = ("draft", "target", "export", "medusa", "space")
+STAGES = ("draft", "target", "target_functions", "export", "selfdistill", "medusa", "space")
 
 USAGE = "usage: harness zoo {prepare|build|export|eval} [key=value ...]   (--cfg shows all keys)"
 
@@ -40,7 +43,15 @@ class ZooCommand:
     # ~20 training tokens per parameter (8,192 tokens per step): 0.95M x 20 and 3.44M x 20
     draft_train: LMTrainConfig = field(default_factory=lambda: LMTrainConfig(max_steps=2400, lr=3e-3, compile=True))  # draft plan
     target_train: LMTrainConfig = field(default_factory=lambda: LMTrainConfig(max_steps=8400, compile=True))  # target plan
+    # zoo v3: the finished target continued on a file-level + function-level mix (checkpoint
+    # <train_root>/target-functions, exported as zoo/target); init_from "" = the target stage's checkpoint.
+    # function_share=0.5: half of every batch's rows are whole functions ending in </s>, half the
+    # file-level stream as replay; 2,400 steps x 8,192 tokens (19.7M tokens, ~2 h on one thread)
+    target_functions_train: LMTrainConfig = field(default_factory=lambda: LMTrainConfig(
+        max_steps=2400, lr=1e-3, warmup_steps=50, seed=1, function_share=0.5, compile=True))
     export: ExportConfig = field(default_factory=ExportConfig)  # export / evaluation settings
+    # the exported target's own continuations of corpus prompts (greedy and sampled), for distilled drafters
+    selfdistill: SelfDistillConfig = field(default_factory=SelfDistillConfig)
     # heads on the exported target (the shipped zoo: 45 minutes each, Medusa and SPACE side by side, one thread each)
     medusa: MedusaTrainConfig = field(default_factory=lambda: MedusaTrainConfig(max_minutes=45))
     # SAR fine-tune of the exported target; every block's masks carry a loss (the AR loss is always there)
@@ -85,13 +96,19 @@ def _build(cmd: ZooCommand) -> int:
     root = Path(cmd.train_root).expanduser() if cmd.train_root else paths.root / "train"
     if cmd.clean:
         for d in (paths.corpus, paths.tokenizer, paths.tokens, root / cmd.draft.name, root / cmd.target.name,
-                  root / "medusa", root / "space"):  # fmt: skip
+                  root / cmd.export.sources.get(cmd.target.name, cmd.target.name),
+                  root / "medusa", root / "space", paths.root / "zoo-data" / "selfdistill"):  # fmt: skip
             if d.exists():
                 shutil.rmtree(d)
                 print(f"[zoo] removed {d}")
     prepare_data(cmd.data)
-    for model, train_cfg in ((cmd.draft, cmd.draft_train), (cmd.target, cmd.target_train)):
-        if model.name in cmd.stages:
+    fn_target = replace(cmd.target, name=cmd.export.sources.get(cmd.target.name, "target-functions"))
+    cmd.target_functions_train.init_from = cmd.target_functions_train.init_from or str(root / cmd.target.name)
+    for stage, model, train_cfg in (("draft", cmd.draft, cmd.draft_train), ("target", cmd.target, cmd.target_train),
+                                    ("target_functions", fn_target, cmd.target_functions_train)):
+        if stage in cmd.stages:
+            if stage == "target_functions":
+                _restart_if_init_changed(root / model.name, train_cfg.init_from)
             job = make_job(model, train_cfg, paths, str(root / model.name))
             _res, summary = run_lm_training(job)
             print(f"[zoo] trained {model.name}: {summary}")
@@ -103,6 +120,15 @@ def _build(cmd: ZooCommand) -> int:
         cmd.export.draft_name, cmd.export.target_name = cmd.draft.name, cmd.target.name
         export_zoo(cmd.export, cmd.data, str(root))
     zoo = zoo_dir_of(cmd.export)
+    if "selfdistill" in cmd.stages:
+        from harness.zoo.corpus import load_corpus  # noqa: PLC0415
+        from harness.zoo.selfdistill import generate_selfdistill  # noqa: PLC0415
+
+        if cmd.export.zoo_dir:  # a zoo elsewhere: distil its target
+            cmd.selfdistill.model = str(zoo / cmd.target.name)
+        cmd.selfdistill.out_dir = cmd.selfdistill.out_dir or str(paths.root / "zoo-data" / "selfdistill" / cmd.target.name)
+        st = generate_selfdistill(cmd.selfdistill, load_corpus(paths.corpus)[0])
+        print(f"[zoo] self-distillation data: {st}")
     for job, export_name in ((cmd.medusa, "target-medusa"), (cmd.space, "target-space")):
         job.data_dir = job.data_dir or str(paths.tokens)
         if cmd.export.zoo_dir:  # a zoo elsewhere (tests, experiments): train on and write into it
@@ -141,6 +167,35 @@ def _restart_if_base_changed(out_dir: Path, base: str) -> None:
         print(f"[zoo] {base} changed since {out_dir} was trained: starting it again")
     out_dir.mkdir(parents=True, exist_ok=True)
     stamp.write_text(digest + "\n")
+
+
+def _init_fingerprint(source: Path) -> str:
+    """What identifies the weights a continued training starts from: a checkpoint's step,
+    tokens and elapsed time, or an exported model's sha256."""
+    import hashlib
+    import json
+
+    if (source / "train_state.json").exists():
+        st = json.loads((source / "train_state.json").read_text())
+        return f"checkpoint step={st['step']} tokens={st['tokens']} elapsed_s={st['elapsed_s']}"
+    if (source / "model.safetensors").exists():
+        return "sha256=" + hashlib.sha256((source / "model.safetensors").read_bytes()).hexdigest()
+    raise FileNotFoundError(f"{source} holds no checkpoint or exported model to continue from "
+                            "(run the target stage first, or set target_functions_train.init_from)")
+
+
+def _restart_if_init_changed(out_dir: Path, init_from: str) -> None:
+    """A continued training belongs to its initial weights: when they changed since the
+    checkpoint in ``out_dir`` was started (the target was trained further), it restarts."""
+    from harness.paths import resolve_repo_path  # noqa: PLC0415
+
+    fp = _init_fingerprint(resolve_repo_path(init_from))
+    stamp = out_dir / "init.stamp"
+    if out_dir.exists() and (not stamp.exists() or stamp.read_text().strip() != fp):
+        shutil.rmtree(out_dir)
+        print(f"[zoo] {init_from} changed since {out_dir} was started: starting it again")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stamp.write_text(fp + "\n")
 
 
 def _export(cmd: ZooCommand) -> int:

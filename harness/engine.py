@@ -13,14 +13,16 @@ position ids, which is how trees and SPACE chunks are verified in one forward.
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Iterator, Optional
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 from harness.config import ModelConfig
-from harness.paths import resolve_repo_path
+from harness.paths import is_path_like, resolve_repo_path
+from harness.registry import MODELS
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -41,10 +43,16 @@ class KVCache:
     ``truncate(n)`` drops everything after the first n entries (rollback).
     ``keep(indices)`` makes the cache equal to ``cache[indices]`` along the sequence,
     moving only the entries that are not already in place (tree / SPACE compaction).
+
+    Sliding-window layers (Mistral, Gemma 2/3, Qwen2 with a window) keep every entry here,
+    not only the last window: a window-sized cache cannot roll back past what it dropped.
+    The window is applied by the attention mask instead (``Engine.forward``).
     """
 
     def __init__(self, config):
         self.inner = DynamicCache(config=config)
+        if any(self.inner.is_sliding):
+            self.inner = DynamicCache()  # every layer a full one
 
     def __len__(self) -> int:
         return self.inner.get_seq_length()
@@ -73,6 +81,60 @@ class KVCache:
         self.truncate(idx.numel())
 
 
+class ForwardTimer:
+    """Per-forward durations of one timed generation, taken without synchronising inside it.
+
+    CPU: the monotonic clock around each forward. CUDA: a pair of CUDA events recorded on the
+    stream around each forward (no host synchronisation); ``read()`` synchronises once, after
+    the generation, and converts them. So a method's wall time is never inflated by per-forward
+    synchronisation, and our methods and transformers' ``generate`` are timed alike.
+    """
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.device = device
+        self.marks: list[tuple[int, Any, Any]] = []  # (new tokens, start, end) per forward
+
+    def begin(self) -> Any:
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def end(self, start: Any, new_tokens: int) -> None:
+        if not self.cuda:
+            self.marks.append((new_tokens, start, time.perf_counter()))
+            return
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        self.marks.append((new_tokens, start, event))
+
+    def read(self) -> list[tuple[int, float]]:
+        """(new tokens, seconds) per forward, in order."""
+        if not self.cuda:
+            return [(n, end - start) for n, start, end in self.marks]
+        torch.cuda.synchronize(self.device)
+        return [(n, start.elapsed_time(end) / 1000) for n, start, end in self.marks]
+
+
+LAYER_TYPES = ("full_attention", "sliding_attention")  # the attention layer types custom masks support
+
+
+def attention_layout(config) -> tuple[Optional[int], Optional[list[str]]]:
+    """(sliding window or None, per-layer types or None) of a model's attention layers.
+
+    None for the window when no layer slides; None for the types when the model does not
+    list them (then a set window applies to every layer, as in Mistral).
+    """
+    text = config.get_text_config()
+    window = getattr(text, "sliding_window", None)
+    types = getattr(text, "layer_types", None)
+    if types is not None and "sliding_attention" not in types:
+        window = None
+    return (int(window) if window else None), (list(types) if types is not None else None)
+
+
 def select_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -90,11 +152,16 @@ class Engine:
         self.dtype = DTYPES[cfg.dtype]
         self.config = model.config
         self.forwards = 0  # forwards since creation; methods count their own per sample
-        self.forward_seconds = 0.0  # wall time spent inside forward() (see sync_each_forward)
-        # CUDA: synchronise after each forward so forward times are real (every method syncs
-        # once per step anyway to read its accepted tokens)
-        self.sync_each_forward = device.type == "cuda"
-        self.forward_log: Optional[list[tuple[int, float]]] = None  # (new tokens, seconds) per forward, when a list
+        self.timer: Optional[ForwardTimer] = None  # per-forward times, between start_timing() and stop_timing()
+        self.sliding_window, self.layer_types = attention_layout(model.config)
+        # model.compile=true: static KV cache + torch.compile'd forwards (harness/compiled.py);
+        # None = eager. Imported here: harness.compiled builds on this module's KVCache.
+        self.compiled = None
+        if cfg.compile:
+            from harness.compiled import CompiledForward  # noqa: PLC0415
+
+            self.compiled = CompiledForward(model, device, self.dtype, cfg.compile_buckets,
+                                            cfg.compile_cache_len or min(self.max_length, 2048))  # fmt: skip
 
     # ---- loading -------------------------------------------------------------------
     @classmethod
@@ -105,6 +172,11 @@ class Engine:
         source = str(resolve_repo_path(cfg.path)) if cfg.path else ""
         if not source:
             raise ModelLoadError("no model path given; set model.path=<hub id or local dir> or pick --model NAME")
+        if is_path_like(cfg.path) and not resolve_repo_path(cfg.path).exists():  # not a hub id: say so
+            raise ModelLoadError(
+                f"model path '{cfg.path}' does not exist; give an existing directory, a hub id as owner/name, "
+                f"or a preset: {', '.join(MODELS.names())} (--model NAME, model.draft=NAME, method.<name>.draft=NAME)"
+            )
         common = dict(revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
         try:
             tokenizer = AutoTokenizer.from_pretrained(str(resolve_repo_path(cfg.tokenizer or source)), **common)
@@ -154,7 +226,12 @@ class Engine:
 
     # ---- the forward -------------------------------------------------------------------
     def new_cache(self) -> KVCache:
-        return KVCache(self.config)
+        return self.compiled.new_cache() if self.compiled is not None else KVCache(self.config)
+
+    def compile_module(self, module: torch.nn.Module) -> torch.nn.Module:
+        """``module`` run in this engine's execution mode: compiled when model.compile=true (a
+        method's own model parts, e.g. Medusa heads), else unchanged."""
+        return self.compiled.compile_module(module) if self.compiled is not None else module
 
     @torch.inference_mode()
     def forward(
@@ -186,22 +263,60 @@ class Engine:
         if mask is not None:
             if tuple(mask.shape) != (new, past + new):
                 raise ValueError(f"mask must be [{new}, {past + new}], got {list(mask.shape)}")
-            attn = torch.zeros((1, 1, new, past + new), dtype=self.dtype, device=self.device)
-            attn.masked_fill_(~mask.to(self.device).view(1, 1, new, past + new), torch.finfo(self.dtype).min)
+            attn = self._attention_mask(mask.to(self.device), pos_t[0], past)
         self.forwards += 1
-        start = time.perf_counter()
-        try:
-            return self._forward(ids_t, pos_t, attn, cache, hidden, 1 if last_only else keep_last)
-        finally:
-            if self.sync_each_forward:
-                self.synchronize()
-            seconds = time.perf_counter() - start
-            self.forward_seconds += seconds
-            if self.forward_log is not None:
-                self.forward_log.append((new, seconds))
+        timer = self.timer
+        start = timer.begin() if timer is not None else None
+        out = self._forward(ids_t, pos_t, attn, cache, hidden, 1 if last_only else keep_last)
+        if timer is not None:
+            timer.end(start, new)
+        return out
+
+    def _attention_mask(self, allowed: torch.Tensor, positions: torch.Tensor, past: int):
+        """The float 4-D mask transformers takes for a boolean ``[new, past + new]`` one.
+
+        With sliding-window layers a custom mask is used as given, so the window is added
+        here: a query at position p sees a key at position p' only if p' > p - window (the
+        rule of transformers' own sliding masks; cached entry i sits at position i). Models
+        that mix full and sliding layers get one mask per layer type (a dict keyed like
+        ``config.layer_types``); a model without layer types slides in every layer.
+        """
+        new = allowed.shape[0]
+        other = sorted(set(self.layer_types or ()) - set(LAYER_TYPES))
+        if other:
+            raise ValueError(
+                f"the model has {', '.join(other)} layers: trees and chunks (custom attention masks) support full "
+                "and sliding-window attention only; run methods without them (autoregressive, speculative, prompt-lookup)"
+            )
+
+        def as_float(ok: torch.Tensor) -> torch.Tensor:
+            attn = torch.zeros((1, 1, new, past + new), dtype=self.dtype, device=self.device)
+            return attn.masked_fill_(~ok.view(1, 1, new, past + new), torch.finfo(self.dtype).min)
+
+        if self.sliding_window is None:
+            return as_float(allowed)
+        key_pos = torch.cat((torch.arange(past, device=self.device), positions))
+        near = key_pos.view(1, -1) > positions.view(-1, 1) - self.sliding_window
+        sliding = as_float(allowed & near)
+        if self.layer_types is None:
+            return sliding
+        return {"full_attention": as_float(allowed), "sliding_attention": sliding}
 
     def _forward(self, ids_t, pos_t, attn, cache: KVCache, hidden: bool, keep: int) -> ForwardOutput:
-        if not hidden:
+        """One model forward. The logits always come from the model's own head, so whatever it
+        does after the output projection (Gemma 2's final logit soft-capping, a logit scale)
+        is the same with and without ``hidden``; the hidden state is the decoder's output (what
+        the head reads), caught by a forward hook on the decoder for this call only."""
+        if self.compiled is not None:  # model.compile=true: bucketed, static cache (harness/compiled.py)
+            logits, h = self.compiled.forward(ids_t, pos_t, attn, cache, keep)
+            return ForwardOutput(logits=logits, hidden=h if hidden else None)
+        caught: list[torch.Tensor] = []
+        hook = None
+        if hidden:
+            hook = self.model.get_decoder().register_forward_hook(
+                lambda _module, _args, output: caught.append(output.last_hidden_state)
+            )
+        try:
             out = self.model(
                 input_ids=ids_t,
                 position_ids=pos_t,
@@ -210,14 +325,53 @@ class Engine:
                 use_cache=True,
                 logits_to_keep=keep,
             )
-            return ForwardOutput(logits=out.logits[0].float())
-        base = self.model.get_decoder()
-        out = base(input_ids=ids_t, position_ids=pos_t, attention_mask=attn, cache=cache.inner, use_cache=True)
-        h = out.last_hidden_state[0]
-        if keep:
-            h = h[-keep:]
-        logits = self.model.get_output_embeddings()(h)
-        return ForwardOutput(logits=logits.float(), hidden=h)
+        finally:
+            if hook is not None:
+                hook.remove()
+        logits = out.logits[0].float()
+        if not hidden:
+            return ForwardOutput(logits=logits)
+        h = caught[-1][0]
+        return ForwardOutput(logits=logits, hidden=h[-keep:] if keep else h)
+
+    # ---- timing (the runner's) ---------------------------------------------------------------
+    def start_timing(self) -> None:
+        """Record the duration of every forward from now on (see ForwardTimer)."""
+        self.timer = ForwardTimer(self.device)
+
+    def stop_timing(self) -> list[tuple[int, float]]:
+        """Stop recording; (new tokens, seconds) per forward since start_timing() (synchronises on CUDA)."""
+        timer, self.timer = self.timer, None
+        return timer.read() if timer is not None else []
+
+    @contextmanager
+    def timing_calls(self, module: Optional[torch.nn.Module] = None) -> Iterator[None]:
+        """Time every call of ``module`` (default: the model) like ``forward`` does, for code that
+        runs the model itself (transformers' ``generate`` in the hf-* wrappers); a no-op when
+        timing is off. Forward hooks, removed on exit."""
+        timer = self.timer
+        if timer is None:
+            yield
+            return
+        module = module if module is not None else self.model
+        starts: list[Any] = []
+
+        def before(_module, args, kwargs) -> None:
+            starts.append(timer.begin())
+
+        def after(_module, args, kwargs, output) -> None:
+            ids = kwargs.get("input_ids", args[0] if args else None)
+            if ids is None:
+                ids = kwargs.get("inputs_embeds")
+            timer.end(starts.pop(), int(ids.shape[1]) if ids is not None else 0)
+
+        handles = [module.register_forward_pre_hook(before, with_kwargs=True),
+                   module.register_forward_hook(after, with_kwargs=True)]  # fmt: skip
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
 
     def synchronize(self) -> None:
         if self.device.type == "cuda":

@@ -6,8 +6,9 @@
 A baseline stores, per method x task, the deterministic figures (exact-match rate,
 mean accepted tokens, target forwards, a hash of every output's token ids) and the
 speedup, with tolerances. ``check`` fails (exit 1, with a table of what changed) when a
-lossless method loses exact-match, when a deterministic figure moves beyond its
-tolerance, or when a speedup falls below the baseline's by more than its tolerance.
+lossless method has a mismatch, loses exact-match, changes its ``lossless`` label or checks
+fewer records, when a deterministic figure moves beyond its tolerance, or when a speedup
+falls below the baseline's by more than its tolerance; a NaN never passes (see ``check``).
 Speedups are compared only between runs on the same kind of machine (same device name
 and thread count): a speedup measured elsewhere is reported as not compared.
 """
@@ -15,6 +16,7 @@ and thread count): a speedup measured elsewhere is reported as not compared.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -48,8 +50,8 @@ def machine_of(manifests: list[dict]) -> dict:
     return {"device_name": name, "threads": threads}
 
 
-FIGURES = ["method", "task", "samples", "exact_match", "lossless", "mean_accepted_tokens", "target_forwards",
-           "tokens_hash", "speedup"]  # fmt: skip
+FIGURES = ["method", "task", "samples", "checked", "exact_match", "mismatches", "lossless", "mean_accepted_tokens",
+           "target_forwards", "tokens_hash", "speedup"]  # fmt: skip
 
 
 def make_baseline(run_dirs: list[str], tolerances: Tolerances | None = None) -> Baseline:
@@ -71,8 +73,14 @@ def save_baseline(baseline: Baseline, path: str | Path) -> None:
 
 
 def load_baseline(path: str | Path) -> Baseline:
+    """A baseline file. Files written before ``checked`` and ``mismatches`` were stored get
+    them from what the runner guarantees: every record of a ``checked`` method was compared
+    (the reference runs for every sample), and a baseline is taken from a passing run."""
     data = json.loads(Path(path).read_text())
     data["tolerances"] = Tolerances(**data["tolerances"])
+    for row in data.get("rows", []):
+        row.setdefault("checked", row["samples"] if row.get("lossless") == "checked" else 0)
+        row.setdefault("mismatches", 0)
     return Baseline(**data)
 
 
@@ -83,39 +91,78 @@ class Verdict:
     notes: list[str]
 
 
+def is_nan(value) -> bool:
+    """NaN or missing: a value no comparison may pass on."""
+    try:
+        return value is None or math.isnan(float(value))
+    except (TypeError, ValueError):
+        return False
+
+
 def check(run_dirs: list[str], baseline: Baseline) -> Verdict:
+    """Compare the runs' figures with the baseline's, per method x task. Fails on:
+
+    - a baseline method or task missing from the runs;
+    - a changed ``lossless`` label (e.g. ``checked`` -> ``not checked`` or ``lossy mode``);
+    - for a method that was ``checked`` in the baseline: any ``mismatch``, an exact-match rate
+      below the baseline's or NaN, or fewer checked records than the baseline's;
+    - mean accepted tokens or target forwards beyond their relative tolerance, a changed
+      hash of the output ids, a speedup below the baseline's by more than its tolerance
+      (same kind of machine only).
+
+    A comparison with a NaN (or missing) value on either side fails: NaN never passes.
+    """
     runs = load_runs(run_dirs)
     now = metrics(runs).set_index(["method", "task"])
     tol = baseline.tolerances
     same_machine = machine_of(runs.manifests) == baseline.machine
-    notes = []
+    notes = list(runs.notices)
     if not same_machine:
         notes.append(
             f"speedups not compared: baseline machine {baseline.machine}, this run {machine_of(runs.manifests)} "
             "(speedups only compare on the same kind of machine)"
         )
+    gated = {(b["method"], b["task"]) for b in baseline.rows}
+    for method, task in now.index:
+        if (method, task) not in gated:
+            notes.append(f"{method} on {task} is not in the baseline: not gated (rebaseline to gate it)")
     rows = []
 
-    def add(method, task, figure, old, new, verdict):
+    def add(method, task, figure, old, new, verdict="FAIL"):
+        if is_nan(old) or is_nan(new):
+            verdict = "FAIL (NaN)"
         rows.append({"method": method, "task": task, "figure": figure, "baseline": old, "now": new, "verdict": verdict})
 
     for b in baseline.rows:
         key = (b["method"], b["task"])
         if key not in now.index:
-            add(*key, "present", "yes", "missing", "FAIL")
+            add(*key, "present", "yes", "missing")
             continue
         n = now.loc[key]
-        if b["lossless"] == "checked" and n.exact_match < b["exact_match"]:
-            add(*key, "exact_match", b["exact_match"], n.exact_match, "FAIL")
+        if n.lossless != b["lossless"]:
+            add(*key, "lossless", b["lossless"], n.lossless)
+        if b["lossless"] == "checked":
+            if n.mismatches > 0:
+                add(*key, "mismatches", b["mismatches"], int(n.mismatches))
+            if is_nan(n.exact_match) or is_nan(b["exact_match"]) or n.exact_match < b["exact_match"]:
+                add(*key, "exact_match", b["exact_match"], n.exact_match)
+            if n.checked < b["checked"]:
+                add(*key, "checked", b["checked"], int(n.checked))
         for figure in ("mean_accepted_tokens", "target_forwards"):
-            old, new = float(b[figure]), float(n[figure])
-            if old and abs(new - old) / old > getattr(tol, figure):
-                add(*key, figure, old, new, "FAIL")
+            old, new = b[figure], n[figure]
+            if is_nan(old) or is_nan(new):
+                add(*key, figure, old, new)
+                continue
+            old, new = float(old), float(new)
+            change = abs(new - old) / old if old else (0.0 if new == old else float("inf"))  # relative
+            if change > getattr(tol, figure):
+                add(*key, figure, old, new)
         if tol.tokens_hash and b["tokens_hash"] != n.tokens_hash:
-            add(*key, "tokens_hash", b["tokens_hash"], n.tokens_hash, "FAIL")
-        if b["method"] != "autoregressive" and same_machine and b["speedup"] == b["speedup"]:
-            floor = b["speedup"] * (1 - tol.speedup)
-            if n.speedup < floor:
+            add(*key, "tokens_hash", b["tokens_hash"], n.tokens_hash)
+        if b["method"] != "autoregressive" and same_machine:
+            if is_nan(b["speedup"]) or is_nan(n.speedup):
+                add(*key, "speedup", b["speedup"], n.speedup)
+            elif n.speedup < (floor := b["speedup"] * (1 - tol.speedup)):
                 add(*key, "speedup", round(b["speedup"], 3), round(float(n.speedup), 3), f"FAIL (< {floor:.3f})")
     problems = pd.DataFrame(rows, columns=["method", "task", "figure", "baseline", "now", "verdict"])
     return Verdict(ok=problems.empty, problems=problems, notes=notes)

@@ -18,11 +18,13 @@ from typing import Optional
 import pandas as pd
 from tabulate import tabulate
 
-from harness.report import REFERENCE, Runs, header, metrics
+from harness.report import REFERENCE, Runs, header, metrics, provenance
+from harness.results import REPETITION_NOTE, STOP_NOTE, pass_at_1_label
 
 SHOWN = [
     "method", "task", "samples", "exact_match", "ties", "mismatches", "mean_accepted_tokens", "tokens_per_s",
-    "speedup", "speedup_ci", "efficiency", "step_cost", "latency_p50_s", "latency_p90_s", "prefill_ms", "peak_memory_mb",
+    "speedup", "speedup_ci", "efficiency", "step_cost", "repetition", "stop_reasons", "latency_p50_s", "latency_p90_s", "prefill_ms",
+    "peak_memory_mb",
 ]  # fmt: skip
 NOTE = (
     "speedup: tokens/s over `autoregressive`, paired per sample within each run, with a bootstrap 95% interval; "
@@ -30,7 +32,9 @@ NOTE = (
     "`autoregressive` of the same model token for token (ties = first difference at a near-zero logit margin); "
     "efficiency: speedup / (accepted tokens per step x t(1-token forward) / t(step forwards)), i.e. how much of "
     "what the acceptance allows on this machine the implementation delivers; step_cost: t(step forwards) / "
-    "t(1-token forward), what one decoding step's forwards (tree, chunk, draft + verify) cost against one plain step."
+    "t(1-token forward), what one decoding step's forwards (tree, chunk, draft + verify) cost against one plain step; "
+    + REPETITION_NOTE
+    + " " + STOP_NOTE
 )
 
 
@@ -38,19 +42,33 @@ def display_table(table: pd.DataFrame, by: Optional[str]) -> pd.DataFrame:
     t = table.copy()
     t["speedup_ci"] = [f"[{lo:.2f}, {hi:.2f}]" if lo == lo else "" for lo, hi in zip(t.speedup_low, t.speedup_high)]
     cols = SHOWN[:2] + ([by] if by else []) + SHOWN[2:]
-    cols += [c for c in ("pass@1",) if c in t.columns]
+    if "pass@1" in t.columns:  # the figure with its denominators and any isolation below full
+        t["pass@1"] = [pass_at_1_label(r) for r in t.to_dict("records")]
+        cols.append("pass@1")
     return t[cols]
 
 
+def title(runs: Runs) -> str:
+    """The heading of every format: marks figures made from a dirty (or unknown) tree."""
+    tree = provenance(runs)["tree"]
+    if tree == "clean":
+        return "Leaderboard"
+    return f"Leaderboard ({tree} tree: these figures cannot be reproduced from the commit alone)"
+
+
 def render(runs: Runs, table: pd.DataFrame, fmt: str, by: Optional[str] = None, plots: Optional[dict] = None) -> str:
+    """The table in one format; every format carries the commit and the tree's state (provenance):
+    markdown and html in the header, json as ``provenance``, csv as ``commit`` and ``tree`` columns."""
     if fmt == "json":
-        return json.dumps({"header": header(runs), "rows": table.to_dict(orient="records")}, indent=2, default=str)
+        doc = {"title": title(runs), "header": header(runs), "provenance": provenance(runs),
+               "rows": table.to_dict(orient="records")}  # fmt: skip
+        return json.dumps(doc, indent=2, default=str)
     if fmt == "csv":
-        return table.to_csv(index=False)
+        return table.assign(**provenance(runs)).to_csv(index=False)
     shown = display_table(table, by)
     if fmt == "markdown":
         body = tabulate(shown, headers="keys", tablefmt="github", showindex=False, floatfmt=".3f")
-        return f"# Leaderboard\n\n{header(runs)}\n\n{NOTE}\n\n{body}\n"
+        return f"# {title(runs)}\n\n{header(runs)}\n\n{NOTE}\n\n{body}\n"
     if fmt == "html":
         return render_html(runs, shown, plots or {})
     raise ValueError(f"unknown format '{fmt}'; use markdown, csv, html or json")
@@ -68,7 +86,8 @@ def render_html(runs: Runs, shown: pd.DataFrame, plots: dict[str, bytes]) -> str
 <style>body{{font-family:sans-serif;margin:2em;max-width:1200px}} table{{border-collapse:collapse;font-size:13px}}
 td,th{{padding:3px 8px;border-bottom:1px solid #ddd;text-align:right}} figure{{display:inline-block;margin:1em}}
 img{{max-width:560px}} .note{{color:#555;font-size:13px}}</style></head>
-<body><h1>spec-harness report</h1><p>{html.escape(header(runs))}</p><p class="note">{html.escape(NOTE)}</p>
+<body><h1>spec-harness report: {html.escape(title(runs))}</h1><p>{html.escape(header(runs))}</p>
+<p class="note">{html.escape(NOTE)}</p>
 {table}
 <h2>Plots</h2>
 {images}

@@ -25,6 +25,12 @@ def resolve_repo_path(path: str | os.PathLike) -> Path:
     return candidate if candidate.exists() else p
 
 
+def is_path_like(text: str) -> bool:
+    """True when ``text`` can only be a local path, never a hub id (``name`` or ``owner/name``):
+    absolute, starting with ``.`` or ``~``, or with more than one ``/`` (or any ``\\``)."""
+    return text.startswith(("/", ".", "~")) or text.count("/") > 1 or "\\" in text
+
+
 def replace_dir(new: Path, final: Path) -> None:
     """Swap the fully written directory ``new`` into place as ``final`` (old one removed).
 

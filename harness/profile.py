@@ -56,29 +56,32 @@ def profile(exp, method_name: str, top: int = 15) -> ProfileReport:
 
     from harness.engine import Engine
     from harness.registry import TASKS
-    from harness.runner import build_methods, encode
+    from harness.runner import build_methods, encode, stop_strings
     from methods.base import StopRule
     from tasks.base import render_prompt
 
     settings = exp.run
     if settings.threads > 0:
         torch.set_num_threads(settings.threads)
-    samples = TASKS.get(exp.task.name)(exp.task).samples()
+    task = TASKS.get(exp.task.name)(exp.task)
+    samples = task.samples()
     engine = Engine.load(exp.model)
     method = build_methods(exp, engine)[method_name]
     prompts = [encode(engine, render_prompt(s, 0, [], engine.tokenizer)) for s in samples]
-    stop = StopRule(settings.max_new_tokens, frozenset(engine.eos_ids))
-    method.generate(prompts[0], StopRule(settings.warmup_tokens, stop.eos_ids), seed=settings.seed)  # warm-up
-    engine.forward_log = []
+    eos = frozenset(engine.eos_ids)
+    stops = [StopRule(settings.max_new_tokens, eos, stop_strings(engine, task, s)) for s in samples]  # as in a run
+    method.generate(prompts[0], StopRule(settings.warmup_tokens, eos), seed=settings.seed)  # warm-up
+    engine.start_timing()
     prof = cProfile.Profile()
     tokens = 0
     start = engine.clock()
     prof.enable()
     for i, ids in enumerate(prompts):
-        tokens += len(method.generate(ids, stop, seed=settings.seed + i).tokens)
+        tokens += len(method.generate(ids, stops[i], seed=settings.seed + i).tokens)
     prof.disable()
     wall = engine.clock() - start
-    forward_s = sum(entry[-1] for entry in engine.forward_log)
+    forwards = engine.stop_timing()
+    forward_s = sum(seconds for _, seconds in forwards)
     stats = pstats.Stats(prof)
     rows = []
     for (path, line, name), (_cc, calls, _tt, cum, _callers) in stats.stats.items():  # type: ignore[attr-defined]
@@ -86,4 +89,4 @@ def profile(exp, method_name: str, top: int = 15) -> ProfileReport:
             rel = Path(path).relative_to(REPO_ROOT).as_posix()
             rows.append(ProfileRow(f"{rel}:{line}:{name}", calls, cum, cum / wall))
     rows.sort(key=lambda r: -r.cumulative_s)
-    return ProfileReport(method_name, len(prompts), tokens, wall, forward_s, len(engine.forward_log), rows[:top])
+    return ProfileReport(method_name, len(prompts), tokens, wall, forward_s, len(forwards), rows[:top])

@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import pandas as pd
 
-from harness.results import RunDir, RunDirError, pass_at_1, resume_key
+from harness.results import RunDir, RunDirError, commit_of, pass_at_1, resume_key
 
 REFERENCE = "autoregressive"
 # What must agree for runs to be merged (besides the task and the methods).
@@ -26,7 +26,13 @@ COMPATIBILITY = {
     "device": lambda m: m.get("environment", {}).get("device_name"),
     "max_new_tokens": lambda m: m.get("config", {}).get("run", {}).get("max_new_tokens"),
     "sampling": lambda m: json.dumps(m.get("config", {}).get("sampling", {}), sort_keys=True),
+    "execution mode": lambda m: execution_mode(m),  # eager | compiled (model.compile): different baselines
 }
+
+
+def execution_mode(manifest: dict) -> str:
+    """``eager`` or ``compiled`` (runs made before the compiled mode existed are eager)."""
+    return (manifest.get("execution") or {}).get("mode", "eager")
 
 
 @dataclass
@@ -37,17 +43,19 @@ class Runs:
     execution: list[dict]  # sandboxed test results (execution.jsonl), plus `run`
     manifests: list[dict]
     paths: list[Path]
+    notices: list[str] = field(default_factory=list)  # lines left out while reading (a torn last line)
 
 
 def load_runs(paths: list[str | Path], allow_mixed: bool = False, one_shard: bool = False) -> Runs:
     """Records of the run directories; ``one_shard``: a single shard's own summary (no completeness check)."""
-    frames, manifests, execution = [], [], []
+    frames, manifests, execution, notices = [], [], [], []
     for index, path in enumerate(paths):
         rundir = RunDir(path)
         if not (rundir.path / "manifest.json").exists():
             raise RunDirError(f"{rundir.path} is not a run directory (no manifest.json); give the --out of a run")
         manifest = rundir.manifest()
-        records, _ = rundir.records()
+        records, skipped = rundir.records()  # read-only: a torn last line is skipped, never rewritten
+        notices += skipped
         frame = pd.DataFrame([r.__dict__ for r in records])
         frame["run"] = index
         frame["run_dir"] = rundir.path.name  # `--by run_dir`: one row per run (sweep jobs)
@@ -65,7 +73,7 @@ def load_runs(paths: list[str | Path], allow_mixed: bool = False, one_shard: boo
                     "or pass --allow-mixed"
                 )
     records = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
-    return Runs(records, execution, manifests, [Path(p) for p in paths])
+    return Runs(records, execution, manifests, [Path(p) for p in paths], notices)
 
 
 def check_shards(manifests: list[dict], paths: list[Path]) -> None:
@@ -153,6 +161,15 @@ def tokens_hash(g: pd.DataFrame) -> str:
     return hashlib.sha256("\n".join(rows).encode()).hexdigest()[:16]
 
 
+def stop_reasons(g: pd.DataFrame) -> str:
+    """How the outputs ended, as counts: ``eos 1, stop 2, max 2`` (stop = a stop string, max = the token limit)."""
+    if "stop_reason" not in g.columns:
+        return ""
+    kinds = g.stop_reason.dropna().map(lambda r: "stop" if r.startswith("stop:") else {"max_new_tokens": "max"}.get(r, r))
+    counts = kinds.value_counts()
+    return ", ".join(f"{k} {int(counts[k])}" for k in ("eos", "stop", "max") if k in counts)
+
+
 def metrics(runs: Runs, by: Optional[str] = None) -> pd.DataFrame:
     """One row per method x task (x language or category when ``by`` is given)."""
     df = runs.records
@@ -183,6 +200,9 @@ def metrics(runs: Runs, by: Optional[str] = None) -> pd.DataFrame:
                 "ties": int((g.status == "tie").sum()),
                 "mismatches": int((g.status == "mismatch").sum()),
                 "lossless": "lossy mode" if g.lossy.any() else ("checked" if len(checked) else "not checked"),
+                "checked": int(len(checked)),  # records compared token for token with the reference
+                "repetition": float(pd.to_numeric(g.repetition, errors="coerce").mean()),
+                "stop_reasons": stop_reasons(g),
                 "mean_accepted_tokens": new_tokens / max(int(g.target_forwards.sum()), 1),
                 "acceptance_by_position": acceptance_by_position(g),
                 "tokens_per_s": new_tokens / wall if wall else float("nan"),
@@ -206,7 +226,7 @@ def metrics(runs: Runs, by: Optional[str] = None) -> pd.DataFrame:
         )
     table = pd.DataFrame(rows)
     if runs.execution:
-        table = table.merge(pass_at_1(runs.execution, keys), on=keys, how="left")
+        table = table.merge(pass_at_1(runs.execution, keys, runs.records), on=keys, how="left")
     return table
 
 
@@ -217,12 +237,26 @@ def header(runs: Runs) -> str:
         ("model", lambda m: m.get("model", {}).get("label")),
         ("device", lambda m: f"{m['environment'].get('device')} ({m['environment'].get('device_name')})"),
         ("dtype", lambda m: m.get("model", {}).get("dtype")),
+        ("execution", execution_mode),
         ("threads", lambda m: m.get("environment", {}).get("threads")),
         ("torch", lambda m: m.get("packages", {}).get("torch")),
         ("transformers", lambda m: m.get("packages", {}).get("transformers")),
-        ("commit", lambda m: (m.get("git", {}).get("commit") or "?")[:10]),
+        ("commit", lambda m: commit_of(m)),
     ):
         values = sorted({str(fn(m)) for m in runs.manifests})
         parts.append(f"{what}: {', '.join(values)}")
     return " | ".join(parts)
+
+
+def provenance(runs: Runs) -> dict[str, str]:
+    """Commit(s) of the merged runs and whether every one was made from a clean tree.
+
+    ``tree`` is ``clean`` only when every manifest records a clean tree, ``DIRTY`` when one
+    had uncommitted changes (its figures cannot be reproduced from the commit alone), else
+    ``unknown`` (no git at run time).
+    """
+    commits = sorted({str((m.get("git") or {}).get("commit") or "?")[:10] for m in runs.manifests})
+    flags = [(m.get("git") or {}).get("dirty") for m in runs.manifests]
+    tree = "DIRTY" if any(flags) else ("clean" if flags and all(f is False for f in flags) else "unknown")
+    return {"commit": ", ".join(commits), "tree": tree}
 

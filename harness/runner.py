@@ -1,18 +1,21 @@
 """The runner: the only place that times anything.
 
-For every sample (and every turn of a multi-turn sample) it runs `autoregressive`
-first, as the reference, and then the other requested methods in an order rotated
-from sample to sample, each timed with the device synchronised, tokenisation outside
-the timer and tokens counted from ids. Each record is appended to ``samples.jsonl``
-(flushed and fsynced) the moment it exists, so a killed run loses at most the pair in
-flight and a re-run with the same directory resumes.
+For every sample (and every turn of a multi-turn sample) it runs the requested methods
+and `autoregressive`, the reference, in an order rotated from sample to sample (the
+reference included, so no method always runs first or right after it), each timed with
+the device synchronised before and after the generation only, tokenisation outside the
+timer and tokens counted from ids. A record is compared with the reference's tokens once
+that exists and then appended to ``samples.jsonl`` (flushed and fsynced), complete, so a
+killed run loses at most the records of the (sample, turn) in flight and a re-run with
+the same directory resumes.
 """
 
 from __future__ import annotations
 
 import os
 import platform
-from dataclasses import asdict, dataclass
+import time
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Optional
@@ -21,14 +24,16 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
+from harness.compiled import compile_count
 from harness.config import MethodConfig, ModelConfig, RunSettings, SamplingConfig
 from harness.engine import Engine
 from harness.lossless import EXACT, NOT_CHECKED, compare
 from harness.paths import REPO_ROOT
 from harness.registry import METHODS, TASKS
+from harness.repetition import repetition_share
 from harness.report import load_runs, metrics
 from harness.results import Record, RunDir, cpu_name, git_commit, package_versions, resume_key
-from methods.base import Method, StopRule
+from methods.base import Method, StopRule, StopStrings
 from tasks.base import Sample, Task, TaskConfig, render_prompt
 
 REFERENCE = "autoregressive"
@@ -102,11 +107,29 @@ def make_manifest(exp: Experiment, engine: Engine) -> dict:
         },
         "seed": exp.run.seed,
         "reference": f"greedy {REFERENCE} of the same model ({model_label(engine)})",
+        "execution": execution_mode(engine),
     }
+
+
+def execution_mode(engine: Engine) -> dict:
+    """How forwards run (model.compile): leaderboards show it and refuse to merge modes."""
+    if engine.compiled is None:
+        return {"mode": "eager"}
+    c = engine.compiled
+    return {"mode": "compiled", "buckets": list(c.buckets), "static_cache_len": c.static_len,
+            "backend": "inductor, CUDA graphs" if c.cuda else "inductor"}  # fmt: skip
 
 
 def encode(engine: Engine, text: str) -> list[int]:
     return engine.tokenizer(text).input_ids
+
+
+def stop_strings(engine: Engine, task: Task, sample: Sample) -> Optional[StopStrings]:
+    """The sample's stop strings, matched in the output decoded as ``Record.text`` is; None if none."""
+    strings = task.stop_strings(sample)
+    if not strings:
+        return None
+    return StopStrings(strings, lambda ids: engine.tokenizer.decode(ids, skip_special_tokens=True))
 
 
 def run(exp: Experiment, log: Callable[[str], None] = print) -> RunResult:
@@ -124,11 +147,14 @@ def run(exp: Experiment, log: Callable[[str], None] = print) -> RunResult:
     rundir = RunDir(out)
     run_key = resume_key(exp.config)
     resumed = rundir.check(run_key, settings.force)  # fail fast, before loading anything
-    records, notices = rundir.records(drop_corrupt=settings.drop_corrupt)
+    if settings.execute:
+        sandbox_isolation(settings)  # refuse weak isolation before generating anything
+    records, notices = rundir.records(repair=True, drop_corrupt=settings.drop_corrupt)  # the only writer
 
     engine = Engine.load(exp.model)
     methods = build_methods(exp, engine)
-    check_context(engine, samples, settings.max_new_tokens)
+    check_context(engine, methods, samples, settings.max_new_tokens)
+    fit_static_caches(engine, methods, samples, settings.max_new_tokens)
     if not resumed:
         rundir.create(make_manifest(exp, engine), run_key)
     done = {r.key: r for r in records}
@@ -142,27 +168,38 @@ def run(exp: Experiment, log: Callable[[str], None] = print) -> RunResult:
         log(f"resuming {out}: {skipped} of {total} (method, sample, turn) records already done, {pending} to run")
 
     if pending:
-        warm_up(engine, methods, samples[0], settings)
+        warm_up(engine, methods, samples[0], settings, log)
     bar = tqdm(total=pending, desc="decoding", unit="gen", disable=not settings.progress, dynamic_ncols=True)
     for index, sample in enumerate(samples):
-        order = rotate([m for m in methods if m != REFERENCE], index)
+        order = rotate(list(methods), index)  # the reference rotates with the others
         replies: list[str] = []
         for turn in range(len(sample.turns)):
             prompt_ids = encode(engine, render_prompt(sample, turn, replies, engine.tokenizer))
-            check_length(engine, sample, turn, len(prompt_ids), settings.max_new_tokens)
-            stop = StopRule(settings.max_new_tokens, frozenset(engine.eos_ids))
+            check_length(engine, methods, sample, turn, len(prompt_ids), settings.max_new_tokens)
+            stop = StopRule(settings.max_new_tokens, frozenset(engine.eos_ids), stop_strings(engine, task, sample))
             seed = settings.seed + index
             reference = done.get((REFERENCE, task_name, sample.id, turn))
-            for name in [REFERENCE] + order:
-                key = (name, task_name, sample.id, turn)
-                if key in done:
+            waiting: list[Record] = []  # finished, not yet compared: appended once the reference exists
+            for position, name in enumerate(order):
+                if (name, task_name, sample.id, turn) in done:
                     continue
-                record = run_one(exp, engine, methods[name], name, sample, turn, prompt_ids, stop, seed, reference)
-                rundir.append(record)
-                done[key] = record
+                graphs = compile_count() if engine.compiled is not None else 0
+                record = run_one(exp, engine, methods[name], name, sample, turn, prompt_ids, stop, seed, position)
+                if engine.compiled is not None and compile_count() > graphs:  # should not happen: say so
+                    log(f"notice: {name} compiled {compile_count() - graphs} graph(s) inside the timer on sample {sample.id}")
+                bar.update(1)
                 if name == REFERENCE:
                     reference = record
-                bar.update(1)
+                    waiting.insert(0, record)  # written first, so a record never precedes its reference
+                else:
+                    waiting.append(record)
+                if reference is None:
+                    continue
+                for finished in waiting:
+                    finished = check(exp, engine, finished, prompt_ids, reference)
+                    rundir.append(finished)
+                    done[finished.key] = finished
+                waiting = []
             replies.append(reference.text)
     bar.close()
     if settings.execute:
@@ -172,17 +209,29 @@ def run(exp: Experiment, log: Callable[[str], None] = print) -> RunResult:
 
 
 def execute(rundir: RunDir, samples: list[Sample], records: list[Record], settings: RunSettings, log) -> None:
-    """Judge every completion against its task's tests in the sandbox (harness/execution.py)."""
+    """Judge every completion against its task's tests in the sandbox (harness/execution/)."""
     from harness.execution import score_records
 
     if not any("test" in s.meta for s in samples):
         raise HarnessError("run.execute=true needs a task with tests (humaneval, humaneval-x)")
-    log(f"executing {len(records)} completions in the sandbox ...")
-    results = score_records({s.id: s for s in samples}, records, workers=settings.execute_workers)
-    rundir.write_execution(results)
+    iso = sandbox_isolation(settings)
+    log(f"executing {len(records)} completions in the sandbox: {iso.describe()}")
+    results = score_records({s.id: s for s in samples}, records, workers=settings.execute_workers, iso=iso)
+    rundir.write_execution(results, iso.as_dict())
     skipped = {r["detail"] for r in results if r["status"] == "skipped"}
     for reason in sorted(skipped):
         log(f"skipped: {reason}")
+
+
+def sandbox_isolation(settings: RunSettings):
+    """The sandbox's isolation (``harness.execution.Isolation``) for ``run.execute=true``;
+    below full isolation a HarnessError unless ``run.execute_isolation=weak`` accepts it."""
+    from harness.execution import IsolationError, require_isolation
+
+    try:
+        return require_isolation(settings.execute_isolation)
+    except IsolationError as e:
+        raise HarnessError(str(e)) from None
 
 
 def rotate(items: list[str], k: int) -> list[str]:
@@ -192,28 +241,66 @@ def rotate(items: list[str], k: int) -> list[str]:
     return items[k:] + items[:k]
 
 
-def check_context(engine: Engine, samples: list[Sample], max_new_tokens: int) -> None:
+def check_context(engine: Engine, methods: dict[str, Method], samples: list[Sample], max_new_tokens: int) -> None:
     """Fail before any work if a first-turn prompt cannot fit with max_new_tokens."""
     for sample in samples:
         ids = encode(engine, render_prompt(sample, 0, [], engine.tokenizer))
-        check_length(engine, sample, 0, len(ids), max_new_tokens)
+        check_length(engine, methods, sample, 0, len(ids), max_new_tokens)
 
 
-def check_length(engine: Engine, sample: Sample, turn: int, prompt_tokens: int, max_new_tokens: int) -> None:
-    if prompt_tokens + max_new_tokens > engine.max_length:
+def check_length(
+    engine: Engine, methods: dict[str, Method], sample: Sample, turn: int, prompt_tokens: int, max_new_tokens: int
+) -> None:
+    """Refuse a prompt whose tokens, max_new_tokens and the positions a method's steps use past
+    the output (``Method.headroom``: a Medusa tree's depth, a SPACE chunk's masks) pass the
+    model's context: no method ever feeds a position beyond it."""
+    name, headroom = max(((n, m.headroom()) for n, m in methods.items()), key=lambda x: x[1])
+    if prompt_tokens + max_new_tokens + headroom > engine.max_length:
+        room = f" + {headroom} positions for {name}'s steps" if headroom else ""
         raise HarnessError(
-            f"sample {sample.id} turn {turn}: prompt of {prompt_tokens} tokens + max_new_tokens {max_new_tokens} "
+            f"sample {sample.id} turn {turn}: prompt of {prompt_tokens} tokens + max_new_tokens {max_new_tokens}{room} "
             f"exceeds the model's context of {engine.max_length}; lower --max-new-tokens or --limit/filter the task"
         )
 
 
-def warm_up(engine: Engine, methods: dict[str, Method], sample: Sample, settings: RunSettings) -> None:
-    """Generate a few tokens per method, untimed and discarded (allocator, caches, lazy init)."""
+def warm_up(engine: Engine, methods: dict[str, Method], sample: Sample, settings: RunSettings, log=print) -> None:
+    """Generate a few tokens per method, untimed and discarded (allocator, caches, lazy init).
+
+    model.compile=true: at least one round (a method's own compiled parts, e.g. Medusa heads,
+    compile there), then every bucket of each compiled engine that ran a forward, so no
+    compilation happens inside a timer (engines only transformers' generate drives are skipped).
+    """
     prompt_ids = encode(engine, render_prompt(sample, 0, [], engine.tokenizer))
     stop = StopRule(settings.warmup_tokens, frozenset(engine.eos_ids))
-    for _ in range(settings.warmup):
+    compiled = compiled_engines(engine, methods)
+    start, graphs = time.perf_counter(), compile_count() if compiled else 0
+    for _ in range(max(settings.warmup, 1 if compiled else 0)):
         for method in methods.values():
             method.generate(prompt_ids, stop, seed=settings.seed)
+    for e in compiled:
+        if e.forwards:
+            e.compiled.warm_up()
+    if compiled:
+        log(f"compiled mode: {compile_count() - graphs} graphs compiled in {time.perf_counter() - start:.0f} s "
+            "(warm-up, untimed)")  # fmt: skip
+
+
+def compiled_engines(engine: Engine, methods: dict[str, Method]) -> list[Engine]:
+    """The target and the methods' draft engines that run compiled (model.compile=true)."""
+    engines = [engine] + [d for m in methods.values() for d in m.draft_engines()]
+    return [e for e in engines if e.compiled is not None]
+
+
+def fit_static_caches(engine: Engine, methods: dict[str, Method], samples: list[Sample], max_new_tokens: int) -> None:
+    """model.compile=true with model.compile_cache_len=0: size each compiled engine's static KV
+    cache for the longest first-turn prompt + max_new_tokens (+ padding, harness/compiled.py).
+    A longer later-turn prompt grows it, with a warning (and recompiles)."""
+    engines = [e for e in compiled_engines(engine, methods) if not e.cfg.compile_cache_len]
+    if not engines:
+        return
+    longest = max(len(encode(engine, render_prompt(s, 0, [], engine.tokenizer))) for s in samples)
+    for e in engines:
+        e.compiled.reserve(longest + max_new_tokens)
 
 
 def run_one(
@@ -226,26 +313,25 @@ def run_one(
     prompt_ids: list[int],
     stop: StopRule,
     seed: int,
-    reference: Optional[Record],
+    position: int,
 ) -> Record:
-    drafts = method.draft_engines()
-    for e in [engine] + drafts:
-        e.forward_log = []
-    engine.reset_peak_memory()
-    start = engine.clock()
-    gen = method.generate(prompt_ids, stop, seed=seed)
-    wall = engine.clock() - start
-    peak = engine.peak_memory_bytes()
-    target_log, draft_log = engine.forward_log, [entry for e in drafts for entry in e.forward_log]
-    for e in [engine] + drafts:
-        e.forward_log = None
+    """One timed generation, as a record not yet compared with the reference (see ``check``).
 
-    checked = not exp.sampling.do_sample and not gen.lossy
-    fields: dict = {"status": NOT_CHECKED}
-    if checked and name == REFERENCE:
-        fields = {"status": EXACT}
-    elif checked and reference is not None:
-        fields = asdict(compare(engine, prompt_ids, reference.tokens, gen.tokens, exp.run.tie_margin))
+    The device is synchronised only before and after the generation; per-forward times come
+    from the engines' timers (CUDA events on a GPU, read after the generation).
+    """
+    engines = [engine] + method.draft_engines()
+    engine.reset_peak_memory()
+    for e in engines:
+        e.start_timing()
+    try:
+        start = engine.clock()
+        gen = method.generate(prompt_ids, stop, seed=seed)
+        wall = engine.clock() - start
+    finally:
+        target_log, *draft_logs = [e.stop_timing() for e in engines]
+    peak = engine.peak_memory_bytes()
+    draft_log = [entry for log in draft_logs for entry in log]
     return Record(
         method=name,
         task=exp.task.name,
@@ -270,6 +356,20 @@ def run_one(
         language=sample.language,
         category=sample.category,
         seed=seed,
+        stop_reason=gen.stop_reason,
+        repetition=repetition_share(prompt_ids, gen.tokens),
+        run_order=position,
         extra=gen.extra,
-        **fields,
+        status=NOT_CHECKED,  # until check()
     )
+
+
+def check(exp: Experiment, engine: Engine, record: Record, prompt_ids: list[int], reference: Record) -> Record:
+    """``record`` with its losslessness fields: greedy, non-lossy outputs against the reference's
+    tokens (one extra forward at a first difference, outside any timer); others not-checked."""
+    if exp.sampling.do_sample or record.lossy:
+        return replace(record, status=NOT_CHECKED)
+    if record.method == REFERENCE:
+        return replace(record, status=EXACT)
+    verdict = compare(engine, prompt_ids, reference.tokens, record.tokens, exp.run.tie_margin)
+    return replace(record, **asdict(verdict))

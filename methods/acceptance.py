@@ -228,4 +228,5 @@ class ChainVerifier:
             proposed_per_position=self.proposed,
             accepted_per_position=self.accepted,
             extra={**stats, **(extra or {})},
+            stop_reason=self.out.reason,
         )

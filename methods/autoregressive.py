@@ -37,4 +37,6 @@ class Autoregressive(Method):
                 break
             logits = engine.forward([token], cache, last_only=True).logits[-1]
             forwards += 1
-        return Generation(tokens=out.tokens, target_forwards=forwards, accepted_per_step=[1] * forwards)
+        return Generation(
+            tokens=out.tokens, target_forwards=forwards, accepted_per_step=[1] * forwards, stop_reason=out.reason
+        )

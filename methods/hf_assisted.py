@@ -5,13 +5,14 @@ exactly as there), with the draft length and schedule set explicitly, and the
 confidence threshold at 0 by default so every step drafts ``num_assistant_tokens``
 tokens as ``speculative`` does (transformers' default threshold 0.4 stops most drafts
 early). Forward counts come from forward pre-hooks on both models; tokens committed
-per step are not exposed by ``generate``, so ``accepted_per_step`` stays empty, and
-since transformers runs both models itself the engines' per-forward timings stay empty
-too (``draft_engines`` is left empty).
+per step are not exposed by ``generate``, so ``accepted_per_step`` stays empty. Per-forward
+times of both models come from the engines' timers through forward hooks
+(``Engine.timing_calls``), as for every other method.
 """
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Optional
 
@@ -43,6 +44,9 @@ class HFAssisted(Method):
         require_greedy(cfg.name, sampling)
         self.draft = load_draft(cfg, engine, draft)
 
+    def draft_engines(self) -> list[Engine]:
+        return [] if self.draft is self.engine else [self.draft]
+
     def generate(self, prompt_ids: list[int], stop: StopRule, seed: int = 0) -> Generation:
         cfg = self.cfg
         # transformers reads these from the assistant's own generation config and writes the
@@ -52,6 +56,9 @@ class HFAssisted(Method):
             num_assistant_tokens_schedule=cfg.num_assistant_tokens_schedule,
             assistant_confidence_threshold=cfg.assistant_confidence_threshold,
         )
-        with counting_calls(self.engine.model, self.draft.model) as counts:
-            tokens = hf_generate(self.engine, prompt_ids, stop, assistant_model=self.draft.model)
-        return Generation(tokens=tokens, target_forwards=counts[0], draft_forwards=counts[1])
+        draft_timing = self.draft.timing_calls() if self.draft_engines() else nullcontext()  # a separate draft
+        with counting_calls(self.engine.model, self.draft.model) as counts, draft_timing:
+            out = hf_generate(self.engine, prompt_ids, stop, assistant_model=self.draft.model)
+        return Generation(
+            tokens=out.tokens, target_forwards=counts[0], draft_forwards=counts[1], stop_reason=out.reason
+        )

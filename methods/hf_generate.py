@@ -4,6 +4,14 @@ It uses transformers' cache and loop rather than the execution layer's, so agree
 with ``autoregressive`` shows the baseline is right, and its speed shows the baseline
 is not a strawman. ``hf_generate`` is shared with the other wrappers of ``generate``
 (hf-assisted, hf-prompt-lookup).
+
+Stop strings: ``generate`` gets a ``StoppingCriteria`` that runs the same ``StopStrings``
+rule on the generated tokens only, and its output then goes through the shared
+``Committer``, so a wrapper ends at exactly the token our methods end at. Both steps are
+needed: transformers checks stopping criteria only after a whole accepted block (assisted
+and prompt-lookup generation can run past a stop inside a block), and its own
+``stop_strings`` (``StopStringCriteria``) also matches a stop string that spans the seam
+between prompt and output, which the shared rule does not count.
 """
 
 from __future__ import annotations
@@ -13,11 +21,11 @@ from dataclasses import dataclass
 from typing import Iterator
 
 import torch
-from transformers import GenerationConfig
+from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
 from harness.config import MethodConfig, SamplingConfig
 from harness.engine import Engine
-from methods.base import Generation, Method, StopRule
+from methods.base import Committer, Generation, Method, StopRule, StopStrings
 
 
 @dataclass
@@ -25,10 +33,32 @@ class HFGenerateConfig(MethodConfig):
     name: str = "hf-generate"
 
 
+class GeneratedStopStrings(StoppingCriteria):
+    """``StopStrings`` as a transformers stopping criterion, on the tokens after the prompt.
+
+    transformers calls it after every step with the whole sequence; the tokens added since
+    the last call (one, or an accepted block) are checked one by one, so it says "stop" once
+    any of them has completed a stop string. Where in the block is left to the ``Committer``.
+    """
+
+    def __init__(self, strings: StopStrings, prompt_length: int):
+        self.strings, self.prompt_length = strings, prompt_length
+        self.checked = 0  # generated tokens checked so far
+        self.fired = False
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
+        new = input_ids[0, self.prompt_length :].tolist()  # batch size 1
+        while not self.fired and self.checked < len(new):
+            self.checked += 1
+            self.fired = self.strings.completed_by(new[: self.checked]) is not None
+        return torch.full((input_ids.shape[0],), self.fired, dtype=torch.bool, device=input_ids.device)
+
+
 def hf_generate(
     engine: Engine, prompt_ids: list[int], stop: StopRule, options: dict | None = None, **generate_kwargs
-) -> list[int]:
-    """Greedy ``model.generate`` under ``stop``; returns the new token ids.
+) -> Committer:
+    """Greedy ``model.generate`` under ``stop``; returns its new tokens committed under
+    ``stop`` (``.tokens``, and ``.reason`` for the stop that ended them).
 
     options: extra GenerationConfig fields (prompt_lookup_num_tokens=...);
     generate_kwargs: extra ``generate`` arguments (assistant_model=...).
@@ -43,11 +73,16 @@ def hf_generate(
         pad_token_id=_pad_id(engine, stop),
         **(options or {}),
     )
-    with torch.inference_mode():
+    if stop.strings:
+        criterion = GeneratedStopStrings(stop.strings, len(prompt_ids))
+        generate_kwargs["stopping_criteria"] = StoppingCriteriaList([criterion])
+    with torch.inference_mode(), engine.timing_calls():  # per-forward times, as the engine's own forwards
         out = engine.model.generate(
             input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config, **generate_kwargs
         )
-    return out[0, len(prompt_ids) :].tolist()
+    committed = Committer(stop)
+    committed.add(out[0, len(prompt_ids) :].tolist())
+    return committed
 
 
 @contextmanager
@@ -81,8 +116,9 @@ class HFGenerate(Method):
 
     def generate(self, prompt_ids: list[int], stop: StopRule, seed: int = 0) -> Generation:
         require_greedy(self.cfg.name, self.sampling)
-        tokens = hf_generate(self.engine, prompt_ids, stop)
-        return Generation(tokens=tokens, target_forwards=len(tokens), accepted_per_step=[1] * len(tokens))
+        out = hf_generate(self.engine, prompt_ids, stop)
+        n = len(out.tokens)
+        return Generation(tokens=out.tokens, target_forwards=n, accepted_per_step=[1] * n, stop_reason=out.reason)
 
 
 def _pad_id(engine, stop: StopRule) -> int:

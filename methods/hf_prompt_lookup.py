@@ -37,5 +37,5 @@ class HFPromptLookup(Method):
             max_matching_ngram_size=self.cfg.max_matching_ngram_size,
         )
         with counting_calls(self.engine.model) as counts:
-            tokens = hf_generate(self.engine, prompt_ids, stop, options)
-        return Generation(tokens=tokens, target_forwards=counts[0])
+            out = hf_generate(self.engine, prompt_ids, stop, options)
+        return Generation(tokens=out.tokens, target_forwards=counts[0], stop_reason=out.reason)

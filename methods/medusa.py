@@ -155,7 +155,8 @@ class Medusa(Method):
 
             lm_head = engine.model.get_output_embeddings().weight
             heads = load_heads(resolve_repo_path(cfg.heads), hidden_size=lm_head.shape[1], vocab_size=lm_head.shape[0])
-        self.heads = heads.to(device=engine.device, dtype=engine.dtype).eval()
+        # compiled too when the engine is (model.compile=true): one graph, the input is always [1, hidden]
+        self.heads = engine.compile_module(heads.to(device=engine.device, dtype=engine.dtype).eval())
         self.tree = build_tree(tree_choices(cfg), str(engine.device))
         if self.tree.max_depth > heads.num_heads:
             raise TreeError(f"the tree is {self.tree.max_depth} deep but there are only {heads.num_heads} Medusa heads")
@@ -164,9 +165,15 @@ class Medusa(Method):
     def generate(self, prompt_ids: list[int], stop: StopRule, seed: int = 0) -> Generation:
         return self.decode(prompt_ids, stop, seed)[0]
 
+    def headroom(self) -> int:
+        """A step's nodes sit up to the tree's depth past the last committed token: the deepest
+        ones of the last step reach depth - 1 positions past a full-length output."""
+        return self.tree.max_depth - 1
+
     @torch.inference_mode()
     def decode(self, prompt_ids: list[int], stop: StopRule, seed: int = 0) -> tuple[Generation, KVCache]:
         """The loop; also returns the cache, which then holds prompt + tokens but the last."""
+        self.check_context(len(prompt_ids), stop)
         engine, tree, out = self.engine, self.tree, Committer(stop)
         gen = make_generator(seed, engine.device) if self.sampling.do_sample else None
         cache = engine.new_cache()
@@ -204,6 +211,7 @@ class Medusa(Method):
             lossy=self.cfg.acceptance == "typical",
             extra={"tree": self.tree_name, "tree_size": tree.size, "tree_depth": tree.max_depth,
                    "acceptance": self.mode},  # fmt: skip
+            stop_reason=out.reason,
         )
         return result, cache
 

@@ -157,7 +157,12 @@ class Space(Method):
         self._verify_rows = torch.tensor(self.layout.verify_rows, device=dev)
         self._groups = torch.tensor(self.layout.groups, device=dev)  # [k+1, k]
 
+    def headroom(self) -> int:
+        """The chunk's last masks sit 2k positions after x_{n-1}: 2k - 1 past a full-length output."""
+        return 2 * self.k - 1
+
     def generate(self, prompt_ids: list[int], stop: StopRule, seed: int = 0) -> Generation:
+        self.check_context(len(prompt_ids), stop)
         engine, k, mask_id = self.engine, self.k, self.mask_id
         do_sample = self.sampling.do_sample
         gen = make_generator(seed, engine.device) if do_sample else None
@@ -209,6 +214,7 @@ class Space(Method):
             proposed_per_position=proposed,
             accepted_per_position=accepted,
             extra={"k": k, "mask_id": mask_id, "chunk_tokens": self.layout.length},
+            stop_reason=out.reason,
         )
 
     def propose(self, group_logits: torch.Tensor, seq: list[int]) -> torch.Tensor:

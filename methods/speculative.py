@@ -51,7 +51,9 @@ def draft_model_config(name: Optional[str], target: Engine, method: str = "specu
             f"no draft model for target '{target.cfg.name}'; set method.{method}.draft=<model preset, hub id or path>"
         )
     base = MODELS.get(name) if name in MODELS.names() else ModelConfig(name=name, path=name)
-    return dataclasses.replace(base, device=str(target.device), dtype=target.cfg.dtype)
+    # the draft runs like the target: same device, dtype and execution mode (model.compile)
+    return dataclasses.replace(base, device=str(target.device), dtype=target.cfg.dtype, compile=target.cfg.compile,
+                               compile_buckets=list(target.cfg.compile_buckets))  # fmt: skip
 
 
 def check_same_vocabulary(target: Engine, draft: Engine) -> None:

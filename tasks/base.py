@@ -8,13 +8,18 @@ from __future__ import annotations
 
 import gzip
 import json
+import math
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 from harness.paths import DATA_ENV
+
+
+SPLITS = ("all", "tune", "report")  # task.split values
 
 
 class TaskDataError(Exception):
@@ -27,6 +32,13 @@ class TaskConfig:
     limit: Optional[int] = None  # at most this many samples (per language for humaneval-x)
     shard: int = 0  # run only shard `shard` of `num_shards` (samples shard, shard+N, ...; after limit)
     num_shards: int = 1  # split the task into this many disjoint shards (merge with `harness leaderboard`)
+    # all | tune (the samples settings are chosen on: `make tables`) | report (the rest: published
+    # figures); applied before limit and shard, each task's rule in its ``tune_flags``
+    split: str = "all"
+    # generation also ends at the first of these strings in the output text (see methods/base.py
+    # StopStrings); None = the task's default (Task.default_stop), [] = no stop strings;
+    # \n, \t, \r and \\ are read as escapes (a command line cannot easily hold a newline)
+    stop: Optional[list[str]] = None
 
 
 @dataclass
@@ -46,20 +58,62 @@ class Task:
 
     def __init__(self, cfg: TaskConfig):
         self.cfg = cfg
+        if cfg.stop is not None and any(not isinstance(s, str) or not s for s in cfg.stop):
+            raise TaskDataError(f"task.stop={list(cfg.stop)!r} holds an empty string; drop it (task.stop=[] for none)")
 
     def load(self) -> list[Sample]:
         """All samples of the task, filters applied, before ``limit``."""
         raise NotImplementedError
 
     def samples(self) -> list[Sample]:
-        """The samples to run: filters, then ``limit``, then this run's shard."""
+        """The samples to run: filters, then the split, then ``limit``, then this run's shard."""
         n, i = self.cfg.num_shards, self.cfg.shard
         if n < 1 or not 0 <= i < n:
             raise TaskDataError(f"task.shard={i} task.num_shards={n}: need num_shards >= 1 and 0 <= shard < num_shards")
-        return self.apply_limit(self.load())[i::n]
+        if self.cfg.limit is not None and self.cfg.limit < 1:  # a negative limit would slice from the end
+            raise TaskDataError(f"--limit {self.cfg.limit} (task.limit): a limit must be at least 1 sample; "
+                                "leave --limit out to run every sample")  # fmt: skip
+        return self.apply_limit(self.apply_split(self.load()))[i::n]
+
+    def apply_split(self, samples: list[Sample]) -> list[Sample]:
+        """The samples of ``task.split`` (all | tune | report), in their order."""
+        split = self.cfg.split
+        if split not in SPLITS:
+            raise TaskDataError(
+                f"task.split={split!r}: use all, tune (the samples settings are chosen on) or report (the rest)"
+            )
+        if split == "all":
+            return samples
+        tune = self.tune_flags(samples)
+        return [s for s, is_tune in zip(samples, tune) if is_tune == (split == "tune")]
+
+    def tune_flags(self, samples: list[Sample]) -> list[bool]:
+        """Which of ``samples`` (the whole task, filters applied) form the tuning split.
+
+        Default: the first quarter (rounded up) in file order. Tasks with problem numbers or
+        groups override it, so that a sample's split never depends on the filters.
+        """
+        quarter = math.ceil(len(samples) / 4)
+        return [i < quarter for i in range(len(samples))]
 
     def apply_limit(self, samples: list[Sample]) -> list[Sample]:
         return samples if self.cfg.limit is None else samples[: self.cfg.limit]
+
+    def stop_strings(self, sample: Sample) -> tuple[str, ...]:
+        """The stop strings for ``sample``: ``task.stop`` when set (``[]``: none), else the default."""
+        return self.default_stop(sample) if self.cfg.stop is None else tuple(unescape(s) for s in self.cfg.stop)
+
+    def default_stop(self, sample: Sample) -> tuple[str, ...]:
+        """Stop strings when ``task.stop`` is not set; none unless a task says otherwise."""
+        return ()
+
+
+ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}
+
+
+def unescape(text: str) -> str:
+    """``text`` with the escapes ``\\n``, ``\\t``, ``\\r`` and ``\\\\`` replaced; other backslashes kept."""
+    return re.sub(r"\\(.)", lambda m: ESCAPES.get(m.group(1), m.group(0)), text, flags=re.S)
 
 
 def data_not_found(

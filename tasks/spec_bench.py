@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -79,3 +81,14 @@ class SpecBench(Task):
             wanted = set(self.cfg.categories)
             samples = [s for s in samples if s.category in wanted]
         return samples
+
+    def tune_flags(self, samples: list[Sample]) -> list[bool]:
+        """The first quarter (rounded up) of every category in file order: 3 of each MT-bench
+        category's 10 questions, 20 of each other task's 80 (124 of 480); the rest report."""
+        size = Counter(s.category for s in samples)
+        seen: Counter[Optional[str]] = Counter()
+        flags = []
+        for s in samples:
+            flags.append(seen[s.category] < math.ceil(size[s.category] / 4))
+            seen[s.category] += 1
+        return flags

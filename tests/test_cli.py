@@ -70,6 +70,32 @@ def test_resume_skips_finished_pairs(model_dir, prompts, tmp_path, capsys):
     assert [r["sample_id"] for r in read_records(out)] == ["p0", "p1", "p2", "p3"]
 
 
+def test_reference_rotates_with_the_others_and_every_record_is_compared(model_dir, prompts, tmp_path):
+    out = tmp_path / "run"
+    args = base_args(model_dir, prompts, out) + ["--methods", "hf-generate,prompt-lookup", "--limit", "4"]
+    assert main(args) == 0
+    records = read_records(out)
+    methods = ["autoregressive", "hf-generate", "prompt-lookup"]
+    for r in records:  # sample i runs the methods rotated by i, the reference included
+        i = int(r["sample_id"][1:])
+        assert r["run_order"] == (methods.index(r["method"]) - i) % 3
+    assert [r["run_order"] for r in records if r["method"] == "autoregressive"] == [0, 2, 1, 0]
+    # records that ran before the reference (p1: both, p2: prompt-lookup) were compared once it
+    # existed (not-checked otherwise), and written after it
+    assert all(r["status"] == "exact" for r in records)
+    for sample in ("p0", "p1", "p2", "p3"):
+        assert [r["method"] for r in records if r["sample_id"] == sample][0] == "autoregressive"
+    # resume where a sample's reference is missing: only it runs again, the others are kept
+    lines = (out / "samples.jsonl").read_text().splitlines()
+    dropped = [line for line in lines if '"sample_id": "p2"' in line and '"method": "autoregressive"' in line]
+    assert len(dropped) == 1
+    (out / "samples.jsonl").write_text("\n".join(line for line in lines if line not in dropped) + "\n")
+    assert main(args) == 0
+    again = read_records(out)
+    assert len(again) == 12 and again[:-1] == [r for r in records if r["sample_id"] != "p2" or r["method"] != "autoregressive"]
+    assert again[-1]["method"] == "autoregressive" and again[-1]["sample_id"] == "p2" and again[-1]["status"] == "exact"
+
+
 def test_refuses_other_config_unless_forced(model_dir, prompts, tmp_path, capsys):
     out = tmp_path / "run"
     assert main(base_args(model_dir, prompts, out, n=8) + ["--limit", "1"]) == 0
@@ -120,6 +146,9 @@ def test_corrupt_line_is_named_and_can_be_moved_aside(model_dir, prompts, tmp_pa
         (["--methods", "nope"], "unknown method 'nope'; valid methods: autoregressive"),
         (["--task", "nope"], "unknown task 'nope'; valid tasks:"),
         (["--max-new-tokens", "0"], "max_new_tokens must be positive"),
+        (["--limit", "-3"], "--limit -3 (task.limit): a limit must be at least 1 sample"),  # not a slice from the end
+        (["--limit", "0"], "--limit 0 (task.limit): a limit must be at least 1 sample"),
+        (["task.limit=-1"], "--limit -1 (task.limit): a limit must be at least 1 sample"),
         (["no_such_key=1"], "bad config override"),
         (["task.no_such_field=1"], "bad config override"),
     ],
@@ -135,7 +164,17 @@ def test_bad_model_is_one_line(prompts, tmp_path, capsys):
     assert "unknown model 'nosuchmodel'" in capsys.readouterr().err
     assert main(base_args(tmp_path / "missing-dir", prompts, tmp_path / "b")) == 2
     err = capsys.readouterr().err.strip()
-    assert "cannot load model" in err and len(err.splitlines()) == 1
+    assert f"model path '{tmp_path / 'missing-dir'}' does not exist" in err and len(err.splitlines()) == 1
+    assert "zoo-target" in err and "random-tiny" in err and "repo id" not in err  # the presets, not the hub's rule
+
+
+@pytest.mark.parametrize("override", ["model.draft=/no/such/dir", "method.speculative.draft=/no/such/dir"])
+def test_missing_draft_path_is_named_with_the_presets(model_dir, prompts, tmp_path, capsys, override):
+    args = base_args(model_dir, prompts, tmp_path / "run") + ["--methods", "speculative", "--limit", "1", override]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert "model path '/no/such/dir' does not exist" in err and len(err.splitlines()) == 1
+    assert "zoo-draft" in err and "Traceback" not in err
 
 
 def test_prompt_longer_than_context(model_dir, tmp_path, capsys):

@@ -1,18 +1,25 @@
-"""Sandboxed execution of generated code, completion truncation and pass@k.
+"""Sandboxed execution of generated code, completion cutting, pass semantics and pass@k.
 
-Hostile programs (endless loop, fork bomb, memory hog, output flood, writes outside the work
-directory, a socket to a port this test listens on, signals to everything) must be contained;
-reference solutions must pass and wrong ones fail in every language whose toolchain is present.
+Hostile programs (endless loop, fork bomb, memory hog, output flood, ``rm -rf`` outside the
+work directory, reads of /etc/shadow, the repository and other runs, a socket to the host,
+signals to everything, leftover background processes, early exit with success status) must
+be contained and judged right; reference solutions must pass and wrong ones fail in every
+language. The containment tests need full isolation (bubblewrap, seccomp, a dedicated uid
+when root): where the machine lacks it they say what is missing; CI installs it (.ci/run).
 Kept small for a loaded two-core machine: all 164 HumanEval problems in Python, a few per
 other language.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import secrets
+import shutil
 import socket
+import stat
+import tempfile
 import threading
 import time
 from fractions import Fraction
@@ -21,10 +28,17 @@ from pathlib import Path
 import pytest
 
 from harness import execution as ex
+from harness.execution import sandbox as sandbox_module
+from harness.execution import toolchains as toolchains_module
 from harness.paths import REPO_ROOT, default_data_dir
 from tasks.base import Sample, TaskDataError
 
 FAST = ex.Limits(timeout_s=3.0, compile_timeout_s=60.0, memory_mb=256, max_processes=32)
+
+
+def python(code: str) -> ex.Program:
+    """A bare Python program (no marker: judged by its exit status)."""
+    return ex.Program("python", {"main.py": code})
 
 
 @pytest.fixture(scope="module")
@@ -32,27 +46,40 @@ def iso() -> ex.Isolation:
     return ex.isolation()
 
 
-def sandbox_pids() -> list[int]:
-    """Processes (any state but zombie) owned by a sandbox uid."""
-    lo, hi = ex.SANDBOX_UID_BASE, ex.SANDBOX_UID_BASE + ex.SANDBOX_SLOTS
+@pytest.fixture(scope="module")
+def full(iso) -> ex.Isolation:
+    """Full isolation, or the test says what this machine lacks (CI has it: .ci/run)."""
+    if iso.level != ex.FULL:
+        pytest.skip(f"full isolation unavailable here: {'; '.join(iso.missing)}")
+    return iso
+
+
+def named(name: str) -> list[int]:
+    """Live processes (not zombies) whose name (``/proc/PID/comm``, set with PR_SET_NAME and
+    inherited by forks) is ``name``: a test's own processes, whatever else runs on the machine."""
     pids = []
     for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
         try:
-            status = Path(f"/proc/{entry.name}/status").read_text()
+            if entry.name.isdigit() and Path(f"/proc/{entry.name}/comm").read_text().strip() == name:
+                if Path(f"/proc/{entry.name}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+                    pids.append(int(entry.name))
         except OSError:
             continue
-        fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
-        uid = int(fields.get("Uid", "0").split()[0])
-        if lo <= uid < hi and not fields.get("State", "").strip().startswith("Z"):
-            pids.append(int(entry.name))
     return pids
 
 
-def work_dirs() -> set[str]:
-    import tempfile
+def none_left(name: str) -> bool:
+    deadline = time.monotonic() + 5
+    while named(name) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return named(name) == []
 
+
+def process_name() -> str:
+    return "t" + secrets.token_hex(5)  # comm holds 15 characters
+
+
+def work_dirs() -> set[str]:
     return {p.name for p in Path(tempfile.gettempdir()).glob("spec-harness-exec-*")}
 
 
@@ -74,24 +101,46 @@ def test_pass_at_k_hand_computed():
             ex.pass_at_k(*bad)
 
 
-def test_pass_at_k_table_groups_by_method_and_language():
+def test_pass_at_k_table_groups_and_states_its_denominators():
     rows = []
     for method, verdicts in [("a", {"P/0": ["passed", "failed"], "P/1": ["failed", "failed"]}), ("b", {"P/0": ["passed", "passed"]})]:
         for sid, statuses in verdicts.items():
-            rows += [{"method": method, "task": "t", "language": "python", "sample_id": sid, "status": s} for s in statuses]
-    rows.append({"method": "a", "task": "t", "language": "go", "sample_id": "G/0", "status": "skipped"})
-    rows.append({"method": "a", "task": "t", "language": "go", "sample_id": "G/1", "status": "timeout"})
+            rows += [{"method": method, "task": "t", "language": "python", "sample_id": sid, "status": s, "isolation": "full"}
+                     for s in statuses]  # fmt: skip
+    rows.append({"method": "a", "task": "t", "language": "go", "sample_id": "G/0", "status": "skipped", "isolation": "weak"})
+    rows.append({"method": "a", "task": "t", "language": "go", "sample_id": "G/1", "status": "timeout", "isolation": "weak"})
+    rows.append({"method": "c", "task": "t", "language": "python", "sample_id": "P/0", "status": "passed"})  # old record
     table = {(r["method"], r["language"]): r for r in ex.pass_at_k_table(rows, ks=(1, 2))}
     a_py = table[("a", "python")]
-    assert a_py["problems"] == 2 and a_py["completions"] == 4 and a_py["passed"] == 1
+    assert (a_py["problems"], a_py["judged"], a_py["passed"], a_py["skipped"]) == (2, 4, 1, 0)
     assert a_py["pass@1"] == pytest.approx((0.5 + 0.0) / 2)
     assert a_py["pass@2"] == pytest.approx((1.0 + 0.0) / 2)
+    assert a_py["isolation"] == "full"
     assert table[("b", "python")]["pass@1"] == 1.0
     a_go = table[("a", "go")]
-    assert a_go["skipped"] == 1 and a_go["problems"] == 1 and a_go["pass@1"] == 0.0 and a_go["pass@2"] is None
+    assert (a_go["judged"], a_go["skipped"], a_go["pass@1"], a_go["pass@2"]) == (1, 1, 0.0, None)
+    assert a_go["isolation"] == "weak"
+    assert table[("c", "python")]["isolation"] == "unrecorded"
+    by_task = ex.pass_at_k_table(rows, keys=("method", "task"))
+    assert [(r["method"], r["judged"], r["skipped"]) for r in by_task] == [("a", 5, 1), ("b", 2, 0), ("c", 1, 0)]
 
 
-# --------------------------------------------------------------------------- truncation
+def test_pass_at_1_columns_and_label_state_denominators_and_isolation():
+    from harness.results import pass_at_1, pass_at_1_label
+
+    rows = [{"method": "m", "task": "t", "language": "python", "sample_id": f"P/{i}", "status": s, "isolation": "full"}
+            for i, s in enumerate(["passed", "failed"])]  # fmt: skip
+    rows.append({"method": "m", "task": "t", "language": "go", "sample_id": "G/0", "status": "skipped", "isolation": "weak"})
+    table = pass_at_1(rows, ["method", "task"])
+    row = table.iloc[0].to_dict()
+    assert (row["pass@1"], row["pass@1_judged"], row["pass@1_skipped"], row["pass@1_isolation"]) == (0.5, 2, 1, "full")
+    assert pass_at_1_label(row) == "0.500 (2 judged, 1 skipped)"
+    rows.append({"method": "m", "task": "t", "language": "go", "sample_id": "G/1", "status": "failed", "isolation": "weak"})
+    row = pass_at_1(rows, ["method", "task"]).iloc[0].to_dict()
+    assert pass_at_1_label(row) == "0.333 (3 judged, 1 skipped), WEAK isolation"
+
+
+# --------------------------------------------------------------------------- cutting
 
 
 def test_truncate_python_stops_at_top_level_code():
@@ -120,28 +169,70 @@ def test_truncate_brace_languages():
     assert t("cpp", "int f(){\n", "  if (x) {\n    return 1;\n") == "  if (x) {\n    return 1;\n}\n}\n"  # closed for it
 
 
-# --------------------------------------------------------------------------- the sandbox, hostile programs
+# --------------------------------------------------------------------------- isolation level
 
 
 def test_isolation_probe(iso):
-    assert iso.describe()
-    if os.geteuid() == 0:
-        assert iso.uid_drop, "as root the sandbox must drop to a dedicated uid (else RLIMIT_NPROC is void)"
+    assert iso.describe().startswith(f"{iso.level} isolation: ")
+    assert (iso.level == ex.FULL) == (iso.missing == [])
+    if os.geteuid() == 0 and iso.level == ex.FULL:
+        assert iso.user == "dedicated uid", "as root the sandbox must drop to a dedicated uid (else RLIMIT_NPROC is void)"
+
+
+def test_weak_isolation_is_refused_unless_accepted(monkeypatch, iso):
+    weak = dataclasses.replace(iso, bwrap=None, seccomp=False)
+    monkeypatch.setattr(sandbox_module, "_iso_cache", weak)
+    with pytest.raises(ex.IsolationError) as refused:
+        ex.require_isolation(ex.FULL)
+    line = str(refused.value)
+    assert "\n" not in line and "bubblewrap" in line and "run.execute_isolation=weak" in line
+    assert ex.require_isolation(ex.WEAK) is weak
+    with pytest.raises(ex.IsolationError, match="not one of"):
+        ex.require_isolation("strong")
+
+    from harness.config import RunSettings
+    from harness.runner import HarnessError, sandbox_isolation
+
+    with pytest.raises(HarnessError, match="run.execute_isolation=weak"):
+        sandbox_isolation(RunSettings(execute=True))
+    assert sandbox_isolation(RunSettings(execute=True, execute_isolation="weak")).level == ex.WEAK
+
+
+def test_probe_without_bubblewrap_is_weak_and_says_why(monkeypatch):
+    real_which = shutil.which
+    monkeypatch.setattr(shutil, "which", lambda name, **kw: None if name == "bwrap" else real_which(name, **kw))
+    monkeypatch.setattr(sandbox_module, "_iso_cache", None)  # probe again; the real result comes back after
+    weak = ex.isolation()
+    assert weak.level == ex.WEAK and weak.bwrap is None and not weak.seccomp
+    assert "bubblewrap" in weak.missing[0] and "bwrap not found (apt-get install bubblewrap)" in weak.notes
+    res = ex.run_program(python("print('plain process')"), FAST)  # still runs, as a plain limited process
+    assert res.status == "passed" and "plain process" in res.stdout, res
+
+
+def test_every_result_records_its_isolation(iso):
+    sample = Sample(id="T/0", turns=["def f():\n"], language="python", meta={"test": "def check(c):\n    assert c() == 1\n", "entry_point": "f"})
+    weak = dataclasses.replace(iso, bwrap=None, seccomp=False)
+    for level in (iso, weak):
+        results = ex.score_records({"T/0": sample}, [{"method": "m", "task": "t", "sample_id": "T/0", "text": "    return 1\n"}], FAST, iso=level)
+        assert results[0]["isolation"] == level.level and results[0]["status"] == "passed", results
+
+
+# --------------------------------------------------------------------------- hostile programs
 
 
 def test_infinite_loop_times_out_quickly():
     t0 = time.monotonic()
-    res = ex.run_program("python", {"main.py": "while True:\n    pass\n"}, ex.Limits(timeout_s=1.5))
+    res = ex.run_program(python("while True:\n    pass\n"), ex.Limits(timeout_s=1.5))
     assert res.status == "timeout", res
     assert time.monotonic() - t0 < 10
 
 
-def test_fork_bomb_is_contained(iso):
-    if not iso.process_limit:
-        pytest.skip(f"no process limit available here: {iso.describe()}")
+def test_fork_bomb_is_contained(full):
     before = len(os.listdir("/proc"))
+    name = process_name()
     bomb = (
-        "import os, time\n"
+        "import ctypes, os, time\n"
+        f"ctypes.CDLL(None).prctl(15, b'{name}')\n"  # PR_SET_NAME: every fork carries it
         "n = 0\n"
         "for _ in range(100000):\n"
         "    try:\n"
@@ -152,61 +243,108 @@ def test_fork_bomb_is_contained(iso):
         "time.sleep(60)\n"
     )
     t0 = time.monotonic()
-    res = ex.run_program("python", {"main.py": bomb}, ex.Limits(timeout_s=3.0, max_processes=24))
+    res = ex.run_program(python(bomb), ex.Limits(timeout_s=3.0, max_processes=24))
     assert res.status in ("timeout", "error", "failed"), res
     assert time.monotonic() - t0 < 20
-    deadline = time.monotonic() + 5
-    while sandbox_pids() and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert sandbox_pids() == [], "processes of a sandbox uid outlived the run"
+    assert none_left(name), "processes of the fork bomb outlived the run"
     assert len(os.listdir("/proc")) < before + 50
+
+
+def test_background_processes_do_not_outlive_the_program(full):
+    name = process_name()
+    sleeper = f"import ctypes, time; ctypes.CDLL(None).prctl(15, b'{name}'); time.sleep(60)"
+    prog = f"import subprocess, sys, time\nsubprocess.Popen([sys.executable, '-c', {sleeper!r}], start_new_session=True)\ntime.sleep(0.5)\n"
+    res = ex.run_program(python(prog), FAST)
+    assert res.status == "passed", res
+    assert none_left(name), "a background process outlived its program"
 
 
 def test_memory_hog_is_stopped_not_the_runner():
     hog = "chunks = []\nwhile True:\n    chunks.append(bytearray(32 * 1024 * 1024))\n"
-    res = ex.run_program("python", {"main.py": hog}, ex.Limits(timeout_s=10, memory_mb=256))
+    res = ex.run_program(python(hog), ex.Limits(timeout_s=10, memory_mb=256))
     assert res.status == "error" and "memory" in res.detail, res
 
 
 def test_output_flood_is_capped():
-    res = ex.run_program("python", {"main.py": "import sys\nwhile True:\n    sys.stdout.write('x' * 65536)\n"}, ex.Limits(timeout_s=10, max_file_mb=1))
+    res = ex.run_program(python("import sys\nwhile True:\n    sys.stdout.write('x' * 65536)\n"), ex.Limits(timeout_s=10, max_file_mb=1))
     assert res.status == "error" and "file size" in res.detail, res
 
 
-def test_writes_outside_the_work_directory_fail(iso):
-    token = secrets.token_hex(6)
-    targets = [Path(f"/tmp/escape-{token}"), REPO_ROOT / f"escape-{token}", Path(f"/var/tmp/escape-{token}")]
+def canary(directory: Path) -> Path:
+    """A world-writable directory holding a world-writable file: only the sandbox protects it."""
+    d = directory / f"canary-{secrets.token_hex(6)}"
+    d.mkdir()
+    (d / "file").write_text("keep me")
+    os.chmod(d, 0o777)
+    os.chmod(d / "file", 0o666)
+    return d
+
+
+def test_rm_rf_and_writes_outside_the_work_directory_fail(full):
+    canaries = [canary(Path(tempfile.gettempdir())), canary(REPO_ROOT)]
+    writes = [Path(f"/tmp/escape-{secrets.token_hex(6)}"), REPO_ROOT / f"escape-{secrets.token_hex(6)}"]
     if Path("/dev/shm").is_dir():
-        targets.append(Path(f"/dev/shm/escape-{token}"))
+        writes.append(Path(f"/dev/shm/escape-{secrets.token_hex(6)}"))
     prog = (
-        "import os, sys\n"
-        f"targets = {[str(p) for p in targets]!r}\n"
+        "import os, subprocess, shutil\n"
         "open('inside.txt', 'w').write('ok')\n"  # the work directory itself is writable
+        f"for d in {[str(c) for c in canaries]!r}:\n"
+        "    subprocess.run(['rm', '-rf', d])\n"
+        "    shutil.rmtree(d, ignore_errors=True)\n"
         "escaped = []\n"
-        "for t in targets:\n"
+        f"for t in {[str(w) for w in writes]!r}:\n"
         "    try:\n"
-        "        with open(t, 'w') as f:\n"
-        "            f.write('escaped')\n"
+        "        open(t, 'w').write('escaped')\n"
         "        escaped.append(t)\n"
         "    except OSError as e:\n"
         "        print('denied', t, e.errno)\n"
-        "sys.exit(1 if escaped else 0)\n"
+        "assert os.path.exists('inside.txt') and not escaped, escaped\n"
     )
     try:
-        res = ex.run_program("python", {"main.py": prog}, FAST)
-        leaked = [p for p in targets if p.exists()]
+        res = ex.run_program(python(prog), FAST)
+        survived = [(c / "file").read_text() for c in canaries]
+        leaked = [w for w in writes if w.exists()]
     finally:
-        for p in targets:
-            if p.exists():
-                p.unlink()
-    if not iso.filesystem_confined:
-        pytest.skip(f"Landlock unavailable, world-writable directories stay writable: {iso.describe()}; leaked={leaked}")
-    assert leaked == [], f"sandbox wrote outside its directory: {leaked}"
-    assert res.status == "passed", res  # the program saw every write denied, and could write at home
+        for c in canaries:
+            shutil.rmtree(c, ignore_errors=True)
+        for w in writes:
+            if w.exists():
+                w.unlink()
+    assert survived == ["keep me"] * len(canaries), "rm -rf reached outside the work directory"
+    assert leaked == [], f"the sandbox wrote outside its directory: {leaked}"
+    assert res.status == "passed" and res.stdout.count("denied") == len(writes), res
+
+
+def test_reads_of_secrets_repository_home_and_other_runs_fail(full):
+    other_run = Path(tempfile.mkdtemp(prefix="spec-harness-exec-"))  # another run's work, readable by all
+    (other_run / "main.py").write_text("secret of another run")
+    os.chmod(other_run, 0o755)
+    os.chmod(other_run / "main.py", 0o644)
+    readme = REPO_ROOT / "README.md"
+    assert readme.stat().st_mode & stat.S_IROTH, "the test needs a world-readable repository file"
+    targets = ["/etc/shadow", "/etc/passwd", str(readme), str(other_run / "main.py"), os.path.expanduser("~/.bashrc"), "/home", "/root"]
+    prog = (
+        "import os\n"
+        "got = []\n"
+        f"for t in {targets!r}:\n"
+        "    try:\n"
+        "        got.append((t, os.listdir(t) if os.path.isdir(t) else open(t).read(20)))\n"
+        "    except OSError as e:\n"
+        "        print('denied', t, e.errno)\n"
+        "print('visible:', sorted(os.listdir('/tmp')), sorted(os.listdir(os.path.dirname(os.getcwd()))))\n"
+        "assert not got, got\n"
+    )
+    try:
+        res = ex.run_program(python(prog), FAST)
+    finally:
+        shutil.rmtree(other_run, ignore_errors=True)
+    assert res.status == "passed", res
     assert res.stdout.count("denied") == len(targets)
+    visible = res.stdout.split("visible:")[1]
+    assert other_run.name not in visible and "['work']" in visible, res.stdout  # only its own run's directory
 
 
-def test_network_is_unreachable(iso):
+def test_sockets_reach_nothing(full):
     server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     server.bind(("127.0.0.1", 0))
@@ -214,83 +352,92 @@ def test_network_is_unreachable(iso):
     server.settimeout(0.5)
     port = server.getsockname()[1]
     accepted: list[object] = []
+    stop = threading.Event()
 
     def accept() -> None:
-        deadline = time.monotonic() + 8
-        while time.monotonic() < deadline and not stop.is_set():
+        while not stop.is_set():
             try:
                 conn, _ = server.accept()
                 accepted.append(conn.recv(64))
                 conn.close()
-            except (socket.timeout, OSError):
+            except OSError:
                 continue
 
-    stop = threading.Event()
     th = threading.Thread(target=accept, daemon=True)
     th.start()
     prog = (
         "import socket\n"
-        f"s = socket.create_connection(('127.0.0.1', {port}), timeout=3)\n"
-        "s.sendall(b'escaped')\n"
-        "s.close()\n"
+        "errors = []\n"
+        f"for address in [('127.0.0.1', {port}), ('1.1.1.1', 53), ('8.8.8.8', 443)]:\n"
+        "    try:\n"
+        "        socket.create_connection(address, timeout=2).sendall(b'escaped')\n"
+        "    except OSError as e:\n"
+        "        errors.append(e.errno)\n"
+        "print(errors)\n"
+        "assert len(errors) == 3\n"
     )
     try:
-        res = ex.run_program("python", {"main.py": prog}, ex.Limits(timeout_s=6))
+        res = ex.run_program(python(prog), ex.Limits(timeout_s=8))
         time.sleep(0.3)
     finally:
         stop.set()
         th.join(5)
         server.close()
-    if not iso.tcp_blocked:
-        pytest.skip(f"network isolation unavailable here ({iso.describe()}); the program got through: {bool(accepted)}")
     assert accepted == [], "the sandboxed program reached a socket of the host"
-    assert res.status == "failed" and ("unreachable" in res.detail or "Permission" in res.detail or "Errno" in res.detail), res
+    assert res.status == "passed", res  # every connection failed inside the program
 
 
 def test_signals_do_not_reach_the_harness():
     prog = "import os, signal\nfor target in (-1, os.getppid(), 1):\n    try:\n        os.kill(target, signal.SIGKILL)\n    except OSError:\n        pass\n"
-    res = ex.run_program("python", {"main.py": prog}, FAST)
+    res = ex.run_program(python(prog), FAST)
     assert res.status in ("passed", "error", "failed"), res  # and this test process is still alive
 
 
-def test_hostile_cpp(iso):
-    tools, why = ex._toolchain("cpp", FAST)
-    if tools is None:
-        pytest.skip(why)
-    loop = ex.run_program("cpp", {"main.cpp": "int main(){ volatile unsigned long x = 0; for(;;) x++; }\n"}, ex.Limits(timeout_s=1.5))
+def test_seccomp_denies_keyrings_and_ptrace(full):
+    prog = (
+        "import ctypes, ctypes.util, errno, platform\n"
+        "libc = ctypes.CDLL(None, use_errno=True)\n"
+        "numbers = {'x86_64': (250, 101), 'aarch64': (219, 117)}[platform.machine()]  # keyctl, ptrace\n"
+        "for nr in numbers:\n"
+        "    assert libc.syscall(nr, 0, 0, 0, 0) == -1 and ctypes.get_errno() == errno.EPERM, nr\n"
+    )
+    res = ex.run_program(python(prog), FAST)
+    assert res.status == "passed", res
+
+
+def test_hostile_cpp(full):
+    tools, why = ex.toolchain("cpp", FAST)
+    assert tools is not None, why
+    loop = ex.run_program(ex.Program("cpp", {"main.cpp": "int main(){ volatile unsigned long x = 0; for(;;) x++; }\n"}), ex.Limits(timeout_s=1.5))
     assert loop.status == "timeout", loop
     hog = "#include <cstring>\n#include <vector>\nint main(){ std::vector<char*> v; for(;;){ char* p = new char[1<<24]; std::memset(p, 1, 1<<24); v.push_back(p);} }\n"
-    res = ex.run_program("cpp", {"main.cpp": hog}, ex.Limits(timeout_s=10, memory_mb=256))
+    res = ex.run_program(ex.Program("cpp", {"main.cpp": hog}), ex.Limits(timeout_s=10, memory_mb=256))
     assert res.status == "error" and "memory" in res.detail, res
-    if iso.process_limit:
-        bomb = "#include <unistd.h>\nint main(){ for(;;) { fork(); } }\n"
-        res = ex.run_program("cpp", {"main.cpp": bomb}, ex.Limits(timeout_s=2, max_processes=24))
-        assert res.status in ("timeout", "error", "failed"), res
-        deadline = time.monotonic() + 5
-        while sandbox_pids() and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert sandbox_pids() == []
-    if iso.filesystem_confined:
-        target = Path(f"/tmp/escape-{secrets.token_hex(6)}")
-        prog = f'#include <cstdio>\nint main(){{ FILE* f = fopen("{target}", "w"); return f ? 0 : 3; }}\n'
-        try:
-            res = ex.run_program("cpp", {"main.cpp": prog}, FAST)
-            assert not target.exists()
-        finally:
-            if target.exists():
-                target.unlink()
-        assert res.status == "failed" and res.returncode == 3, res
+    name = process_name()
+    bomb = f'#include <sys/prctl.h>\n#include <unistd.h>\nint main(){{ prctl(PR_SET_NAME, "{name}"); for(;;) {{ fork(); }} }}\n'
+    res = ex.run_program(ex.Program("cpp", {"main.cpp": bomb}), ex.Limits(timeout_s=2, max_processes=24))
+    assert res.status in ("timeout", "error", "failed"), res
+    assert none_left(name), "processes of the fork bomb outlived the run"
+    target = Path(f"/tmp/escape-{secrets.token_hex(6)}")
+    prog = f'#include <cstdio>\nint main(){{ FILE* f = fopen("{target}", "w"); return f ? 0 : 3; }}\n'
+    try:
+        res = ex.run_program(ex.Program("cpp", {"main.cpp": prog}), FAST)
+        assert not target.exists()
+    finally:
+        if target.exists():
+            target.unlink()
+    assert res.status == "failed" and res.returncode == 3, res
 
 
 def test_missing_toolchain_is_skipped(monkeypatch):
-    monkeypatch.setattr(ex, "_which", lambda tool: None)
-    res = ex.run_program("go", {"main_test.go": "package main\n"})
+    monkeypatch.setattr(toolchains_module, "which", lambda tool, iso=None: None)
+    res = ex.run_program(ex.Program("go", {"main_test.go": "package main\n"}))
     assert res.status == "skipped" and "go not installed" in res.detail and "golang-go" in res.detail
-    assert ex.run_program("js", {"main.js": ""}).status == "skipped"
-    assert ex.run_program("cobol", {"x": ""}).status == "skipped"
+    assert ex.run_program(ex.Program("js", {"main.js": ""})).status == "skipped"
+    assert ex.run_program(ex.Program("cobol", {"x": ""})).status == "skipped"
 
 
-# --------------------------------------------------------------------------- reference and wrong solutions
+# --------------------------------------------------------------------------- pass semantics
 
 # wrong bodies for problem 0 (has_close_elements: returns a bool; its tests expect true somewhere)
 WRONG = {
@@ -300,7 +447,20 @@ WRONG = {
     "js": "  return false\n}\n",
     "go": "    return false\n}\n",
 }
-# what a model may write after the function: truncation must drop it, the reference still passes
+# bodies for problem 0 that end the process with a success status before any test ran
+EARLY_EXIT = {
+    "python": [
+        "    import sys\n    sys.exit(0)\n",
+        "    import os\n    os._exit(0)\n",
+        "    raise SystemExit(0)\n",
+        "    import os, signal\n    os.kill(os.getppid(), signal.SIGKILL)\n    os.kill(1, signal.SIGKILL)\n    os._exit(0)\n",
+    ],
+    "cpp": ["    exit(0);\n}\n", "    quick_exit(0);\n}\n", "    _Exit(0);\n}\n"],
+    "java": ["        System.exit(0);\n        return false;\n    }\n}\n", "        Runtime.getRuntime().halt(0);\n        return false;\n    }\n}\n"],
+    "js": ["  process.exit(0)\n}\n", "  process.kill(process.ppid, 'SIGKILL'); process.exit(0)\n}\n"],
+    "go": ["    os.Exit(0)\n    return false\n}\n", "    syscall.Exit(0)\n    return false\n}\n"],
+}
+# what a model may write after the function: cutting must drop it, the reference still passes
 JUNK = {
     "python": "\n\nprint('junk')\nassert False\n",
     "cpp": "\nint main() { return 1; }\n",
@@ -315,44 +475,62 @@ def load_x(language: str, limit: int) -> list[Sample]:
     from tasks.humaneval_x import HumanEvalX, HumanEvalXConfig
 
     try:
-        return HumanEvalX(HumanEvalXConfig(languages=[language], limit=limit)).samples()
+        samples = HumanEvalX(HumanEvalXConfig(languages=[language], limit=limit)).samples()
     except TaskDataError as e:
-        pytest.skip(f"HumanEval-X data missing: {e}")
+        pytest.fail(f"HumanEval-X data missing: {e}")
+    assert samples, f"no HumanEval-X {language} data under {default_data_dir()}"
+    return samples
 
 
-def judge(samples: list[Sample], language: str, workers: int = 2) -> list[dict]:
+def needs_toolchain(language: str) -> None:
+    tools, why = ex.toolchain(language, ex.Limits())
+    assert tools is not None, f"{why} (CI installs every toolchain: .ci/run)"
+
+
+@pytest.mark.parametrize("language", ["python", "cpp", "java", "js", "go"])
+def test_reference_passes_wrong_fails_early_exit_fails(language, full):
+    needs_toolchain(language)
+    samples = load_x(language, SUBSET[language])
     records = []
     for s in samples:
         records.append({"method": "ref", "task": "x", "sample_id": s.id, "text": s.meta["canonical_solution"]})
         records.append({"method": "ref+junk", "task": "x", "sample_id": s.id, "text": s.meta["canonical_solution"] + JUNK[language]})
     records.append({"method": "wrong", "task": "x", "sample_id": samples[0].id, "text": WRONG[language]})
-    return ex.score_records({s.id: s for s in samples}, records, ex.Limits(timeout_s=15), workers=workers)
-
-
-@pytest.mark.parametrize("language", ["python", "cpp", "java", "js", "go"])
-def test_reference_passes_and_wrong_fails(language):
-    tools, why = ex._toolchain(language, ex.Limits())
-    if tools is None:
-        pytest.skip(why)
-    samples = load_x(language, SUBSET[language])
-    if not samples:
-        pytest.skip(f"no HumanEval-X {language} data under {default_data_dir()}")
-    results = judge(samples, language)
-    bad = [(r["method"], r["sample_id"], r["status"], r["detail"][:300]) for r in results if r["method"] != "wrong" and r["status"] != "passed"]
+    for i, body in enumerate(EARLY_EXIT[language]):
+        records.append({"method": f"early-exit-{i}", "task": "x", "sample_id": samples[0].id, "text": body})
+    results = ex.score_records({s.id: s for s in samples}, records, ex.Limits(timeout_s=15), workers=2)
+    by_method = {r["method"]: r for r in results}
+    bad = [(r["method"], r["sample_id"], r["status"], r["detail"][:300]) for r in results if r["method"].startswith("ref") and r["status"] != "passed"]
     assert bad == []
-    wrong = [r for r in results if r["method"] == "wrong"]
-    assert wrong[0]["status"] == "failed", wrong
+    assert by_method["wrong"]["status"] == "failed", by_method["wrong"]
+    for i in range(len(EARLY_EXIT[language])):
+        early = by_method[f"early-exit-{i}"]
+        assert early["status"] == "failed" and "no completion marker" in early["detail"], early  # exit 0 before the tests ended
     table = {r["method"]: r for r in ex.pass_at_k_table(results)}
     assert table["ref"]["pass@1"] == 1.0 and table["wrong"]["pass@1"] == 0.0
+    assert {r["isolation"] for r in results} == {ex.FULL}
+
+
+def test_early_exit_with_status_0_is_told_apart(full):
+    """The plain ``exit(0)`` variants fail for the right reason: no completion marker."""
+    s = load_x("python", 1)[0]
+    res = ex.check_completion(s, EARLY_EXIT["python"][1], FAST)
+    assert res.status == "failed" and res.returncode == 0 and "before the tests ran to their end" in res.detail, res
+    res = ex.check_completion(s, s.meta["canonical_solution"], FAST)
+    assert res.passed and "spec-harness-tests-done" not in res.stdout, res  # the marker line is not shown
+
+
+def test_early_exit_fails_under_weak_isolation_too(iso):
+    weak = dataclasses.replace(iso, bwrap=None, seccomp=False)
+    s = load_x("python", 1)[0]
+    assert ex.check_completion(s, s.meta["canonical_solution"], FAST, iso=weak).status == "passed"
+    assert ex.check_completion(s, EARLY_EXIT["python"][0], FAST, iso=weak).status == "failed"
 
 
 def test_humaneval_all_reference_solutions_pass():
     from tasks.humaneval import HumanEval, HumanEvalConfig
 
-    try:
-        samples = HumanEval(HumanEvalConfig()).samples()
-    except TaskDataError as e:
-        pytest.skip(f"HumanEval data missing: {e}")
+    samples = HumanEval(HumanEvalConfig()).samples()
     records = [{"method": "ref", "task": "humaneval", "sample_id": s.id, "text": s.meta["canonical_solution"]} for s in samples]
     records.append({"method": "other", "task": "humaneval", "sample_id": "HumanEval/0", "turn": 1, "text": ""})
     records.append({"method": "other", "task": "humaneval", "sample_id": "nope", "text": ""})
@@ -361,7 +539,7 @@ def test_humaneval_all_reference_solutions_pass():
     assert len(samples) == 164
     failed = [(r["sample_id"], r["status"], r["detail"][:300]) for r in results[:164] if r["status"] != "passed"]
     assert failed == []
-    assert set(results[0]) >= {"method", "task", "sample_id", "language", "status", "detail"}
+    assert set(results[0]) >= {"method", "task", "sample_id", "language", "status", "detail", "isolation"}
     assert results[0]["language"] == "python"
     assert [r["status"] for r in results[164:]] == ["skipped", "skipped"]
     assert work_dirs() <= dirs_before, "temporary work directories were left behind"

@@ -165,6 +165,11 @@ def test_execute_reports_pass_at_1(model_dir, tmp_path):
     out = tmp_path / "exec"
     args = ["run", "--model", str(model_dir), "--task", "humaneval", "--limit", "2", "--max-new-tokens", "8",
             "--methods", "oracle-solution", "--out", str(out), "run.progress=false", "run.execute=true"]  # fmt: skip
+    from harness.execution import isolation
+
+    expected = isolation().level  # full where bubblewrap works (CI); else accepted as weak, and marked so
+    if expected != "full":
+        args.append("run.execute_isolation=weak")
     try:
         assert main(args) == 0
     finally:
@@ -176,6 +181,39 @@ def test_execute_reports_pass_at_1(model_dir, tmp_path):
 
     summary = pd.read_csv(out / "summary.csv").set_index("method")
     assert summary.loc["oracle-solution", "pass@1"] == 1.0
+    # the denominators and the isolation level, in every output
+    level = json.loads((out / "manifest.json").read_text())["execution_isolation"]["level"]
+    assert level == expected and {json.loads(line)["isolation"] for line in (out / "execution.jsonl").open()} == {level}
+    row = summary.loc["oracle-solution"]
+    assert (row["pass@1_judged"], row["pass@1_skipped"], row["pass@1_isolation"]) == (2, 0, level)
+    label = "1.000 (2 judged, 0 skipped)" + ("" if level == "full" else ", WEAK isolation")
+    assert f"| {label} |" in (out / "leaderboard.md").read_text()
+
+
+def test_execute_below_full_isolation_refuses_unless_accepted(model_dir, tmp_path, monkeypatch, capsys):
+    """On a machine without full sandbox isolation, run.execute=true stops before generating
+    anything with one line saying what is missing; run.execute_isolation=weak runs, marked weak."""
+    import dataclasses
+
+    from harness.execution import isolation, sandbox
+
+    weak = dataclasses.replace(isolation(), bwrap=None, seccomp=False)
+    monkeypatch.setattr(sandbox, "_iso_cache", weak)
+    args = ["run", "--model", str(model_dir), "--task", "humaneval", "--limit", "1", "--max-new-tokens", "4",
+            "run.progress=false", "run.execute=true"]  # fmt: skip
+    capsys.readouterr()
+    assert main([*args, "--out", str(tmp_path / "refused")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "bubblewrap" in err and "run.execute_isolation=weak" in err, err
+    assert not (tmp_path / "refused" / "samples.jsonl").exists()
+
+    out = tmp_path / "weak"
+    assert main([*args, "--out", str(out), "run.execute_isolation=weak"]) == 0
+    assert json.loads((out / "manifest.json").read_text())["execution_isolation"]["level"] == "weak"
+    assert "WEAK isolation" in (out / "leaderboard.md").read_text()
+    capsys.readouterr()
+    assert main(["leaderboard", str(out)]) == 0
+    assert "(1 judged, 0 skipped), WEAK isolation" in capsys.readouterr().out
 
 
 def test_two_shards_merged_equal_the_unsharded_run(model_dir, tmp_path, capsys):
@@ -202,3 +240,246 @@ def test_two_shards_merged_equal_the_unsharded_run(model_dir, tmp_path, capsys):
     other = run("other-shard1", "task.shard=1", "task.num_shards=2", "run.seed=5")
     assert main(["leaderboard", str(shards[0]), str(other)]) == 2
     assert "different configurations" in capsys.readouterr().err
+
+
+# ---- repetition (issue 13 part 2) ----------------------------------------------------------
+@pytest.mark.parametrize(
+    "prompt, output, share",
+    [
+        ([1, 2, 3], [4, 5, 6, 7], 0.0),  # nothing repeats
+        ([9], [1, 2, 3, 4, 1, 2, 3, 4, 1, 2], 0.6),  # a loop: the second pass onward is covered
+        ([1, 2, 3, 4, 5], [1, 2, 3, 4], 1.0),  # a verbatim copy of the prompt
+        ([1, 2, 3, 4, 7, 1, 2, 3], [4, 8], 0.5),  # a repeat that starts in the prompt covers only its output part
+        ([], [5, 5, 5, 5, 5], 0.8),  # overlapping occurrences count
+        ([], [1, 2, 3, 9, 1, 2, 3, 8], 0.0),  # a repeated 3-gram is not a 4-gram
+        ([1, 2, 3], [], None),  # no output, nothing to measure
+    ],
+)
+def test_repetition_share_by_hand(prompt, output, share):
+    from harness.repetition import repetition_share
+
+    assert repetition_share(prompt, output) == share
+
+
+def test_repetition_column_in_summary_and_every_format(run_dir, capsys):
+    import html
+
+    import pandas as pd
+
+    from harness.results import REPETITION_NOTE
+
+    records = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]
+    assert all(0.0 <= r["repetition"] <= 1.0 for r in records)
+    summary = pd.read_csv(run_dir / "summary.csv").set_index("method")
+    for method in ("autoregressive", "hf-generate"):
+        mine = [r["repetition"] for r in records if r["method"] == method]
+        assert summary.loc[method, "repetition"] == pytest.approx(sum(mine) / len(mine))
+    assert "repetition" in (run_dir / "leaderboard.md").read_text()
+    for fmt in ("markdown", "html", "csv", "json"):
+        assert main(["leaderboard", str(run_dir), "--format", fmt]) == 0
+        out = capsys.readouterr().out
+        assert "repetition" in out
+        if fmt in ("markdown", "html"):
+            assert REPETITION_NOTE in html.unescape(out)  # the legend line
+    table = json.loads((main(["leaderboard", str(run_dir), "--format", "json"]), capsys.readouterr().out)[1])
+    hf = next(r for r in table["rows"] if r["method"] == "hf-generate")
+    assert hf["repetition"] == pytest.approx(summary.loc["hf-generate", "repetition"])
+
+
+# ---- provenance (part 4) --------------------------------------------------------------------
+def with_git(src: Path, dst: Path, git: dict) -> Path:
+    shutil.copytree(src, dst)
+    manifest = json.loads((dst / "manifest.json").read_text())
+    manifest["git"] = git
+    (dst / "manifest.json").write_text(json.dumps(manifest))
+    return dst
+
+
+@pytest.mark.parametrize("dirty, tree", [(False, "clean"), (True, "DIRTY"), (None, "unknown")])
+def test_every_format_shows_commit_and_tree(run_dir, tmp_path, capsys, dirty, tree):
+    import io
+
+    import pandas as pd
+
+    run = with_git(run_dir, tmp_path / "run", {"commit": "abcdef0123456789", "dirty": dirty})
+    shown = {}
+    for fmt in ("markdown", "html", "csv", "json"):
+        assert main(["leaderboard", str(run), "--format", fmt]) == 0
+        shown[fmt] = capsys.readouterr().out
+    for fmt in ("markdown", "html"):
+        assert f"commit: abcdef0123 ({tree} tree)" in shown[fmt]
+        assert (f"{tree} tree: these figures cannot be reproduced" in shown[fmt]) == (tree != "clean")
+    assert shown["markdown"].startswith("# Leaderboard\n" if tree == "clean" else f"# Leaderboard ({tree} tree")
+    csv = pd.read_csv(io.StringIO(shown["csv"]))
+    assert set(csv.commit) == {"abcdef0123"} and set(csv.tree) == {tree}
+    assert json.loads(shown["json"])["provenance"] == {"commit": "abcdef0123", "tree": tree}
+
+
+def test_run_directory_leaderboard_shows_commit(run_dir):
+    from harness.results import commit_of
+
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert {"commit", "dirty"} <= set(manifest["git"])
+    assert f"commit: {commit_of(manifest)}" in (run_dir / "leaderboard.md").read_text()
+
+
+def git_repo(path: Path) -> Path:
+    import subprocess
+
+    path.mkdir()
+    (path / "code.py").write_text("x = 1\n")
+    (path / "results").mkdir()
+    (path / "results" / "table.md").write_text("| a |\n")
+    for cmd in (["init", "-q"], ["add", "."], ["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "c"]):
+        subprocess.run(["git", *cmd], cwd=path, check=True, capture_output=True)
+    return path
+
+
+def test_git_commit_dirty_flag_and_the_clean_tree_guard(tmp_path):
+    from harness.publish import PublishError, clean_tree
+    from harness.results import git_commit
+
+    repo = git_repo(tmp_path / "repo")
+    assert git_commit(repo)["dirty"] is False and len(git_commit(repo)["commit"]) == 40
+    assert clean_tree(allow_dirty=False, root=repo) == ""
+    (repo / "results" / "table.md").write_text("| b |\n")  # a published output: not dirty
+    (repo / "README.md").write_text("quoted figures\n")
+    assert git_commit(repo)["dirty"] is False and clean_tree(False, repo) == ""
+    (repo / "code.py").write_text("x = 2\n")  # code: dirty
+    assert git_commit(repo)["dirty"] is True
+    with pytest.raises(PublishError, match=r"uncommitted changes \(code.py\).*ALLOW_DIRTY=1"):
+        clean_tree(allow_dirty=False, root=repo)
+    assert "marked DIRTY" in clean_tree(allow_dirty=True, root=repo)
+    (repo / "code.py").write_text("x = 1\n")
+    (repo / "new.py").write_text("")  # an untracked file is dirty too
+    assert git_commit(repo)["dirty"] is True
+    assert git_commit(tmp_path) == {"commit": None, "dirty": None}  # not a repository: unknown, not clean
+
+
+def test_make_leaderboard_and_tables_check_the_tree_first_and_write_the_readme_last():
+    import subprocess
+
+    from harness.paths import REPO_ROOT
+
+    for target in ("leaderboard", "tables"):
+        done = subprocess.run(["make", "-n", target], cwd=REPO_ROOT, capture_output=True, text=True, check=True)
+        lines = [line for line in done.stdout.splitlines() if "harness" in line]
+        guard = next(i for i, line in enumerate(lines) if "harness.publish clean-tree" in line)
+        first_work = next(i for i, line in enumerate(lines) if "harness run" in line or "harness leaderboard" in line)
+        assert guard < first_work, target
+        assert "harness.publish readme" in lines[-1], target
+
+
+# ---- the gate cannot be fooled (part 5) ----------------------------------------------------------
+def only_p0(change):
+    return lambda r: change(r) if r["sample_id"] == "p0" else None
+
+
+@pytest.mark.parametrize(
+    "rule, change, failing",
+    [
+        ("any mismatch", only_p0(lambda r: r.update(status="mismatch", first_diff=0, margin=3.0)), {"mismatches"}),
+        ("exact-match NaN", lambda r: r.update(status="not-checked"), {"exact_match"}),
+        ("lossless label changed", lambda r: r.update(lossy=True), {"lossless"}),
+        ("fewer checked records", only_p0(lambda r: r.update(status="not-checked")), {"checked"}),
+        ("NaN speedup", lambda r: r.update(wall_time_s=0.0), {"speedup"}),
+    ],
+)
+def test_gate_rule_fails_on_edited_records(run_dir, tmp_path, rule, change, failing):
+    baseline = make_baseline([str(run_dir)])
+    assert check([str(run_dir)], baseline).ok  # unedited: passes
+    bad = edit_records(run_dir, tmp_path / "bad", "hf-generate", change)
+    verdict = check([str(bad)], baseline)
+    assert not verdict.ok, rule
+    assert failing <= set(verdict.problems.figure), (rule, verdict.problems)
+    if "NaN" in rule:
+        rows = verdict.problems[verdict.problems.figure.isin(failing)]
+        assert set(rows.verdict) == {"FAIL (NaN)"}
+
+
+def test_fewer_checked_records_is_the_only_failure_it_causes(run_dir, tmp_path):
+    """The rule stands on its own: exact-match (3 of 3), the label and the counts still pass."""
+    bad = edit_records(run_dir, tmp_path / "bad", "hf-generate", only_p0(lambda r: r.update(status="not-checked")))
+    verdict = check([str(bad)], make_baseline([str(run_dir)]))
+    assert set(verdict.problems.figure) == {"checked"}
+
+
+def test_gate_fails_on_a_changed_label_or_nan_in_the_baseline(run_dir):
+    baseline = make_baseline([str(run_dir)])
+    row = next(r for r in baseline.rows if r["method"] == "hf-generate")
+    row["lossless"] = "not checked"
+    verdict = check([str(run_dir)], baseline)
+    assert set(verdict.problems.figure) == {"lossless"}
+    row["lossless"], row["speedup"] = "checked", float("nan")
+    verdict = check([str(run_dir)], baseline)
+    assert set(verdict.problems.figure) == {"speedup"} and set(verdict.problems.verdict) == {"FAIL (NaN)"}
+
+
+def test_gate_reads_baselines_written_before_checked_was_stored(run_dir, tmp_path):
+    baseline = make_baseline([str(run_dir)])
+    save_baseline(baseline, tmp_path / "b.json")
+    data = json.loads((tmp_path / "b.json").read_text())
+    for row in data["rows"]:
+        del row["checked"], row["mismatches"]
+    (tmp_path / "b.json").write_text(json.dumps(data))
+    assert check([str(run_dir)], load_baseline(tmp_path / "b.json")).ok
+    fewer = edit_records(run_dir, tmp_path / "fewer", "hf-generate", only_p0(lambda r: r.update(status="not-checked")))
+    assert set(check([str(fewer)], load_baseline(tmp_path / "b.json")).problems.figure) == {"checked"}
+
+
+# ---- read-only stays read-only (part 7) -------------------------------------------------------
+def test_torn_last_line_is_left_as_it_is_by_every_reader(run_dir, tmp_path, capsys):
+    from harness.results import RunDir
+
+    run = tmp_path / "torn"
+    shutil.copytree(run_dir, run)
+    samples = run / "samples.jsonl"
+    whole = samples.read_text()
+    samples.write_text(whole + whole.splitlines()[0][:40])  # a run killed mid-write
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    base = tmp_path / "base.json"
+    assert main(["leaderboard", str(run)]) == 0
+    assert "skipped the torn last line" in capsys.readouterr().err
+    assert main(["leaderboard", str(run), "--format", "html", "--out", str(tmp_path / "r.html")]) == 0
+    assert main(["baseline", str(run), "--out", str(base)]) == 0
+    assert main(["check", str(run), "--baseline", str(base)]) == 0
+    assert "skipped the torn last line" in capsys.readouterr().out
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before  # byte for byte, nothing added
+    records, notices = RunDir(run).records(repair=True)  # what `harness run` does before appending
+    assert len(records) == len(whole.splitlines()) and samples.read_text() == whole
+    assert (run / "samples.corrupt.jsonl").read_text() == whole.splitlines()[0][:40] + "\n"
+
+
+# ---- stop reasons in every table (issue 13 part 1) -----------------------------------------
+
+
+def test_stop_reasons_counted_by_kind():
+    import pandas as pd
+
+    from harness.report import stop_reasons
+
+    g = pd.DataFrame({"stop_reason": ["eos", "stop:\ndef", "stop:\n#", "max_new_tokens", "max_new_tokens"]})
+    assert stop_reasons(g) == "eos 1, stop 2, max 2"
+    assert stop_reasons(pd.DataFrame({"stop_reason": ["max_new_tokens"]})) == "max 1"
+
+
+def test_stop_reasons_column_in_summary_and_leaderboard(run_dir, capsys):
+    records = [json.loads(x) for x in (run_dir / "samples.jsonl").read_text().splitlines()]
+    import pandas as pd
+
+    summary = pd.read_csv(run_dir / "summary.csv").set_index("method")
+    for method in ("autoregressive", "hf-generate"):
+        ends = [r["stop_reason"] for r in records if r["method"] == method]
+        expected = ", ".join(
+            f"{k} {n}"
+            for k, n in (
+                ("eos", ends.count("eos")),
+                ("stop", sum(e.startswith("stop:") for e in ends)),
+                ("max", ends.count("max_new_tokens")),
+            )
+            if n
+        )
+        assert summary.loc[method, "stop_reasons"] == expected
+    assert "stop_reasons" in (run_dir / "leaderboard.md").read_text()
+    assert main(["leaderboard", str(run_dir)]) == 0
+    assert "stop_reasons" in capsys.readouterr().out

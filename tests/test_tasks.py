@@ -260,3 +260,67 @@ def test_render_with_chat_template():
     assert render_prompt(CHAT, 1, ["4"], tok) == (
         "<|user|>What is 2+2?\n<|assistant|>4\n<|user|>And 3+3?\n<|assistant|>"
     )
+
+
+# --- task.split: tune (settings are chosen on it) and report (published figures) ---
+def check_partition(every: list[Sample], tune: list[Sample], report: list[Sample]) -> None:
+    """tune and report are disjoint, cover the task, and each keeps the task's order."""
+    ids = [s.id for s in every]
+    assert not {s.id for s in tune} & {s.id for s in report}
+    assert sorted(s.id for s in tune + report) == sorted(ids)
+    for part in (tune, report):
+        positions = [ids.index(s.id) for s in part]
+        assert positions == sorted(positions) and part
+
+
+def split(cls, cfg_cls, name: str, **kw) -> list[Sample]:
+    return cls(cfg_cls(split=name, **kw)).samples()
+
+
+def test_humaneval_split():
+    every, tune, report = (split(HumanEval, HumanEvalConfig, s) for s in ("all", "tune", "report"))
+    check_partition(every, tune, report)
+    assert [s.id for s in tune] == [f"HumanEval/{i}" for i in range(40)]
+    assert [s.id for s in report] == [f"HumanEval/{i}" for i in range(40, 164)]
+    # the split comes before limit and shard
+    assert [s.id for s in split(HumanEval, HumanEvalConfig, "report", limit=3)] == ["HumanEval/40", "HumanEval/41",
+                                                                                    "HumanEval/42"]  # fmt: skip
+    sharded = split(HumanEval, HumanEvalConfig, "tune", limit=5, shard=1, num_shards=2)
+    assert [s.id for s in sharded] == ["HumanEval/1", "HumanEval/3"]
+
+
+def test_humaneval_x_split(humaneval_x):
+    tune = split(HumanEvalX, HumanEvalXConfig, "tune")
+    report = split(HumanEvalX, HumanEvalXConfig, "report")
+    check_partition(humaneval_x, tune, report)
+    number = lambda s: int(s.id.split("/")[1])  # noqa: E731
+    for lang in LANGUAGES:  # the same problems in every language
+        assert sorted(number(s) for s in tune if s.language == lang) == list(range(40))
+        assert sorted(number(s) for s in report if s.language == lang) == list(range(40, 164))
+    # filters and the per-language limit do not move a problem to the other split
+    go = split(HumanEvalX, HumanEvalXConfig, "report", languages=["go"], limit=2)
+    assert [s.id for s in go] == ["Go/40", "Go/41"]
+
+
+def test_spec_bench_split(spec_bench):
+    tune = split(SpecBench, SpecBenchConfig, "tune")
+    report = split(SpecBench, SpecBenchConfig, "report")
+    check_partition(spec_bench, tune, report)
+    counts = Counter(s.category for s in tune)
+    assert counts == {c: (3 if c in ("writing", "roleplay", "reasoning", "math", "coding", "extraction", "stem",
+                                      "humanities") else 20) for c in CATEGORIES}  # fmt: skip
+    for category in CATEGORIES:  # the first questions of each category, in file order
+        in_file = [s.id for s in spec_bench if s.category == category]
+        assert [s.id for s in tune if s.category == category] == in_file[: counts[category]]
+    # a category filter keeps each question's split
+    qa = split(SpecBench, SpecBenchConfig, "tune", categories=["qa"])
+    assert [s.id for s in qa] == [s.id for s in tune if s.category == "qa"]
+
+
+def test_jsonl_split_and_bad_split(tmp_path):
+    path = write_lines(tmp_path / "p.jsonl", [{"id": f"q{i}", "prompt": "x"} for i in range(6)])
+    every, tune, report = (split(JsonlTask, JsonlTaskConfig, s, path=path) for s in ("all", "tune", "report"))
+    check_partition(every, tune, report)
+    assert [s.id for s in tune] == ["q0", "q1"]  # the first quarter, rounded up
+    with pytest.raises(TaskDataError, match="task.split='train': use all, tune .* or report"):
+        split(JsonlTask, JsonlTaskConfig, "train", path=path)

@@ -267,11 +267,15 @@ def test_cli_zoo_build_micro(tmp_path):
         "target.hidden_size=32", "target.num_attention_heads=2", "target.num_hidden_layers=1", "target.intermediate_size=64",
         "draft_train.max_steps=3", "draft_train.batch_size=2", "draft_train.seq_len=32", "draft_train.progress=false",
         "target_train.max_steps=4", "target_train.batch_size=2", "target_train.seq_len=32", "target_train.progress=false",
-        "draft_train.compile=false", "target_train.compile=false",  # compiled training has its own test
+        "target_functions_train.max_steps=3", "target_functions_train.batch_size=2",
+        "target_functions_train.seq_len=32", "target_functions_train.progress=false",
+        "draft_train.compile=false", "target_train.compile=false", "target_functions_train.compile=false",  # compiled training has its own test
         f"export.zoo_dir={tmp_path / 'zoo'}", "export.humaneval_limit=2", "export.max_new_tokens=4",
         "medusa.max_steps=2", "medusa.batch_size=2", "medusa.seq_len=32", "medusa.eval_tokens=200", "medusa.progress=false",
         "space.max_steps=2", "space.batch_size=2", "space.seq_len=32", "space.k=2", "space.mask_groups=2",
         "space.eval_tokens_per_lang=200", "space.humaneval_limit=2", "space.max_new_tokens=4", "space.progress=false",
+        "selfdistill.n_prompts=4", "selfdistill.max_new_tokens=3", "selfdistill.batch_size=2",
+        "selfdistill.prompt_max_tokens=32", "selfdistill.speed_prompts=0",
     ]
     assert cli_zoo.main(args) == 0
     for name in ("draft", "target"):
@@ -280,10 +284,16 @@ def test_cli_zoo_build_micro(tmp_path):
         assert json.loads((d / "quality.json").read_text())["humaneval"]["problems"] == 2
         assert (d / "README.md").exists()
     assert "draft" in (tmp_path / "zoo" / "README.md").read_text()
+    # zoo/target is the target continued on the file + function-level mix (issue 15)
+    info = json.loads((tmp_path / "zoo" / "target" / "training.json").read_text())
+    assert info["step"] == 3 and info["function_share"] == 0.5
+    assert info["initialized_from"]["step"] == 4 and info["initialized_from"]["kind"] == "checkpoint"
     man = json.loads((tmp_path / "zoo" / "target" / "corpus_manifest.json").read_text())
     assert set(man["decontamination"]["per_language"]) == {"python", "go"}
     # the Medusa heads and the SPACE fine-tune of that target, exported beside it
     assert (tmp_path / "zoo" / "target-medusa" / "config.json").exists()
+    sd = json.loads((tmp_path / "cache" / "zoo-data" / "selfdistill" / "target" / "manifest.json").read_text())
+    assert sd["prompts"] == 4 and sd["model"] == str(tmp_path / "zoo" / "target")
     space_cfg = json.loads((tmp_path / "zoo" / "target-space" / "config.json").read_text())
     assert space_cfg["vocab_size"] == json.loads((tmp_path / "zoo" / "target" / "config.json").read_text())["vocab_size"]
     # more steps on the same cache: training resumes rather than restarting; the heads and
@@ -292,8 +302,10 @@ def test_cli_zoo_build_micro(tmp_path):
     stamp = tmp_path / "cache" / "train" / "medusa" / "base.sha256"
     before = stamp.read_text()
     assert cli_zoo.main(rerun) == 0
+    target_state = json.loads((tmp_path / "cache" / "train" / "target" / "train_state.json").read_text())
+    assert target_state["step"] == 6 and target_state["tokens"] == 6 * 2 * 32
     info = json.loads((tmp_path / "zoo" / "target" / "training.json").read_text())
-    assert info["step"] == 6 and info["training_tokens"] == 6 * 2 * 32
+    assert info["initialized_from"]["step"] == 6 and info["step"] == 3  # the continuation started again
     assert stamp.read_text() != before  # restarted for the new target ...
     state = json.loads((tmp_path / "cache" / "train" / "medusa" / "train_state.json").read_text())
     assert state["step"] == 2 and state["reason"] == "end"  # ... and trained to its plan again

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -158,6 +158,42 @@ class TokenBlockBatches:
         return self.epoch + self.cursor / self.n_windows
 
 
+class MixedBatches:
+    """Batches whose rows come from two token streams in a fixed proportion.
+
+    Each batch holds ``n_second`` windows of ``second`` (the function-level stream) and
+    ``batch_size - n_second`` of ``first`` (the file-level stream), each stream walked by its
+    own :class:`TokenBlockBatches`; the pair of positions is the resumable state.
+    """
+
+    def __init__(self, first: np.ndarray, second: np.ndarray, batch_size: int, seq_len: int, share: float, seed: int = 0):
+        n_second = int(round(batch_size * share))
+        if not 0 < n_second < batch_size:
+            raise ValueError(f"train.function_share={share} gives {n_second} of {batch_size} rows: "
+                             "choose a share that leaves at least one row to each stream")
+        self.first = TokenBlockBatches(first, batch_size - n_second, seq_len, seed=seed)
+        self.second = TokenBlockBatches(second, n_second, seq_len, seed=seed + 1)
+        self.n_windows = self.first.n_windows  # epochs are counted on the file-level stream
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> torch.Tensor:
+        return torch.cat([next(self.first), next(self.second)])
+
+    def state_dict(self) -> dict:
+        return {"first": self.first.state_dict(), "second": self.second.state_dict(),
+                "epoch": self.first.epoch, "cursor": self.first.cursor}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.first.load_state_dict(state["first"])
+        self.second.load_state_dict(state["second"])
+
+    @property
+    def epochs_done(self) -> float:
+        return self.first.epochs_done
+
+
 def lm_loss(model: torch.nn.Module, batch: torch.Tensor) -> tuple[torch.Tensor, int]:
     """Next-token cross-entropy on a ``[B, L+1]`` block."""
     x, y = batch[:, :-1], batch[:, 1:]
@@ -221,6 +257,10 @@ class LMTrainConfig(TrainLoopConfig):
     batch_size: int = 16  # sequences per optimiser step
     seq_len: int = 512  # tokens per sequence (batch_size * seq_len ~ 8k tokens/step)
     eval_at_end: bool = True  # compute held-out loss when training finishes
+    # share of each batch's rows taken from the function-level stream (train_functions.npy:
+    # whole functions ending in </s>), the rest from the file-level stream; 0 = files only
+    function_share: float = 0.0
+    init_from: str = ""  # start from these weights when there is no checkpoint yet: a checkpoint dir or an exported model dir ("" = random init)
 
 
 @dataclass
@@ -235,6 +275,8 @@ class LMTrainJob:
     batch_size: int = 16  # sequences per step
     seq_len: int = 512  # tokens per sequence
     eval_at_end: bool = True  # held-out loss after training
+    function_share: float = 0.0  # share of each batch's rows from the function-level stream (see LMTrainConfig)
+    init_from: str = ""  # initial weights when out_dir has no checkpoint (see LMTrainConfig)
 
 
 def run_lm_training(job: LMTrainJob, log=None) -> tuple[TrainResult, dict]:
@@ -248,19 +290,41 @@ def run_lm_training(job: LMTrainJob, log=None) -> tuple[TrainResult, dict]:
     ckpt = load_checkpoint(job.out_dir)
     from transformers import LlamaConfig  # noqa: PLC0415
 
+    init = None
     if ckpt is not None and "llama_config" in ckpt.get("extra", {}):
         config = LlamaConfig.from_dict(ckpt["extra"]["llama_config"])
+    elif job.init_from:
+        init = load_initial_weights(job.init_from, len(tok))
+        config = init.config
+        job.model = replace(job.model, **{k: getattr(config, k, getattr(job.model, k)) for k in asdict(job.model)
+                                          if k not in ("name", "num_key_value_heads", "rope_theta")})
     else:
         config = llama_config(job.model, tok)
+    init_info = ckpt.get("extra", {}).get("init") if ckpt is not None else None
+    ckpt = None
     torch.manual_seed(job.loop.seed)
     model = build_model(config)
+    if init is not None:
+        model.load_state_dict(init.state_dict)
+        init_info = init.info
+        log(f"[train {job.model.name}] starting from {init.info['source']} ({init.info.get('training_tokens') or '?'} tokens of training)")
     n_params = sum(p.numel() for p in model.parameters())
     log(f"[train {job.model.name}] {n_params / 1e6:.2f}M parameters, out_dir {job.out_dir}")
     tokens = np.load(Path(job.data_dir) / "train.npy", mmap_mode="r")
-    batches = TokenBlockBatches(tokens, job.batch_size, job.seq_len, seed=job.loop.seed)
+    if job.function_share > 0:
+        fpath = Path(job.data_dir) / "train_functions.npy"
+        if not fpath.exists():
+            raise FileNotFoundError(f"{fpath} is missing: run `harness zoo prepare` to build the function-level samples")
+        ftokens = np.load(fpath, mmap_mode="r")
+        batches = MixedBatches(tokens, ftokens, job.batch_size, job.seq_len, job.function_share, seed=job.loop.seed)
+    else:
+        ftokens = None
+        batches = TokenBlockBatches(tokens, job.batch_size, job.seq_len, seed=job.loop.seed)
     extra = {"llama_config": config.to_dict(), "model": asdict(job.model), "n_params": n_params,
              "data_dir": str(job.data_dir), "tokenizer_dir": str(job.tokenizer_dir),
-             "batch_size": job.batch_size, "seq_len": job.seq_len, "train_stream_tokens": int(len(tokens))}
+             "batch_size": job.batch_size, "seq_len": job.seq_len, "train_stream_tokens": int(len(tokens)),
+             "function_share": job.function_share,
+             "function_stream_tokens": int(len(ftokens)) if ftokens is not None else 0, "init": init_info}
     result = train(model, lm_loss, batches, job.loop, job.out_dir, extra_state=extra, desc=f"train {job.model.name}", log=log)
     summary: dict[str, Any] = {"step": result.step, "tokens": result.tokens, "epochs": round(batches.epochs_done, 3),
                                "elapsed_min": round(result.elapsed_s / 60, 2), "finished": result.finished}
@@ -272,6 +336,54 @@ def run_lm_training(job: LMTrainJob, log=None) -> tuple[TrainResult, dict]:
     return result, summary
 
 
+@dataclass
+class InitialWeights:
+    """Weights a training run starts from instead of a random init."""
+
+    config: Any  # the LlamaConfig they belong to
+    state_dict: dict  # float32 tensors
+    info: dict  # where they came from (source, sha256, training tokens and steps behind them)
+
+
+def load_initial_weights(source: str, vocab_size: int) -> InitialWeights:
+    """Weights from a checkpoint directory (``checkpoint.pt``) or an exported model directory
+    (``config.json`` + ``model.safetensors``, cast to float32)."""
+    import hashlib  # noqa: PLC0415
+
+    from transformers import LlamaConfig  # noqa: PLC0415
+
+    from harness.paths import resolve_repo_path  # noqa: PLC0415
+
+    src = resolve_repo_path(source)
+    if (src / "checkpoint.pt").exists():
+        ck = load_checkpoint(src)
+        config = LlamaConfig.from_dict(ck["extra"]["llama_config"])
+        state = ck["model"]
+        info = {"source": str(src / "checkpoint.pt"), "kind": "checkpoint", "step": ck["step"],
+                "training_tokens": ck["tokens"], "elapsed_s": ck["elapsed_s"]}
+    elif (src / "model.safetensors").exists() and (src / "config.json").exists():
+        from safetensors.torch import load_file  # noqa: PLC0415
+
+        config = LlamaConfig.from_pretrained(str(src))
+        state = {k: v.float() for k, v in load_file(str(src / "model.safetensors")).items()}
+        if config.tie_word_embeddings and "lm_head.weight" not in state:
+            state["lm_head.weight"] = state["model.embed_tokens.weight"]
+        info = {"source": str(src), "kind": "exported model",
+                "sha256": hashlib.sha256((src / "model.safetensors").read_bytes()).hexdigest()}
+        tj = src / "training.json"
+        if tj.exists():
+            t = json.loads(tj.read_text())
+            info.update(step=t.get("step"), training_tokens=t.get("training_tokens"),
+                        elapsed_s=round(60 * (t.get("wall_time_min") or 0), 1), exported_dtype=t.get("exported_dtype"))
+    else:
+        raise FileNotFoundError(f"train.init_from={source!r}: neither a checkpoint dir (checkpoint.pt) "
+                                "nor an exported model dir (config.json + model.safetensors)")
+    if config.vocab_size != vocab_size:
+        raise ValueError(f"train.init_from={source!r} has a vocabulary of {config.vocab_size}, the tokenizer "
+                         f"{vocab_size}: initial weights must belong to the zoo's tokenizer")
+    return InitialWeights(config, state, info)
+
+
 def make_job(model: ModelConfig, train_cfg: LMTrainConfig, paths, out_dir: str = "") -> LMTrainJob:
     """An :class:`LMTrainJob` from CLI-level configs and the prepared data paths
     (``out_dir`` "" = ``<cache>/train/<model.name>``)."""
@@ -279,4 +391,5 @@ def make_job(model: ModelConfig, train_cfg: LMTrainConfig, paths, out_dir: str =
     loop = TrainLoopConfig(**{k: getattr(train_cfg, k) for k in TrainLoopConfig.__dataclass_fields__})
     return LMTrainJob(model=model, loop=loop, data_dir=str(paths.tokens), tokenizer_dir=str(paths.tokenizer),
                       out_dir=str(out), batch_size=train_cfg.batch_size, seq_len=train_cfg.seq_len,
-                      eval_at_end=train_cfg.eval_at_end)
+                      eval_at_end=train_cfg.eval_at_end, function_share=train_cfg.function_share,
+                      init_from=train_cfg.init_from)

@@ -4,7 +4,8 @@ Intermediate files live in the cache (``$HARNESS_CACHE`` or ``~/.cache/harness``
 
     zoo-data/corpus/      documents.jsonl, corpus_manifest.json
     zoo-data/tokenizer/   tokenizer.json, tokenizer_config.json
-    zoo-data/tokens/      train.npy, heldout_<lang>.npy, data_meta.json
+    zoo-data/tokens/      train.npy, heldout_<lang>.npy, data_meta.json,
+                          train_functions.npy, functions_meta.json (function-level samples)
     train/<model>/        checkpoint.pt, train_state.json, heldout.json
 
 Only exported models (fp16 safetensors + tokenizer + manifest + card) go into ``zoo/``.
@@ -22,6 +23,7 @@ from pathlib import Path
 
 from harness.paths import replace_dir
 from harness.zoo.corpus import CorpusConfig, build_corpus, load_corpus, save_corpus, write_json
+from harness.zoo.functions import FUNCTIONS_META, FunctionSamplesConfig, encode_function_samples
 from harness.zoo.tokenizer import TokenizerConfig, check_tokenizer, load_tokenizer, train_tokenizer
 
 
@@ -32,6 +34,7 @@ class ZooDataConfig:
     cache_dir: str = ""  # root of intermediate files ("" = $HARNESS_CACHE or ~/.cache/harness)
     corpus: CorpusConfig = field(default_factory=CorpusConfig)  # what goes into the corpus
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)  # BPE settings
+    functions: FunctionSamplesConfig = field(default_factory=FunctionSamplesConfig)  # function-level samples (train_functions.npy)
     data_seed: int = 0  # order of documents in the training stream
     force: bool = False  # rebuild even if the files exist
 
@@ -108,6 +111,13 @@ def prepare_data(cfg: ZooDataConfig, log=print) -> DataPaths:
                                                         "pad": tok.pad_token, "mask": tok.mask_token}}
             write_json(p.corpus / "corpus_manifest.json", manifest)
             log(f"[zoo] token data: {meta['train_tokens']:,} train / {meta['heldout_tokens']:,} held-out tokens -> {p.tokens}")
+        if cfg_force_rest or not (p.tokens / FUNCTIONS_META).exists():
+            if docs is None:
+                docs, _ = load_corpus(p.corpus)
+            t0 = time.time()
+            fmeta = encode_function_samples(docs, load_tokenizer(p.tokenizer), p.tokens, cfg.functions)
+            log(f"[zoo] function-level samples: {fmeta['samples']:,} functions, {fmeta['tokens']:,} tokens "
+                f"in {time.time() - t0:.0f} s -> {p.tokens / FUNCTIONS_META}")
     return p
 
 
@@ -125,6 +135,9 @@ class ExportConfig:
 
     zoo_dir: str = ""  # destination ("" = the repository's zoo/)
     models: list[str] = field(default_factory=lambda: ["draft", "target"])  # checkpoints to export (by name)
+    # exported name -> checkpoint directory under the train root, where they differ
+    # (zoo v3: zoo/target is the target continued on function-level samples)
+    sources: dict[str, str] = field(default_factory=lambda: {"target": "target-functions"})
     dtype: str = "float16"  # float16 | bfloat16 | float32 weights on disk
     evaluate: bool = True  # compute quality figures (held-out ppl, HumanEval, agreement)
     humaneval_limit: int = 0  # number of HumanEval prompts (0 = all 164)
@@ -192,6 +205,8 @@ def export_model(name: str, ckpt_dir: Path, paths: DataPaths, zoo_dir: Path, dty
         "loss_ema_at_export": ckpt.get("loss_ema"),
         "runs": ckpt.get("runs", []),
         "loss_history": ckpt.get("history", [])[:: max(1, len(ckpt.get("history", [])) // 50)],
+        "function_share": extra.get("function_share", 0.0),
+        "initialized_from": extra.get("init"),
         "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "exported_dtype": dtype,
         "training_precision": "float32 (CPU)",
@@ -280,6 +295,36 @@ def _fmt_int(n) -> str:
     return f"{n:,}" if isinstance(n, int) else str(n)
 
 
+def _continuation_lines(info: dict) -> list[str]:
+    """Card paragraph of a model continued from earlier weights on the function-level mix."""
+    init = info.get("initialized_from")
+    if not init:
+        return []
+    before = init.get("training_tokens")
+    rate = (before / init["elapsed_s"]) if before and init.get("elapsed_s") else None
+    share = info.get("function_share") or 0.0
+    lines = [
+        f"**Continued training (zoo v3):** these weights started from `{init['source']}` ({init['kind']}"
+        + (f", {_fmt_int(before)} tokens of from-scratch training" if before else "")
+        + f") and were trained on: {share:.0%} of every batch's rows are function-level samples (one whole "
+        "function or method with its comment / docstring header, then `</s>`; Python ones start like a "
+        f"HumanEval prompt: the imports they use, two blank lines, the `def`), {1 - share:.0%} the file-level "
+        "stream as replay. The figures above count this continuation only"
+        + (f"; with the from-scratch part the model has seen {_fmt_int(before + info['training_tokens'])} tokens."
+           if before else "."),
+    ]
+    if rate:
+        lines += [
+            "",
+            f"Why a continuation and not a larger model trained from scratch: the from-scratch part ran at "
+            f"{rate:,.0f} tokens/s on this CPU; ~20 tokens per parameter for a ~9M-parameter target "
+            f"(180M tokens at a lower rate per token) would take over {180e6 / rate / 3600:.0f} hours, "
+            "far beyond the zoo's 2-core budget, so the 3.4M shape was kept and given the function-level "
+            "data it lacked (tokens/s of both shapes: README, *Training*).",
+        ]
+    return lines + [""]
+
+
 def write_card(model_dir: Path, log=print) -> None:
     """README.md of one exported model from its training.json, quality.json and manifest."""
     info = read_json(model_dir / "training.json")
@@ -301,6 +346,7 @@ def write_card(model_dir: Path, log=print) -> None:
         f"{info['loop_config'].get('threads') or 'default'} torch thread(s) on a shared 2-core machine), {info['step']:,} optimiser steps of {info.get('batch_size')} x {info.get('seq_len')} tokens, "
         f"{_fmt_int(info['training_tokens'])} training tokens ({info['epochs']} epochs of the corpus). This export is {status}.",
         "",
+        *_continuation_lines(info),
         "## Model",
         "",
         "| field | value |",
@@ -470,7 +516,9 @@ def write_zoo_index(zoo_dir: Path) -> None:
         "## Rebuild",
         "",
         "- `harness zoo build` reproduces the whole zoo from scratch: corpus from the machine's own "
-        "source code -> tokenizer -> draft and target training -> export -> quality -> cards, then the "
+        "source code -> tokenizer (+ function-level samples) -> draft and target training -> the target "
+        "continued on the file + function-level mix (`target_functions`, exported as `target`) -> export -> "
+        "quality -> cards -> the target's self-distillation data (`selfdistill`), then the "
         "target's Medusa heads and SPACE fine-tune; `stages=[...]` runs some of them, `clean=true` drops "
         "cached data and checkpoints first. Every stage resumes from its last checkpoint when re-run. "
         "Intermediate files and checkpoints live in `$HARNESS_CACHE` (default `~/.cache/harness`).",
@@ -490,7 +538,7 @@ def export_zoo(cfg: ExportConfig, data: ZooDataConfig, train_root: str = "", log
     zoo = zoo_dir_of(cfg)
     infos = {}
     for name in cfg.models:
-        infos[name] = export_model(name, root / name, paths, zoo, cfg.dtype, log=log)
+        infos[name] = export_model(name, root / cfg.sources.get(name, name), paths, zoo, cfg.dtype, log=log)
     if cfg.evaluate:
         evaluate_zoo(zoo, cfg, paths, log=log)
     else:

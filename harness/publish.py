@@ -1,0 +1,208 @@
+"""Publishing the figures: a clean-tree guard, and the README's tables generated from results/.
+
+    python -m harness.publish clean-tree     # exit 2 unless the tree is clean (ALLOW_DIRTY=1: warn only)
+    python -m harness.publish readme         # rewrite the README's generated blocks from results/*.md
+    python -m harness.publish readme --check # exit 1 when a block differs from what results/ holds
+
+Every table of measured figures in README.md sits between two markers,
+
+    <!-- results-table: leaderboard -->  ...  <!-- /results-table -->
+
+and is rendered here from the published leaderboards in ``results/`` (``make leaderboard``
+and ``make tables`` write those, then run ``make readme``). A block is never edited by
+hand: tests/test_readme.py fails when a block differs from its files, and when a README
+table outside the blocks quotes a measured figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+from dataclasses import dataclass
+from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
+from pathlib import Path
+
+from harness.paths import REPO_ROOT
+from harness.results import git_changes
+
+REFERENCE = "autoregressive"
+BEGIN = re.compile(r"<!-- results-table: ([\w-]+) -->\n")
+END = "<!-- /results-table -->"
+
+
+class PublishError(Exception):
+    """The tables cannot be published as asked; the message says what to do."""
+
+
+# ---- the clean-tree guard ---------------------------------------------------------------
+def clean_tree(allow_dirty: bool, root: Path = REPO_ROOT) -> str:
+    """'' on a clean tree; a warning when dirty and ``allow_dirty``; else ``PublishError``.
+
+    Dirty means what runs record in their manifests (``results.git_changes``: uncommitted
+    or untracked files outside results/ and README.md), so tables made with
+    ``ALLOW_DIRTY=1`` say "DIRTY tree" in their title and header.
+    """
+    try:
+        changes = git_changes(root)
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise PublishError(f"cannot tell whether {root} is clean ({exc}); publish from a git checkout") from exc
+    if not changes:
+        return ""
+    listed = ", ".join(line[3:] for line in changes[:3]) + (", ..." if len(changes) > 3 else "")
+    if allow_dirty:
+        return f"warning: publishing from a dirty tree ({listed}); every table will be marked DIRTY"
+    raise PublishError(f"the working tree has uncommitted changes ({listed}); commit them first, "
+                       "or rerun with ALLOW_DIRTY=1 to publish tables marked DIRTY")  # fmt: skip
+
+
+# ---- reading a published leaderboard --------------------------------------------------------
+@dataclass
+class Published:
+    """One leaderboard file of results/: its header line (model, device, commit) and its rows."""
+
+    path: Path
+    header: str  # "model: ... | device: ... | commit: ..."
+    rows: list[dict[str, str]]  # one dict per table row, cells as written
+
+
+def read_leaderboard(path: Path) -> Published:
+    """Parse a markdown leaderboard written by ``harness leaderboard``."""
+    if not path.exists():
+        raise PublishError(f"{path} is missing; regenerate it with make leaderboard / make tables")
+    lines = path.read_text().splitlines()
+    header = next((line for line in lines if line.startswith("model: ")), "")
+    table = [line for line in lines if line.startswith("|")]
+    if len(table) < 2 or not header:
+        raise PublishError(f"{path} holds no leaderboard table; regenerate it with harness leaderboard")
+    names = [c.strip() for c in table[0].strip("|").split("|")]
+    rows = [dict(zip(names, (c.strip() for c in line.strip("|").split("|")))) for line in table[2:]]
+    return Published(path, header, rows)
+
+
+def two_decimals(cell: str | None) -> str:
+    """A figure as the README shows it: two decimals (half up); '-' for nan or a missing column."""
+    try:
+        value = Decimal(cell or "nan")
+    except InvalidOperation:
+        return cell or "-"
+    if not value.is_finite():
+        return "-"
+    return str(value.quantize(Decimal("0.01"), rounding=ROUND_HALF_UP))
+
+
+def job_label(run_dir: str) -> tuple[str, str]:
+    """(column name, value) of a sweep job's directory: ``method.medusa.tree-chain`` -> ('tree', 'chain')."""
+    keys, values = [], []
+    for part in run_dir.split("+"):
+        key, _, value = part.rpartition("-")
+        keys.append(key.rsplit(".", 1)[-1])
+        values.append(value)
+    return ", ".join(keys), ", ".join(values)
+
+
+HEAD = ["samples", "exact match", "mean accepted tokens", "speedup [95% CI]", "step cost", "efficiency", "repetition"]
+
+
+def figures(row: dict[str, str]) -> list[str]:
+    """A leaderboard row's cells for the ``HEAD`` columns."""
+    speedup = f"{two_decimals(row.get('speedup'))} {row.get('speedup_ci', '')}".strip()
+    return [row.get("samples") or "-", two_decimals(row.get("exact_match")),
+            two_decimals(row.get("mean_accepted_tokens")), speedup, two_decimals(row.get("step_cost")),
+            two_decimals(row.get("efficiency")), two_decimals(row.get("repetition"))]  # fmt: skip
+
+
+def markdown_table(head: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+def sources(files: list[Published]) -> str:
+    """Where a block's figures come from: each file with its header (commit, tree, model, device)."""
+    return "\n\n".join(f"From `results/{f.path.name}`: {f.header}" for f in files)
+
+
+def methods_block(results: Path) -> str:
+    """Every non-reference method of the published leaderboards, one row each."""
+    files = [read_leaderboard(results / name) for name in ("leaderboard.md", "leaderboard-space.md")]
+    rows = []
+    for f in files:
+        model = f.header.split("|")[0].split(":", 1)[1].strip()
+        for row in f.rows:
+            if row["method"] != REFERENCE:
+                rows.append([f"{row['method']} (`{model}`)"] + figures(row))
+    return sources(files) + "\n\n" + markdown_table(["method"] + HEAD, rows)
+
+
+def sweep_block(results: Path, name: str, method: str) -> str:
+    """One row per sweep job (``--by run_dir``): the swept value and ``method``'s figures."""
+    f = read_leaderboard(results / name)
+    rows, column = [], "job"
+    for row in f.rows:
+        if row["method"] == method:
+            column, value = job_label(row["run_dir"])
+            rows.append([value] + figures(row))
+    return sources([f]) + "\n\n" + markdown_table([f"{method} {column}"] + HEAD, rows)
+
+
+BLOCKS = {  # README block name -> its table, from the results directory
+    "leaderboard": methods_block,
+    "speculative-gamma": lambda results: sweep_block(results, "speculative-gamma.md", "speculative"),
+    "medusa-trees": lambda results: sweep_block(results, "medusa-trees.md", "medusa"),
+    "space-k": lambda results: sweep_block(results, "space-k.md", "space"),
+}
+
+
+def render_readme(text: str, results: Path) -> str:
+    """``text`` with every generated block re-rendered from the files in ``results``."""
+    out, pos = [], 0
+    for match in BEGIN.finditer(text):
+        name = match.group(1)
+        if name not in BLOCKS:
+            raise PublishError(f"README block '{name}' is unknown; known blocks: {', '.join(BLOCKS)}")
+        end = text.find(END, match.end())
+        if end < 0:
+            raise PublishError(f"README block '{name}' has no closing {END}")
+        out += [text[pos : match.end()], BLOCKS[name](results), "\n"]
+        pos = end
+    return "".join(out) + text[pos:]
+
+
+def readme(check: bool, root: Path = REPO_ROOT) -> int:
+    path = root / "README.md"
+    text = path.read_text()
+    new = render_readme(text, root / "results")
+    if check:
+        if new != text:
+            print("README.md's result tables differ from results/; run make readme", file=sys.stderr)
+            return 1
+        return 0
+    if new != text:
+        path.write_text(new)
+        print(f"updated the result tables of {path}", file=sys.stderr)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m harness.publish", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("clean-tree", help="exit 2 when the tree has uncommitted changes (unless ALLOW_DIRTY=1)")
+    r = sub.add_parser("readme", help="regenerate the README's result tables from results/")
+    r.add_argument("--check", action="store_true", help="only compare; exit 1 when they differ")
+    args = p.parse_args(argv)
+    try:
+        if args.command == "clean-tree":
+            warning = clean_tree(os.environ.get("ALLOW_DIRTY", "") == "1")
+            if warning:
+                print(warning, file=sys.stderr)
+            return 0
+        return readme(args.check)
+    except PublishError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

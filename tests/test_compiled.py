@@ -1,0 +1,142 @@
+"""Compiled execution (model.compile=true): the static cache and bucketed forwards equal the
+eager engine, every lossless method is token-exact against compiled autoregressive, a
+second generation compiles nothing, and runs record (and leaderboards keep apart) the mode.
+
+One compiled engine per module (compiling is slow on a shared CPU), with three buckets.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from harness.cli import main
+from harness.compiled import StaticKVCache, compile_count
+from harness.config import ModelConfig, SamplingConfig
+from harness.engine import Engine
+from harness.lossless import EXACT, MISMATCH, compare
+from harness.report import load_runs
+from harness.results import RunDirError
+from methods.autoregressive import Autoregressive, AutoregressiveConfig
+from methods.base import StopRule
+from methods.medusa import Medusa, MedusaConfig
+from methods.prompt_lookup import PromptLookup, PromptLookupConfig
+from methods.space import Space, SpaceConfig
+from methods.speculative import Speculative, SpeculativeConfig
+from tests.test_medusa import random_heads
+
+GREEDY = SamplingConfig()
+BUCKETS = [1, 4, 16]
+PROMPTS = [[0, 17, 42, 99, 5], [0, 250, 251, 252, 253, 254, 255, 10, 11], [0, 5, 6, 7, 8, 5, 6, 7, 8, 5, 6]]
+LONG = [0] + list(range(20, 60))  # 41 tokens: three chunks of the largest bucket
+N = 40
+
+
+@pytest.fixture(scope="module")
+def compiled(engine) -> Engine:
+    """The session's tiny random model (same weights as ``engine``), compiled, every bucket warm."""
+    cfg = ModelConfig(name="tiny-compiled", path="", compile=True, compile_buckets=BUCKETS, compile_cache_len=160)
+    eng = Engine.from_model(engine.model, engine.tokenizer, cfg)
+    assert eng.compiled.warm_up() == len(BUCKETS)  # one graph per bucket
+    return eng
+
+
+def test_forwards_equal_the_eager_engine(engine, compiled):
+    """Chunked prefill, a custom tree mask with explicit positions, truncate and keep."""
+    ce, ee = compiled.new_cache(), engine.new_cache()
+    assert isinstance(ce, StaticKVCache)
+    a, b = compiled.forward(LONG, ce).logits, engine.forward(LONG, ee).logits
+    assert len(ce) == len(ee) == len(LONG) and torch.allclose(a, b, atol=1e-5)
+    past, n = len(LONG), 5
+    mask = torch.ones(n, past + n, dtype=torch.bool)
+    mask[:, past:] = torch.tensor([[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [1, 0, 1, 0, 0], [1, 1, 0, 1, 0], [1, 0, 1, 0, 1]])
+    positions = [past, past + 1, past + 1, past + 2, past + 2]  # a root, two branches of depth 2
+    tree = [7, 8, 9, 10, 11]
+    a = compiled.forward(tree, ce, positions=positions, mask=mask, hidden=True)
+    b = engine.forward(tree, ee, positions=positions, mask=mask, hidden=True)
+    assert torch.allclose(a.logits, b.logits, atol=1e-5) and torch.allclose(a.hidden, b.hidden, atol=1e-5)
+    for cache in (ce, ee):
+        cache.keep(list(range(past)) + [past, past + 2, past + 4])  # the root and one branch
+    a, b = compiled.forward([12], ce, last_only=True).logits, engine.forward([12], ee, last_only=True).logits
+    assert len(ce) == len(ee) == past + 4 and torch.allclose(a, b, atol=1e-5)
+    ce.truncate(past)
+    ee.truncate(past)
+    a, b = compiled.forward([3, 4], ce).logits, engine.forward([3, 4], ee).logits
+    assert torch.allclose(a, b, atol=1e-5)
+    with pytest.raises(ValueError):
+        ce.truncate(past + 10)
+
+
+def lossless_methods(compiled: Engine, heads) -> dict:
+    return {
+        "speculative": Speculative(SpeculativeConfig(gamma=3), compiled, GREEDY, draft=compiled),
+        "prompt-lookup": PromptLookup(PromptLookupConfig(), compiled, GREEDY),
+        "medusa": Medusa(MedusaConfig(tree="small"), compiled, GREEDY, heads=heads),
+        "space-k1": Space(SpaceConfig(k=1), compiled, GREEDY),
+        "space-k2": Space(SpaceConfig(k=2), compiled, GREEDY),
+    }
+
+
+def test_every_method_is_token_exact_and_a_second_run_compiles_nothing(compiled):
+    ar = Autoregressive(AutoregressiveConfig(), compiled, GREEDY)
+    stop = StopRule(N, frozenset())
+    reference = {tuple(p): ar.generate(p, stop).tokens for p in PROMPTS}
+    methods = lossless_methods(compiled, random_heads(compiled))
+    for name, method in methods.items():
+        method.generate(PROMPTS[0], stop)  # a first run may compile the method's own parts (Medusa heads)
+        before = compile_count()
+        for prompt in PROMPTS:
+            got = method.generate(prompt, stop)
+            assert got.tokens == reference[tuple(prompt)], name
+            assert sum(got.accepted_per_step) == N and len(got.accepted_per_step) == got.target_forwards
+        assert compile_count() == before, f"{name} recompiled on its second run"
+    assert max(methods["prompt-lookup"].generate(PROMPTS[2], stop).accepted_per_step) > 1  # verify chunks ran
+
+
+def test_compiled_autoregressive_against_eager(engine, compiled):
+    """A compiled kernel may round differently: each prompt is classified like any method
+    (exact, or a tie at a near-zero margin); a real mismatch fails."""
+    stop = StopRule(N, frozenset())
+    verdicts = []
+    for prompt in PROMPTS + [LONG]:
+        eager = Autoregressive(AutoregressiveConfig(), engine, GREEDY).generate(prompt, stop).tokens
+        fast = Autoregressive(AutoregressiveConfig(), compiled, GREEDY).generate(prompt, stop).tokens
+        verdicts.append(compare(engine, prompt, eager, fast, 1e-3).status)
+    assert MISMATCH not in verdicts
+    assert verdicts.count(EXACT) >= 1, verdicts
+
+
+def test_bad_buckets_are_refused(engine):
+    with pytest.raises(ValueError, match="compile_buckets"):
+        Engine.from_model(engine.model, engine.tokenizer, ModelConfig(path="", compile=True, compile_buckets=[0, 4]))
+
+
+@pytest.mark.filterwarnings("error:compiled mode")  # the fitted static cache must not have to grow
+def test_run_records_the_mode_and_leaderboards_keep_modes_apart(model_dir, tmp_path, capsys):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"id": f"p{i}", "prompt": f"def f{i}(x):"}) + "\n" for i in range(2)))
+    out = tmp_path / "compiled"
+    args = ["run", "--model", str(model_dir), "--task", "jsonl", f"task.path={prompts}", "--max-new-tokens", "8",
+            "--out", str(out), "--methods", "autoregressive,prompt-lookup", "run.progress=false", "run.threads=1",
+            "model.compile=true", f"model.compile_buckets=[{','.join(map(str, BUCKETS))}]"]  # fmt: skip
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "graphs compiled" in printed and "inside the timer" not in printed
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["execution"]["mode"] == "compiled" and manifest["execution"]["buckets"] == BUCKETS
+    assert manifest["environment"]["threads"] == 1
+    # the cache fits the longest prompt + 8 new tokens + one largest bucket of padding
+    assert manifest["execution"]["static_cache_len"] <= 64
+    records = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert {r["status"] for r in records} == {EXACT}
+    eager = tmp_path / "eager"
+    shutil.copytree(out, eager)
+    manifest["execution"] = {"mode": "eager"}
+    (eager / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(RunDirError, match="execution mode"):
+        load_runs([out, eager])
+    assert main(["leaderboard", str(out)]) == 0
+    assert "execution: compiled" in capsys.readouterr().out
