@@ -28,8 +28,9 @@ class ModelConfig:
     # Compiled execution (harness/compiled.py): a static KV cache and torch.compile'd forwards
     # (CUDA graphs on CUDA) for the baseline and every method; compiling happens in the warm-up
     compile: bool = False  # false = eager transformers forwards over a growing cache
-    compile_buckets: list[int] = field(default_factory=lambda: [1, 4, 16, 64])  # forward sizes compiled (tokens); a forward is padded to the next one, longer ones run in chunks of the largest
-    compile_cache_len: int = 0  # static KV cache entries; 0 = fitted by the runner (longest prompt + max_new_tokens + largest bucket)
+    # forward sizes compiled (tokens): a forward is padded to the next one; a longer one (a prompt) runs eagerly
+    compile_buckets: list[int] = field(default_factory=lambda: [1, 4, 16, 64])
+    compile_cache_len: int = 0  # static KV cache entries; 0 = fitted by the runner (longest prompt + max_new_tokens + padding)
 
 
 @dataclass

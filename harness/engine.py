@@ -8,6 +8,12 @@ The model is a stock transformers causal LM (no forked modeling file, no patchin
 custom attention mask is passed as the 4-D float mask transformers accepts
 (``[1, 1, new, cached + new]``, 0 = attend, -inf = blocked) together with explicit
 position ids, which is how trees and SPACE chunks are verified in one forward.
+Sliding-window layers get the window added to that mask (one mask per layer type), and
+their cache keeps every entry so it can roll back (see ``KVCache``, ``_attention_mask``).
+
+Timing: between ``start_timing()`` and ``stop_timing()`` every forward's duration is
+recorded without synchronising the device inside a generation (``ForwardTimer``: the
+monotonic clock on CPU, CUDA events on a GPU, read after the generation).
 """
 
 from __future__ import annotations
@@ -307,7 +313,8 @@ class Engine:
         does after the output projection (Gemma 2's final logit soft-capping, a logit scale)
         is the same with and without ``hidden``; the hidden state is the decoder's output (what
         the head reads), caught by a forward hook on the decoder for this call only."""
-        if self.compiled is not None:  # model.compile=true: bucketed, static cache (harness/compiled.py)
+        # model.compile=true: bucketed graphs over a static cache, the head a plain projection (harness/compiled.py)
+        if self.compiled is not None:
             logits, h = self.compiled.forward(ids_t, pos_t, attn, cache, keep)
             return ForwardOutput(logits=logits, hidden=h if hidden else None)
         caught: list[torch.Tensor] = []

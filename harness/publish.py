@@ -103,7 +103,7 @@ def job_label(run_dir: str) -> tuple[str, str]:
     return ", ".join(keys), ", ".join(values)
 
 
-HEAD = ["samples", "exact match", "mean accepted tokens", "speedup [95% CI]", "step cost", "efficiency", "repetition"]
+HEAD = ["samples", "exact match", "mean accepted tokens", "speedup [95% CI]", "step cost", "efficiency", "repetition", "stop reasons"]
 
 
 def figures(row: dict[str, str]) -> list[str]:
@@ -111,7 +111,8 @@ def figures(row: dict[str, str]) -> list[str]:
     speedup = f"{two_decimals(row.get('speedup'))} {row.get('speedup_ci', '')}".strip()
     return [row.get("samples") or "-", two_decimals(row.get("exact_match")),
             two_decimals(row.get("mean_accepted_tokens")), speedup, two_decimals(row.get("step_cost")),
-            two_decimals(row.get("efficiency")), two_decimals(row.get("repetition"))]  # fmt: skip
+            two_decimals(row.get("efficiency")), two_decimals(row.get("repetition")),
+            row.get("stop_reasons") or "-"]  # fmt: skip
 
 
 def markdown_table(head: list[str], rows: list[list[str]]) -> str:
@@ -147,11 +148,30 @@ def sweep_block(results: Path, name: str, method: str) -> str:
     return sources([f]) + "\n\n" + markdown_table([f"{method} {column}"] + HEAD, rows)
 
 
+def modes_block(results: Path) -> str:
+    """The same methods in an eager and a compiled run (model.compile), side by side: each
+    speedup is over ``autoregressive`` of its own run."""
+    files = [read_leaderboard(results / name) for name in ("leaderboard.md", "leaderboard-compiled.md")]
+    eager, compiled = ({row["method"]: row for row in f.rows} for f in files)
+    rows = []
+    for method, fast in compiled.items():
+        slow = eager.get(method, {})
+        rows.append([method, fast.get("samples") or "-", two_decimals(slow.get("tokens_per_s")),
+                     f"{two_decimals(slow.get('speedup'))} {slow.get('speedup_ci', '')}".strip(),
+                     two_decimals(fast.get("tokens_per_s")),
+                     f"{two_decimals(fast.get('speedup'))} {fast.get('speedup_ci', '')}".strip(),
+                     two_decimals(fast.get("exact_match"))])  # fmt: skip
+    head = ["method", "samples", "eager tokens/s", "speedup over eager autoregressive", "compiled tokens/s",
+            "speedup over compiled autoregressive", "exact match (compiled)"]  # fmt: skip
+    return sources(files) + "\n\n" + markdown_table(head, rows)
+
+
 BLOCKS = {  # README block name -> its table, from the results directory
     "leaderboard": methods_block,
     "speculative-gamma": lambda results: sweep_block(results, "speculative-gamma.md", "speculative"),
     "medusa-trees": lambda results: sweep_block(results, "medusa-trees.md", "medusa"),
     "space-k": lambda results: sweep_block(results, "space-k.md", "space"),
+    "modes": modes_block,  # eager vs compiled execution (make bench MODE=compiled)
 }
 
 

@@ -154,7 +154,7 @@ def run(exp: Experiment, log: Callable[[str], None] = print) -> RunResult:
     engine = Engine.load(exp.model)
     methods = build_methods(exp, engine)
     check_context(engine, methods, samples, settings.max_new_tokens)
-    fit_static_caches(engine, methods, samples, settings.max_new_tokens)
+    fit_static_caches(engine, methods, samples, max(settings.max_new_tokens, settings.warmup_tokens))
     if not resumed:
         rundir.create(make_manifest(exp, engine), run_key)
     done = {r.key: r for r in records}
@@ -186,7 +186,8 @@ def run(exp: Experiment, log: Callable[[str], None] = print) -> RunResult:
                 graphs = compile_count() if engine.compiled is not None else 0
                 record = run_one(exp, engine, methods[name], name, sample, turn, prompt_ids, stop, seed, position)
                 if engine.compiled is not None and compile_count() > graphs:  # should not happen: say so
-                    log(f"notice: {name} compiled {compile_count() - graphs} graph(s) inside the timer on sample {sample.id}")
+                    log(f"notice: {name} compiled {compile_count() - graphs} graph(s) inside the timer "
+                        f"on sample {sample.id}")  # fmt: skip
                 bar.update(1)
                 if name == REFERENCE:
                     reference = record
@@ -291,16 +292,17 @@ def compiled_engines(engine: Engine, methods: dict[str, Method]) -> list[Engine]
     return [e for e in engines if e.compiled is not None]
 
 
-def fit_static_caches(engine: Engine, methods: dict[str, Method], samples: list[Sample], max_new_tokens: int) -> None:
+def fit_static_caches(engine: Engine, methods: dict[str, Method], samples: list[Sample], new_tokens: int) -> None:
     """model.compile=true with model.compile_cache_len=0: size each compiled engine's static KV
-    cache for the longest first-turn prompt + max_new_tokens (+ padding, harness/compiled.py).
-    A longer later-turn prompt grows it, with a warning (and recompiles)."""
+    cache for the longest first-turn prompt + ``new_tokens`` (the larger of max_new_tokens and
+    the warm-up's) + padding (harness/compiled.py). A longer later-turn prompt grows it, with a
+    warning (and recompiles)."""
     engines = [e for e in compiled_engines(engine, methods) if not e.cfg.compile_cache_len]
     if not engines:
         return
     longest = max(len(encode(engine, render_prompt(s, 0, [], engine.tokenizer))) for s in samples)
     for e in engines:
-        e.compiled.reserve(longest + max_new_tokens)
+        e.compiled.reserve(longest + new_tokens)
 
 
 def run_one(

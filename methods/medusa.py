@@ -59,7 +59,9 @@ ACCEPTANCE = ("greedy", "typical", "rejection")
 class MedusaConfig(MethodConfig):
     name: str = "medusa"
     heads: str = "zoo/target-medusa"  # directory (or weights file) of the heads; ours or upstream's format
-    tree: str = "small"  # chain | small | large (see methods.medusa.TREES); ignored when `choices` is set
+    # chain | small | large (see methods.medusa.TREES; compared on the tuning split by make tables:
+    # results/medusa-trees.md); ignored when `choices` is set
+    tree: str = "small"
     choices: Optional[list[list[int]]] = None  # explicit tree, e.g. [[0],[1],[0,0]]
     acceptance: str = "greedy"  # sampling rule: greedy | rejection (lossless) | typical (lossy); greedy decoding always uses greedy
     posterior_threshold: float = 0.09  # typical: epsilon (hard cap of the acceptance threshold)

@@ -83,6 +83,9 @@ def test_reference_rotates_with_the_others_and_every_record_is_compared(model_di
     # records that ran before the reference (p1: both, p2: prompt-lookup) were compared once it
     # existed (not-checked otherwise), and written after it
     assert all(r["status"] == "exact" for r in records)
+    # transformers' generate is timed per forward too (hooks): a prefill, then one token a forward
+    hf = [r for r in records if r["method"] == "hf-generate"]
+    assert all(r["prefill_time_s"] > 0 and r["verify_tokens"] == len(r["tokens"]) - 1 for r in hf)
     for sample in ("p0", "p1", "p2", "p3"):
         assert [r["method"] for r in records if r["sample_id"] == sample][0] == "autoregressive"
     # resume where a sample's reference is missing: only it runs again, the others are kept
@@ -94,6 +97,14 @@ def test_reference_rotates_with_the_others_and_every_record_is_compared(model_di
     again = read_records(out)
     assert len(again) == 12 and again[:-1] == [r for r in records if r["sample_id"] != "p2" or r["method"] != "autoregressive"]
     assert again[-1]["method"] == "autoregressive" and again[-1]["sample_id"] == "p2" and again[-1]["status"] == "exact"
+
+
+def test_split_is_a_task_option_recorded_in_the_manifest(model_dir, prompts, tmp_path):
+    out = tmp_path / "run"
+    assert main(base_args(model_dir, prompts, out, n=4) + ["task.split=report", "--limit", "3"]) == 0
+    assert [r["sample_id"] for r in read_records(out)] == ["p2", "p3", "p4"]  # p0, p1: the tuning quarter
+    assert json.loads((out / "manifest.json").read_text())["config"]["task"]["split"] == "report"
+    assert main(base_args(model_dir, prompts, out, n=4) + ["task.split=tune"]) == 2  # another config: refused
 
 
 def test_refuses_other_config_unless_forced(model_dir, prompts, tmp_path, capsys):

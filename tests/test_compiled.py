@@ -31,7 +31,7 @@ from tests.test_medusa import random_heads
 GREEDY = SamplingConfig()
 BUCKETS = [1, 4, 16]
 PROMPTS = [[0, 17, 42, 99, 5], [0, 250, 251, 252, 253, 254, 255, 10, 11], [0, 5, 6, 7, 8, 5, 6, 7, 8, 5, 6]]
-LONG = [0] + list(range(20, 60))  # 41 tokens: three chunks of the largest bucket
+LONG = [0] + list(range(20, 60))  # 41 tokens: more than the largest bucket
 N = 40
 
 
@@ -45,7 +45,8 @@ def compiled(engine) -> Engine:
 
 
 def test_forwards_equal_the_eager_engine(engine, compiled):
-    """Chunked prefill, a custom tree mask with explicit positions, truncate and keep."""
+    """A prompt longer than the largest bucket (eager over the static cache), a custom tree mask
+    with explicit positions (a bucket), keep and truncate."""
     ce, ee = compiled.new_cache(), engine.new_cache()
     assert isinstance(ce, StaticKVCache)
     a, b = compiled.forward(LONG, ce).logits, engine.forward(LONG, ee).logits

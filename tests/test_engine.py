@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
-from harness.config import ModelConfig
-from harness.engine import Engine, ModelLoadError
+from harness.config import ModelConfig, SamplingConfig
+from harness.engine import Engine, ForwardTimer, ModelLoadError
+from methods.autoregressive import Autoregressive, AutoregressiveConfig
+from methods.base import StopRule
 
 PROMPT = [0, 17, 42, 99, 5, 63, 120, 7]
 
@@ -109,6 +113,45 @@ def test_hidden_states_match_logits(engine):
     assert torch.allclose(plain, out.logits, atol=1e-5)
 
 
+class FakeEvent:
+    """Stands in for ``torch.cuda.Event`` (no GPU here): a time stamp taken at ``record()``."""
+
+    def __init__(self, enable_timing: bool = False):
+        self.t = None
+
+    def record(self) -> None:
+        self.t = time.perf_counter()
+
+    def elapsed_time(self, end: "FakeEvent") -> float:
+        return (end.t - self.t) * 1000  # milliseconds, as CUDA's
+
+
+def test_forward_timer(engine, monkeypatch):
+    # CPU: the monotonic clock around every forward, and around hooked calls of the model
+    cache = engine.new_cache()
+    engine.start_timing()
+    engine.forward(PROMPT, cache)
+    engine.forward([7], cache)
+    with engine.timing_calls():  # how the hf-* wrappers time transformers' own forwards
+        engine.model(input_ids=torch.tensor([[0, 5]]))
+    log = engine.stop_timing()
+    assert [n for n, _ in log] == [len(PROMPT), 1, 2] and all(s > 0 for _, s in log)
+    assert engine.timer is None and engine.stop_timing() == []
+    with engine.timing_calls():  # timing off: no hooks, nothing recorded
+        engine.model(input_ids=torch.tensor([[0, 5]]))
+    assert not engine.model._forward_hooks and not engine.model._forward_pre_hooks
+    # the CUDA rule, with stand-in events: no synchronisation inside a generation; read()
+    # synchronises once, after it, and converts every forward's pair of events
+    syncs = []
+    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: syncs.append(device))
+    engine.timer = ForwardTimer(torch.device("cuda"))
+    gen = Autoregressive(AutoregressiveConfig(), engine, SamplingConfig()).generate(PROMPT, StopRule(6))
+    assert syncs == [] and len(engine.timer.marks) == gen.target_forwards
+    log = engine.stop_timing()
+    assert len(syncs) == 1 and [n for n, _ in log] == [len(PROMPT)] + [1] * 5 and all(s > 0 for _, s in log)
+
+
 def test_load_by_path_and_dtypes(model_dir):
     eng = Engine.load(ModelConfig(path=str(model_dir)))
     assert eng.device.type in ("cpu", "cuda") and eng.model.dtype == torch.float32
@@ -118,7 +161,7 @@ def test_load_by_path_and_dtypes(model_dir):
 
 
 def test_load_errors_are_clear(tmp_path):
-    with pytest.raises(ModelLoadError, match="cannot load model"):
+    with pytest.raises(ModelLoadError, match="does not exist; give an existing directory"):
         Engine.load(ModelConfig(path=str(tmp_path / "nope")))
     with pytest.raises(ModelLoadError, match="unknown dtype"):
         Engine.load(ModelConfig(path=str(tmp_path), dtype="float8"))
