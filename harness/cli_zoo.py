@@ -160,13 +160,7 @@ def _restart_if_base_changed(out_dir: Path, base: str) -> None:
     weights = resolve_repo_path(base) / "model.safetensors"
     if not weights.exists():
         return  # a hub id or another layout: the trainer reports what it cannot load
-    digest = hashlib.sha256(weights.read_bytes()).hexdigest()
-    stamp = out_dir / "base.sha256"
-    if out_dir.exists() and (not stamp.exists() or stamp.read_text().strip() != digest):
-        shutil.rmtree(out_dir)
-        print(f"[zoo] {base} changed since {out_dir} was trained: starting it again")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stamp.write_text(digest + "\n")
+    _restart_if_changed(out_dir, base, hashlib.sha256(weights.read_bytes()).hexdigest(), "base.sha256")
 
 
 def _init_fingerprint(source: Path) -> str:
@@ -189,13 +183,18 @@ def _restart_if_init_changed(out_dir: Path, init_from: str) -> None:
     checkpoint in ``out_dir`` was started (the target was trained further), it restarts."""
     from harness.paths import resolve_repo_path  # noqa: PLC0415
 
-    fp = _init_fingerprint(resolve_repo_path(init_from))
-    stamp = out_dir / "init.stamp"
-    if out_dir.exists() and (not stamp.exists() or stamp.read_text().strip() != fp):
+    _restart_if_changed(out_dir, init_from, _init_fingerprint(resolve_repo_path(init_from)), "init.stamp")
+
+
+def _restart_if_changed(out_dir: Path, source: str, fingerprint: str, stamp_name: str) -> None:
+    """Delete ``out_dir`` (a checkpoint) when ``source``'s fingerprint differs from the one
+    stamped there when it was started; then stamp the current one."""
+    stamp = out_dir / stamp_name
+    if out_dir.exists() and (not stamp.exists() or stamp.read_text().strip() != fingerprint):
         shutil.rmtree(out_dir)
-        print(f"[zoo] {init_from} changed since {out_dir} was started: starting it again")
+        print(f"[zoo] {source} changed since {out_dir} was started: starting it again")
     out_dir.mkdir(parents=True, exist_ok=True)
-    stamp.write_text(fp + "\n")
+    stamp.write_text(fingerprint + "\n")
 
 
 def _export(cmd: ZooCommand) -> int:
