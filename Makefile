@@ -59,7 +59,7 @@ leaderboard: setup
 	.venv/bin/harness leaderboard results/runs/zoo-space --out results/leaderboard-space.md
 	.venv/bin/harness leaderboard results/runs/zoo-space --format html --out results/report-space.html
 	rm -rf results/runs/zoo-compiled
-	$(RUN) model.compile=true task.split=$(SPLIT) --methods $(COMPILED_METHODS) $(DRAFT_ARGS) --out results/runs/zoo-compiled $(ARGS)
+	$(RUN) model.compile=true task.split=$(SPLIT) --methods $(COMPILED_METHODS) method.speculative.gamma=$(GAMMA) --out results/runs/zoo-compiled $(ARGS)
 	.venv/bin/harness leaderboard results/runs/zoo-compiled --out results/leaderboard-compiled.md
 	$(MAKE) readme
 
