@@ -54,7 +54,8 @@ def test_a_block_follows_its_file(tmp_path):
     new = render_readme(text, results)
     assert new != text
     changed = [line for line in new.splitlines() if line.startswith("| prompt-lookup")]
-    assert len(changed) == 1 and "| 7.13 [" in changed[0]  # half up, two decimals
+    # two blocks read leaderboard.md (the results table and the eager column of the modes table)
+    assert len(changed) == 2 and all("| 7.13 [" in line for line in changed)  # half up, two decimals
     board.unlink()
     with pytest.raises(PublishError, match="leaderboard.md is missing"):
         render_readme(text, results)
@@ -75,7 +76,9 @@ def test_blocks_carry_the_repetition_column_and_the_commit_of_a_fresh_leaderboar
     table = metrics(load_runs([run])).set_index("method")
     block = render_readme("<!-- results-table: leaderboard -->\n<!-- /results-table -->\n", results)
     row = next(line for line in block.splitlines() if line.startswith("| hf-generate"))
-    assert row.split("|")[-2].strip() == two_decimals(f"{table.loc['hf-generate', 'repetition']:.3f}")
+    cells = [c.strip() for c in row.split("|")]
+    assert cells[-3] == two_decimals(f"{table.loc['hf-generate', 'repetition']:.3f}")
+    assert cells[-2] == table.loc["hf-generate", "stop_reasons"]
     assert "commit: " in block and " tree)" in block  # the commit and the tree's state of the source
 
 
