@@ -268,12 +268,18 @@ class Medusa(Method):
                     break
                 q[t] = 0
             if accepted is None:
-                weights = q if float(q.sum()) > 0 else p[node]
-                new.append(int(torch.multinomial(weights, 1, generator=gen)))
+                new.append(self.residual_token(q, p[node], gen))
                 return nodes, new
             nodes.append(accepted)
             new.append(ids[accepted])
             node = accepted
+
+    @staticmethod
+    def residual_token(q: torch.Tensor, p_node: torch.Tensor, gen) -> int:
+        """The token after every child of a node was rejected: drawn from q (p without the
+        rejected children), or from p itself when nothing is left of q."""
+        weights = q if float(q.sum()) > 0 else p_node
+        return int(torch.multinomial(weights, 1, generator=gen))
 
     def typical(self, tokens: torch.Tensor, logits: torch.Tensor, gen) -> tuple[list[int], list[int]]:
         """Upstream's typical acceptance (lossy): accept a node when its probability under

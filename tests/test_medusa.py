@@ -212,24 +212,9 @@ class ResampleFromP(Medusa):
     rule. When every child of a node is rejected, the token is drawn from p itself instead of
     from p without the rejected children, so a rejected child comes back too often."""
 
-    def rejection(self, tokens, p, gen):
-        ids = tokens.tolist()
-        node, nodes, new = 0, [0], []
-        while True:
-            q = p[node].clone()
-            accepted = None
-            for child in self.tree.children[node]:
-                u = float(torch.rand(1, generator=gen, device=q.device))
-                if u * float(q.sum()) < float(q[ids[child]]):
-                    accepted = child
-                    break
-                q[ids[child]] = 0
-            if accepted is None:
-                new.append(int(torch.multinomial(p[node], 1, generator=gen)))  # the mistake: p, not q
-                return nodes, new
-            nodes.append(accepted)
-            new.append(ids[accepted])
-            node = accepted
+    @staticmethod
+    def residual_token(q, p_node, gen):
+        return int(torch.multinomial(p_node, 1, generator=gen))  # the mistake: p, not q
 
 
 def test_rejection_sampling_matches_the_target_distribution_over_several_steps():
