@@ -1,5 +1,6 @@
 """Medusa: tree buffers, equality with greedy AR, oracle / wrong heads, stop rules, the
-heads' file formats (ours and upstream's), the rejection rule (with a negative control), and head training."""
+heads' file formats (ours and upstream's), rejection sampling end to end (with a negative control;
+the walk itself is tested in tests/test_tree.py), and head training."""
 
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ from methods.base import StopRule
 from methods.medusa import Medusa, MedusaConfig, TreeError, build_tree
 from methods.medusa_heads import MedusaHeads, MedusaHeadsConfig, MedusaHeadsError, load_heads, save_heads
 from tests.conftest import tiny_model
+from tests.test_tree import ResampleFromP as WrongResidualVerifier
+from tests.test_tree import check_cache
 from tests.sampling_law import CONTROL_RUNS, PVALUE_FLOOR, RUNS, SAMPLING, sampled_pvalue
 
 GREEDY = SamplingConfig()
@@ -73,23 +76,15 @@ def medusa(engine, heads, tree="chain", sampling=GREEDY, **kw) -> Medusa:
     return Medusa(MedusaConfig(tree=tree, **kw), engine, sampling, heads=heads)
 
 
-def check_cache(engine: Engine, cache, seq: list[int]) -> None:
-    """The compacted cache equals a plain prefill of ``seq``."""
-    fresh = engine.new_cache()
-    engine.forward(seq, fresh)
-    assert len(cache) == len(seq)
-    for a, b in zip(cache.inner.layers, fresh.inner.layers):
-        torch.testing.assert_close(a.keys, b.keys, atol=1e-4, rtol=1e-4)
-        torch.testing.assert_close(a.values, b.values, atol=1e-4, rtol=1e-4)
-
-
 # ---- tree buffers -----------------------------------------------------------------------
 def test_tree_buffers_hand_checked():
     tree = build_tree(((1, 0), (0,), (0, 0, 0), (1,), (0, 1), (0, 0)))
     # nodes: 0 root, 1 (0,), 2 (1,), 3 (0,0), 4 (0,1), 5 (1,0), 6 (0,0,0)
     assert tree.choices == ((0,), (1,), (0, 0), (0, 1), (1, 0), (0, 0, 0))
-    assert tree.depth.tolist() == [0, 1, 1, 2, 2, 2, 3]
-    assert tree.mask.int().tolist() == [
+    shape = tree.shape
+    assert shape.parents == (-1, 0, 0, 1, 1, 2, 3)
+    assert shape.depth.tolist() == [0, 1, 1, 2, 2, 2, 3]
+    assert shape.mask.int().tolist() == [
         [1, 0, 0, 0, 0, 0, 0],
         [1, 1, 0, 0, 0, 0, 0],
         [1, 0, 1, 0, 0, 0, 0],
@@ -98,11 +93,10 @@ def test_tree_buffers_hand_checked():
         [1, 0, 1, 0, 0, 1, 0],
         [1, 1, 0, 1, 0, 0, 1],
     ]
-    assert tree.retrieve.tolist() == [[0, 1, 3, 6], [0, 1, 4, -1], [0, 2, 5, -1]]
-    assert tree.valid.tolist() == [[True, True, True], [True, True, False], [True, True, False]]
+    assert shape.paths == ((0, 1, 3, 6), (0, 1, 4), (0, 2, 5))
     assert tree.top_k == 2 and tree.max_depth == 3
     assert tree.gather.tolist() == [0, 1, 2, 3, 2, 4]  # (depth-1) * top_k + rank
-    assert tree.children == [[1, 2], [3, 4], [5], [6], [], [], []]
+    assert shape.children == ((1, 2), (3, 4), (5,), (6,), (), (), ())
     assert build_tree(((0,), (0, 0))) is build_tree(((0,), (0, 0)))  # built once
 
 
@@ -181,40 +175,11 @@ def test_stops_inside_an_accepted_path(engine):
 
 
 # ---- sampling modes -----------------------------------------------------------------------
-def test_rejection_walk_keeps_the_target_distribution(engine):
-    """Children tried in rank order with the one-hot rule: the first committed token is
-    distributed as p[root] and the second, after accepting child c, as p[c]."""
-    m = medusa(engine, random_heads(engine), tree="small", acceptance="rejection",
-               sampling=SamplingConfig(do_sample=True))  # fmt: skip
-    tree, vocab = m.tree, 5
-    tokens = torch.zeros(tree.size, dtype=torch.long)
-    for node, kids in enumerate(tree.children):
-        for rank, c in enumerate(kids):
-            tokens[c] = rank  # children of any node carry tokens 0, 1, ...
-    torch.manual_seed(0)
-    p = torch.softmax(torch.randn(tree.size, vocab) * 1.5, dim=-1)
-    p[0] = torch.tensor([0.4, 0.1, 0.15, 0.05, 0.3])  # token 4 is no child of the root: the residual
-    gen = torch.Generator().manual_seed(0)
-    n = 6000
-    first, second = torch.zeros(vocab), torch.zeros(vocab)
-    for _ in range(n):
-        nodes, new = m.rejection(tokens, p, gen)
-        first[new[0]] += 1
-        if len(nodes) > 1 and nodes[1] == 1:  # accepted node 1 (token 0): what follows ~ p[1]
-            second[new[1]] += 1
-    assert (first / n - p[0]).abs().sum() / 2 < 0.03
-    assert second.sum() > 0.2 * n
-    assert (second / second.sum() - p[1]).abs().sum() / 2 < 0.05
-
-
 class ResampleFromP(Medusa):
-    """The negative control, implemented here only: Medusa's rejection walk with the wrong last
-    rule. When every child of a node is rejected, the token is drawn from p itself instead of
-    from p without the rejected children, so a rejected child comes back too often."""
+    """The negative control: Medusa on the tree step whose last rule is wrong (when every
+    child of a node is rejected the token is drawn from p itself, tests/test_tree.py)."""
 
-    @staticmethod
-    def residual_token(q, p_node, gen):
-        return int(torch.multinomial(p_node, 1, generator=gen))  # the mistake: p, not q
+    verifier_class = WrongResidualVerifier
 
 
 def test_rejection_sampling_matches_the_target_distribution_over_several_steps():
