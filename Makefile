@@ -1,3 +1,4 @@
+SHELL := /bin/bash
 # The two commands of the README:
 #   make bench   set up, then run the default benchmark on the shipped zoo
 #   make test    set up, then run the tests
@@ -28,32 +29,40 @@ ALLOW_DIRTY ?=
 MODE ?= eager
 MODE_ARGS := $(if $(filter compiled,$(MODE)),model.compile=true,$(if $(filter eager,$(MODE)),,$(error MODE must be eager or compiled, got '$(MODE)')))
 OUT ?= results/runs/bench$(if $(filter compiled,$(MODE)),-compiled,)
-METHODS := autoregressive,hf-generate,speculative,prompt-lookup,medusa,hf-assisted,hf-prompt-lookup
+METHODS := autoregressive,hf-generate,speculative,speculative-tree,prompt-lookup,reference-lookup,suffix,recycling,lookahead,swift,medusa,eagle,eagle2,eagle3,hf-assisted,hf-prompt-lookup
+# make leaderboard adds rest, which needs its datastore (make datastore: the zoo corpus's tokens, built once
+# into $HARNESS_CACHE; on a machine without the zoo corpus, `harness zoo prepare` builds it first)
+LEADERBOARD_METHODS := $(METHODS),rest
 # make leaderboard's compiled run (results/leaderboard-compiled.md, README "Compiled execution"): the hf-* wrappers
-# beyond hf-generate stay eager transformers code, so they are left out there
-COMPILED_METHODS := autoregressive,hf-generate,speculative,prompt-lookup,medusa
+# beyond hf-generate stay eager transformers code, and swift (layer skipping) and eagle3 (chosen layers'
+# hidden states) run eager forwards only, so they are left out there
+COMPILED_METHODS := autoregressive,hf-generate,speculative,speculative-tree,prompt-lookup,reference-lookup,suffix,recycling,lookahead,medusa,eagle,eagle2
 DRAFT_ARGS := method.speculative.gamma=$(GAMMA) method.hf-assisted.num_assistant_tokens=$(GAMMA)
+BENCH_METHODS ?= $(METHODS)
 RUN := .venv/bin/harness run --task humaneval --limit $(LIMIT) --max-new-tokens 128 run.threads=1 $(MODE_ARGS)
 
-.PHONY: setup bench test leaderboard tables readme
+.PHONY: setup bench test leaderboard tables readme datastore $(TABLES)
 setup:
 	bash scripts/setup.sh
 
 # target + draft + Medusa heads, then SPACE on its own fine-tuned model (its own reference)
 bench: setup
-	$(RUN) task.split=$(SPLIT) --methods $(METHODS) $(DRAFT_ARGS) --out $(OUT) $(ARGS)
+	$(RUN) task.split=$(SPLIT) --methods $(BENCH_METHODS) $(DRAFT_ARGS) --out $(OUT) $(ARGS)
 	$(RUN) task.split=$(SPLIT) --model zoo-space --methods autoregressive,space method.space.k=$(SPACE_K) --out $(OUT)-space $(ARGS)
 
 # the tests also run the cluster launchers (joblib, a local Ray cluster, submitit): their
 # extras are installed, and a missing one fails the tests instead of skipping them
 test:
 	EXTRAS=dev,plots,cluster bash scripts/setup.sh
-	HARNESS_REQUIRE_EXTRAS=1 .venv/bin/python -m pytest
+	HARNESS_REQUIRE_EXTRAS=1 .venv/bin/python -m pytest -n auto
 
-leaderboard: setup
+datastore: setup
+	test -f "$${HARNESS_CACHE:-$$HOME/.cache/harness}/datastore/zoo/manifest.json" || .venv/bin/harness datastore build
+
+leaderboard: setup datastore
 	ALLOW_DIRTY=$(ALLOW_DIRTY) .venv/bin/python -m harness.publish clean-tree
 	rm -rf results/runs/zoo results/runs/zoo-space
-	$(MAKE) bench OUT=results/runs/zoo
+	$(MAKE) bench OUT=results/runs/zoo BENCH_METHODS=$(LEADERBOARD_METHODS)
 	.venv/bin/harness leaderboard results/runs/zoo --out results/leaderboard.md
 	.venv/bin/harness leaderboard results/runs/zoo --format html --out results/report.html
 	.venv/bin/harness leaderboard results/runs/zoo-space --out results/leaderboard-space.md
@@ -63,19 +72,53 @@ leaderboard: setup
 	.venv/bin/harness leaderboard results/runs/zoo-compiled --out results/leaderboard-compiled.md
 	$(MAKE) readme
 
-# one sweep job per speculative gamma, Medusa tree and SPACE k, each with its own autoregressive
-# reference, on the tuning split; --by run_dir gives one row per job (gamma, tree or k),
-# step_cost is t(one step's forwards) / t(1-token forward)
+# one sweep job per speculative gamma, Medusa tree, SPACE k, lookahead (W, N, G), EAGLE-2 tree budget
+# and draft-tree budget, each with its own autoregressive reference, on the tuning split; --by run_dir
+# gives one row per job, step_cost is t(one step's forwards) / t(1-token forward). Each sweep is its own
+# target (make tables-lookahead ...); make tables runs them all.
+TABLES := tables-gamma tables-medusa tables-space tables-lookahead tables-eagle2 tables-spec-tree
+TUNE := $(RUN) task.split=tune
 tables: setup
 	ALLOW_DIRTY=$(ALLOW_DIRTY) .venv/bin/python -m harness.publish clean-tree
-	rm -rf results/runs/speculative-gamma results/runs/medusa-trees results/runs/space-k
-	$(RUN) -m task.split=tune --methods autoregressive,speculative 'method.speculative.gamma=1,2,3,4' --out results/runs/speculative-gamma $(ARGS)
-	.venv/bin/harness leaderboard results/runs/speculative-gamma/*/ --by run_dir --allow-mixed --out results/speculative-gamma.md
-	$(RUN) -m task.split=tune --methods autoregressive,medusa 'method.medusa.tree=chain,small,large' --out results/runs/medusa-trees $(ARGS)
-	.venv/bin/harness leaderboard results/runs/medusa-trees/*/ --by run_dir --allow-mixed --out results/medusa-trees.md
-	$(RUN) -m task.split=tune --model zoo-space --methods autoregressive,space 'method.space.k=1,2,3,4,5' --out results/runs/space-k $(ARGS)
-	.venv/bin/harness leaderboard results/runs/space-k/*/ --by run_dir --allow-mixed --out results/space-k.md
+	$(MAKE) $(TABLES)
 	$(MAKE) readme
+
+tables-gamma:
+	rm -rf results/runs/speculative-gamma
+	$(TUNE) -m --methods autoregressive,speculative 'method.speculative.gamma=1,2,3,4' --out results/runs/speculative-gamma $(ARGS)
+	.venv/bin/harness leaderboard results/runs/speculative-gamma/*/ --by run_dir --allow-mixed --out results/speculative-gamma.md
+
+tables-medusa:
+	rm -rf results/runs/medusa-trees
+	$(TUNE) -m --methods autoregressive,medusa 'method.medusa.tree=chain,small,large' --out results/runs/medusa-trees $(ARGS)
+	.venv/bin/harness leaderboard results/runs/medusa-trees/*/ --by run_dir --allow-mixed --out results/medusa-trees.md
+
+tables-space:
+	rm -rf results/runs/space-k
+	$(TUNE) -m --model zoo-space --methods autoregressive,space 'method.space.k=1,2,3,4,5' --out results/runs/space-k $(ARGS)
+	.venv/bin/harness leaderboard results/runs/space-k/*/ --by run_dir --allow-mixed --out results/space-k.md
+
+# lookahead: chosen (W, N, G) points, not their cartesian product; the last without the prompt's n-grams
+LOOKAHEAD_GRID := 2,3,2,true 4,3,4,true 4,5,4,true 8,5,8,true 4,5,4,false
+tables-lookahead:
+	rm -rf results/runs/lookahead-wng
+	for p in $(LOOKAHEAD_GRID); do IFS=, read w n g c <<< "$$p"; \
+	  $(TUNE) --methods autoregressive,lookahead method.lookahead.window=$$w method.lookahead.ngram=$$n \
+	    method.lookahead.candidates=$$g method.lookahead.context_pool=$$c --out 'results/runs/lookahead-wng/window-'$$w'+ngram-'$$n'+candidates-'$$g'+context_pool-'$$c $(ARGS) || exit 1; done
+	.venv/bin/harness leaderboard results/runs/lookahead-wng/*/ --by run_dir --allow-mixed --out results/lookahead-wng.md
+
+tables-eagle2:
+	rm -rf results/runs/eagle2-trees
+	$(TUNE) -m --methods autoregressive,eagle2 'method.eagle2.total_tokens=8,16,32' 'method.eagle2.depth=3,5' --out results/runs/eagle2-trees $(ARGS)
+	.venv/bin/harness leaderboard results/runs/eagle2-trees/*/ --by run_dir --allow-mixed --out results/eagle2-trees.md
+
+# the draft tree against the chain at the same number of draft tokens per step, in the same runs
+SPEC_TREE_BUDGETS := 2 4 6 8
+tables-spec-tree:
+	rm -rf results/runs/speculative-tree
+	for b in $(SPEC_TREE_BUDGETS); do $(TUNE) --methods autoregressive,speculative,speculative-tree \
+	  method.speculative.gamma=$$b method.speculative-tree.max_nodes=$$b --out results/runs/speculative-tree/draft_tokens-$$b $(ARGS) || exit 1; done
+	.venv/bin/harness leaderboard results/runs/speculative-tree/*/ --by run_dir --allow-mixed --out results/speculative-tree.md
 
 # the README's result tables, generated from results/*.md (tests/test_readme.py compares them)
 readme:

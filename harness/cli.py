@@ -1,8 +1,8 @@
-"""The command line: the only module that knows about Hydra (besides cli_train/cli_zoo).
+"""The command line: the only module that knows about Hydra (besides cli_train/cli_zoo/cli_datastore).
 
     harness run --methods autoregressive,hf-generate --task humaneval --limit 20 [key=value ...]
     harness list
-    harness train ... | harness zoo ...
+    harness train ... | harness zoo ... | harness datastore build ...
 
 Flags are shorthands for overrides; any config field can be set as ``key=value``
 (``task.languages=[cpp,go]``, ``model.dtype=bfloat16``, ``method.<name>.<field>=...``).
@@ -394,7 +394,7 @@ def cmd_list() -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    commands = "run, list, leaderboard, baseline, check, profile, train, zoo"
+    commands = "run, list, leaderboard, baseline, check, profile, train, zoo, datastore"
     if not argv or argv[0] in ("-h", "--help"):
         print(f"usage: harness {{{commands}}} ...  (harness run --help for the benchmark options)")
         return 0 if argv else 2
@@ -419,6 +419,10 @@ def main(argv: list[str] | None = None) -> int:
         from harness import cli_zoo
 
         return cli_zoo.main(rest)
+    if command == "datastore":
+        from harness import cli_datastore
+
+        return cli_datastore.main(rest)
     print(f"error: unknown command '{command}'; valid commands: {commands}", file=sys.stderr)
     return 2
 

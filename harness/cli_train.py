@@ -4,6 +4,7 @@ Examples::
 
     harness train lm model=draft train.max_minutes=40 train.threads=1
     harness train lm model=target train.max_minutes=120 train.threads=1
+    harness train eagle version=3 max_minutes=45 threads=1   # an EAGLE-3 head on zoo/target
     harness train lm --help          # print the composed configuration
 
 Running the same command again continues from the checkpoint in ``out_dir``
@@ -20,7 +21,7 @@ from harness.train.lm import DRAFT, TARGET, LMTrainConfig, ModelConfig
 from harness.zoo.build import ZooDataConfig
 
 USAGE = (
-    "usage: harness train {lm model=target|draft | medusa | space} [key=value ...]   "
+    "usage: harness train {lm model=target|draft | medusa | space | eagle version=1|3} [key=value ...]   "
     "(harness train <job> --help shows all keys)"
 )
 
@@ -48,6 +49,9 @@ def register_configs() -> None:
 
     cs.store(name="train_medusa", node=MedusaTrainConfig)
     cs.store(name="train_space", node=SpaceTrainConfig)
+    from harness.train.eagle import EagleTrainConfig  # noqa: PLC0415
+
+    cs.store(name="train_eagle", node=EagleTrainConfig)
 
 
 def compose_config(config_name: str, overrides: list[str]):
@@ -101,7 +105,7 @@ def dispatch(argv: list[str], usage: str, runners: dict, config_name, noun: str,
 
 
 def main(argv: list[str]) -> int:
-    runners = {"lm": run_train_lm, "medusa": run_train_medusa, "space": run_train_space}
+    runners = {"lm": run_train_lm, "medusa": run_train_medusa, "space": run_train_space, "eagle": run_train_eagle}
     return dispatch(argv, USAGE, runners, lambda what: f"train_{what}", "training job")
 
 
@@ -133,6 +137,15 @@ def run_train_space(cfg) -> int:
     print(f"[train space] done: {summary}")
     if result.finished:
         print(f"[train space] exported to {export(cfg)}")
+    return 0
+
+
+def run_train_eagle(cfg) -> int:
+    """An EAGLE-1/2 (version=1) or EAGLE-3 (version=3) head on a frozen target (resumable); exports at the end."""
+    from harness.train.eagle import run_eagle_training  # noqa: PLC0415
+
+    _result, summary = run_eagle_training(cfg)
+    print(f"[train eagle] done: {summary}")
     return 0
 
 

@@ -3,9 +3,11 @@
 - ``prepare``: corpus -> tokenizer -> token data (in the cache; skipped if present).
 - ``build``: everything from scratch: prepare, train draft, train target (each resumable,
   one after the other, with their plans), continue the target on the file + function-level
-  mix (``target_functions``, zoo v3), export them with quality figures and cards, generate
+  mix (``target_functions``, zoo v3), fine-tune that with sequence-level unlikelihood against
+  its own greedy loops (``target_unlikelihood``), export them with quality figures and cards, generate
   the target's self-distillation data (``selfdistill``), then train and export the
-  target's Medusa heads and its SPACE fine-tune. ``stages=[...]``
+  target's Medusa heads, its SPACE fine-tune and its EAGLE-1/2 and EAGLE-3 heads (``eagle``,
+  ``eagle3``, on the self-distilled data). ``stages=[...]``
   runs a subset (a finished stage is skipped on a re-run: its checkpoint says so);
   ``clean=true`` first deletes the cached data and checkpoints.
 - ``export``: export the latest checkpoints (fp16 safetensors + tokenizer + manifest) to
@@ -24,11 +26,15 @@ from pathlib import Path
 
 from harness.train.lm import DRAFT, TARGET, LMTrainConfig, ModelConfig
 from harness.train.medusa import MedusaTrainConfig
+from harness.train.eagle import EagleTrainConfig
 from harness.train.space import SpaceTrainConfig
+from harness.train.unlikelihood import UnlikelihoodTrainConfig
 from harness.zoo.build import ExportConfig, ZooDataConfig
 from harness.zoo.selfdistill import SelfDistillConfig
 
-STAGES = ("draft", "target", "target_functions", "export", "selfdistill", "medusa", "space")
+STAGES = ("draft", "target", "target_functions", "target_unlikelihood", "export", "selfdistill", "medusa", "space", "eagle", "eagle3")
+FUNCTIONS_CHECKPOINT = "target-functions"  # <train_root>/<this>: the target_functions stage's checkpoint
+UNLIKELIHOOD_CHECKPOINT = "target-unlikelihood"  # <train_root>/<this>: the target_unlikelihood stage's checkpoint
 
 USAGE = "usage: harness zoo {prepare|build|export|eval} [key=value ...]   (--cfg shows all keys)"
 
@@ -46,9 +52,14 @@ class ZooCommand:
     # zoo v3: the finished target continued on a file-level + function-level mix (checkpoint
     # <train_root>/target-functions, exported as zoo/target); init_from "" = the target stage's checkpoint.
     # function_share=0.5: half of every batch's rows are whole functions ending in </s>, half the
-    # file-level stream as replay; 2,400 steps x 8,192 tokens (19.7M tokens, ~2 h on one thread)
+    # file-level stream as replay; 900 steps x 8,192 tokens (7.4M tokens, ~2.5 h on one loaded thread;
+    # the shipped run was planned for 2,400, cut to 1,200 at step 490 and to 900 at step 552: the cosine follows the plan)
     target_functions_train: LMTrainConfig = field(default_factory=lambda: LMTrainConfig(
-        max_steps=2400, lr=1e-3, warmup_steps=50, seed=1, function_share=0.5, compile=True))
+        max_steps=900, lr=1e-3, warmup_steps=50, seed=1, function_share=0.5, compile=True))
+    # the continued target fine-tuned against its own greedy loops (sequence-level unlikelihood,
+    # harness/train/unlikelihood.py; checkpoint <train_root>/target-unlikelihood); init_from "" =
+    # the target_functions checkpoint; zoo/target ships it when export.sources maps target to it
+    target_unlikelihood: UnlikelihoodTrainConfig = field(default_factory=UnlikelihoodTrainConfig)
     export: ExportConfig = field(default_factory=ExportConfig)  # export / evaluation settings
     # the exported target's own continuations of corpus prompts (greedy and sampled), for distilled drafters
     selfdistill: SelfDistillConfig = field(default_factory=SelfDistillConfig)
@@ -56,6 +67,9 @@ class ZooCommand:
     medusa: MedusaTrainConfig = field(default_factory=lambda: MedusaTrainConfig(max_minutes=45))
     # SAR fine-tune of the exported target; every block's masks carry a loss (the AR loss is always there)
     space: SpaceTrainConfig = field(default_factory=lambda: SpaceTrainConfig(mask_prob=1.0, max_minutes=45))
+    # EAGLE heads on the exported target, trained on its self-distilled data (corpus windows if there is none)
+    eagle: EagleTrainConfig = field(default_factory=lambda: EagleTrainConfig(version=1, max_minutes=30))
+    eagle3: EagleTrainConfig = field(default_factory=lambda: EagleTrainConfig(version=3, max_minutes=25))
     stages: list[str] = field(default_factory=lambda: list(STAGES))  # build only: which stages run, in this order
     train_root: str = ""  # checkpoint root ("" = <cache>/train; models in <train_root>/<name>)
     clean: bool = False  # build only: delete cached data and these checkpoints first
@@ -97,12 +111,13 @@ def _build(cmd: ZooCommand) -> int:
     if cmd.clean:
         for d in (paths.corpus, paths.tokenizer, paths.tokens, root / cmd.draft.name, root / cmd.target.name,
                   root / cmd.export.sources.get(cmd.target.name, cmd.target.name),
-                  root / "medusa", root / "space", paths.root / "zoo-data" / "selfdistill"):  # fmt: skip
+                  root / FUNCTIONS_CHECKPOINT, root / UNLIKELIHOOD_CHECKPOINT,
+                  root / "medusa", root / "space", root / "eagle", root / "eagle3", paths.root / "zoo-data" / "selfdistill"):  # fmt: skip
             if d.exists():
                 shutil.rmtree(d)
                 print(f"[zoo] removed {d}")
     prepare_data(cmd.data)
-    fn_target = replace(cmd.target, name=cmd.export.sources.get(cmd.target.name, "target-functions"))
+    fn_target = replace(cmd.target, name=FUNCTIONS_CHECKPOINT)
     cmd.target_functions_train.init_from = cmd.target_functions_train.init_from or str(root / cmd.target.name)
     for stage, model, train_cfg in (("draft", cmd.draft, cmd.draft_train), ("target", cmd.target, cmd.target_train),
                                     ("target_functions", fn_target, cmd.target_functions_train)):
@@ -115,6 +130,17 @@ def _build(cmd: ZooCommand) -> int:
             if not _res.finished:
                 print(f"[zoo] {model.name} stopped before its plan ended: rerun to continue")
                 return 1
+    if "target_unlikelihood" in cmd.stages:
+        from harness.train.unlikelihood import run_unlikelihood_training  # noqa: PLC0415
+
+        ul = cmd.target_unlikelihood
+        ul.init_from = ul.init_from or str(root / FUNCTIONS_CHECKPOINT)
+        _restart_if_init_changed(root / UNLIKELIHOOD_CHECKPOINT, ul.init_from)
+        res, summary = run_unlikelihood_training(ul, paths, str(root / UNLIKELIHOOD_CHECKPOINT))
+        print(f"[zoo] trained {UNLIKELIHOOD_CHECKPOINT}: {summary}")
+        if not res.finished:
+            print(f"[zoo] {UNLIKELIHOOD_CHECKPOINT} stopped before its plan ended: rerun to continue")
+            return 1
     if "export" in cmd.stages:
         cmd.export.models = [cmd.draft.name, cmd.target.name]
         cmd.export.draft_name, cmd.export.target_name = cmd.draft.name, cmd.target.name
@@ -133,6 +159,12 @@ def _build(cmd: ZooCommand) -> int:
         job.data_dir = job.data_dir or str(paths.tokens)
         if cmd.export.zoo_dir:  # a zoo elsewhere (tests, experiments): train on and write into it
             job.base, job.export_dir = str(zoo / cmd.target.name), str(zoo / export_name)
+    for job, export_name in ((cmd.eagle, "target-eagle"), (cmd.eagle3, "target-eagle3")):
+        job.data_dir = job.data_dir or str(paths.tokens)
+        job.selfdistill_dir = job.selfdistill_dir or cmd.selfdistill.out_dir or str(
+            paths.root / "zoo-data" / "selfdistill" / cmd.target.name)
+        if cmd.export.zoo_dir:
+            job.base, job.export_dir = str(zoo / cmd.target.name), str(zoo / export_name)
     if "medusa" in cmd.stages:
         cmd.medusa.out_dir = cmd.medusa.out_dir or str(root / "medusa")
         _restart_if_base_changed(Path(cmd.medusa.out_dir), cmd.medusa.base)
@@ -145,6 +177,15 @@ def _build(cmd: ZooCommand) -> int:
         print(f"[zoo] trained space: {summary}")
         if res.finished:
             print(f"[zoo] exported {export_space(cmd.space)}")
+    for stage in ("eagle", "eagle3"):
+        if stage in cmd.stages:
+            from harness.train.eagle import run_eagle_training  # noqa: PLC0415
+
+            job = getattr(cmd, stage)
+            job.out_dir = job.out_dir or str(root / stage)
+            _restart_if_base_changed(Path(job.out_dir), job.base)
+            _res, summary = run_eagle_training(job)  # exports to the job's export_dir at the end
+            print(f"[zoo] trained {stage} head: {summary}")
     if zoo.exists():
         write_zoo_index(zoo)
     return 0
@@ -175,7 +216,8 @@ def _init_fingerprint(source: Path) -> str:
     if (source / "model.safetensors").exists():
         return "sha256=" + hashlib.sha256((source / "model.safetensors").read_bytes()).hexdigest()
     raise FileNotFoundError(f"{source} holds no checkpoint or exported model to continue from "
-                            "(run the target stage first, or set target_functions_train.init_from)")
+                            "(run the stage it continues first, or set target_functions_train.init_from / "
+                            "target_unlikelihood.init_from)")
 
 
 def _restart_if_init_changed(out_dir: Path, init_from: str) -> None:

@@ -10,6 +10,8 @@ custom attention mask is passed as the 4-D float mask transformers accepts
 position ids, which is how trees and SPACE chunks are verified in one forward.
 Sliding-window layers get the window added to that mask (one mask per layer type), and
 their cache keeps every entry so it can roll back (see ``KVCache``, ``_attention_mask``).
+A ``LayerSkip`` forward (self-speculation, ``swift``) leaves sublayers out by calling the
+model's own modules one by one (``_skip_forward``), Llama-family decoders only.
 
 Timing: between ``start_timing()`` and ``stop_timing()`` every forward's duration is
 recorded without synchronising the device inside a generation (``ForwardTimer``: the
@@ -18,6 +20,7 @@ monotonic clock on CPU, CUDA events on a GPU, read after the generation).
 
 from __future__ import annotations
 
+import copy
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -41,6 +44,29 @@ class ModelLoadError(Exception):
 class ForwardOutput:
     logits: torch.Tensor  # [new_tokens, vocab], float32
     hidden: Optional[torch.Tensor] = None  # [new_tokens, hidden] last hidden state, if asked
+
+
+@dataclass(frozen=True)
+class LayerSkip:
+    """Sublayers a forward leaves out: the model drafting for itself (``swift``).
+
+    A skipped sublayer adds nothing to the residual stream; a skipped attention sublayer also
+    writes nothing to its layer's cache, so after such a forward the cache is ragged (those
+    layers hold fewer entries). ``KVCache.truncate`` back to the length before the forward
+    makes it even again, and must come before the next full forward.
+    """
+
+    attn: frozenset[int] = frozenset()  # decoder layers (0-based) whose self-attention is skipped
+    mlp: frozenset[int] = frozenset()  # decoder layers whose MLP is skipped
+
+    def __len__(self) -> int:
+        return len(self.attn) + len(self.mlp)
+
+
+# model_type of the decoders whose layers are ``h += attn(norm(h)); h += mlp(norm(h))`` and whose
+# model is ``embed -> layers -> norm -> lm_head``: the ones a LayerSkip forward can run by calling
+# their own modules (tests/test_swift.py checks each against the plain forward)
+SKIPPABLE = ("llama", "mistral", "qwen2")
 
 
 class KVCache:
@@ -68,7 +94,11 @@ class KVCache:
         if extra < 0:
             raise ValueError(f"cannot truncate a cache of {len(self)} entries to {length}")
         if extra > 0:
-            self.inner.crop(-extra)
+            # per layer, to an absolute length: after a LayerSkip forward the layers differ
+            for layer in self.inner.layers:
+                surplus = layer.get_seq_length() - length
+                if surplus > 0:
+                    layer.crop(-surplus)
 
     @torch.inference_mode()
     def keep(self, indices: list[int] | torch.Tensor) -> None:
@@ -213,6 +243,15 @@ class Engine:
         model.eval()
         return cls(model, tokenizer, cfg, next(model.parameters()).device)
 
+    def sibling(self) -> "Engine":
+        """Another handle on this very model (same weights, caches interchangeable) with its own
+        forward count and timer: a method that drafts with the target itself (``swift``) runs
+        its draft forwards through it, and lists it in ``draft_engines`` so they are timed as
+        draft forwards, apart from the target's prefill and verify forwards."""
+        other = copy.copy(self)
+        other.forwards, other.timer = 0, None
+        return other
+
     # ---- properties ----------------------------------------------------------------
     @property
     def max_length(self) -> int:
@@ -246,17 +285,24 @@ class Engine:
         cache: KVCache,
         positions: Optional[list[int] | torch.Tensor] = None,
         mask: Optional[torch.Tensor] = None,
-        hidden: bool = False,
+        hidden: bool | tuple[int, ...] = False,
         last_only: bool = False,
         keep_last: int = 0,
+        skip: Optional[LayerSkip] = None,
+        hidden_all: bool = False,
     ) -> ForwardOutput:
         """Run ``ids`` after the ``len(cache)`` cached entries and append them to the cache.
 
         positions: explicit position ids (default: consecutive after the cache).
         mask: boolean ``[new, cached + new]``, True = may attend; default causal.
-        hidden: also return the last hidden state (Medusa heads need it).
+        hidden: also return the last hidden state (Medusa heads need it); a tuple of hidden-state
+            indices instead returns those concatenated, numbered as transformers' ``hidden_states``
+            (i = the input of decoder layer i, N = the final normed output; EAGLE-3's features).
         last_only: compute logits for the last token only (plain decoding).
         keep_last: compute logits (and hidden) for the last ``keep_last`` tokens only (0 = all).
+        skip: leave these sublayers out (see ``LayerSkip``; eager Llama-family models only).
+        hidden_all: the hidden state of every new token even when fewer logits are kept (EAGLE's
+            prefill: its head reads the whole prompt's features).
         """
         ids_t = torch.as_tensor(ids, dtype=torch.long, device=self.device).view(1, -1)
         past = len(cache)
@@ -265,6 +311,10 @@ class Engine:
             pos_t = torch.arange(past, past + new, device=self.device).view(1, -1)
         else:
             pos_t = torch.as_tensor(positions, dtype=torch.long, device=self.device).view(1, -1)
+        if skip is not None:
+            self.check_skip(skip)
+            if mask is None:  # the model's own causal mask is not built on this path
+                mask = torch.ones((new, past + new), dtype=torch.bool).tril(past)
         attn = None
         if mask is not None:
             if tuple(mask.shape) != (new, past + new):
@@ -273,7 +323,13 @@ class Engine:
         self.forwards += 1
         timer = self.timer
         start = timer.begin() if timer is not None else None
-        out = self._forward(ids_t, pos_t, attn, cache, hidden, 1 if last_only else keep_last)
+        keep = 1 if last_only else keep_last
+        if skip is not None:
+            if not isinstance(hidden, bool) or hidden_all:
+                raise ValueError("layer skipping returns the last hidden state of the kept rows only")
+            out = self._skip_forward(ids_t, pos_t, attn, cache, skip, hidden, keep)
+        else:
+            out = self._forward(ids_t, pos_t, attn, cache, hidden, keep, hidden_all)
         if timer is not None:
             timer.end(start, new)
         return out
@@ -308,15 +364,28 @@ class Engine:
             return sliding
         return {"full_attention": as_float(allowed), "sliding_attention": sliding}
 
-    def _forward(self, ids_t, pos_t, attn, cache: KVCache, hidden: bool, keep: int) -> ForwardOutput:
+    def _forward(self, ids_t, pos_t, attn, cache: KVCache, hidden: bool | tuple[int, ...], keep: int,
+                 hidden_all: bool = False) -> ForwardOutput:  # fmt: skip
         """One model forward. The logits always come from the model's own head, so whatever it
         does after the output projection (Gemma 2's final logit soft-capping, a logit scale)
         is the same with and without ``hidden``; the hidden state is the decoder's output (what
-        the head reads), caught by a forward hook on the decoder for this call only."""
+        the head reads), caught by a forward hook on the decoder for this call only. Chosen
+        layers' hidden states come from transformers' own ``output_hidden_states`` selection."""
+        layers = None if isinstance(hidden, bool) else tuple(int(i) for i in hidden)
         # model.compile=true: bucketed graphs over a static cache, the head a plain projection (harness/compiled.py)
         if self.compiled is not None:
-            logits, h = self.compiled.forward(ids_t, pos_t, attn, cache, keep)
+            if layers is not None:
+                raise ValueError("model.compile=true returns the last hidden state only; set model.compile=false "
+                                 "for methods that read chosen layers (eagle3)")  # fmt: skip
+            logits, h = self.compiled.forward(ids_t, pos_t, attn, cache, 0 if hidden_all else keep)
+            if hidden_all and keep:
+                logits = logits[-keep:]
             return ForwardOutput(logits=logits, hidden=h if hidden else None)
+        if layers is not None:
+            out = self.model(input_ids=ids_t, position_ids=pos_t, attention_mask=attn, cache=cache.inner,
+                             use_cache=True, logits_to_keep=keep, output_hidden_states=list(layers))  # fmt: skip
+            h = torch.cat([out.hidden_states[i][0] for i in layers], dim=-1)
+            return ForwardOutput(logits=out.logits[0].float(), hidden=h[-keep:] if keep and not hidden_all else h)
         caught: list[torch.Tensor] = []
         hook = None
         if hidden:
@@ -339,7 +408,43 @@ class Engine:
         if not hidden:
             return ForwardOutput(logits=logits)
         h = caught[-1][0]
-        return ForwardOutput(logits=logits, hidden=h[-keep:] if keep else h)
+        return ForwardOutput(logits=logits, hidden=h[-keep:] if keep and not hidden_all else h)
+
+    def check_skip(self, skip: LayerSkip) -> None:
+        """ValueError (one line: what and what to do) unless this engine can run ``skip``."""
+        kind = getattr(self.config.get_text_config(), "model_type", "?")
+        if kind not in SKIPPABLE:
+            raise ValueError(f"layer skipping supports {', '.join(SKIPPABLE)} models, not '{kind}'; "
+                             "run another method on this model")  # fmt: skip
+        if self.compiled is not None:
+            raise ValueError("layer skipping runs eager forwards only; set model.compile=false")
+        layers = self.config.get_text_config().num_hidden_layers
+        if any(not 0 <= i < layers for i in skip.attn | skip.mlp):
+            raise ValueError(f"skipped layers {sorted(skip.attn | skip.mlp)} outside the model's 0..{layers - 1}")
+
+    def _skip_forward(self, ids_t, pos_t, attn, cache: KVCache, skip: LayerSkip, hidden: bool, keep: int):
+        """The model's forward with some sublayers left out, run by calling its own modules:
+        embedding, then per decoder layer ``h += self_attn(input_layernorm(h))`` and
+        ``h += mlp(post_attention_layernorm(h))`` unless skipped, final norm, head. ``attn`` is
+        always a custom mask here (one per layer type when the model has several)."""
+        decoder = self.model.get_decoder()
+        h = decoder.embed_tokens(ids_t)
+        rotary = decoder.rotary_emb(h, pos_t)
+        for i, layer in enumerate(decoder.layers[: self.config.get_text_config().num_hidden_layers]):
+            if i not in skip.attn:
+                layer_mask = attn[self.layer_types[i]] if isinstance(attn, dict) else attn
+                out, _ = layer.self_attn(
+                    hidden_states=layer.input_layernorm(h), attention_mask=layer_mask, position_ids=pos_t,
+                    cache=cache.inner, use_cache=True, position_embeddings=rotary,
+                )  # fmt: skip
+                h = h + out
+            if i not in skip.mlp:
+                h = h + layer.mlp(layer.post_attention_layernorm(h))
+        h = decoder.norm(h)[0]
+        if keep:
+            h = h[-keep:]
+        logits = self.model.get_output_embeddings()(h).float()
+        return ForwardOutput(logits=logits, hidden=h if hidden else None)
 
     # ---- timing (the runner's) ---------------------------------------------------------------
     def start_timing(self) -> None:

@@ -137,15 +137,17 @@ def methods_block(results: Path) -> str:
     return sources(files) + "\n\n" + markdown_table(["method"] + HEAD, rows)
 
 
-def sweep_block(results: Path, name: str, method: str) -> str:
-    """One row per sweep job (``--by run_dir``): the swept value and ``method``'s figures."""
+def sweep_block(results: Path, name: str, method: str, *others: str) -> str:
+    """One row per sweep job (``--by run_dir``): the swept value and ``method``'s figures; with
+    ``others``, one row per job and method (methods compared in the same runs)."""
     f = read_leaderboard(results / name)
     rows, column = [], "job"
     for row in f.rows:
-        if row["method"] == method:
+        if row["method"] in (method, *others):
             column, value = job_label(row["run_dir"])
-            rows.append([value] + figures(row))
-    return sources([f]) + "\n\n" + markdown_table([f"{method} {column}"] + HEAD, rows)
+            rows.append([value] + ([row["method"]] if others else []) + figures(row))
+    head = [f"{column}", "method"] if others else [f"{method} {column}"]
+    return sources([f]) + "\n\n" + markdown_table(head + HEAD, rows)
 
 
 def modes_block(results: Path) -> str:
@@ -171,6 +173,9 @@ BLOCKS = {  # README block name -> its table, from the results directory
     "speculative-gamma": lambda results: sweep_block(results, "speculative-gamma.md", "speculative"),
     "medusa-trees": lambda results: sweep_block(results, "medusa-trees.md", "medusa"),
     "space-k": lambda results: sweep_block(results, "space-k.md", "space"),
+    "lookahead-wng": lambda results: sweep_block(results, "lookahead-wng.md", "lookahead"),
+    "eagle2-trees": lambda results: sweep_block(results, "eagle2-trees.md", "eagle2"),
+    "speculative-tree": lambda results: sweep_block(results, "speculative-tree.md", "speculative", "speculative-tree"),
     "modes": modes_block,  # eager vs compiled execution (make bench MODE=compiled)
 }
 

@@ -124,6 +124,33 @@ def encode(engine: Engine, text: str) -> list[int]:
     return engine.tokenizer(text).input_ids
 
 
+def encode_reference(engine: Engine, sample: Sample) -> Optional[list[int]]:
+    """The sample's reference text as token ids (no special tokens), or None when it has none."""
+    if sample.reference is None:
+        return None
+    return engine.tokenizer(sample.reference, add_special_tokens=False).input_ids
+
+
+def generate(method: Method, prompt_ids: list[int], stop: StopRule, seed: int, reference_ids: Optional[list[int]]):
+    """``method.generate``, with the sample's reference for the methods that use one (``uses_reference``)."""
+    if method.uses_reference:
+        return method.generate(prompt_ids, stop, seed=seed, reference_ids=reference_ids)
+    return method.generate(prompt_ids, stop, seed=seed)
+
+
+def check_references(methods: dict[str, Method], samples: list[Sample]) -> None:
+    """Fail before any work if a method that needs a reference (``requires_reference``) meets a
+    sample without one."""
+    for name, method in methods.items():
+        missing = [s.id for s in samples if s.reference is None] if method.requires_reference else []
+        if missing:
+            raise HarnessError(
+                f"{name} copies from the sample's reference, but {len(missing)} sample(s) have none "
+                f"(first: {missing[0]}); give each a reference (a jsonl \"reference\" field) or set "
+                f"method.{name}.source=auto"
+            )
+
+
 def stop_strings(engine: Engine, task: Task, sample: Sample) -> Optional[StopStrings]:
     """The sample's stop strings, matched in the output decoded as ``Record.text`` is; None if none."""
     strings = task.stop_strings(sample)
@@ -154,6 +181,7 @@ def run(exp: Experiment, log: Callable[[str], None] = print) -> RunResult:
     engine = Engine.load(exp.model)
     methods = build_methods(exp, engine)
     check_context(engine, methods, samples, settings.max_new_tokens)
+    check_references(methods, samples)
     fit_static_caches(engine, methods, samples, max(settings.max_new_tokens, settings.warmup_tokens))
     if not resumed:
         rundir.create(make_manifest(exp, engine), run_key)
@@ -172,6 +200,7 @@ def run(exp: Experiment, log: Callable[[str], None] = print) -> RunResult:
     bar = tqdm(total=pending, desc="decoding", unit="gen", disable=not settings.progress, dynamic_ncols=True)
     for index, sample in enumerate(samples):
         order = rotate(list(methods), index)  # the reference rotates with the others
+        reference_ids = encode_reference(engine, sample)
         replies: list[str] = []
         for turn in range(len(sample.turns)):
             prompt_ids = encode(engine, render_prompt(sample, turn, replies, engine.tokenizer))
@@ -184,7 +213,8 @@ def run(exp: Experiment, log: Callable[[str], None] = print) -> RunResult:
                 if (name, task_name, sample.id, turn) in done:
                     continue
                 graphs = compile_count() if engine.compiled is not None else 0
-                record = run_one(exp, engine, methods[name], name, sample, turn, prompt_ids, stop, seed, position)
+                record = run_one(exp, engine, methods[name], name, sample, turn, prompt_ids, stop, seed, position,
+                                 reference_ids)  # fmt: skip
                 if engine.compiled is not None and compile_count() > graphs:  # should not happen: say so
                     log(f"notice: {name} compiled {compile_count() - graphs} graph(s) inside the timer "
                         f"on sample {sample.id}")  # fmt: skip
@@ -272,15 +302,18 @@ def warm_up(engine: Engine, methods: dict[str, Method], sample: Sample, settings
     compilation happens inside a timer (engines only transformers' generate drives are skipped).
     """
     prompt_ids = encode(engine, render_prompt(sample, 0, [], engine.tokenizer))
+    reference_ids = encode_reference(engine, sample)
     stop = StopRule(settings.warmup_tokens, frozenset(engine.eos_ids))
     compiled = compiled_engines(engine, methods)
     start, graphs = time.perf_counter(), compile_count() if compiled else 0
     for _ in range(max(settings.warmup, 1 if compiled else 0)):
         for method in methods.values():
-            method.generate(prompt_ids, stop, seed=settings.seed)
+            generate(method, prompt_ids, stop, settings.seed, reference_ids)
     for e in compiled:
         if e.forwards:
             e.compiled.warm_up()
+    for method in methods.values():
+        method.reset()  # nothing learnt from the warm-up's output reaches a timed sample
     if compiled:
         log(f"compiled mode: {compile_count() - graphs} graphs compiled in {time.perf_counter() - start:.0f} s "
             "(warm-up, untimed)")  # fmt: skip
@@ -316,6 +349,7 @@ def run_one(
     stop: StopRule,
     seed: int,
     position: int,
+    reference_ids: Optional[list[int]] = None,
 ) -> Record:
     """One timed generation, as a record not yet compared with the reference (see ``check``).
 
@@ -328,7 +362,7 @@ def run_one(
         e.start_timing()
     try:
         start = engine.clock()
-        gen = method.generate(prompt_ids, stop, seed=seed)
+        gen = generate(method, prompt_ids, stop, seed, reference_ids)
         wall = engine.clock() - start
     finally:
         target_log, *draft_logs = [e.stop_timing() for e in engines]

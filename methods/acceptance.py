@@ -6,6 +6,7 @@ Pure helpers (later methods reuse them on their own candidates):
   sample_accept(draft, p, q, gen)     speculative sampling (q = None: a deterministic draft)
   residual(p, q | token)              the distribution sampled after a rejection
   NgramIndex / ngram_lookup           latest earlier match of the last n tokens
+  ReferenceIndex                      match of the last n tokens in another sequence (a reference)
 
 ``ChainVerifier`` holds the target cache, the committed tokens and the per-sample
 counts, and verifies ``[last committed token, d_1..d_g]`` in one forward; a method
@@ -14,6 +15,8 @@ only has to propose.
 
 from __future__ import annotations
 
+from bisect import bisect_left
+from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
@@ -95,6 +98,13 @@ def one_hot_accept(draft: Draft, p: torch.Tensor, gen: Optional[torch.Generator]
 
 
 # ---- n-gram lookup -------------------------------------------------------------------
+def ngram_sizes(min_n: int, max_n: int) -> range:
+    """The n-gram sizes a lookup tries, longest first (ValueError unless 1 <= min_n <= max_n)."""
+    if not 1 <= min_n <= max_n:
+        raise ValueError(f"n-gram sizes need 1 <= min_ngram <= max_ngram, got {min_n} and {max_n}")
+    return range(max_n, min_n - 1, -1)
+
+
 class NgramIndex:
     """The latest start of every n-gram (min_n <= n <= max_n) of a growing token list that
     has at least one token after it, so a lookup costs one dict probe per n.
@@ -107,9 +117,7 @@ class NgramIndex:
     """
 
     def __init__(self, min_n: int = 1, max_n: int = 3):
-        if not 1 <= min_n <= max_n:
-            raise ValueError(f"n-gram sizes need 1 <= min_ngram <= max_ngram, got {min_n} and {max_n}")
-        self.sizes = range(max_n, min_n - 1, -1)
+        self.sizes = ngram_sizes(min_n, max_n)
         self.latest: dict[tuple[int, ...], int] = {}
         self.seen = 0
 
@@ -140,6 +148,45 @@ def ngram_lookup(tokens: Sequence[int], k: int, min_n: int = 1, max_n: int = 3) 
     index = NgramIndex(min_n, max_n)
     index.update(tokens)
     return index.lookup(tokens, k)
+
+
+@dataclass
+class SourceCopy:
+    tokens: list[int]  # the draft: up to k source tokens that followed the matched n-gram
+    start: int  # position of tokens[0] in the source
+
+
+class ReferenceIndex:
+    """Every occurrence of every n-gram (min_n <= n <= max_n) of a fixed source sequence that
+    has at least one token after it: drafts copied from a sequence other than the context
+    (reference lookup: a document given with the sample, or the prompt alone).
+
+    ``lookup(tokens, k, cursor)`` looks the last n tokens of ``tokens`` up in the source,
+    longest n first. Of their occurrences, the first whose continuation starts at or after
+    ``cursor`` wins (a copy reads on through the source from where the last one stopped),
+    else the first one. The draft is up to k tokens of that continuation, shorter at the end
+    of the source (no periodic extension: the source does not grow with the context).
+    """
+
+    def __init__(self, source: Sequence[int], min_n: int = 1, max_n: int = 3):
+        self.sizes = ngram_sizes(min_n, max_n)
+        self.source = list(source)
+        self.follows: dict[tuple[int, ...], list[int]] = {}  # n-gram -> positions right after it, ascending
+        for n in self.sizes:
+            for end in range(n, len(self.source)):
+                self.follows.setdefault(tuple(self.source[end - n : end]), []).append(end)
+
+    def lookup(self, tokens: Sequence[int], k: int, cursor: int = 0) -> Optional[SourceCopy]:
+        """The copy for the context ``tokens``, or None when no n-gram matches or k <= 0."""
+        if k <= 0:
+            return None
+        for n in self.sizes:
+            ends = self.follows.get(tuple(tokens[-n:])) if n <= len(tokens) else None
+            if ends:
+                i = bisect_left(ends, cursor)
+                start = ends[i] if i < len(ends) else ends[0]
+                return SourceCopy(self.source[start : start + k], start)
+        return None
 
 
 # ---- the verify step -------------------------------------------------------------------

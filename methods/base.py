@@ -122,6 +122,11 @@ class Method:
     # "greedy-lossless": output must equal greedy autoregressive decoding token for token.
     # "reference": an independent implementation, also compared token for token.
     family: str = "greedy-lossless"
+    # True: ``generate`` also takes ``reference_ids``, the sample's reference text tokenised
+    # (None when the sample has none); the runner passes it to these methods only
+    uses_reference: bool = False
+    # True: every sample must have a reference (the runner refuses the run before it starts)
+    requires_reference: bool = False
 
     def __init__(self, cfg: MethodConfig, engine: Engine, sampling: SamplingConfig):
         self.cfg = cfg
@@ -129,11 +134,17 @@ class Method:
         self.sampling = sampling
 
     def generate(self, prompt_ids: list[int], stop: StopRule, seed: int = 0) -> Generation:
+        """(``uses_reference`` methods: also ``reference_ids: Optional[list[int]] = None``.)"""
         raise NotImplementedError
 
     def draft_engines(self) -> list[Engine]:
         """Engines other than the target that this method runs (a draft model), for timing."""
         return []
+
+    def reset(self) -> None:
+        """Forget what earlier ``generate`` calls taught this object (state kept across the
+        samples of a run, e.g. suffix decoding's global trie). The runner calls it after the
+        untimed warm-up, so no timed sample drafts from the warm-up's output. Default: nothing kept."""
 
     def headroom(self) -> int:
         """Positions past the last one of a full-length output that a step may use (a tree's

@@ -78,21 +78,29 @@ def load_draft(cfg, target: Engine, draft: Optional[Engine] = None) -> Engine:
     return draft
 
 
-class Speculative(Method):
+class DraftModelMethod(Method):
+    """A method that drafts with a second model, ``cfg.draft`` (``speculative``,
+    ``speculative-tree``): loads and checks it (``load_draft``) and lists it for timing."""
+
+    def __init__(self, cfg, engine: Engine, sampling: SamplingConfig, draft: Optional[Engine] = None):
+        super().__init__(cfg, engine, sampling)
+        self.draft = load_draft(cfg, engine, draft)
+
+    def draft_engines(self) -> list[Engine]:
+        return [] if self.draft is self.engine else [self.draft]
+
+
+class Speculative(DraftModelMethod):
     config_class = SpeculativeConfig
 
     def __init__(
         self, cfg: SpeculativeConfig, engine: Engine, sampling: SamplingConfig, draft: Optional[Engine] = None
     ):
-        super().__init__(cfg, engine, sampling)
         if cfg.schedule not in SCHEDULES:
             raise ValueError(f"unknown schedule '{cfg.schedule}'; use one of {', '.join(SCHEDULES)}")
         if cfg.gamma < 1 or cfg.max_gamma < cfg.gamma:
             raise ValueError(f"need 1 <= gamma <= max_gamma, got gamma={cfg.gamma}, max_gamma={cfg.max_gamma}")
-        self.draft = load_draft(cfg, engine, draft)
-
-    def draft_engines(self) -> list[Engine]:
-        return [] if self.draft is self.engine else [self.draft]
+        super().__init__(cfg, engine, sampling, draft)
 
     def generate(self, prompt_ids: list[int], stop: StopRule, seed: int = 0) -> Generation:
         chain, _ = self.decode(prompt_ids, stop, seed)

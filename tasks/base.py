@@ -48,6 +48,7 @@ class Sample:
     chat: bool = False  # format turns with the tokenizer's chat template
     language: Optional[str] = None  # programming language, when the task has one
     category: Optional[str] = None  # category label (Spec-Bench), when the task has one
+    reference: Optional[str] = None  # a text given with the sample to copy drafts from (reference-lookup)
     meta: dict[str, Any] = field(default_factory=dict)  # tests, entry point, reference...
 
 

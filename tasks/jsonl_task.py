@@ -2,10 +2,12 @@
 
     {"id": "q1", "prompt": "Write a haiku about caches."}
     {"id": "q2", "turns": ["Name a prime.", "And the next one?"], "category": "math"}
+    {"id": "q3", "prompt": "Summarise: ...", "reference": "text the answer may quote"}
 
 A line with ``turns`` (a list of user turns) is a chat sample; one with ``prompt`` is
-plain text unless ``chat=true``. Fields other than id, prompt/turns, language and
-category go to ``Sample.meta``.
+plain text unless ``chat=true``. An optional ``reference`` string is ``Sample.reference``
+(the text ``reference-lookup`` copies drafts from). Fields other than id, prompt/turns,
+language, category and reference go to ``Sample.meta``.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ class JsonlTaskConfig(TaskConfig):
     turns_field: str = "turns"  # key of a list of user turns, used instead of the prompt
     language_field: str = "language"  # optional key of a programming-language label
     category_field: str = "category"  # optional key of a category label
+    reference_field: str = "reference"  # optional key of a reference text (Sample.reference)
     chat: Optional[bool] = None  # use the chat template; None: only for lines with turns
 
 
@@ -80,8 +83,11 @@ class JsonlTask(Task):
                 if value is not None and not isinstance(value, str):
                     raise bad(f"'{key}' must be a string")
                 labels[key] = value
+            reference = row.get(cfg.reference_field)
+            if reference is not None and not isinstance(reference, str):
+                raise bad(f"'{cfg.reference_field}' must be a string")
             used = {cfg.id_field, cfg.prompt_field, cfg.turns_field}
-            used |= {cfg.language_field, cfg.category_field}
+            used |= {cfg.language_field, cfg.category_field, cfg.reference_field}
             meta: dict[str, Any] = {k: v for k, v in row.items() if k not in used}
             samples.append(
                 Sample(
@@ -90,6 +96,7 @@ class JsonlTask(Task):
                     chat=has_turns if cfg.chat is None else bool(cfg.chat),
                     language=labels[cfg.language_field],
                     category=labels[cfg.category_field],
+                    reference=reference,
                     meta=meta,
                 )
             )

@@ -32,6 +32,12 @@ LENGTH = 4  # tokens counted per run: with one- or two-token proposals, at least
 RUNS = 1500  # seeds 0..RUNS-1: deterministic
 CONTROL_RUNS = 800  # the negative controls fail with fewer
 PVALUE_FLOOR = 1e-3
+# Methods whose acceptance is a shared rule already tested at full strength (methods/acceptance.py's
+# chain rules in test_speculative / test_prompt_lookup, methods/tree.py's walk in test_tree /
+# test_medusa) check only their own part (proposals, cache compaction after a sampled rejection)
+# end to end, with fewer runs: CI time. Their negative controls still fail at these counts.
+SHARED_RULE_RUNS = 600
+SHARED_RULE_CONTROL_RUNS = 400
 
 
 def small_engine(seed: int) -> Engine:

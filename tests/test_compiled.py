@@ -22,6 +22,7 @@ from harness.report import load_runs
 from harness.results import RunDirError
 from methods.autoregressive import Autoregressive, AutoregressiveConfig
 from methods.base import StopRule
+from methods.lookahead import Lookahead, LookaheadConfig
 from methods.medusa import Medusa, MedusaConfig
 from methods.prompt_lookup import PromptLookup, PromptLookupConfig
 from methods.space import Space, SpaceConfig
@@ -78,6 +79,8 @@ def lossless_methods(compiled: Engine, heads) -> dict:
         "medusa": Medusa(MedusaConfig(tree="small"), compiled, GREEDY, heads=heads),
         "space-k1": Space(SpaceConfig(k=1), compiled, GREEDY),
         "space-k2": Space(SpaceConfig(k=2), compiled, GREEDY),
+        # steps of 1 + (3 + 2) * 2 rows at most: every shape within the 16-token bucket
+        "lookahead": Lookahead(LookaheadConfig(window=3, ngram=3, candidates=2, context_pool=True), compiled, GREEDY),
     }
 
 

@@ -28,15 +28,21 @@ from transformers import (
 )
 
 from harness.config import SamplingConfig
+from harness.drafters.eagle import EagleHead, EagleHeadConfig
 from harness.engine import Engine
 from harness.runner import HarnessError, check_length
 from methods.autoregressive import Autoregressive, AutoregressiveConfig
 from methods.base import StopRule
+from methods.eagle import Eagle, EagleConfig
+from methods.eagle3 import Eagle3, Eagle3Config
 from methods.medusa import Medusa, MedusaConfig
 from methods.medusa_heads import MedusaHeads, MedusaHeadsConfig
 from methods.prompt_lookup import PromptLookup, PromptLookupConfig
+from methods.recycling import Recycling, RecyclingConfig
+from methods.reference_lookup import ReferenceLookup, ReferenceLookupConfig
 from methods.space import Space, SpaceConfig
 from methods.speculative import Speculative, SpeculativeConfig
+from methods.speculative_tree import SpeculativeTree, SpeculativeTreeConfig
 from tasks.base import Sample
 
 GREEDY = SamplingConfig()
@@ -70,14 +76,30 @@ def random_heads(engine: Engine) -> MedusaHeads:
     return heads.eval()
 
 
+def random_eagle_head(engine: Engine, version: int) -> EagleHead:
+    """A random EAGLE head (v3: fused layers of this family's hidden states, a 48-token draft vocabulary)."""
+    torch.manual_seed(0)
+    head = EagleHead(EagleHeadConfig.from_target(engine.config, version, draft_vocab_size=48)).eval()
+    if head.config.maps_vocab:
+        head.set_vocab_map(torch.arange(48))
+    return head
+
+
 def outputs(engine: Engine, draft: Engine) -> dict[str, list[int]]:
     stop = StopRule(N)
+    tree_config = SpeculativeTreeConfig(branching=[3, 2, 2, 1], max_nodes=8)
     methods = {
         "autoregressive": Autoregressive(AutoregressiveConfig(), engine, GREEDY),
         "speculative": Speculative(SpeculativeConfig(gamma=3), engine, GREEDY, draft=draft),
         "prompt-lookup": PromptLookup(PromptLookupConfig(), engine, GREEDY),
+        "reference-lookup": ReferenceLookup(ReferenceLookupConfig(), engine, GREEDY),  # the prompt as reference
         "medusa": Medusa(MedusaConfig(tree="large"), engine, GREEDY, heads=random_heads(engine)),
         "space": Space(SpaceConfig(k=2, mask_id=3), engine, GREEDY),
+        "eagle": Eagle(EagleConfig(tree="medium"), engine, GREEDY, head=random_eagle_head(engine, 1)),
+        "eagle3": Eagle3(Eagle3Config(), engine, GREEDY, head=random_eagle_head(engine, 3)),
+        "recycling": Recycling(RecyclingConfig(tree="large"), engine, GREEDY),
+        "speculative-tree": SpeculativeTree(tree_config, engine, GREEDY, draft=draft),  # the other random model
+        "speculative-tree (self-draft)": SpeculativeTree(tree_config, engine, GREEDY, draft=engine),  # always right
     }
     return {name: m.generate(PROMPT, stop).tokens for name, m in methods.items()}
 

@@ -1,7 +1,7 @@
 """Stop strings: the incremental check equals a full decode, every method ends at the same
 token when a stop string completes inside an accepted block (speculative chain, prompt
-lookup, Medusa path, SPACE chunk, transformers' assisted / prompt-lookup blocks), the
-stop reasons, agreement with transformers' own ``stop_strings`` (and the documented
+lookup, reference lookup, Medusa path, EAGLE paths, recycling and speculative-tree paths, SPACE chunk, SWIFT draft, transformers' assisted / prompt-lookup
+blocks), the stop reasons, agreement with transformers' own ``stop_strings`` (and the documented
 prompt-seam difference), the tasks' defaults and the runner's records."""
 
 from __future__ import annotations
@@ -15,14 +15,19 @@ from typing import Optional
 import pytest
 import torch
 from conftest import TEXT, tiny_model
+from test_eagle import OracleHead
 from test_medusa import LookupHeads
 from test_space import Oracle as SpaceOracle
 from test_speculative import OracleDraft
+from test_speculative_tree import OracleTreeDraft
+from test_recycling import Oracle as RecyclingOracle
+from test_swift import FIND_NOOP, noop_engine
 from tokenizers import Tokenizer, decoders, models, normalizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast, StoppingCriteriaList
 
 from harness.cli import main
 from harness.config import SamplingConfig
+from harness.datastore import Datastore
 from harness.engine import Engine
 from harness.paths import REPO_ROOT
 from methods.autoregressive import Autoregressive, AutoregressiveConfig
@@ -30,10 +35,20 @@ from methods.base import Committer, StopRule, StopStrings
 from methods.hf_assisted import HFAssisted, HFAssistedConfig
 from methods.hf_generate import GeneratedStopStrings, HFGenerate, HFGenerateConfig
 from methods.hf_prompt_lookup import HFPromptLookup, HFPromptLookupConfig
+from methods.eagle import Eagle, EagleConfig
+from methods.eagle2 import Eagle2, Eagle2Config
+from methods.eagle3 import Eagle3, Eagle3Config
+from methods.lookahead import Lookahead, LookaheadConfig
 from methods.medusa import Medusa, MedusaConfig
 from methods.prompt_lookup import PromptLookup, PromptLookupConfig
+from methods.recycling import RecyclingConfig
+from methods.reference_lookup import ReferenceLookup, ReferenceLookupConfig
+from methods.rest import Rest, RestConfig
 from methods.space import SpaceConfig
 from methods.speculative import Speculative, SpeculativeConfig
+from methods.speculative_tree import SpeculativeTree, SpeculativeTreeConfig
+from methods.suffix import Suffix, SuffixConfig
+from methods.swift import Swift, SwiftConfig
 from tasks.base import TaskDataError
 from tasks.humaneval import CODEX_STOP, HumanEval, HumanEvalConfig
 from tasks.humaneval_x import HumanEvalX, HumanEvalXConfig
@@ -253,6 +268,19 @@ def test_prompt_lookup_stops_inside_an_accepted_block(engine, tokenizer):
     assert found >= 2
 
 
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_reference_lookup_stops_inside_an_accepted_block(engine, tokenizer, prompt):
+    """The reference is the output itself: 1 token from the prefill, then blocks of 10 copied + 1
+    (indices 1-11, 12-22, ...); the stop falls strictly inside one."""
+    ref = ar(engine, prompt, StopRule(N, frozenset())).tokens
+    method = ReferenceLookup(ReferenceLookupConfig(copy_tokens=10), engine, GREEDY)
+    k, s = mid_block_stop(tokenizer, ref, [i for i in range(2, N) if (i - 1) % 11 not in (0, 10)])
+    stop = stop_rule(tokenizer, [s])
+    gen = method.generate(prompt, stop, reference_ids=ref)
+    check_cut(gen, engine, prompt, stop, ref, k, s)
+    assert gen.accepted_per_step[-1] == (k - 1) % 11 + 1  # the block was cut at the stop, nothing past it
+
+
 def test_medusa_stops_inside_an_accepted_path(engine, tokenizer):
     prompt = [0, 200, 11, 11, 64, 150, 7, 9, 250, 33]
     ref = ar(engine, prompt, StopRule(30, frozenset())).tokens
@@ -263,6 +291,47 @@ def test_medusa_stops_inside_an_accepted_path(engine, tokenizer):
     gen = method.generate(prompt, stop)
     check_cut(gen, engine, prompt, stop, ref, k, s)
     assert gen.accepted_per_step[-1] == (k - 1) % 4 + 1
+
+
+@pytest.mark.parametrize("name", ["eagle", "eagle2", "eagle3"])
+def test_eagle_stops_inside_an_accepted_path(engine, tokenizer, name):
+    prompt = [0, 200, 11, 11, 64, 150, 7, 9, 250, 33]
+    ref = ar(engine, prompt, StopRule(30, frozenset())).tokens
+    head = OracleHead(engine, prompt + ref, version=3 if name == "eagle3" else 1)
+    method = {"eagle": lambda: Eagle(EagleConfig(tree="chain"), engine, GREEDY, head=head),
+              "eagle2": lambda: Eagle2(Eagle2Config(), engine, GREEDY, head=head),
+              "eagle3": lambda: Eagle3(Eagle3Config(), engine, GREEDY, head=head)}[name]()  # fmt: skip
+    # an oracle head, 5 deep: 1 token from the prefill, then paths of 6 (indices 1-6, 7-12, ...)
+    k, s = mid_block_stop(tokenizer, ref, [i for i in range(7, 29) if (i - 1) % 6 in (1, 2, 3, 4)])
+    stop = stop_rule(tokenizer, [s], n=30)
+    gen = method.generate(prompt, stop)
+    check_cut(gen, engine, prompt, stop, ref, k, s)
+    assert gen.accepted_per_step[-1] == (k - 1) % 6 + 1
+
+
+def test_recycling_stops_inside_an_accepted_path(engine, tokenizer):
+    prompt = PROMPTS[2]  # its continuation repeats no token within a path (tests/test_recycling.py)
+    ref = ar(engine, prompt, StopRule(N, frozenset())).tokens
+    method = RecyclingOracle(RecyclingConfig(tree="chain"), engine, prompt + ref)
+    # the right token at rank 0 of every row on the chain: 1 from the prefill, then paths of 5 (1-5, 6-10, ...)
+    k, s = mid_block_stop(tokenizer, ref, [i for i in range(2, N - 5) if (i - 1) % 5 in (1, 2, 3)])
+    stop = stop_rule(tokenizer, [s])
+    gen = method.generate(prompt, stop)
+    check_cut(gen, engine, prompt, stop, ref, k, s)
+    assert gen.accepted_per_step[-1] == (k - 1) % 5 + 1
+
+
+def test_speculative_tree_stops_inside_an_accepted_path(engine, tokenizer):
+    prompt = PROMPTS[2]
+    ref = ar(engine, prompt, StopRule(N, frozenset())).tokens
+    draft = OracleTreeDraft(engine, prompt + ref)
+    method = SpeculativeTree(SpeculativeTreeConfig(branching=[2, 1, 1, 1], max_nodes=6), engine, GREEDY, draft=draft)
+    # an always-right draft, 4 deep: 1 from the prefill, then paths of 5 (1-5, 6-10, ...)
+    k, s = mid_block_stop(tokenizer, ref, [i for i in range(2, N - 5) if (i - 1) % 5 in (1, 2, 3)])
+    stop = stop_rule(tokenizer, [s])
+    gen = method.generate(prompt, stop)
+    check_cut(gen, engine, prompt, stop, ref, k, s)
+    assert gen.accepted_per_step[-1] == (k - 1) % 5 + 1
 
 
 def test_space_stops_inside_an_accepted_chunk(tokenizer):
@@ -276,6 +345,85 @@ def test_space_stops_inside_an_accepted_chunk(tokenizer):
     gen = method.generate(prompt, stop)
     check_cut(gen, eng, prompt, stop, ref, k, s)
     assert gen.accepted_per_step[-1] == (k - 1) % 4 + 1
+
+
+def test_rest_stops_inside_an_accepted_path(engine, tokenizer):
+    prompt = PROMPTS[2]
+    ref = ar(engine, prompt, StopRule(N, frozenset())).tokens
+    # a datastore holding the exact continuation, copy_tokens=4: paths of 5 at indices 1-5, 6-10, ...
+    method = Rest(RestConfig(copy_tokens=4), engine, GREEDY, datastore=Datastore.from_tokens(prompt + ref))
+    k, s = mid_block_stop(tokenizer, ref, [i for i in range(2, N) if (i - 1) % 5 in (1, 2, 3)])
+    stop = stop_rule(tokenizer, [s])
+    gen = method.generate(prompt, stop)
+    check_cut(gen, engine, prompt, stop, ref, k, s)
+    assert gen.accepted_per_step[-1] == (k - 1) % 5 + 1
+
+
+def test_suffix_stops_inside_an_accepted_path(engine, tokenizer):
+    def primed() -> Suffix:
+        """Suffix decoding whose global trie holds the prompt's whole greedy output."""
+        method = Suffix(SuffixConfig(), engine, GREEDY)
+        method.generate(prompt, StopRule(N, frozenset()))
+        return method
+
+    found = 0
+    for prompt in PROMPTS:
+        ref = ar(engine, prompt, StopRule(N, frozenset())).tokens
+        steps = primed().generate(prompt, StopRule(N, frozenset())).accepted_per_step
+        ends = [sum(steps[: i + 1]) for i in range(len(steps))]
+        for start, end in zip(ends, ends[1:]):
+            inside = range(start + 1, end - 1)  # strictly inside a path of >= 3 tokens
+            if not inside:
+                continue
+            try:
+                k, s = mid_block_stop(tokenizer, ref, inside)
+            except AssertionError:
+                continue
+            stop = stop_rule(tokenizer, [s])
+            gen = primed().generate(prompt, stop)
+            check_cut(gen, engine, prompt, stop, ref, k, s)
+            assert gen.accepted_per_step[-1] == k + 1 - start
+            found += 1
+            break
+    assert found >= 2
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_swift_stops_inside_an_accepted_draft(tokenizer, prompt):
+    """A model two of whose sublayers do nothing: the search skips exactly those, so every
+    draft of 4 is right: 1 token from the prefill, then blocks of 5 (indices 1-5, 6-10, ...)."""
+    eng = noop_engine(len(tokenizer), tokenizer)
+    ref = ar(eng, prompt, StopRule(N, frozenset())).tokens
+    k, s = mid_block_stop(tokenizer, ref, [i for i in range(2, N) if (i - 1) % 5 in (1, 2, 3)])
+    stop = stop_rule(tokenizer, [s])
+    gen = Swift(SwiftConfig(**FIND_NOOP, max_draft=4), eng, GREEDY).generate(prompt, stop)
+    check_cut(gen, eng, prompt, stop, ref, k, s)
+    assert gen.accepted_per_step[-1] == (k - 1) % 5 + 1  # the draft was cut at the stop, nothing past it
+
+
+def test_lookahead_stops_inside_an_accepted_ngram(engine, tokenizer):
+    """Lookahead with the prompt's n-grams in its pool on looping text: blocks of 3 (a 3-gram
+    and the bonus); a stop string completed by a block's first or second token cuts it there."""
+    found = 0
+    for start_prompt in PROMPTS:
+        prompt = start_prompt + ar(engine, start_prompt, StopRule(40, frozenset())).tokens
+        prompt += ar(engine, prompt, StopRule(40, frozenset())).tokens  # ends inside the loop
+        ref = ar(engine, prompt, StopRule(N, frozenset())).tokens
+        method = Lookahead(LookaheadConfig(window=4, ngram=3, candidates=4, context_pool=True), engine, GREEDY)
+        steps = method.generate(prompt, StopRule(N, frozenset())).accepted_per_step
+        ends = [sum(steps[: i + 1]) for i in range(len(steps))]
+        for start, end in zip(ends, ends[1:]):
+            try:
+                k, s = mid_block_stop(tokenizer, ref, range(start, end - 1))  # not a block's last token
+            except AssertionError:
+                continue
+            stop = stop_rule(tokenizer, [s])
+            gen = method.generate(prompt, stop)
+            check_cut(gen, engine, prompt, stop, ref, k, s)
+            assert gen.accepted_per_step[-1] == k + 1 - start
+            found += 1
+            break
+    assert found >= 2
 
 
 def raw_generate(engine: Engine, prompt: list[int], stop: StopRule, **kwargs) -> list[int]:

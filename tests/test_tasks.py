@@ -169,15 +169,17 @@ def test_jsonl_task(tmp_path):
     path = write_lines(
         tmp_path / "mine.jsonl",
         [
-            {"id": "a", "prompt": "Hello", "category": "greet", "extra": 1},
+            {"id": "a", "prompt": "Hello", "category": "greet", "extra": 1, "reference": "Hello, world"},
             "",
             {"id": 7, "turns": ["Hi", "Again"], "language": "en"},
         ],
     )
     a, b = JsonlTask(JsonlTaskConfig(path=path)).samples()
-    assert (a.id, a.turns, a.chat, a.category) == ("a", ["Hello"], False, "greet")
+    assert (a.id, a.turns, a.chat, a.category, a.reference) == ("a", ["Hello"], False, "greet", "Hello, world")
     assert a.meta == {"extra": 1}
-    assert (b.id, b.turns, b.chat, b.language) == ("7", ["Hi", "Again"], True, "en")
+    assert (b.id, b.turns, b.chat, b.language, b.reference) == ("7", ["Hi", "Again"], True, "en", None)
+    (doc,) = JsonlTask(JsonlTaskConfig(path=path, reference_field="doc", limit=1)).samples()
+    assert doc.reference is None and doc.meta == {"extra": 1, "reference": "Hello, world"}  # another key
     forced = JsonlTask(JsonlTaskConfig(path=path, chat=True, limit=1)).samples()
     assert len(forced) == 1 and forced[0].chat
 
@@ -197,6 +199,7 @@ def test_jsonl_task(tmp_path):
         ({"id": "x", "turns": []}, "'turns' must be a non-empty list"),
         ({"id": "x", "turns": ["ok", 2]}, "'turns' must hold only non-empty strings"),
         ({"id": "x", "prompt": "a", "turns": ["b"]}, "has both"),
+        ({"id": "x", "prompt": "a", "reference": ["b"]}, "'reference' must be a string"),
         ({"id": "first", "prompt": "again"}, "duplicate id 'first' \\(first on line 1\\)"),
     ],
 )

@@ -264,7 +264,7 @@ def test_cli_zoo_build_micro(tmp_path):
         "build", f"data.cache_dir={tmp_path / 'cache'}", "data.corpus.languages=[python,go]",
         "data.corpus.max_files_per_lang=6", "data.tokenizer.vocab_size=320",
         "draft.hidden_size=16", "draft.num_attention_heads=2", "draft.num_hidden_layers=1", "draft.intermediate_size=32",
-        "target.hidden_size=32", "target.num_attention_heads=2", "target.num_hidden_layers=1", "target.intermediate_size=64",
+        "target.hidden_size=32", "target.num_attention_heads=2", "target.num_hidden_layers=2", "target.intermediate_size=64",
         "draft_train.max_steps=3", "draft_train.batch_size=2", "draft_train.seq_len=32", "draft_train.progress=false",
         "target_train.max_steps=4", "target_train.batch_size=2", "target_train.seq_len=32", "target_train.progress=false",
         "target_functions_train.max_steps=3", "target_functions_train.batch_size=2",
@@ -276,6 +276,13 @@ def test_cli_zoo_build_micro(tmp_path):
         "space.eval_tokens_per_lang=200", "space.humaneval_limit=2", "space.max_new_tokens=4", "space.progress=false",
         "selfdistill.n_prompts=4", "selfdistill.max_new_tokens=3", "selfdistill.batch_size=2",
         "selfdistill.prompt_max_tokens=32", "selfdistill.speed_prompts=0",
+        "target_unlikelihood.max_steps=2", "target_unlikelihood.batch_size=2", "target_unlikelihood.seq_len=32",
+        "target_unlikelihood.rollout_prompts=2", "target_unlikelihood.rollout_new_tokens=4",
+        "target_unlikelihood.prompt_pool=4", "target_unlikelihood.prompt_max_tokens=32",
+        "target_unlikelihood.progress=false",
+        *(f"{v}.{k}" for v in ("eagle", "eagle3")
+          for k in ("max_steps=2", "batch_size=2", "seq_len=32", "eval_prompts=1", "progress=false")),
+        "eagle3.ttt_steps=2",
     ]
     assert cli_zoo.main(args) == 0
     for name in ("draft", "target"):
@@ -292,6 +299,8 @@ def test_cli_zoo_build_micro(tmp_path):
     assert set(man["decontamination"]["per_language"]) == {"python", "go"}
     # the Medusa heads and the SPACE fine-tune of that target, exported beside it
     assert (tmp_path / "zoo" / "target-medusa" / "config.json").exists()
+    for head in ("target-eagle", "target-eagle3"):  # the EAGLE heads of that target (issue 16)
+        assert json.loads((tmp_path / "zoo" / head / "training.json").read_text())["step"] == 2
     sd = json.loads((tmp_path / "cache" / "zoo-data" / "selfdistill" / "target" / "manifest.json").read_text())
     assert sd["prompts"] == 4 and sd["model"] == str(tmp_path / "zoo" / "target")
     space_cfg = json.loads((tmp_path / "zoo" / "target-space" / "config.json").read_text())

@@ -213,6 +213,10 @@ def export_model(name: str, ckpt_dir: Path, paths: DataPaths, zoo_dir: Path, dty
     }
     if held.exists():
         info["heldout_at_end_of_training"] = read_json(held)
+    if "unlikelihood" in extra:  # the target_unlikelihood stage: its recipe and how the rollouts' repetition moved
+        from harness.train.unlikelihood import rollout_summary  # noqa: PLC0415
+
+        info["unlikelihood"] = {**extra["unlikelihood"], "rollouts": rollout_summary(extra.get("unlikelihood_steps", []))}
     write_json(tmp / "training.json", info)
     final = zoo_dir / name
     replace_dir(tmp, final)
@@ -325,6 +329,28 @@ def _continuation_lines(info: dict) -> list[str]:
     return lines + [""]
 
 
+def _unlikelihood_lines(info: dict) -> list[str]:
+    """Card paragraph of a sequence-level unlikelihood fine-tune (``target_unlikelihood``)."""
+    ul, init = info["unlikelihood"], info.get("initialized_from") or {}
+    r = ul.get("rollouts", {})
+    share = info.get("function_share") or 0.0
+    return [
+        f"**Unlikelihood fine-tune (zoo v3, `target_unlikelihood`):** these weights started from "
+        f"`{init.get('source', '?')}` ({init.get('kind', '?')}) and were fine-tuned against their own greedy loops "
+        "(sequence-level unlikelihood, Welleck et al. 2019, *Neural Text Generation with Unlikelihood Training*). "
+        f"Every optimiser step the current weights continued {ul['rollout_prompts']} training-split prompts "
+        f"(function heads and file stretches) greedily, up to {ul['rollout_new_tokens']} tokens; every generated "
+        f"token that completes a {ul['ngram']}-gram already present earlier in prompt + continuation got the loss "
+        f"-log(1 - p(token)) (summed, divided by the generated tokens), added with weight {ul['ul_weight']} to the "
+        f"next-token loss on a corpus batch ({share:.0%} of its rows function samples ending in `</s>`, the rest "
+        "file-level text) so that the model keeps the data. "
+        f"Share of rollout tokens completing a repeated {ul['ngram']}-gram: {r.get('marked_share_first')} over the "
+        f"first {r.get('window')} steps, {r.get('marked_share_last')} over the last {r.get('window')} "
+        f"({r.get('steps')} steps logged).",
+        "",
+    ]
+
+
 def write_card(model_dir: Path, log=print) -> None:
     """README.md of one exported model from its training.json, quality.json and manifest."""
     info = read_json(model_dir / "training.json")
@@ -346,7 +372,7 @@ def write_card(model_dir: Path, log=print) -> None:
         f"{info['loop_config'].get('threads') or 'default'} torch thread(s) on a shared 2-core machine), {info['step']:,} optimiser steps of {info.get('batch_size')} x {info.get('seq_len')} tokens, "
         f"{_fmt_int(info['training_tokens'])} training tokens ({info['epochs']} epochs of the corpus). This export is {status}.",
         "",
-        *_continuation_lines(info),
+        *(_unlikelihood_lines(info) if info.get("unlikelihood") else _continuation_lines(info)),
         "## Model",
         "",
         "| field | value |",
@@ -485,6 +511,11 @@ def write_zoo_index(zoo_dir: Path) -> None:
             desc = (f"Medusa heads ({h['num_heads']} heads, {h['num_layers']} ResBlock each) for `{info['base_model']}`, "
                     f"{_fmt_int(info.get('parameters'))} params, {_fmt_int(info['training_tokens'])} training tokens, "
                     f"{info['wall_time_min']} min")
+        elif info and "head_config" in info:  # EAGLE head
+            hc = info["head_config"]
+            desc = (f"EAGLE-{info['version']} draft head (hidden {hc.get('hidden_size')}) for `{info.get('base_model', 'zoo/target')}`, "
+                    f"{_fmt_int(info.get('parameters'))} params, {_fmt_int(info.get('training_tokens'))} training tokens, "
+                    f"{info.get('wall_time_min')} min")
         elif info and "k" in info:  # SPACE fine-tune
             ppl = q.get("space", {}).get("heldout", {}).get("ppl", "n/a")
             desc = (f"SPACE fine-tune (k = {info['k']}, mask id {info['mask_token_id']}) of {info['base_model']}, "
@@ -517,7 +548,8 @@ def write_zoo_index(zoo_dir: Path) -> None:
         "",
         "- `harness zoo build` reproduces the whole zoo from scratch: corpus from the machine's own "
         "source code -> tokenizer (+ function-level samples) -> draft and target training -> the target "
-        "continued on the file + function-level mix (`target_functions`, exported as `target`) -> export -> "
+        "continued on the file + function-level mix (`target_functions`) -> its unlikelihood fine-tune against "
+        "its own greedy loops (`target_unlikelihood`; `export.sources` picks which is exported as `target`) -> export -> "
         "quality -> cards -> the target's self-distillation data (`selfdistill`), then the "
         "target's Medusa heads and SPACE fine-tune; `stages=[...]` runs some of them, `clean=true` drops "
         "cached data and checkpoints first. Every stage resumes from its last checkpoint when re-run. "

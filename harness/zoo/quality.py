@@ -134,3 +134,39 @@ def greedy_agreement(target, draft, tokenizer, prompts: list[str], target_comple
         "agreement": round(agree / max(1, total), 4),
         "mean_initial_agreeing_run": round(sum(first_run) / max(1, len(first_run)), 2),
     }
+
+
+def cut_at_stop(tokens: list[int], eos_id: int, stops=None, max_new_tokens: int = 0) -> tuple[list[int], str]:
+    """``tokens`` as a generation with the harness's stop rules would have ended them: after
+    the first ``eos_id`` or the first token whose text completes a stop string (``stops``: a
+    ``methods.base.StopStrings``, or None), and the reason (``eos`` | ``stop:<string>`` |
+    ``max_new_tokens`` when ``max_new_tokens`` tokens passed without either | ``open``: ended
+    otherwise). Greedy decoding is deterministic, so cutting a longer greedy continuation
+    gives the same tokens as stopping it there."""
+    for i, t in enumerate(tokens):
+        if t == eos_id:
+            return tokens[: i + 1], "eos"
+        hit = stops.completed_by(tokens[: i + 1]) if stops else None
+        if hit is not None:
+            return tokens[: i + 1], f"stop:{hit}"
+    return tokens, "max_new_tokens" if max_new_tokens and len(tokens) >= max_new_tokens else "open"
+
+
+def stop_rule_report(tokenizer, problems: list[dict], completions: list[list[int]], max_new_tokens: int,
+                     stop_strings: tuple[str, ...] | None = None) -> dict:
+    """:func:`completion_report` of the completions cut by the default HumanEval stop rules
+    (``</s>`` and the Codex stop strings of ``tasks/humaneval.py``), plus the share of them that
+    ended before the token limit (issue 15's figures); ``completions`` must be at least
+    ``max_new_tokens`` long unless they ended."""
+    from methods.base import StopStrings  # noqa: PLC0415
+    from tasks.humaneval import CODEX_STOP  # noqa: PLC0415
+
+    stops = StopStrings(stop_strings if stop_strings is not None else CODEX_STOP,
+                        lambda ids: tokenizer.decode(ids, skip_special_tokens=True))
+    cut = [cut_at_stop(c[:max_new_tokens], tokenizer.eos_token_id, stops, max_new_tokens) for c in completions]
+    rep = completion_report(tokenizer, problems, [c for c, _ in cut])
+    reasons = Counter(r.split(":")[0] for _, r in cut)
+    rep["ended_before_limit_share"] = round(1 - reasons["max_new_tokens"] / max(1, len(cut)), 4)
+    rep["stop_reasons"] = dict(sorted(reasons.items()))
+    rep["max_new_tokens"] = max_new_tokens
+    return rep

@@ -1,0 +1,135 @@
+"""``harness datastore build [key=value ...]``: the token datastore REST retrieves from.
+
+Examples::
+
+    harness datastore build                          # the zoo corpus's training tokens -> $HARNESS_CACHE/datastore/zoo
+    harness datastore build name=zoo-python inputs=[$HOME/.cache/harness/zoo-data/corpus/documents.jsonl] languages=[python]
+    harness datastore build name=mine inputs=[notes.txt,chats.jsonl] tokenizer=Qwen/Qwen2.5-0.5B
+    harness datastore build --cfg                    # print the composed configuration
+
+Use it with ``harness run --methods rest method.rest.datastore=<dir>`` (default: the zoo one).
+The datastore's tokens must come from the model's tokenizer: the method checks its vocabulary.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from harness.zoo.build import ZooDataConfig
+
+USAGE = "usage: harness datastore build [key=value ...]   (harness datastore build --cfg shows all keys)"
+
+
+@dataclass
+class DatastoreBuildConfig:
+    """What ``harness datastore build`` reads and where it writes."""
+
+    name: str = "zoo"  # datastore name: the default output is $HARNESS_CACHE/datastore/<name>
+    out: str = ""  # output directory ("" = $HARNESS_CACHE/datastore/<name>)
+    # text files (one document each) or .jsonl files (one document per line); [] = the zoo corpus's token data
+    inputs: list[str] = field(default_factory=list)
+    text_field: str = "text"  # .jsonl inputs: the field holding a document's text
+    languages: list[str] = field(default_factory=list)  # .jsonl inputs: keep lines whose "lang" is one of these ([] = all)
+    tokenizer: str = "zoo/target"  # tokenizer of `inputs` (the model's: a local dir or hub id); ignored for the zoo data
+    zoo_tokens: str = "train.npy"  # no inputs: the zoo token file (train.npy | train_functions.npy)
+    data: ZooDataConfig = field(default_factory=ZooDataConfig)  # where the zoo data lives (built first if missing)
+    max_tokens: int = 0  # keep only the first N tokens (0 = all)
+
+
+def register_configs() -> None:
+    from hydra.core.config_store import ConfigStore  # noqa: PLC0415
+
+    ConfigStore.instance().store(name="datastore_build", node=DatastoreBuildConfig)
+
+
+def main(argv: list[str]) -> int:
+    from harness.cli_train import dispatch  # noqa: PLC0415
+
+    return dispatch(argv, USAGE, {"build": run_build}, lambda _what: "datastore_build", "datastore command",
+                    register_configs)  # fmt: skip
+
+
+def run_build(cfg: DatastoreBuildConfig) -> int:
+    from harness.datastore import build, default_datastore_dir  # noqa: PLC0415
+
+    tokens, sources, tokenizer = read_inputs(cfg) if cfg.inputs else read_zoo(cfg)
+    if cfg.max_tokens > 0:
+        tokens = tokens[: cfg.max_tokens]
+    out = Path(cfg.out).expanduser() if cfg.out else default_datastore_dir(cfg.name)
+    build(tokens, sources, tokenizer, out)
+    return 0
+
+
+def read_zoo(cfg: DatastoreBuildConfig) -> tuple[np.ndarray, list[dict], dict]:
+    """The zoo corpus's token data (documents as ``<s> ... </s>``), built first when missing."""
+    from transformers import AutoTokenizer  # noqa: PLC0415
+
+    from harness.datastore import tokenizer_fingerprint  # noqa: PLC0415
+    from harness.zoo.build import prepare_data  # noqa: PLC0415
+
+    paths = prepare_data(cfg.data)
+    file = paths.tokens / cfg.zoo_tokens
+    if not file.exists():
+        raise FileNotFoundError(f"no zoo token file {file}; use zoo_tokens=train.npy or train_functions.npy")
+    tok = AutoTokenizer.from_pretrained(str(paths.tokenizer))
+    sources = [{"path": str(file), "bytes": file.stat().st_size, "kind": "zoo token data"}]
+    return np.load(file), sources, tokenizer_info(str(paths.tokenizer), tok, tokenizer_fingerprint)
+
+
+def tokenizer_info(path: str, tok, fingerprint) -> dict:
+    return {"path": path, "vocab_size": len(tok), "fingerprint": fingerprint(tok), "separator": tok.eos_token}
+
+
+def read_inputs(cfg: DatastoreBuildConfig) -> tuple[np.ndarray, list[dict], dict]:
+    """Tokenise text / jsonl files with the model's tokenizer; each document ends with EOS."""
+    from transformers import AutoTokenizer  # noqa: PLC0415
+
+    from harness.datastore import tokenizer_fingerprint  # noqa: PLC0415
+    from harness.paths import resolve_repo_path  # noqa: PLC0415
+
+    tok = AutoTokenizer.from_pretrained(str(resolve_repo_path(cfg.tokenizer)))
+    if tok.eos_token_id is None:
+        raise ValueError(f"tokenizer {cfg.tokenizer} has no EOS token to separate documents with")
+    parts, sources = [], []
+    for name in cfg.inputs:
+        path = Path(name).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"datastore input {path} is not a file; give text or .jsonl files in inputs=[...]")
+        texts = list(jsonl_texts(path, cfg.text_field, cfg.languages)) if path.suffix == ".jsonl" else [path.read_text()]
+        ids = encode(tok, texts)
+        parts += [np.asarray([*d, tok.eos_token_id], dtype=np.int64) for d in ids]
+        sources.append({"path": str(path), "bytes": path.stat().st_size, "documents": len(texts)})
+    if not parts:
+        raise ValueError("the inputs hold no documents (check text_field= and languages=)")
+    return np.concatenate(parts), sources, tokenizer_info(cfg.tokenizer, tok, tokenizer_fingerprint)
+
+
+def encode(tok, texts: list[str]) -> list[list[int]]:
+    """Token ids of each text, no special tokens (a fast tokenizer's batch encoder when there is one)."""
+    if not texts:
+        return []
+    if tok.is_fast:  # no "longer than the model's maximum length" warnings: documents are not model inputs
+        return [e.ids for e in tok.backend_tokenizer.encode_batch(texts, add_special_tokens=False)]
+    return tok(texts, add_special_tokens=False).input_ids
+
+
+def jsonl_texts(path: Path, text_field: str, languages: list[str]):
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            row = json.loads(line)
+            if text_field not in row:
+                raise ValueError(f"{path}:{number} has no {text_field!r} field; set text_field=...")
+            if languages and row.get("lang") not in languages:
+                continue
+            yield row[text_field]
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,261 @@
+"""Retrieval datastores (REST): a token corpus as a suffix array, searched by binary search.
+
+On disk, one directory (``harness datastore build``, harness/cli_datastore.py)::
+
+    tokens.npy     the corpus's tokens, one stream (every document ends with a separator,
+                   the tokenizer's EOS), int32 stored big-endian ('>i4'): token ids are >= 0,
+                   so the bytes of a slice compare exactly as its token sequence does and the
+                   search compares bytes
+    sa.npy         int32 suffix array: sa[r] = start of the r-th smallest suffix of tokens
+                   (a suffix that is a prefix of another is the smaller)
+    manifest.json  sources, tokenizer (path, vocabulary size, fingerprint), token count, bytes,
+                   build seconds, format version
+
+Construction: prefix doubling (Manber & Myers, with Larsson & Sadakane's skip of finished
+groups; numpy sorts): after round j every suffix has the rank of its first 2^j tokens; one
+sort of (rank[i], rank[i + 2^j]) pairs over the suffixes not yet alone in their group gives
+the ranks of the first 2^(j+1). log2(longest repeat) rounds, each O(m log m) for the m
+suffixes still sorted (all of them only in the first rounds).
+
+Lookup: the suffixes starting with a pattern form one range of the suffix array (two binary
+searches); the longest context suffix that occurs is found by a binary search over its
+length (a pattern that occurs has every suffix of it occurring too).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+
+from harness.runner import HarnessError
+
+FORMAT = 1
+TOKENS_FILE, SA_FILE, MANIFEST_FILE = "tokens.npy", "sa.npy", "manifest.json"
+TOKEN_DTYPE = np.dtype(">i4")  # big-endian: byte order = token order for ids >= 0
+
+
+class DatastoreError(HarnessError):
+    """A datastore that is missing or does not fit the model (one line: the problem and the fix)."""
+
+
+def default_datastore_dir(name: str = "zoo") -> Path:
+    """``$HARNESS_CACHE/datastore/<name>`` (``$HARNESS_CACHE`` defaults to ``~/.cache/harness``)."""
+    from harness.train.lm import default_cache_dir  # noqa: PLC0415
+
+    return default_cache_dir() / "datastore" / name
+
+
+def suffix_array(tokens: Sequence[int] | np.ndarray) -> np.ndarray:
+    """The suffix array of ``tokens`` (int64), by prefix doubling (module doc).
+
+    Suffixes sit in groups of equal first ``width`` tokens, contiguous in ``order``; a suffix's
+    rank is the position of its group's first member, so a group sorted on its own keeps
+    every rank elsewhere valid. Each round sorts only the suffixes in groups of two or more
+    by (group, rank of the suffix ``width`` tokens further on) and splits the groups; a
+    suffix alone in its group is at its final position. Most groups split in the first
+    rounds, so the later ones (long repeats: duplicated files) sort few suffixes.
+    """
+    t = np.asarray(tokens, dtype=np.int64)
+    n = len(t)
+    order = np.argsort(t, kind="stable")  # by the first token
+    key = t[order]
+    rank = np.empty(n, dtype=np.int64)
+    width = 1
+    active = np.arange(n)  # positions in `order` of the suffixes still sorted, with their `key`
+    while active.size:
+        # split every active group on its keys (sorted within the group)
+        first = np.concatenate(([True], key[1:] != key[:-1])) if key.size else key.astype(bool)
+        run = np.flatnonzero(first)  # index in `active` where each new group starts
+        group = np.cumsum(first) - 1  # new group of each active suffix
+        rank[order[active]] = active[run][group]  # position of the new group's first member
+        size = np.diff(np.append(run, active.size))[group]
+        active = active[size > 1]
+        if not active.size:
+            break
+        # next round: sort the suffixes of groups of 2+ by (group rank, rank `width` further on)
+        starts = order[active]
+        later = starts + width
+        second = np.where(later < n, rank[np.minimum(later, n - 1)] + 1, 0)  # 0: the suffix ends first
+        pair = rank[starts] * (n + 1) + second
+        perm = np.argsort(pair)  # within groups: the group rank leads
+        order[active] = starts[perm]
+        key = pair[perm]
+        width *= 2
+    return order
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """A short hash of a tokenizer's vocabulary (id -> token): equal vocabularies, equal ids."""
+    vocab = sorted((i, t) for t, i in tokenizer.get_vocab().items())
+    return hashlib.sha256(json.dumps(vocab).encode()).hexdigest()[:16]
+
+
+@dataclass
+class Match:
+    """Where the longest matching context suffix occurs in the datastore."""
+
+    length: int  # tokens matched (the last `length` tokens of the context)
+    lo: int  # suffix array range [lo, hi): the suffixes that start with them
+    hi: int
+    probes: int  # suffix comparisons the search made (its cost, as a count)
+
+    @property
+    def count(self) -> int:
+        return self.hi - self.lo
+
+
+class Datastore:
+    """A loaded datastore: tokens, suffix array and manifest."""
+
+    def __init__(self, tokens: np.ndarray, sa: np.ndarray, manifest: Optional[dict] = None):
+        if len(tokens) != len(sa):
+            raise DatastoreError(f"datastore has {len(tokens)} tokens but a suffix array of {len(sa)}; rebuild it")
+        self.tokens = np.asarray(tokens).astype(TOKEN_DTYPE, copy=False)
+        self.sa = np.asarray(sa)
+        self.manifest = manifest or {}
+        # what the binary search reads, as Python sequences (no numpy scalar per probe)
+        self._bytes = memoryview(np.ascontiguousarray(self.tokens)).cast("B")
+        self._starts = memoryview(np.ascontiguousarray(self.sa, dtype=np.int32)).cast("B").cast("i")
+
+    @classmethod
+    def from_tokens(cls, tokens: Sequence[int] | np.ndarray, manifest: Optional[dict] = None) -> "Datastore":
+        """An in-memory datastore (tests, small corpora)."""
+        arr = np.asarray(tokens, dtype=np.int64)
+        if arr.size and arr.min() < 0:
+            raise ValueError("token ids must be >= 0")
+        return cls(arr.astype(TOKEN_DTYPE), suffix_array(arr).astype(np.int32), manifest)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Datastore":
+        d = Path(path).expanduser()
+        if not (d / MANIFEST_FILE).exists():
+            raise DatastoreError(
+                f"no REST datastore at {d}; build one with `harness datastore build` "
+                "(or point method.rest.datastore=<dir> at one)"
+            )
+        manifest = json.loads((d / MANIFEST_FILE).read_text())
+        if manifest.get("format") != FORMAT:
+            raise DatastoreError(f"datastore {d} has format {manifest.get('format')}, this harness reads {FORMAT}; "
+                                 "rebuild it with `harness datastore build force=true`")  # fmt: skip
+        # read into memory: a binary search touches random pages, and page faults on a memory
+        # map made lookups about twice as slow (132 MiB for the zoo corpus)
+        tokens = np.load(d / TOKENS_FILE)
+        sa = np.load(d / SA_FILE)
+        return cls(tokens, sa, manifest)
+
+    def save(self, path: str | os.PathLike) -> None:
+        d = Path(path)
+        d.mkdir(parents=True, exist_ok=True)
+        np.save(d / TOKENS_FILE, self.tokens)
+        np.save(d / SA_FILE, np.asarray(self.sa, dtype=np.int32))
+        self.manifest["bytes"] = sum((d / f).stat().st_size for f in (TOKENS_FILE, SA_FILE))
+        (d / MANIFEST_FILE).write_text(json.dumps(self.manifest, indent=1) + "\n")
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.tokens.nbytes + self.sa.nbytes)
+
+    # ---- search --------------------------------------------------------------------------
+    def _prefix(self, rank: int, m: int) -> bytes:
+        start = 4 * self._starts[rank]
+        return bytes(self._bytes[start : start + 4 * m])  # big-endian: bytes order = token order
+
+    def find(self, pattern: Sequence[int]) -> tuple[int, int, int]:
+        """(lo, hi, probes): the suffix array range of the suffixes that start with ``pattern``."""
+        key, m = np.asarray(pattern, dtype=TOKEN_DTYPE).tobytes(), len(pattern)
+        probes = 0
+        lo, hi = 0, len(self.sa)
+        while lo < hi:  # first suffix >= pattern
+            mid = (lo + hi) // 2
+            probes += 1
+            if self._prefix(mid, m) < key:
+                lo = mid + 1
+            else:
+                hi = mid
+        first, hi = lo, len(self.sa)
+        while lo < hi:  # first suffix whose first m tokens > pattern
+            mid = (lo + hi) // 2
+            probes += 1
+            if self._prefix(mid, m) <= key:
+                lo = mid + 1
+            else:
+                hi = mid
+        return first, lo, probes
+
+    def longest_match(self, context: Sequence[int], min_len: int, max_len: int) -> Optional[Match]:
+        """The longest suffix of ``context`` (``min_len`` to ``max_len`` tokens) that occurs
+        followed by at least one token; None when not even ``min_len`` tokens do."""
+        lo_len, hi_len = min_len, min(max_len, len(context))
+        best: Optional[Match] = None
+        probes = 0
+        while lo_len <= hi_len:  # occurs(m) is monotone: a suffix of an occurring pattern occurs
+            m = (lo_len + hi_len) // 2
+            lo, hi, p = self.find(context[len(context) - m :])
+            probes += p
+            if hi - lo > 1 or (hi > lo and int(self.sa[lo]) + m < len(self.tokens)):
+                best, lo_len = Match(m, lo, hi, 0), m + 1
+            else:
+                hi_len = m - 1
+        if best is not None:
+            best.probes = probes
+        return best
+
+    def continuations(self, match: Match, count: int, length: int) -> list[list[int]]:
+        """Up to ``count`` continuations (``length`` tokens at most) of the matched suffix: all
+        when it occurs at most ``count`` times, else ``count`` occurrences evenly spread over its
+        suffix array range (equal continuations are adjacent there, so the spread keeps their
+        frequencies). Empty ones (the corpus's end) are dropped."""
+        n = match.count
+        ranks = range(match.lo, match.hi) if n <= count else [match.lo + (i * n) // count for i in range(count)]
+        out = []
+        for r in ranks:
+            start = int(self.sa[r]) + match.length
+            seq = self.tokens[start : start + length].tolist()
+            if seq:
+                out.append(seq)
+        return out
+
+
+def build(tokens: np.ndarray, sources: list[dict], tokenizer: dict, out: Path, log=print) -> Datastore:
+    """Suffix array of ``tokens`` and the manifest, written to ``out`` (replacing it)."""
+    from harness.paths import replace_dir  # noqa: PLC0415
+
+    arr = np.asarray(tokens, dtype=np.int64)
+    if arr.size == 0:
+        raise ValueError("no tokens to build a datastore from")
+    if arr.size >= 2**31:
+        raise ValueError(f"{arr.size:,} tokens: an int32 suffix array holds at most 2^31 - 1; set max_tokens=...")
+    t0 = time.perf_counter()
+    sa = suffix_array(arr).astype(np.int32)
+    seconds = time.perf_counter() - t0
+    manifest = {
+        "format": FORMAT,
+        "sources": sources,
+        "tokenizer": tokenizer,
+        "tokens": int(arr.size),
+        "max_token": int(arr.max()),
+        "build_seconds": round(seconds, 2),
+        "suffix_array": "prefix doubling (numpy), int32",
+        "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    store = Datastore(arr.astype(TOKEN_DTYPE), sa, manifest)
+    tmp = out.with_name(f".{out.name}.tmp")
+    if tmp.exists():
+        import shutil  # noqa: PLC0415
+
+        shutil.rmtree(tmp)
+    store.save(tmp)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    replace_dir(tmp, out)
+    log(f"[datastore] {arr.size:,} tokens, suffix array in {seconds:.1f} s, {manifest['bytes'] / 2**20:.1f} MiB -> {out}")
+    return store

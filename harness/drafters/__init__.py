@@ -1,0 +1,5 @@
+"""Draft models that read the target's own features (used by both training and decoding).
+
+``harness.drafters.eagle``: the EAGLE-1/2 and EAGLE-3 draft heads, their on-disk formats
+(ours = the released ones) and the strict loader.
+"""

@@ -1,0 +1,93 @@
+"""EAGLE-2 (Li et al. 2024): the EAGLE head with a dynamic draft tree.
+
+The head and its cache are EAGLE's (``methods/eagle.py``: ``HeadDrafter``); only the tree
+differs. One step:
+
+  1. the head runs the pending pairs; the root's top-``top_k`` tokens are the first level,
+     each scored by its draft log-probability;
+  2. for ``depth - 1`` more levels: the head runs the ``top_k`` best nodes of the last level
+     (the frontier; one forward), each gets its ``top_k`` best tokens as children, scored by
+     the cumulative log-probability along the path (the product of draft probabilities, a
+     proxy of the chance the whole path is accepted); the ``top_k`` best children are the
+     next frontier;
+  3. every drafted node is reranked by that score and the best ``total_tokens`` are verified
+     (ties: the earlier node, so a node's parent always ranks above it and the kept nodes
+     form a tree);
+  4. EAGLE's verify step (one target forward with the tree mask, acceptance, commit).
+
+Head forwards per step: ``depth``; tree: at most ``total_tokens`` + 1 nodes, ``depth`` deep.
+Sampling: the candidates are the head's top-k (deterministic), verified with the
+multi-candidate one-hot rule (lossless); the ranking selects among them, which an i.i.d. draw
+from q would not allow without bias. Defaults: chosen on the tuning split (README).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from methods.eagle import Eagle, EagleConfig, HeadDrafter
+from methods.tree import DraftTree, TreeError
+
+
+@dataclass
+class Eagle2Config(EagleConfig):
+    name: str = "eagle2"
+    top_k: int = 4  # children per expanded node, and nodes expanded per level
+    depth: int = 5  # levels drafted (= head forwards per step; the tree's maximum depth)
+    total_tokens: int = 24  # draft nodes verified per step (the best by cumulative draft log-probability)
+    candidates: str = "topk"  # fixed: dynamic trees verify deterministic top-k candidates (module doc)
+
+
+class Eagle2(Eagle):
+    config_class = Eagle2Config
+
+    def check_settings(self) -> None:
+        cfg = self.cfg
+        for name in ("top_k", "depth", "total_tokens"):
+            if int(getattr(cfg, name)) < 1:
+                raise TreeError(f"method.{cfg.name}.{name} must be >= 1, got {getattr(cfg, name)}")
+        if cfg.candidates != "topk":
+            raise ValueError(f"method.{cfg.name}.candidates must be topk: a dynamic tree selects its candidates by "
+                             "their draft scores, which sampled candidates do not allow losslessly")  # fmt: skip
+        self.max_depth = int(cfg.depth)
+
+    def describe(self) -> dict:
+        cfg = self.cfg
+        return {"top_k": cfg.top_k, "depth": cfg.depth, "total_tokens": cfg.total_tokens, "candidates": "topk"}
+
+    def propose(self, drafter: HeadDrafter, root: int, depth: int, draw: Optional[torch.Generator]) -> DraftTree:
+        k = int(self.cfg.top_k)
+        logp = torch.log_softmax(drafter.start(root), dim=-1)
+        if depth < 1:
+            return drafter.finish()
+        scores = [0.0]  # per drafter node: cumulative draft log-probability (root 0)
+        top = torch.topk(logp, k)
+        frontier = []
+        for token, s in zip(top.indices.tolist(), top.values.tolist()):
+            frontier.append(drafter.node(0, token))
+            scores.append(s)
+        for _ in range(depth - 1):
+            logp = torch.log_softmax(drafter.expand(frontier), dim=-1)  # [len(frontier), V]
+            top = torch.topk(logp, k, dim=-1)
+            base = torch.tensor([scores[n] for n in frontier], device=logp.device)
+            cum = (base[:, None] + top.values).flatten().tolist()
+            tokens = top.indices.flatten().tolist()
+            children = []
+            for i, (token, s) in enumerate(zip(tokens, cum)):
+                children.append(drafter.node(frontier[i // k], token))
+                scores.append(s)
+            best = sorted(range(len(children)), key=lambda i: (-cum[i], i))[:k]
+            frontier = [children[i] for i in sorted(best)]
+        return self.rerank(drafter, scores)
+
+    def rerank(self, drafter: HeadDrafter, scores: list[float]) -> DraftTree:
+        """The root and the best ``total_tokens`` drafted nodes, in drafting order (parents first)."""
+        ranked = sorted(range(1, len(scores)), key=lambda n: (-scores[n], n))
+        keep = [0] + sorted(ranked[: int(self.cfg.total_tokens)])
+        index = {n: i for i, n in enumerate(keep)}
+        tree = drafter.finish()
+        parents = tuple(-1 if n == 0 else index[drafter.parents[n]] for n in keep)
+        return DraftTree(torch.tensor([drafter.tokens[n] for n in keep]), parents, tree.q)
