@@ -51,15 +51,14 @@ from harness.engine import Engine, KVCache
 from methods.base import Committer, Generation, Method, StopRule, make_generator, next_token, probabilities
 
 
-# Defaults from a small sweep on HumanEval's tuning split (zoo target, 3 problems, 64 tokens, 2-core
-# CPU, one thread): W=4, N=5, G=4 with the context pool accepted 2.39 tokens per forward at a step
-# cost of 1.58-1.76 (1.34-1.45x; N=3: 2.04, 1.30-1.47x); without the context pool 1.72 (1.00x).
-# See README "Methods"; make tables should settle it on more problems.
+# Defaults chosen by make tables on HumanEval's tuning split (results/lookahead-wng.md, 8 problems, 2-core
+# CPU, one thread): W=4, N=3, G=4 with the context pool was the fastest setting (N=5 accepts more tokens
+# per step but its step costs more); without the prompt's n-grams in the pool lookahead barely gains here.
 @dataclass
 class LookaheadConfig(MethodConfig):
     name: str = "lookahead"
     window: int = 4  # W: columns of the Jacobi window (future positions guessed per level)
-    ngram: int = 5  # N: n-gram size; the window keeps N-1 Jacobi levels and a candidate is N-1 tokens (2: plain Jacobi)
+    ngram: int = 3  # N: n-gram size (3: fastest on the tuning split, results/lookahead-wng.md); the window keeps N-1 Jacobi levels and a candidate is N-1 tokens (2: plain Jacobi)
     candidates: int = 4  # G: pool n-grams verified per step at most; also the pool's capacity per first token (0: none)
     context_pool: bool = True  # also seed the pool with the prompt's n-grams and add the committed output's
 

@@ -42,7 +42,7 @@ CASES = [
     ("medusa", "target", {"heads": str(ZOO_DIR / "target-medusa"), "tree": "chain"}),
     ("medusa", "target", {"heads": str(ZOO_DIR / "target-medusa"), "tree": "large"}),
     ("space", "space", {}),
-    ("lookahead", "target", {}),  # the defaults: W=4, N=5, G=4 with the context pool
+    ("lookahead", "target", {}),  # the defaults: W=4, N=3, G=4 with the context pool
 ]
 
 
