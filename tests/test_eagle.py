@@ -351,8 +351,9 @@ def test_oracle_head_accepts_whole_paths(engine, version):
     prompt, stop = PROMPTS[1], StopRule(max_new_tokens=40)
     ref = ar(engine, prompt, stop).tokens
     head = OracleHead(engine, prompt + ref, version)
-    made = [Eagle3(Eagle3Config(), engine, GREEDY, head=head)] if version == 3 else \
-        [Eagle(EagleConfig(tree="chain"), engine, GREEDY, head=head), Eagle2(Eagle2Config(), engine, GREEDY, head=head)]  # fmt: skip
+    deep = {"depth": 5, "total_tokens": 24}  # five levels, whatever the defaults are
+    made = [Eagle3(Eagle3Config(**deep), engine, GREEDY, head=head)] if version == 3 else \
+        [Eagle(EagleConfig(tree="chain"), engine, GREEDY, head=head), Eagle2(Eagle2Config(**deep), engine, GREEDY, head=head)]  # fmt: skip
     for method in made:
         gen = method.generate(prompt, stop)
         assert gen.tokens == ref
