@@ -31,6 +31,21 @@ def is_path_like(text: str) -> bool:
     return text.startswith(("/", ".", "~")) or text.count("/") > 1 or "\\" in text
 
 
+def write_component(final: Path, save_weights, info: dict, card: str) -> None:
+    """Export a trained component (heads, a fine-tune) as ``final``: ``save_weights(dir)``, then
+    ``training.json`` (``info``) and ``README.md`` (``card``), written aside and swapped in whole."""
+    import json
+    import shutil
+
+    tmp = final.with_name(f".{final.name}.tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    save_weights(tmp)
+    (tmp / "training.json").write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
+    (tmp / "README.md").write_text(card, encoding="utf-8")
+    replace_dir(tmp, final)
+
+
 def replace_dir(new: Path, final: Path) -> None:
     """Swap the fully written directory ``new`` into place as ``final`` (old one removed).
 

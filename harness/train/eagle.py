@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -60,7 +59,7 @@ import torch.nn.functional as F
 
 from harness.drafters.eagle import (EagleHead, EagleHeadConfig, HeadCache, describe, save_head, target_features,
                                     vocab_map)  # fmt: skip
-from harness.paths import replace_dir
+from harness.paths import write_component
 from harness.train.lm import TokenBlockBatches, default_cache_dir
 from harness.train.loop import TrainLoopConfig, TrainResult, load_checkpoint, train
 from harness.train.medusa import load_base
@@ -560,14 +559,8 @@ def export_eagle(cfg: EagleTrainConfig, base: torch.nn.Module | None = None, log
         "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     final = export_path(cfg)
-    tmp = final.with_name(f".{final.name}.tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    save_head(head, head.config, tmp, dtype=torch.float16,
-              extra={"format": f"EAGLE-{head.config.version} head (harness), released layout", "base_model": info["base_model"]})  # fmt: skip
-    (tmp / "training.json").write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
-    (tmp / "README.md").write_text(eagle_card(info), encoding="utf-8")
-    replace_dir(tmp, final)
+    extra = {"format": f"EAGLE-{head.config.version} head (harness), released layout", "base_model": info["base_model"]}
+    write_component(final, lambda d: save_head(head, head.config, d, dtype=torch.float16, extra=extra), info, eagle_card(info))
     log(f"[train eagle] exported step {info['step']} -> {final}")
     return {"dir": str(final), **{k: info[k] for k in ("step", "training_tokens", "wall_time_min")}, "acceptance": acc["all"]}
 

@@ -13,7 +13,6 @@ w_i = ``head_decay ** i`` unless ``head_weights`` is given. The base model runs 
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -24,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from harness.paths import replace_dir
+from harness.paths import write_component
 from harness.train.lm import TokenBlockBatches, default_cache_dir
 from harness.train.loop import TrainLoopConfig, TrainResult, load_checkpoint, train
 from methods.medusa_heads import MedusaHeads, MedusaHeadsConfig, save_heads
@@ -253,13 +252,8 @@ def export_medusa(cfg: MedusaTrainConfig, base: torch.nn.Module | None = None, l
     }
     final = Path(cfg.export_dir).expanduser()
     final = final if final.is_absolute() else REPO_ROOT / final  # relative = inside the repository
-    tmp = final.with_name(f".{final.name}.tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    save_heads(heads, tmp, dtype=torch.float16, extra={"format": "medusa-1 heads (harness); upstream key layout"})
-    (tmp / "training.json").write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
-    (tmp / "README.md").write_text(medusa_card(info), encoding="utf-8")
-    replace_dir(tmp, final)
+    extra = {"format": "medusa-1 heads (harness); upstream key layout"}
+    write_component(final, lambda d: save_heads(heads, d, dtype=torch.float16, extra=extra), info, medusa_card(info))
     log(f"[train medusa] exported step {info['step']} -> {final}")
     return {"dir": str(final), **{k: info[k] for k in ("step", "training_tokens", "wall_time_min")}, "accuracy": acc["all"]}
 
