@@ -41,7 +41,7 @@ DRAFT_ARGS := method.speculative.gamma=$(GAMMA) method.hf-assisted.num_assistant
 BENCH_METHODS ?= $(METHODS)
 RUN := .venv/bin/harness run --task humaneval --limit $(LIMIT) --max-new-tokens 128 run.threads=1 $(MODE_ARGS)
 
-.PHONY: setup bench test leaderboard tables readme datastore $(TABLES)
+.PHONY: setup bench test leaderboard leaderboard-docs tables readme datastore $(TABLES)
 setup:
 	bash scripts/setup.sh
 
@@ -70,6 +70,18 @@ leaderboard: setup datastore
 	rm -rf results/runs/zoo-compiled
 	$(RUN) model.compile=true task.split=$(SPLIT) --methods $(COMPILED_METHODS) method.speculative.gamma=$(GAMMA) --out results/runs/zoo-compiled $(ARGS)
 	.venv/bin/harness leaderboard results/runs/zoo-compiled --out results/leaderboard-compiled.md
+	$(MAKE) leaderboard-docs
+
+# Spec-Bench's document tasks (rag, summarization; report split) with the prompt as the reference text:
+# the methods that draft from text beside prompt lookup, one row per category. Documents longer than the
+# zoo's 2,048-token context are dropped (task.too_long=drop), listed in dropped.jsonl and the header.
+DOC_METHODS := autoregressive,prompt-lookup,reference-lookup,rest,suffix,recycling
+leaderboard-docs: setup datastore
+	ALLOW_DIRTY=$(ALLOW_DIRTY) .venv/bin/python -m harness.publish clean-tree
+	rm -rf results/runs/zoo-docs
+	.venv/bin/harness run --task spec-bench 'task.categories=[rag,summarization]' task.split=report task.too_long=drop \
+	  --max-new-tokens 128 run.threads=1 $(MODE_ARGS) --methods $(DOC_METHODS) --out results/runs/zoo-docs $(ARGS)
+	.venv/bin/harness leaderboard results/runs/zoo-docs --by category --out results/leaderboard-docs.md
 	$(MAKE) readme
 
 # one sweep job per speculative gamma, Medusa tree, SPACE k, lookahead (W, N, G), EAGLE-2 tree budget

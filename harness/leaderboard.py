@@ -61,7 +61,7 @@ def render(runs: Runs, table: pd.DataFrame, fmt: str, by: Optional[str] = None, 
     markdown and html in the header, json as ``provenance``, csv as ``commit`` and ``tree`` columns."""
     if fmt == "json":
         doc = {"title": title(runs), "header": header(runs), "provenance": provenance(runs),
-               "rows": table.to_dict(orient="records")}  # fmt: skip
+               "dropped": runs.dropped, "rows": table.to_dict(orient="records")}  # fmt: skip
         return json.dumps(doc, indent=2, default=str)
     if fmt == "csv":
         return table.assign(**provenance(runs)).to_csv(index=False)

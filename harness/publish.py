@@ -137,6 +137,13 @@ def methods_block(results: Path) -> str:
     return sources(files) + "\n\n" + markdown_table(["method"] + HEAD, rows)
 
 
+def category_block(results: Path, name: str) -> str:
+    """Every non-reference method of a leaderboard made with ``--by category``, one row per category."""
+    f = read_leaderboard(results / name)
+    rows = [[row["category"], row["method"]] + figures(row) for row in f.rows if row["method"] != REFERENCE]
+    return sources([f]) + "\n\n" + markdown_table(["category", "method"] + HEAD, rows)
+
+
 def sweep_block(results: Path, name: str, method: str, *others: str) -> str:
     """One row per sweep job (``--by run_dir``): the swept value and ``method``'s figures; with
     ``others``, one row per job and method (methods compared in the same runs)."""
@@ -176,6 +183,7 @@ BLOCKS = {  # README block name -> its table, from the results directory
     "lookahead-wng": lambda results: sweep_block(results, "lookahead-wng.md", "lookahead"),
     "eagle2-trees": lambda results: sweep_block(results, "eagle2-trees.md", "eagle2"),
     "speculative-tree": lambda results: sweep_block(results, "speculative-tree.md", "speculative", "speculative-tree"),
+    "spec-bench-docs": lambda results: category_block(results, "leaderboard-docs.md"),
     "modes": modes_block,  # eager vs compiled execution (make bench MODE=compiled)
 }
 

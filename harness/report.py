@@ -44,11 +44,12 @@ class Runs:
     manifests: list[dict]
     paths: list[Path]
     notices: list[str] = field(default_factory=list)  # lines left out while reading (a torn last line)
+    dropped: list[dict] = field(default_factory=list)  # prompts left out as too long (dropped.jsonl), plus `run`
 
 
 def load_runs(paths: list[str | Path], allow_mixed: bool = False, one_shard: bool = False) -> Runs:
     """Records of the run directories; ``one_shard``: a single shard's own summary (no completeness check)."""
-    frames, manifests, execution, notices = [], [], [], []
+    frames, manifests, execution, notices, dropped = [], [], [], [], []
     for index, path in enumerate(paths):
         rundir = RunDir(path)
         if not (rundir.path / "manifest.json").exists():
@@ -61,6 +62,7 @@ def load_runs(paths: list[str | Path], allow_mixed: bool = False, one_shard: boo
         frame["run_dir"] = rundir.path.name  # `--by run_dir`: one row per run (sweep jobs)
         frames.append(frame)
         execution += [{**r, "run": index} for r in rundir.execution()]
+        dropped += [{**r, "run": index} for r in rundir.dropped()]
         manifests.append(manifest)
     if not one_shard:
         check_shards(manifests, [Path(p) for p in paths])
@@ -73,7 +75,7 @@ def load_runs(paths: list[str | Path], allow_mixed: bool = False, one_shard: boo
                     "or pass --allow-mixed"
                 )
     records = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
-    return Runs(records, execution, manifests, [Path(p) for p in paths], notices)
+    return Runs(records, execution, manifests, [Path(p) for p in paths], notices, dropped)
 
 
 def check_shards(manifests: list[dict], paths: list[Path]) -> None:
@@ -245,7 +247,15 @@ def header(runs: Runs) -> str:
     ):
         values = sorted({str(fn(m)) for m in runs.manifests})
         parts.append(f"{what}: {', '.join(values)}")
+    if runs.dropped:
+        parts.append(dropped_note(runs.dropped))
     return " | ".join(parts)
+
+
+def dropped_note(dropped: list[dict]) -> str:
+    """Header words for prompts left out as longer than the context (task.too_long=drop)."""
+    ids = ", ".join(str(d["sample_id"]) + (f" (turn {d['turn']})" if d.get("turn") else "") for d in dropped)
+    return f"dropped as longer than the context: {len(dropped)} ({ids})"
 
 
 def provenance(runs: Runs) -> dict[str, str]:

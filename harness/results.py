@@ -26,6 +26,7 @@ from harness.paths import REPO_ROOT
 
 MANIFEST, SAMPLES, SUMMARY, LEADERBOARD = "manifest.json", "samples.jsonl", "summary.csv", "leaderboard.md"
 EXECUTION = "execution.jsonl"  # sandboxed test results per record (opt-in: run.execute=true)
+DROPPED = "dropped.jsonl"  # prompts left out because they do not fit the context (task.too_long=drop)
 # with execution: pass@1, completions judged, completions skipped (toolchain missing: not judged),
 # isolation of the sandbox (full | weak | unrecorded, see harness/execution/__init__.py)
 PASS_AT_1_COLUMNS = ["pass@1", "pass@1_judged", "pass@1_skipped", "pass@1_isolation"]
@@ -266,6 +267,17 @@ class RunDir:
             manifest = {**self.manifest(), "execution_isolation": isolation}
             self._write_atomic(MANIFEST, json.dumps(manifest, indent=2, default=str))
 
+    def append_dropped(self, entry: dict) -> None:
+        """One prompt left out (task.too_long=drop): sample, turn, its tokens and the context."""
+        with open(self.path / DROPPED, "a", encoding="utf-8") as f:
+            f.write(json.dumps(entry) + "\n")
+
+    def dropped(self) -> list[dict]:
+        path = self.path / DROPPED
+        if not path.exists():
+            return []
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
     def execution(self) -> list[dict]:
         path = self.path / EXECUTION
         if not path.exists():
@@ -276,7 +288,7 @@ class RunDir:
         """Write summary.csv (the ``SUMMARY_COLUMNS`` of ``report.metrics``) and leaderboard.md."""
         table = table.reindex(columns=SUMMARY_COLUMNS + [c for c in PASS_AT_1_COLUMNS if c in table.columns])
         table.to_csv(self.path / SUMMARY, index=False)
-        self._write_atomic(LEADERBOARD, render_leaderboard(table, self.manifest()))
+        self._write_atomic(LEADERBOARD, render_leaderboard(table, self.manifest(), self.dropped()))
         return table
 
 
@@ -312,7 +324,7 @@ def pass_at_1_label(row: dict) -> str:
     return text if isolation == "full" or not judged else f"{text}, {isolation.upper()} isolation"
 
 
-def render_leaderboard(table: pd.DataFrame, manifest: dict) -> str:
+def render_leaderboard(table: pd.DataFrame, manifest: dict, dropped: Optional[list[dict]] = None) -> str:
     shown = ["method", "task", "samples", "exact_match", "mean_accepted_tokens", "tokens_per_s", "speedup", "ties",
              "mismatches", "lossless", "repetition", "stop_reasons"] + [c for c in ("pass@1",) if c in table.columns]  # fmt: skip
     env = manifest.get("environment", {})
@@ -327,6 +339,10 @@ def render_leaderboard(table: pd.DataFrame, manifest: dict) -> str:
         "`autoregressive` token for token; mean_accepted_tokens = new tokens per target forward; "
         f"{REPETITION_NOTE} {STOP_NOTE}\n\n"
     )
+    if dropped:
+        from harness.report import dropped_note  # noqa: PLC0415 (report imports this module)
+
+        head += dropped_note(dropped) + " (task.too_long=drop).\n\n"
     if "pass@1" in table.columns:
         table = table.assign(**{"pass@1": [pass_at_1_label(r) for r in table.to_dict("records")]})
     body = tabulate(table[shown], headers="keys", tablefmt="github", showindex=False, floatfmt=".3f")

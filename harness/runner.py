@@ -180,11 +180,19 @@ def run(exp: Experiment, log: Callable[[str], None] = print) -> RunResult:
 
     engine = Engine.load(exp.model)
     methods = build_methods(exp, engine)
-    check_context(engine, methods, samples, settings.max_new_tokens)
+    samples, dropped = fit_context(engine, methods, samples, settings.max_new_tokens, exp.task.too_long)
+    if not samples:
+        raise HarnessError(f"every one of the {len(dropped)} prompts is longer than the model's context of "
+                           f"{engine.max_length} allows with max_new_tokens {settings.max_new_tokens}; "
+                           "lower --max-new-tokens or use a model with a longer context")  # fmt: skip
     check_references(methods, samples)
     fit_static_caches(engine, methods, samples, max(settings.max_new_tokens, settings.warmup_tokens))
     if not resumed:
         rundir.create(make_manifest(exp, engine), run_key)
+        for entry in dropped:
+            rundir.append_dropped(entry)
+    for entry in dropped:
+        log(f"dropped sample {entry['sample_id']}: {entry['reason']} (task.too_long=drop)")
     done = {r.key: r for r in records}
     task_name = exp.task.name
     total = sum(len(s.turns) for s in samples) * len(methods)
@@ -204,6 +212,14 @@ def run(exp: Experiment, log: Callable[[str], None] = print) -> RunResult:
         replies: list[str] = []
         for turn in range(len(sample.turns)):
             prompt_ids = encode(engine, render_prompt(sample, turn, replies, engine.tokenizer))
+            problem = length_problem(engine, methods, len(prompt_ids), settings.max_new_tokens)
+            if problem is not None and exp.task.too_long == "drop":  # this turn and the ones after it
+                if not any((sample.id, turn) == (d["sample_id"], d["turn"]) for d in rundir.dropped()):
+                    rundir.append_dropped(dropped_entry(engine, sample, turn, len(prompt_ids), problem))
+                log(f"dropped sample {sample.id} from turn {turn}: {problem} (task.too_long=drop)")
+                bar.update(sum(1 for t in range(turn, len(sample.turns)) for m in methods
+                               if (m, task_name, sample.id, t) not in done))
+                break
             check_length(engine, methods, sample, turn, len(prompt_ids), settings.max_new_tokens)
             stop = StopRule(settings.max_new_tokens, frozenset(engine.eos_ids), stop_strings(engine, task, sample))
             seed = settings.seed + index
@@ -272,26 +288,50 @@ def rotate(items: list[str], k: int) -> list[str]:
     return items[k:] + items[:k]
 
 
-def check_context(engine: Engine, methods: dict[str, Method], samples: list[Sample], max_new_tokens: int) -> None:
-    """Fail before any work if a first-turn prompt cannot fit with max_new_tokens."""
+def fit_context(
+    engine: Engine, methods: dict[str, Method], samples: list[Sample], max_new_tokens: int, too_long: str
+) -> tuple[list[Sample], list[dict]]:
+    """The samples whose first-turn prompt fits the context with max_new_tokens, and the ones
+    left out (``task.too_long=drop``); with ``too_long=error`` the first that does not fit
+    stops the run before any work."""
+    kept, dropped = [], []
     for sample in samples:
         ids = encode(engine, render_prompt(sample, 0, [], engine.tokenizer))
-        check_length(engine, methods, sample, 0, len(ids), max_new_tokens)
+        problem = length_problem(engine, methods, len(ids), max_new_tokens)
+        if problem is None:
+            kept.append(sample)
+        elif too_long == "drop":
+            dropped.append(dropped_entry(engine, sample, 0, len(ids), problem))
+        else:
+            check_length(engine, methods, sample, 0, len(ids), max_new_tokens)
+    return kept, dropped
+
+
+def length_problem(engine: Engine, methods: dict[str, Method], prompt_tokens: int, max_new_tokens: int) -> Optional[str]:
+    """Why a prompt of ``prompt_tokens`` cannot run, or None: its tokens, max_new_tokens and the
+    positions a method's steps use past the output (``Method.headroom``: a Medusa tree's depth,
+    a SPACE chunk's masks) must fit the model's context, so no method ever feeds a position beyond it."""
+    name, headroom = max(((n, m.headroom()) for n, m in methods.items()), key=lambda x: x[1])
+    if prompt_tokens + max_new_tokens + headroom <= engine.max_length:
+        return None
+    room = f" + {headroom} positions for {name}'s steps" if headroom else ""
+    return (f"prompt of {prompt_tokens} tokens + max_new_tokens {max_new_tokens}{room} exceeds the model's "
+            f"context of {engine.max_length}")
 
 
 def check_length(
     engine: Engine, methods: dict[str, Method], sample: Sample, turn: int, prompt_tokens: int, max_new_tokens: int
 ) -> None:
-    """Refuse a prompt whose tokens, max_new_tokens and the positions a method's steps use past
-    the output (``Method.headroom``: a Medusa tree's depth, a SPACE chunk's masks) pass the
-    model's context: no method ever feeds a position beyond it."""
-    name, headroom = max(((n, m.headroom()) for n, m in methods.items()), key=lambda x: x[1])
-    if prompt_tokens + max_new_tokens + headroom > engine.max_length:
-        room = f" + {headroom} positions for {name}'s steps" if headroom else ""
-        raise HarnessError(
-            f"sample {sample.id} turn {turn}: prompt of {prompt_tokens} tokens + max_new_tokens {max_new_tokens}{room} "
-            f"exceeds the model's context of {engine.max_length}; lower --max-new-tokens or --limit/filter the task"
-        )
+    """Refuse a prompt that does not fit the context (``length_problem``) in one line."""
+    problem = length_problem(engine, methods, prompt_tokens, max_new_tokens)
+    if problem is not None:
+        raise HarnessError(f"sample {sample.id} turn {turn}: {problem}; lower --max-new-tokens, --limit/filter the "
+                           "task, or task.too_long=drop to leave such prompts out")  # fmt: skip
+
+
+def dropped_entry(engine: Engine, sample: Sample, turn: int, prompt_tokens: int, problem: str) -> dict:
+    return {"sample_id": sample.id, "turn": turn, "prompt_tokens": prompt_tokens, "context": engine.max_length,
+            "reason": problem}
 
 
 def warm_up(engine: Engine, methods: dict[str, Method], sample: Sample, settings: RunSettings, log=print) -> None:

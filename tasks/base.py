@@ -20,6 +20,7 @@ from harness.paths import DATA_ENV
 
 
 SPLITS = ("all", "tune", "report")  # task.split values
+TOO_LONG = ("error", "drop")  # task.too_long values
 
 
 class TaskDataError(Exception):
@@ -39,6 +40,10 @@ class TaskConfig:
     # StopStrings); None = the task's default (Task.default_stop), [] = no stop strings;
     # \n, \t, \r and \\ are read as escapes (a command line cannot easily hold a newline)
     stop: Optional[list[str]] = None
+    # a prompt that does not fit the model's context with max_new_tokens: "error" refuses the run
+    # before any work (one line naming the sample); "drop" leaves that sample (or that turn and the
+    # ones after it) out, names it in the log and in the run's dropped.jsonl, and headers count it
+    too_long: str = "error"
 
 
 @dataclass
@@ -61,6 +66,8 @@ class Task:
         self.cfg = cfg
         if cfg.stop is not None and any(not isinstance(s, str) or not s for s in cfg.stop):
             raise TaskDataError(f"task.stop={list(cfg.stop)!r} holds an empty string; drop it (task.stop=[] for none)")
+        if cfg.too_long not in TOO_LONG:
+            raise TaskDataError(f"task.too_long={cfg.too_long!r}: use error (refuse the run) or drop (leave such prompts out)")
 
     def load(self) -> list[Sample]:
         """All samples of the task, filters applied, before ``limit``."""

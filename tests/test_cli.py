@@ -196,6 +196,51 @@ def test_prompt_longer_than_context(model_dir, tmp_path, capsys):
     assert "sample big" in err and "exceeds the model's context of 512" in err
 
 
+def test_too_long_prompts_dropped_on_request(model_dir, prompts, tmp_path, capsys):
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text(prompts.read_text() + json.dumps({"id": "big", "prompt": "x = 1\n" * 400}) + "\n")
+    out = tmp_path / "run"
+    assert main(base_args(model_dir, mixed, out) + ["--methods", "prompt-lookup", "task.too_long=drop"]) == 0
+    captured = capsys.readouterr()
+    assert "dropped sample big" in captured.out + captured.err
+    records = read_records(out)
+    assert {r["sample_id"] for r in records} == {f"p{i}" for i in range(len(PROMPTS))}  # the rest all ran
+    dropped = [json.loads(line) for line in (out / "dropped.jsonl").read_text().splitlines()]
+    assert [(d["sample_id"], d["turn"], d["context"]) for d in dropped] == [("big", 0, 512)]
+    assert dropped[0]["prompt_tokens"] > 500
+    assert "dropped as longer than the context: 1 (big)" in (out / "leaderboard.md").read_text()
+    assert main(["leaderboard", str(out), "--format", "json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert "dropped as longer than the context: 1 (big)" in doc["header"] and doc["dropped"][0]["sample_id"] == "big"
+    # resuming the finished run keeps one entry per dropped prompt
+    assert main(base_args(model_dir, mixed, out) + ["--methods", "prompt-lookup", "task.too_long=drop"]) == 0
+    assert len((out / "dropped.jsonl").read_text().splitlines()) == 1
+
+
+def test_too_long_later_turn_dropped_with_the_turns_after_it(model_dir, tmp_path, capsys):
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text(json.dumps({"id": "c", "turns": ["def f():", "x = 1\n" * 300, "and again"]}) + "\n"
+                    + json.dumps({"id": "d", "prompt": "def g():"}) + "\n")
+    out = tmp_path / "run"
+    assert main(base_args(model_dir, chat, out) + ["--methods", "prompt-lookup", "task.too_long=drop"]) == 0
+    assert "dropped sample c from turn 1" in "".join(capsys.readouterr())
+    assert sorted((r["sample_id"], r["turn"]) for r in read_records(out)) == [("c", 0), ("c", 0), ("d", 0), ("d", 0)]
+    dropped = [json.loads(line) for line in (out / "dropped.jsonl").read_text().splitlines()]
+    assert [(d["sample_id"], d["turn"]) for d in dropped] == [("c", 1)]
+    assert "dropped as longer than the context: 1 (c (turn 1))" in (out / "leaderboard.md").read_text()
+
+
+def test_too_long_everything_dropped_or_bad_value_is_one_line(model_dir, tmp_path, capsys):
+    long = tmp_path / "long.jsonl"
+    long.write_text(json.dumps({"id": "big", "prompt": "x = 1\n" * 400}) + "\n")
+    assert main(base_args(model_dir, long, tmp_path / "a") + ["task.too_long=drop"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "every one of the 1 prompts is longer" in err and len(err.splitlines()) == 1
+    assert main(base_args(model_dir, long, tmp_path / "b") + ["task.too_long=skip"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "task.too_long='skip': use error" in err and len(err.splitlines()) == 1
+
+
 def test_missing_data_is_one_line(model_dir, tmp_path, capsys):
     args = base_args(model_dir, tmp_path / "nope.jsonl", tmp_path / "run")
     assert main(args) == 2
