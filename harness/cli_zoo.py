@@ -5,8 +5,9 @@
   one after the other, with their plans), continue the target on the file + function-level
   mix (``target_functions``, zoo v3), fine-tune that with sequence-level unlikelihood against
   its own greedy loops (``target_unlikelihood``), export them with quality figures and cards, generate
-  the target's self-distillation data (``selfdistill``), then train and export the
-  target's Medusa heads, its SPACE fine-tune and its EAGLE-1/2 and EAGLE-3 heads (``eagle``,
+  the target's self-distillation data (``selfdistill``), fine-tune the draft on it
+  (``draft_distill``: re-exported as zoo/draft with new figures, zoo/target untouched), then train and export the
+  target's Medusa heads (on the self-distilled data), its SPACE fine-tune and its EAGLE-1/2 and EAGLE-3 heads (``eagle``,
   ``eagle3``, on the self-distilled data). ``stages=[...]``
   runs a subset (a finished stage is skipped on a re-run: its checkpoint says so);
   ``clean=true`` first deletes the cached data and checkpoints.
@@ -26,15 +27,18 @@ from pathlib import Path
 
 from harness.train.lm import DRAFT, TARGET, LMTrainConfig, ModelConfig
 from harness.train.medusa import MedusaTrainConfig
+from harness.train.distill import DraftDistillConfig
 from harness.train.eagle import EagleTrainConfig
 from harness.train.space import SpaceTrainConfig
 from harness.train.unlikelihood import UnlikelihoodTrainConfig
 from harness.zoo.build import ExportConfig, ZooDataConfig
 from harness.zoo.selfdistill import SelfDistillConfig
 
-STAGES = ("draft", "target", "target_functions", "target_unlikelihood", "export", "selfdistill", "medusa", "space", "eagle", "eagle3")
+STAGES = ("draft", "target", "target_functions", "target_unlikelihood", "export", "selfdistill", "draft_distill", "medusa", "space",
+          "eagle", "eagle3")
 FUNCTIONS_CHECKPOINT = "target-functions"  # <train_root>/<this>: the target_functions stage's checkpoint
 UNLIKELIHOOD_CHECKPOINT = "target-unlikelihood"  # <train_root>/<this>: the target_unlikelihood stage's checkpoint
+DISTILL_CHECKPOINT = "draft-distill"  # <train_root>/<this>: the draft_distill stage's checkpoint
 
 USAGE = "usage: harness zoo {prepare|build|export|eval} [key=value ...]   (--cfg shows all keys)"
 
@@ -63,6 +67,9 @@ class ZooCommand:
     export: ExportConfig = field(default_factory=ExportConfig)  # export / evaluation settings
     # the exported target's own continuations of corpus prompts (greedy and sampled), for distilled drafters
     selfdistill: SelfDistillConfig = field(default_factory=SelfDistillConfig)
+    # the draft fine-tuned on that data (sequence-level KD; checkpoint <train_root>/draft-distill, init_from "" =
+    # the draft stage's checkpoint), exported as zoo/draft with its quality and agreement against the shipped target
+    draft_distill: DraftDistillConfig = field(default_factory=DraftDistillConfig)
     # heads on the exported target (the shipped zoo: 45 minutes each, Medusa and SPACE side by side, one thread each)
     medusa: MedusaTrainConfig = field(default_factory=lambda: MedusaTrainConfig(max_minutes=45))
     # SAR fine-tune of the exported target; every block's masks carry a loss (the AR loss is always there)
@@ -111,7 +118,7 @@ def _build(cmd: ZooCommand) -> int:
     if cmd.clean:
         for d in (paths.corpus, paths.tokenizer, paths.tokens, root / cmd.draft.name, root / cmd.target.name,
                   root / cmd.export.sources.get(cmd.target.name, cmd.target.name),
-                  root / FUNCTIONS_CHECKPOINT, root / UNLIKELIHOOD_CHECKPOINT,
+                  root / FUNCTIONS_CHECKPOINT, root / UNLIKELIHOOD_CHECKPOINT, root / DISTILL_CHECKPOINT,
                   root / "medusa", root / "space", root / "eagle", root / "eagle3", paths.root / "zoo-data" / "selfdistill"):  # fmt: skip
             if d.exists():
                 shutil.rmtree(d)
@@ -155,6 +162,8 @@ def _build(cmd: ZooCommand) -> int:
         cmd.selfdistill.out_dir = cmd.selfdistill.out_dir or str(paths.root / "zoo-data" / "selfdistill" / cmd.target.name)
         st = generate_selfdistill(cmd.selfdistill, load_corpus(paths.corpus)[0])
         print(f"[zoo] self-distillation data: {st}")
+    if "draft_distill" in cmd.stages and not _distill_draft(cmd, paths, root, zoo):
+        return 1
     for job, export_name in ((cmd.medusa, "target-medusa"), (cmd.space, "target-space")):
         job.data_dir = job.data_dir or str(paths.tokens)
         if cmd.export.zoo_dir:  # a zoo elsewhere (tests, experiments): train on and write into it
@@ -189,6 +198,39 @@ def _build(cmd: ZooCommand) -> int:
     if zoo.exists():
         write_zoo_index(zoo)
     return 0
+
+
+def _distill_draft(cmd: ZooCommand, paths, root: Path, zoo: Path) -> bool:
+    """The ``draft_distill`` stage: fine-tune the draft on the target's self-distilled records
+    (restarted when the draft or the data changed), then export it as zoo/draft, evaluate it
+    with the shipped target loaded read-only for the agreement (zoo/target is not written) and
+    rewrite its card. False when training stopped before its plan ended."""
+    from harness.paths import resolve_repo_path  # noqa: PLC0415
+    from harness.train.distill import data_fingerprint, run_draft_distill  # noqa: PLC0415
+    from harness.zoo.build import evaluate_zoo, export_model, write_card  # noqa: PLC0415
+
+    job = cmd.draft_distill
+    job.init_from = job.init_from or str(root / cmd.draft.name)
+    job.out_dir = job.out_dir or str(root / DISTILL_CHECKPOINT)
+    job.target = str(zoo / cmd.target.name)
+    job.selfdistill_dir = job.selfdistill_dir or cmd.selfdistill.out_dir or str(
+        paths.root / "zoo-data" / "selfdistill" / cmd.target.name)
+    fingerprint = f"{_init_fingerprint(resolve_repo_path(job.init_from))} data={data_fingerprint(job)}"
+    _restart_if_changed(Path(job.out_dir), f"{job.init_from} or the self-distilled data", fingerprint, "init.stamp")
+    res, summary = run_draft_distill(job)
+    print(f"[zoo] trained {DISTILL_CHECKPOINT}: {summary}")
+    if not res.finished:
+        print(f"[zoo] {DISTILL_CHECKPOINT} stopped before its plan ended: rerun to continue")
+        return False
+    export_model(cmd.draft.name, Path(job.out_dir), paths, zoo, cmd.export.dtype)
+    quality = zoo / cmd.draft.name / "quality.json"
+    if cmd.export.evaluate:
+        only_draft = replace(cmd.export, models=[cmd.draft.name], draft_name=cmd.draft.name, target_name=cmd.target.name)
+        evaluate_zoo(zoo, only_draft, paths, reference=(cmd.target.name,))
+    elif quality.exists():
+        quality.unlink()  # figures of the draft before distillation would be wrong for these weights
+    write_card(zoo / cmd.draft.name)
+    return True
 
 
 def _restart_if_base_changed(out_dir: Path, base: str) -> None:

@@ -283,14 +283,16 @@ def test_cli_zoo_build_micro(tmp_path):
         *(f"{v}.{k}" for v in ("eagle", "eagle3")
           for k in ("max_steps=2", "batch_size=2", "seq_len=32", "eval_prompts=1", "progress=false")),
         "eagle3.ttt_steps=2",
+        "draft_distill.max_steps=2", "draft_distill.batch_size=2", "draft_distill.seq_len=32", "draft_distill.progress=false",
     ]
     assert cli_zoo.main(args) == 0
-    for name in ("draft", "target"):
+    for name, steps in (("draft", 2), ("target", 3)):  # zoo/draft: the draft distilled from the target (draft_distill)
         d = tmp_path / "zoo" / name
-        assert json.loads((d / "training.json").read_text())["step"] in (3, 4)
+        assert json.loads((d / "training.json").read_text())["step"] == steps
         assert json.loads((d / "quality.json").read_text())["humaneval"]["problems"] == 2
         assert (d / "README.md").exists()
     assert "draft" in (tmp_path / "zoo" / "README.md").read_text()
+    assert json.loads((tmp_path / "zoo" / "draft" / "training.json").read_text())["distillation"]["data"]["rows"] == 4
     # zoo/target is the target continued on the file + function-level mix (issue 15)
     info = json.loads((tmp_path / "zoo" / "target" / "training.json").read_text())
     assert info["step"] == 3 and info["function_share"] == 0.5

@@ -45,7 +45,6 @@ target's argmax; ``1 + sum_d`` of them is the mean tokens per step a chain of th
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 import time
@@ -60,7 +59,9 @@ import torch.nn.functional as F
 from harness.drafters.eagle import (EagleHead, EagleHeadConfig, HeadCache, describe, save_head, target_features,
                                     vocab_map)  # fmt: skip
 from harness.paths import write_component
-from harness.train.lm import TokenBlockBatches, default_cache_dir
+from harness.train.data import (PaddedBatch, as_padded, check_data_choice, data_spec, load_training_data, selfdistill_dir,
+                                tokens_dir)  # fmt: skip
+from harness.train.lm import default_cache_dir
 from harness.train.loop import TrainLoopConfig, TrainResult, load_checkpoint, train
 from harness.train.medusa import load_base
 
@@ -98,14 +99,8 @@ class EagleTrainConfig(TrainLoopConfig):
 
 def resolve_paths(cfg: EagleTrainConfig) -> tuple[Path, Path, Path]:
     """(corpus token dir, self-distillation dir, checkpoint dir) with the defaults filled in."""
-    from harness.paths import resolve_repo_path  # noqa: PLC0415
-
-    root = default_cache_dir()
-    tokens = Path(cfg.data_dir).expanduser() if cfg.data_dir else root / "zoo-data" / "tokens"
-    distill = (Path(cfg.selfdistill_dir).expanduser() if cfg.selfdistill_dir
-               else root / "zoo-data" / "selfdistill" / resolve_repo_path(cfg.base).name)  # fmt: skip
-    out = Path(cfg.out_dir).expanduser() if cfg.out_dir else root / "train" / ("eagle" if cfg.version == 1 else "eagle3")
-    return tokens, distill, out
+    out = Path(cfg.out_dir).expanduser() if cfg.out_dir else default_cache_dir() / "train" / ("eagle" if cfg.version == 1 else "eagle3")
+    return tokens_dir(cfg.data_dir), selfdistill_dir(cfg.selfdistill_dir, cfg.base), out
 
 
 def export_path(cfg: EagleTrainConfig) -> Path:
@@ -118,135 +113,9 @@ def export_path(cfg: EagleTrainConfig) -> Path:
 def check_config(cfg: EagleTrainConfig) -> None:
     if cfg.version not in (1, 3):
         raise ValueError(f"eagle version={cfg.version}: choose 1 (EAGLE-1/2 head) or 3 (EAGLE-3 head)")
-    if cfg.data not in ("auto", "selfdistill", "corpus"):
-        raise ValueError(f"eagle data={cfg.data!r}: choose auto, selfdistill or corpus")
+    check_data_choice(cfg.data, "eagle")
     if cfg.version == 3 and cfg.ttt_steps < 1:
         raise ValueError(f"eagle ttt_steps={cfg.ttt_steps}: the training-time test needs at least 1 step")
-
-
-# ----------------------------------------------------------------------------- data
-
-
-@dataclass
-class PaddedBatch:
-    """Rows of token ids, right-padded; ``valid`` marks the real tokens."""
-
-    ids: torch.Tensor  # [B, T] int64
-    valid: torch.Tensor  # [B, T] bool
-
-
-def as_padded(batch: torch.Tensor | PaddedBatch) -> PaddedBatch:
-    """Corpus windows (a plain [B, T] tensor) are all real tokens."""
-    if isinstance(batch, PaddedBatch):
-        return batch
-    return PaddedBatch(batch, torch.ones_like(batch, dtype=torch.bool))
-
-
-class RecordBatches:
-    """Batches of whole records (self-distilled prompt + continuation), one record per row,
-    right-padded to the batch's longest (at most ``max_len``); each epoch visits the records in
-    a seeded permutation. (epoch, cursor) is the resumable state."""
-
-    def __init__(self, records: list[list[int]], batch_size: int, max_len: int, seed: int = 0, pad_id: int = 0):
-        records = [r[:max_len] for r in records if len(r) >= 3]
-        if len(records) < batch_size:
-            raise ValueError(f"only {len(records)} self-distilled records for a batch of {batch_size}: "
-                             "lower batch_size or generate more (selfdistill.n_prompts)")  # fmt: skip
-        self.records, self.batch_size, self.seed, self.pad_id = records, batch_size, seed, pad_id
-        self.epoch, self.cursor = 0, 0
-        self._perm = self._permutation(0)
-
-    def _permutation(self, epoch: int) -> np.ndarray:
-        return np.random.default_rng([self.seed, epoch]).permutation(len(self.records))
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> PaddedBatch:
-        if self.cursor + self.batch_size > len(self.records):
-            self.epoch, self.cursor = self.epoch + 1, 0
-            self._perm = self._permutation(self.epoch)
-        rows = [self.records[i] for i in self._perm[self.cursor : self.cursor + self.batch_size]]
-        self.cursor += self.batch_size
-        width = max(len(r) for r in rows)
-        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
-        valid = torch.zeros((len(rows), width), dtype=torch.bool)
-        for k, r in enumerate(rows):
-            ids[k, : len(r)] = torch.tensor(r, dtype=torch.long)
-            valid[k, : len(r)] = True
-        return PaddedBatch(ids, valid)
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "cursor": self.cursor, "seed": self.seed, "n_records": len(self.records)}
-
-    def load_state_dict(self, state: dict) -> None:
-        if state.get("n_records") != len(self.records):
-            raise ValueError("the training data changed since the checkpoint (record count differs): use another out_dir")
-        self.epoch, self.cursor = state["epoch"], state["cursor"]
-        self._perm = self._permutation(self.epoch)
-
-    @property
-    def epochs_done(self) -> float:
-        return self.epoch + self.cursor / len(self.records)
-
-    def token_counts(self, vocab_size: int) -> np.ndarray:
-        return np.bincount(np.concatenate([np.asarray(r, dtype=np.int64) for r in self.records]), minlength=vocab_size)
-
-
-@dataclass
-class TrainingData:
-    """The batches a run trains on and where they came from."""
-
-    batches: Any  # RecordBatches | TokenBlockBatches
-    source: str  # "selfdistill" | "corpus"
-    path: str  # the directory read
-    rows: int  # records or windows
-    tokens: int  # tokens in all
-    token_counts: np.ndarray  # occurrences of each target id (the draft vocabulary's ranking)
-
-
-def _weights_sha(base: str) -> Optional[str]:
-    import hashlib  # noqa: PLC0415
-
-    from harness.paths import resolve_repo_path  # noqa: PLC0415
-
-    weights = resolve_repo_path(base) / "model.safetensors"
-    return hashlib.sha256(weights.read_bytes()).hexdigest() if weights.exists() else None
-
-
-def load_training_data(cfg: EagleTrainConfig, vocab_size: int, log: Callable[[str], None]) -> TrainingData:
-    """Self-distilled records of this target when present (``data=auto``), else corpus windows."""
-    from harness.zoo.selfdistill import MANIFEST, load_selfdistill  # noqa: PLC0415
-
-    tokens_dir, distill_dir, _ = resolve_paths(cfg)
-    use_distill = cfg.data == "selfdistill"
-    if cfg.data in ("auto", "selfdistill"):
-        manifest = distill_dir / MANIFEST
-        why = ""
-        if not manifest.exists() or not json.loads(manifest.read_text()).get("shards"):
-            why = f"no self-distilled data in {distill_dir} (harness zoo build stages=[selfdistill])"
-        else:
-            made_by = json.loads(manifest.read_text()).get("weights_sha256")
-            sha = _weights_sha(cfg.base)
-            if sha is not None and made_by != sha:
-                why = f"the self-distilled data in {distill_dir} was generated by other weights than {cfg.base}'s (regenerate it)"
-        if why and cfg.data == "selfdistill":
-            raise FileNotFoundError(f"{why}; or set data=corpus")
-        if why:
-            log(f"[train eagle] {why}: training on corpus windows instead")
-        use_distill = not why
-    if use_distill:
-        records = [r["prompt_ids"] + r["ids"] for r in load_selfdistill(distill_dir)]
-        batches = RecordBatches(records, cfg.batch_size, cfg.seq_len, seed=cfg.seed)
-        return TrainingData(batches, "selfdistill", str(distill_dir), len(batches.records),
-                            sum(len(r) for r in batches.records), batches.token_counts(vocab_size))  # fmt: skip
-    train_file = tokens_dir / "train.npy"
-    if not train_file.exists():
-        raise FileNotFoundError(f"no corpus tokens at {train_file}: run harness zoo prepare, or set data_dir")
-    stream = np.load(train_file, mmap_mode="r")
-    batches = TokenBlockBatches(stream, cfg.batch_size, cfg.seq_len, seed=cfg.seed)
-    counts = np.bincount(np.asarray(stream, dtype=np.int64), minlength=vocab_size)
-    return TrainingData(batches, "corpus", str(tokens_dir), batches.n_windows, len(stream), counts)
 
 
 # ----------------------------------------------------------------------------- the target's side
@@ -387,7 +256,7 @@ def run_eagle_training(cfg: EagleTrainConfig, log: Callable[[str], None] | None 
         torch.set_num_threads(cfg.threads)
     _, _, out_dir = resolve_paths(cfg)
     base = load_base(cfg.base, cfg.device).requires_grad_(False)
-    data = load_training_data(cfg, int(base.config.vocab_size), log)
+    data = load_training_data(data_spec(cfg), log, "train eagle", int(base.config.vocab_size))
     head = new_head(base, cfg, data.token_counts)
     ckpt = load_checkpoint(out_dir)
     if ckpt is not None:
@@ -398,9 +267,8 @@ def run_eagle_training(cfg: EagleTrainConfig, log: Callable[[str], None] | None 
     n_params = sum(p.numel() for p in head.parameters())
     log(f"[train eagle] EAGLE-{cfg.version} head, {n_params / 1e6:.2f}M parameters, on {data.source} data "
         f"({data.rows:,} rows, {data.tokens:,} tokens from {data.path}), out_dir {out_dir}")
-    extra = {"head": describe(head.config), "base": cfg.base, "data": {"source": data.source, "path": data.path,
-             "rows": data.rows, "tokens": data.tokens}, "batch_size": cfg.batch_size, "seq_len": cfg.seq_len,
-             "n_params": n_params, "loss": _loss_description(cfg)}  # fmt: skip
+    extra = {"head": describe(head.config), "base": cfg.base, "data": data.describe(), "batch_size": cfg.batch_size,
+             "seq_len": cfg.seq_len, "n_params": n_params, "loss": _loss_description(cfg)}  # fmt: skip
     loop = TrainLoopConfig(**{k: getattr(cfg, k) for k in TrainLoopConfig.__dataclass_fields__})
     result = train(head, eagle_loss_fn(base, cfg), data.batches, loop, out_dir, extra_state=extra,
                    desc=f"train eagle{'' if cfg.version == 1 else '3'}", log=log)  # fmt: skip

@@ -6,8 +6,14 @@
 
 Loss = sum over heads i of w_i * cross-entropy(head i's logits at t, token at t+i+2), with
 w_i = ``head_decay ** i`` unless ``head_weights`` is given. The base model runs under
-``no_grad`` to give the last hidden states; batches are windows of the tokenised corpus
-(``TokenBlockBatches``) and the loop is the shared one in ``harness.train.loop``.
+``no_grad`` to give the last hidden states; the loop is the shared one in ``harness.train.loop``.
+
+Data (``harness.train.data``, the rule EAGLE follows): the target's self-distilled records
+(prompt + its own continuation, one record per row, right-padded; Medusa-2's self-distillation
+recipe for the heads, the target frozen) when they exist for this target's weights
+(``data=auto``), otherwise windows of the tokenised corpus; ``selfdistill`` / ``corpus`` force
+one. Every real position is trained on; padded positions, and labels past a row's end, are not
+(each head's CE is the mean over its real labels).
 """
 
 from __future__ import annotations
@@ -24,7 +30,8 @@ import torch
 import torch.nn.functional as F
 
 from harness.paths import write_component
-from harness.train.lm import TokenBlockBatches, default_cache_dir
+from harness.train.data import as_padded, check_data_choice, data_spec, load_training_data, tokens_dir
+from harness.train.lm import default_cache_dir
 from harness.train.loop import TrainLoopConfig, TrainResult, load_checkpoint, train
 from methods.medusa_heads import MedusaHeads, MedusaHeadsConfig, save_heads
 
@@ -37,6 +44,8 @@ class MedusaTrainConfig(TrainLoopConfig):
     weight_decay: float = 0.0  # upstream uses none
     max_minutes: float = 60.0  # wall-clock budget over all resumed runs
     base: str = "zoo/target"  # frozen base model (hub id or local dir; relative = from the repo root)
+    data: str = "auto"  # auto (self-distilled if present for this base's weights, else corpus) | selfdistill | corpus
+    selfdistill_dir: str = ""  # self-distilled records ("" = <cache>/zoo-data/selfdistill/<base dir name>)
     data_dir: str = ""  # tokenised corpus with train.npy / heldout_*.npy ("" = <cache>/zoo-data/tokens)
     out_dir: str = ""  # checkpoint dir ("" = <cache>/train/medusa)
     export_dir: str = "zoo/target-medusa"  # where export writes the shipped heads
@@ -44,8 +53,8 @@ class MedusaTrainConfig(TrainLoopConfig):
     num_layers: int = 1  # L: ResBlocks per head
     head_decay: float = 0.8  # loss weight of head i = head_decay ** i ...
     head_weights: list[float] = field(default_factory=list)  # ... unless given explicitly (K values)
-    batch_size: int = 8  # sequences per step
-    seq_len: int = 512  # tokens per sequence
+    batch_size: int = 8  # rows per step (self-distilled records or corpus windows)
+    seq_len: int = 512  # corpus window length; longer records are cut to it
     export_at_end: bool = True  # export when the plan / budget is finished
     eval_tokens: int = 20000  # held-out tokens per language for the accuracy figures (0 = all)
     device: str = "cpu"  # cpu | cuda | auto (where the base and the heads run)
@@ -53,10 +62,8 @@ class MedusaTrainConfig(TrainLoopConfig):
 
 def cache_paths(cfg: MedusaTrainConfig) -> tuple[Path, Path]:
     """(data_dir, out_dir) with the defaults filled in."""
-    root = default_cache_dir()
-    data = Path(cfg.data_dir).expanduser() if cfg.data_dir else root / "zoo-data" / "tokens"
-    out = Path(cfg.out_dir).expanduser() if cfg.out_dir else root / "train" / "medusa"
-    return data, out
+    out = Path(cfg.out_dir).expanduser() if cfg.out_dir else default_cache_dir() / "train" / "medusa"
+    return tokens_dir(cfg.data_dir), out
 
 
 def head_weights(cfg: MedusaTrainConfig) -> list[float]:
@@ -92,21 +99,27 @@ def base_hidden(base: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
         return base.get_decoder()(input_ids=ids).last_hidden_state.float()
 
 
-def medusa_loss_fn(base: torch.nn.Module, weights: list[float]) -> Callable[[torch.nn.Module, torch.Tensor], tuple[torch.Tensor, int]]:
-    """``loss_fn(heads, batch [B, T+1])`` for the training loop."""
+def medusa_loss_fn(base: torch.nn.Module, weights: list[float]) -> Callable[[torch.nn.Module, Any], tuple[torch.Tensor, int]]:
+    """``loss_fn(heads, batch)`` for the training loop: ``batch`` a ``[B, T+1]`` tensor of corpus
+    windows or a right-padded :class:`PaddedBatch` of records; head i's CE is the mean over the
+    positions whose label (t+i+2) is a real token."""
 
-    def loss_fn(heads: torch.nn.Module, batch: torch.Tensor) -> tuple[torch.Tensor, int]:
-        batch = batch.to(next(heads.parameters()).device)
-        length = batch.shape[1] - 1
-        h = base_hidden(base, batch[:, :-1])  # h[:, t] has read tokens 0..t
+    def loss_fn(heads: torch.nn.Module, batch: Any) -> tuple[torch.Tensor, int]:
+        batch = as_padded(batch)
+        device = next(heads.parameters()).device
+        ids, valid = batch.ids.to(device), batch.valid.to(device)
+        length = ids.shape[1] - 1
+        h = base_hidden(base, ids[:, :-1])  # h[:, t] has read tokens 0..t
         total = h.new_zeros(())
         for i, head in enumerate(heads):
             n = length - i - 1  # positions t with a label at t+i+2 <= length
             if n <= 0:
                 continue
             logits = head(h[:, :n])
-            total = total + weights[i] * F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, i + 2 :].reshape(-1))
-        return total, batch.shape[0] * length
+            ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, i + 2 :].reshape(-1), reduction="none")
+            real = valid[:, i + 2 :].reshape(-1).to(ce.dtype)  # right padding: a real label has real inputs before it
+            total = total + weights[i] * (ce * real).sum() / real.sum().clamp(min=1.0)
+        return total, int(valid[:, 1:].sum())
 
     return loss_fn
 
@@ -117,6 +130,7 @@ def run_medusa_training(cfg: MedusaTrainConfig, log: Callable[[str], None] | Non
     Returns the loop's result and a summary (with the export info when exported).
     """
     log = log or (lambda s: print(s, file=sys.stderr, flush=True))
+    check_data_choice(cfg.data, "medusa")
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     data_dir, out_dir = cache_paths(cfg)
@@ -129,13 +143,14 @@ def run_medusa_training(cfg: MedusaTrainConfig, log: Callable[[str], None] | Non
             raise ValueError(f"the checkpoint in {out_dir} has {shape.get('num_heads')} heads x {shape.get('num_layers')} "
                              f"layers, the config asks for {cfg.num_heads} x {cfg.num_layers}: use another out_dir")  # fmt: skip
     heads = new_heads(base, cfg.num_heads, cfg.num_layers, name=cfg.base)
-    tokens = np.load(data_dir / "train.npy", mmap_mode="r")
-    batches = TokenBlockBatches(tokens, cfg.batch_size, cfg.seq_len, seed=cfg.seed)
+    data = load_training_data(data_spec(cfg), log, "train medusa")
+    batches = data.batches
     n_params = sum(p.numel() for p in heads.parameters())
     log(f"[train medusa] {cfg.num_heads} heads x {cfg.num_layers} layers, {n_params / 1e6:.2f}M parameters, "
-        f"head weights {[round(w, 3) for w in weights]}, out_dir {out_dir}")
+        f"head weights {[round(w, 3) for w in weights]}, on {data.source} data ({data.rows:,} rows, "
+        f"{data.tokens:,} tokens from {data.path}), out_dir {out_dir}")
     extra = {"heads": asdict(heads.config), "head_weights": weights, "base": cfg.base, "data_dir": str(data_dir),
-             "batch_size": cfg.batch_size, "seq_len": cfg.seq_len, "n_params": n_params}  # fmt: skip
+             "data": data.describe(), "batch_size": cfg.batch_size, "seq_len": cfg.seq_len, "n_params": n_params}  # fmt: skip
     loop = TrainLoopConfig(**{k: getattr(cfg, k) for k in TrainLoopConfig.__dataclass_fields__})
     result = train(heads, medusa_loss_fn(base, weights), batches, loop, out_dir, extra_state=extra,
                    desc="train medusa", log=log)  # fmt: skip
@@ -239,6 +254,7 @@ def export_medusa(cfg: MedusaTrainConfig, base: torch.nn.Module | None = None, l
         "heads": extra["heads"],
         "head_weights": extra.get("head_weights"),
         "parameters": extra.get("n_params"),
+        "data": extra.get("data") or {"source": "corpus", "path": extra.get("data_dir")},  # older checkpoints: corpus
         "step": ckpt["step"],
         "planned_steps": ckpt["planned_steps"],
         "training_tokens": ckpt["tokens"],
@@ -256,6 +272,16 @@ def export_medusa(cfg: MedusaTrainConfig, base: torch.nn.Module | None = None, l
     write_component(final, lambda d: save_heads(heads, d, dtype=torch.float16, extra=extra), info, medusa_card(info))
     log(f"[train medusa] exported step {info['step']} -> {final}")
     return {"dir": str(final), **{k: info[k] for k in ("step", "training_tokens", "wall_time_min")}, "accuracy": acc["all"]}
+
+
+def _data_line(data: dict) -> str:
+    """The card's account of the training data."""
+    if data.get("source") == "selfdistill":
+        return (f"the target's self-distilled continuations ({data.get('rows', 0):,} records of corpus prompt + the "
+                f"target's own continuation, greedy and sampled; {data.get('tokens', 0):,} tokens, `{data.get('path')}`), "
+                "Medusa-2's self-distillation recipe for the heads (the target frozen); every real position trained on")
+    rows = f"{data['rows']:,} windows, {data['tokens']:,} tokens, " if "rows" in data else ""
+    return f"windows of the tokenised corpus ({rows}`{data.get('path')}`)"
 
 
 def medusa_card(info: dict) -> str:
@@ -291,6 +317,7 @@ hidden state, predicting the token i+2 positions ahead. {info['parameters']:,} p
 - `training.json`: training and evaluation figures.
 
 ## Training
+Data: {_data_line(info.get('data') or {})}.
 Medusa-1 (base frozen), loss = sum_i w_i * CE(head i, token t+i+2), w = {[round(w, 3) for w in info['head_weights'] or []]};
 {info['step']:,} steps{'' if done else ' (schedule NOT complete)'} of {info['batch_size']} x {info['seq_len']} tokens
 ({info['training_tokens']:,} tokens), {info['wall_time_min']} min on CPU; final loss (EMA) {info['loss_ema_at_export'] or float('nan'):.4f}.

@@ -135,9 +135,10 @@ class ExportConfig:
 
     zoo_dir: str = ""  # destination ("" = the repository's zoo/)
     models: list[str] = field(default_factory=lambda: ["draft", "target"])  # checkpoints to export (by name)
-    # exported name -> checkpoint directory under the train root, where they differ
-    # (zoo v3: zoo/target is the target continued on function-level samples)
-    sources: dict[str, str] = field(default_factory=lambda: {"target": "target-functions"})
+    # exported name -> checkpoint directory under the train root, where they differ (zoo v3: zoo/target is
+    # the target continued on function-level samples, zoo/draft the draft distilled from it; a source
+    # without a checkpoint yet, e.g. draft-distill before its stage ran, falls back to the model's own)
+    sources: dict[str, str] = field(default_factory=lambda: {"target": "target-functions", "draft": "draft-distill"})
     dtype: str = "float16"  # float16 | bfloat16 | float32 weights on disk
     evaluate: bool = True  # compute quality figures (held-out ppl, HumanEval, agreement)
     humaneval_limit: int = 0  # number of HumanEval prompts (0 = all 164)
@@ -186,8 +187,9 @@ def export_model(name: str, ckpt_dir: Path, paths: DataPaths, zoo_dir: Path, dty
     tok.save_pretrained(str(tmp))
     shutil.copy(paths.corpus / "corpus_manifest.json", tmp / "corpus_manifest.json")
     held = ckpt_dir / "heldout.json"
-    n_windows = max(1, (extra.get("train_stream_tokens", 1) - 1) // max(1, extra.get("seq_len", 1)))
     data_state = ckpt.get("data", {})
+    # an epoch: the corpus windows, or the records of a self-distilled set (draft_distill)
+    n_windows = data_state.get("n_records") or max(1, (extra.get("train_stream_tokens", 1) - 1) // max(1, extra.get("seq_len", 1)))
     info = {
         "name": name,
         "parameters": extra.get("n_params"),
@@ -217,6 +219,8 @@ def export_model(name: str, ckpt_dir: Path, paths: DataPaths, zoo_dir: Path, dty
         from harness.train.unlikelihood import rollout_summary  # noqa: PLC0415
 
         info["unlikelihood"] = {**extra["unlikelihood"], "rollouts": rollout_summary(extra.get("unlikelihood_steps", []))}
+    if "distillation" in extra:  # the draft_distill stage: its recipe (harness/train/distill.py)
+        info["distillation"] = extra["distillation"]
     write_json(tmp / "training.json", info)
     final = zoo_dir / name
     replace_dir(tmp, final)
@@ -225,8 +229,11 @@ def export_model(name: str, ckpt_dir: Path, paths: DataPaths, zoo_dir: Path, dty
     return info
 
 
-def evaluate_zoo(zoo_dir: Path, cfg: ExportConfig, paths: DataPaths, log=print) -> dict[str, dict]:
-    """Quality figures for every exported model in ``cfg.models``; writes quality.json files."""
+def evaluate_zoo(zoo_dir: Path, cfg: ExportConfig, paths: DataPaths, log=print, reference: tuple[str, ...] = ()) -> dict[str, dict]:
+    """Quality figures for every exported model in ``cfg.models``; writes quality.json files.
+    ``reference``: models loaded read-only for the draft/target agreement (e.g. the shipped
+    target when only a new draft is evaluated): only their greedy HumanEval completions are
+    computed, and nothing of theirs is written."""
     import torch  # noqa: PLC0415
     from transformers import AutoTokenizer, LlamaForCausalLM  # noqa: PLC0415
 
@@ -240,7 +247,7 @@ def evaluate_zoo(zoo_dir: Path, cfg: ExportConfig, paths: DataPaths, log=print) 
         problems = problems[: cfg.humaneval_limit]
     prompts = [p["prompt"] for p in problems]
     models, results, completions = {}, {}, {}
-    for name in cfg.models:
+    for name in [*cfg.models, *(r for r in reference if r not in cfg.models)]:
         d = zoo_dir / name
         if not (d / "config.json").exists():
             continue
@@ -248,6 +255,9 @@ def evaluate_zoo(zoo_dir: Path, cfg: ExportConfig, paths: DataPaths, log=print) 
         model = LlamaForCausalLM.from_pretrained(str(d), dtype=torch.float32)
         model.eval()
         models[name] = model
+        if name not in cfg.models:  # a reference: its completions only, for the agreement
+            completions[name] = Q.greedy_completions(model, tok, prompts, cfg.max_new_tokens)
+            continue
         t0 = time.time()
         held = heldout_report(model, paths.tokens, max_tokens_per_lang=cfg.heldout_max_tokens_per_lang)
         log(f"[zoo] {name}: held-out loss {held.get('loss')} (ppl {held.get('ppl')}) in {time.time() - t0:.0f} s")
@@ -287,8 +297,9 @@ def evaluate_zoo(zoo_dir: Path, cfg: ExportConfig, paths: DataPaths, log=print) 
         agr = Q.greedy_agreement(models[cfg.target_name], models[cfg.draft_name], tok, prompts,
                                  completions[cfg.target_name])
         agr["along"] = f"{cfg.target_name} greedy continuations of the HumanEval prompts (teacher-forced)"
-        results[cfg.draft_name]["draft_target_agreement"] = agr
-        results[cfg.target_name]["draft_target_agreement"] = agr
+        for name in (cfg.draft_name, cfg.target_name):
+            if name in results:  # not a read-only reference
+                results[name]["draft_target_agreement"] = agr
         log(f"[zoo] draft/target greedy agreement {agr['agreement']}")
     for name, r in results.items():
         write_json(zoo_dir / name / "quality.json", {k: v for k, v in r.items() if not k.startswith("_")})
@@ -327,6 +338,31 @@ def _continuation_lines(info: dict) -> list[str]:
             "data it lacked (tokens/s of both shapes: README, *Training*).",
         ]
     return lines + [""]
+
+
+def _distillation_lines(info: dict) -> list[str]:
+    """Card paragraph of a draft distilled from the target (``draft_distill``)."""
+    dist, init = info["distillation"], info.get("initialized_from") or {}
+    data = dist.get("data", {})
+    pw = dist.get("prompt_weight", 0.0)
+    counted = ("the continuation tokens only (the prompts are corpus text the draft was already trained on, and "
+               "their next tokens are not the target's)" if not pw else
+               f"the continuation tokens, and the prompt tokens with weight {pw} each")
+    sha = (dist.get("target_weights_sha256") or "")[:12]
+    return [
+        f"**Distilled from the target (zoo v3, `draft_distill`):** these weights started from `{init.get('source', '?')}` "
+        f"({init.get('kind', '?')}) and were fine-tuned on the target's self-distilled data: {_fmt_int(data.get('rows'))} "
+        f"records of a corpus prompt and `{dist.get('target')}`'s own continuation of it (greedy and sampled; "
+        f"{_fmt_int(data.get('tokens'))} tokens, {_fmt_int(data.get('continuation_tokens'))} of them generated by the "
+        f"target, weights sha256 {sha}...), `{data.get('path')}`. Loss: next-token cross-entropy on the target's outputs "
+        "(sequence-level knowledge distillation, Kim & Rush 2016; DistillSpec's fixed teacher-generated data), counting "
+        f"{counted}. Chosen over token-level KL to the target's distribution because it needs no target forward per "
+        "step (on this CPU one costs about three draft training steps). "
+        f"{info['step']:,} steps of {info.get('batch_size')} records (one per row, up to {info.get('seq_len')} tokens, "
+        f"{_fmt_int(info['training_tokens'])} trained positions, {info['epochs']} passes over the records), "
+        f"{info['wall_time_min']} minutes. The figures below are this distilled draft's.",
+        "",
+    ]
 
 
 def _unlikelihood_lines(info: dict) -> list[str]:
@@ -372,7 +408,8 @@ def write_card(model_dir: Path, log=print) -> None:
         f"{info['loop_config'].get('threads') or 'default'} torch thread(s) on a shared 2-core machine), {info['step']:,} optimiser steps of {info.get('batch_size')} x {info.get('seq_len')} tokens, "
         f"{_fmt_int(info['training_tokens'])} training tokens ({info['epochs']} epochs of the corpus). This export is {status}.",
         "",
-        *(_unlikelihood_lines(info) if info.get("unlikelihood") else _continuation_lines(info)),
+        *(_distillation_lines(info) if info.get("distillation")
+          else _unlikelihood_lines(info) if info.get("unlikelihood") else _continuation_lines(info)),
         "## Model",
         "",
         "| field | value |",
@@ -455,6 +492,15 @@ def write_card(model_dir: Path, log=print) -> None:
                 f"HumanEval continuations); mean agreeing run from the start of a continuation "
                 f"{a['mean_initial_agreeing_run']} tokens.",
             ]
+            if a.get("chain_acceptance"):
+                cells = ", ".join(f"{x:.3f}" for x in a["chain_acceptance"])
+                lines += [
+                    "",
+                    f"Per-position acceptance of a greedy chain draft (depth 1..{len(a['chain_acceptance'])}: share of "
+                    f"roots in those continuations where the draft's first d greedy tokens all equal the target's): "
+                    f"{cells}; mean accepted tokens per target forward at gamma {len(a['chain_acceptance'])} "
+                    f"(bonus included) **{a['mean_accepted']}**.",
+                ]
         lines += ["", "Figures also in `quality.json`; completions in `humaneval_completions.jsonl`.", ""]
     else:
         lines += ["## Quality", "", "Not evaluated in this export (`export.evaluate=false`).", ""]
@@ -550,8 +596,8 @@ def write_zoo_index(zoo_dir: Path) -> None:
         "source code -> tokenizer (+ function-level samples) -> draft and target training -> the target "
         "continued on the file + function-level mix (`target_functions`) -> its unlikelihood fine-tune against "
         "its own greedy loops (`target_unlikelihood`; `export.sources` picks which is exported as `target`) -> export -> "
-        "quality -> cards -> the target's self-distillation data (`selfdistill`), then the "
-        "target's Medusa heads and SPACE fine-tune; `stages=[...]` runs some of them, `clean=true` drops "
+        "quality -> cards -> the target's self-distillation data (`selfdistill`) -> the draft fine-tuned on it "
+        "(`draft_distill`, re-exported as `draft`), then the target's Medusa heads, SPACE fine-tune and EAGLE heads; `stages=[...]` runs some of them, `clean=true` drops "
         "cached data and checkpoints first. Every stage resumes from its last checkpoint when re-run. "
         "Intermediate files and checkpoints live in `$HARNESS_CACHE` (default `~/.cache/harness`).",
         "- `harness train lm model=target train.max_steps=8400 train.threads=2` trains (or resumes) one "
@@ -570,7 +616,11 @@ def export_zoo(cfg: ExportConfig, data: ZooDataConfig, train_root: str = "", log
     zoo = zoo_dir_of(cfg)
     infos = {}
     for name in cfg.models:
-        infos[name] = export_model(name, root / cfg.sources.get(name, name), paths, zoo, cfg.dtype, log=log)
+        source = root / cfg.sources.get(name, name)
+        if not (source / "checkpoint.pt").exists() and source != root / name:
+            log(f"[zoo] {name}: no checkpoint in {source} yet, exporting {root / name}")
+            source = root / name
+        infos[name] = export_model(name, source, paths, zoo, cfg.dtype, log=log)
     if cfg.evaluate:
         evaluate_zoo(zoo, cfg, paths, log=log)
     else:
