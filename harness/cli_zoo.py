@@ -108,11 +108,13 @@ def _build(cmd: ZooCommand) -> int:
     from harness.train.medusa import run_medusa_training  # noqa: PLC0415
     from harness.train.space import export as export_space  # noqa: PLC0415
     from harness.train.space import run_space_training  # noqa: PLC0415
-    from harness.zoo.build import data_paths, export_zoo, prepare_data, write_zoo_index, zoo_dir_of  # noqa: PLC0415
+    from harness.zoo.build import data_paths, export_zoo, prepare_data, sandbox_isolation, write_zoo_index, zoo_dir_of  # noqa: PLC0415
 
     unknown = [s for s in cmd.stages if s not in STAGES]
     if unknown:
         raise ValueError(f"unknown zoo stage(s) {', '.join(unknown)}: choose from {', '.join(STAGES)}")
+    if {"export", "draft_distill"} & set(cmd.stages):
+        sandbox_isolation(cmd.export)  # export.execute below full isolation: refused before hours of training
     paths = data_paths(cmd.data)
     root = Path(cmd.train_root).expanduser() if cmd.train_root else paths.root / "train"
     if cmd.clean:

@@ -238,9 +238,48 @@ def test_export_load_generate_and_quality(micro):
     assert q["humaneval"]["problems"] == 2 and 0.0 <= q["humaneval"]["parse_rate"] <= 1.0
     assert q["heldout"]["ppl"] > 1.0
     assert 0.0 <= res["resumed"]["draft_target_agreement"]["agreement"] <= 1.0
+    # under harness run's default stop rules: how the completions ended, and their sandboxed pass@1
+    st = q["humaneval_default_stops"]
+    reasons = [json.loads(line)["stop_reason"] for line in (d / "humaneval_completions.jsonl").read_text().splitlines()]
+    assert len(reasons) == 2 and st["stop_reasons"].get("max_new_tokens", 0) == reasons.count("max_new_tokens")
+    assert st["ended_before_limit"] == st["ended_with_eos"] + st["ended_with_stop_string"] == 2 - reasons.count("max_new_tokens")
+    assert st["ended_before_limit_share"] == st["ended_before_limit"] / 2
+    ex = st["pass@1"]
+    assert ex["judged"] + ex["skipped"] == 2 and ex["skipped"] == 0 and ex["isolation"] in ("full", "weak")
+    assert ex["pass@1"] == ex["passed"] / ex["judged"] and sum(ex["statuses"].values()) == 2
     write_card(d)
     card = (d / "README.md").read_text()
     assert "perplexity" in card and "How long it was trained" in card
+    assert f"pass@1 {ex['pass@1']:.3f}** ({ex['passed']} of 2 judged" in card and "No functional pass@1" not in card
+    assert f"({st['ended_before_limit']} of 2) end before the 8-token limit" in card
+
+
+def test_zoo_eval_refuses_weak_isolation_unless_accepted(micro, monkeypatch):
+    import dataclasses
+
+    from harness.execution import isolation
+    from harness.execution import sandbox as sandbox_module
+
+    zoo = micro["tmp"] / "zoo-weak"
+    root = micro["tmp"] / "train"
+    if load_checkpoint(root / "ref") is None:
+        run_lm_training(_job(micro, "ref", 6), log=lambda s: None)
+    export_model("ref", root / "ref", micro["paths"], zoo, "float16", log=lambda s: None)
+    weak = dataclasses.replace(isolation(), bwrap=None, seccomp=False)
+    monkeypatch.setattr(sandbox_module, "_iso_cache", weak)
+    cfg = ExportConfig(zoo_dir=str(zoo), models=["ref"], humaneval_limit=1, max_new_tokens=4, healed_prompts=False,
+                       heldout_max_tokens_per_lang=64)
+    with pytest.raises(ValueError, match="export.execute_isolation=weak") as refused:
+        evaluate_zoo(zoo, cfg, micro["paths"], log=lambda s: None)
+    assert "\n" not in str(refused.value) and "export.execute=false" in str(refused.value)
+    assert not (zoo / "ref" / "quality.json").exists()  # refused before any work
+    evaluate_zoo(zoo, dataclasses.replace(cfg, execute_isolation="weak"), micro["paths"], log=lambda s: None)
+    ex = json.loads((zoo / "ref" / "quality.json").read_text())["humaneval_default_stops"]["pass@1"]
+    assert ex["isolation"] == "weak" and ex["judged"] == 1
+    write_card(zoo / "ref")
+    assert "WEAK isolation" in (zoo / "ref" / "README.md").read_text()
+    evaluate_zoo(zoo, dataclasses.replace(cfg, execute=False), micro["paths"], log=lambda s: None)  # no sandbox asked
+    assert "pass@1" not in json.loads((zoo / "ref" / "quality.json").read_text())["humaneval_default_stops"]
 
 
 def test_cli_rejects_bad_input(capsys):
@@ -286,17 +325,20 @@ def test_cli_zoo_build_micro(tmp_path):
         "draft_distill.max_steps=2", "draft_distill.batch_size=2", "draft_distill.seq_len=32", "draft_distill.progress=false",
     ]
     assert cli_zoo.main(args) == 0
-    for name, steps in (("draft", 2), ("target", 3)):  # zoo/draft: the draft distilled from the target (draft_distill)
+    # zoo/draft: the draft distilled from the target (draft_distill); zoo/target: the unlikelihood fine-tune
+    for name, steps in (("draft", 2), ("target", 2)):
         d = tmp_path / "zoo" / name
         assert json.loads((d / "training.json").read_text())["step"] == steps
         assert json.loads((d / "quality.json").read_text())["humaneval"]["problems"] == 2
         assert (d / "README.md").exists()
     assert "draft" in (tmp_path / "zoo" / "README.md").read_text()
     assert json.loads((tmp_path / "zoo" / "draft" / "training.json").read_text())["distillation"]["data"]["rows"] == 4
-    # zoo/target is the target continued on the file + function-level mix (issue 15)
+    # zoo/target is the unlikelihood fine-tune (2 steps) of the target continued on the file + function-level
+    # mix (3 steps, from the 4-step target; issue 15)
     info = json.loads((tmp_path / "zoo" / "target" / "training.json").read_text())
-    assert info["step"] == 3 and info["function_share"] == 0.5
-    assert info["initialized_from"]["step"] == 4 and info["initialized_from"]["kind"] == "checkpoint"
+    assert info["step"] == 2 and info["function_share"] == 0.5 and info["unlikelihood"]["rollouts"]["steps"] == 2
+    assert info["initialized_from"]["step"] == 3 and info["initialized_from"]["kind"] == "checkpoint"
+    assert info["initialized_from"]["source"].endswith("target-functions/checkpoint.pt")
     man = json.loads((tmp_path / "zoo" / "target" / "corpus_manifest.json").read_text())
     assert set(man["decontamination"]["per_language"]) == {"python", "go"}
     # the Medusa heads and the SPACE fine-tune of that target, exported beside it
@@ -312,11 +354,15 @@ def test_cli_zoo_build_micro(tmp_path):
     rerun = [a.replace("target_train.max_steps=4", "target_train.max_steps=6") for a in args]
     stamp = tmp_path / "cache" / "train" / "medusa" / "base.sha256"
     before = stamp.read_text()
+    ul_before = (tmp_path / "cache" / "train" / "target-unlikelihood" / "init.stamp").read_text()
     assert cli_zoo.main(rerun) == 0
     target_state = json.loads((tmp_path / "cache" / "train" / "target" / "train_state.json").read_text())
     assert target_state["step"] == 6 and target_state["tokens"] == 6 * 2 * 32
     info = json.loads((tmp_path / "zoo" / "target" / "training.json").read_text())
-    assert info["initialized_from"]["step"] == 6 and info["step"] == 3  # the continuation started again
+    fn = torch.load(tmp_path / "cache" / "train" / "target-functions" / "checkpoint.pt", weights_only=False)
+    assert fn["extra"]["init"]["step"] == 6 and fn["step"] == 3  # the continuation started again ...
+    ul_stamp = (tmp_path / "cache" / "train" / "target-unlikelihood" / "init.stamp").read_text()
+    assert ul_stamp != ul_before and info["step"] == 2  # ... and so did the unlikelihood fine-tune of it
     assert stamp.read_text() != before  # restarted for the new target ...
     state = json.loads((tmp_path / "cache" / "train" / "medusa" / "train_state.json").read_text())
     assert state["step"] == 2 and state["reason"] == "end"  # ... and trained to its plan again

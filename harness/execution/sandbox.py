@@ -549,15 +549,17 @@ class IsolationError(Exception):
     """Execution refused: the sandbox is below full isolation and weak was not accepted."""
 
 
-def require_isolation(accept: str = FULL) -> Isolation:
-    """The probed isolation if ``accept`` allows it: ``full`` refuses anything less, ``weak`` takes it."""
+def require_isolation(accept: str = FULL, setting: str = "run.execute") -> Isolation:
+    """The probed isolation if ``accept`` allows it: ``full`` refuses anything less, ``weak`` takes it.
+    ``setting``: the config key whose ``true`` asked for execution (``<setting>_isolation`` names
+    the acceptance), as the refusal names them (``export.execute`` for ``harness zoo``)."""
     if accept not in (FULL, WEAK):
-        raise IsolationError(f"run.execute_isolation={accept!r} is not one of {FULL}, {WEAK}")
+        raise IsolationError(f"{setting}_isolation={accept!r} is not one of {FULL}, {WEAK}")
     iso = isolation()
     if iso.level != FULL and accept != WEAK:
         raise IsolationError(
-            f"run.execute=true refused: the sandbox here lacks {'; '.join(iso.missing)}; "
-            f"install what is missing, or pass run.execute_isolation={WEAK} to run generated code with only "
+            f"{setting}=true refused: the sandbox here lacks {'; '.join(iso.missing)}; "
+            f"install what is missing, or pass {setting}_isolation={WEAK} to run generated code with only "
             f"{iso.layers()} (recorded as weak in every output)"
         )
     return iso

@@ -138,16 +138,40 @@ class ExportConfig:
     # exported name -> checkpoint directory under the train root, where they differ (zoo v3: zoo/target is
     # the target continued on function-level samples, zoo/draft the draft distilled from it; a source
     # without a checkpoint yet, e.g. draft-distill before its stage ran, falls back to the model's own)
-    sources: dict[str, str] = field(default_factory=lambda: {"target": "target-functions", "draft": "draft-distill"})
+    # shipped: target = the unlikelihood fine-tune (repetition 0.61 -> 0.26, 50% -> 90% of HumanEval completions
+    # ending before 128 tokens, held-out ppl 5.25 -> 6.67: measured, zoo/target/README.md)
+    sources: dict[str, str] = field(default_factory=lambda: {"target": "target-unlikelihood", "draft": "draft-distill"})
     dtype: str = "float16"  # float16 | bfloat16 | float32 weights on disk
     evaluate: bool = True  # compute quality figures (held-out ppl, HumanEval, agreement)
     humaneval_limit: int = 0  # number of HumanEval prompts (0 = all 164)
     healed_prompts: bool = True  # also complete the prompts without their final newline (token-boundary check)
     max_new_tokens: int = 128  # greedy completion length
+    # judge each model's greedy HumanEval completions (default stop rules applied) against the problems'
+    # tests in the sandbox (harness/execution/) for a measured pass@1 on the card; false: not measured
+    execute: bool = True
+    execute_workers: int = 1  # sandboxed programs run at a time (as run.execute_workers)
+    # as run.execute_isolation: "full" refuses to run generated code unless the sandbox has every isolation
+    # layer (before anything is generated); "weak" runs with what this machine has, recorded as weak in
+    # quality.json and on the card
+    execute_isolation: str = "full"
     heldout_max_tokens_per_lang: int = 0  # cap on held-out tokens per language (0 = all)
     threads: int = 0  # torch threads for evaluation (0 = leave)
     draft_name: str = "draft"  # which exported model is the draft (for agreement)
     target_name: str = "target"  # which is the target
+
+
+def sandbox_isolation(cfg: ExportConfig):
+    """The sandbox's isolation for ``export.execute=true`` (``harness.execution.Isolation``), None
+    when nothing is executed; below full isolation a ValueError (one line: what is missing, and
+    ``export.execute_isolation=weak`` or ``export.execute=false``) unless ``execute_isolation=weak``."""
+    if not (cfg.evaluate and cfg.execute):
+        return None
+    from harness.execution import IsolationError, require_isolation  # noqa: PLC0415
+
+    try:
+        return require_isolation(cfg.execute_isolation, setting="export.execute")
+    except IsolationError as e:
+        raise ValueError(f"{e}; or skip pass@1 with export.execute=false") from None
 
 
 def zoo_dir_of(cfg: ExportConfig) -> Path:
@@ -233,13 +257,22 @@ def evaluate_zoo(zoo_dir: Path, cfg: ExportConfig, paths: DataPaths, log=print, 
     """Quality figures for every exported model in ``cfg.models``; writes quality.json files.
     ``reference``: models loaded read-only for the draft/target agreement (e.g. the shipped
     target when only a new draft is evaluated): only their greedy HumanEval completions are
-    computed, and nothing of theirs is written."""
+    computed, and nothing of theirs is written.
+
+    Per model: held-out loss/ppl per language; greedy HumanEval completions (``humaneval``: raw,
+    up to ``max_new_tokens`` or ``</s>``) and the same completions under the default stop rules
+    of ``harness run`` (``humaneval_default_stops``: cut at ``</s>`` or a Codex stop string, with
+    the share that ended before the token limit and, unless ``execute=false``, the sandboxed
+    ``pass@1`` with its isolation level and judged / skipped counts); draft/target agreement.
+    A sandbox below full isolation is refused before anything is generated unless
+    ``execute_isolation=weak``."""
     import torch  # noqa: PLC0415
     from transformers import AutoTokenizer, LlamaForCausalLM  # noqa: PLC0415
 
     from harness.train.lm import heldout_report  # noqa: PLC0415
     from harness.zoo import quality as Q  # noqa: PLC0415
 
+    iso = sandbox_isolation(cfg)  # refuse weak isolation before any work
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     problems = Q.load_humaneval()
@@ -268,14 +301,29 @@ def evaluate_zoo(zoo_dir: Path, cfg: ExportConfig, paths: DataPaths, log=print, 
         log(f"[zoo] {name}: HumanEval parse rate {rep['parse_rate']} (with code {rep['parse_rate_with_code']}), repeated 4-grams "
             f"{rep['repeated_4gram_share_mean']} ({gen_s:.0f} s)")
         completions[name] = comps
+        stops = Q.stop_rule_report(tok, problems, comps, cfg.max_new_tokens)  # as `harness run` would have stopped
+        log(f"[zoo] {name}: with the default stop rules {stops['ended_before_limit']}/{stops['problems']} completions "
+            f"end before the token limit ({stops['ended_with_eos']} with </s>, {stops['ended_with_stop_string']} with a "
+            f"stop string); parse rate {stops['parse_rate']}, repeated 4-grams {stops['repeated_4gram_share_mean']}")
+        verdicts = [None] * len(problems)
+        if iso is not None:
+            t0 = time.time()
+            executed = Q.sandboxed_pass_at_1(problems, stops["texts"], iso, cfg.execute_workers, name)
+            verdicts = [r["status"] for r in executed.pop("results")]
+            stops["pass@1"] = executed | {"seconds": round(time.time() - t0, 1)}
+            log(f"[zoo] {name}: sandboxed pass@1 {executed['pass@1']} ({executed['passed']}/{executed['judged']} judged, "
+                f"{executed['skipped']} skipped; {executed['isolation']} isolation)")
         with open(d / "humaneval_completions.jsonl", "w", encoding="utf-8") as f:
-            for pb, text, ok in zip(problems, rep["texts"], rep["parsed"]):
-                f.write(json.dumps({"task_id": pb["task_id"], "completion": text, "parses": ok}) + "\n")
+            for i, pb in enumerate(problems):
+                f.write(json.dumps({"task_id": pb["task_id"], "completion": rep["texts"][i], "parses": rep["parsed"][i],
+                                    "completion_default_stops": stops["texts"][i], "stop_reason": stops["reasons"][i],
+                                    "execution": verdicts[i]}) + "\n")
         results[name] = {
             "model": name,
             "heldout": held,
             "humaneval": {k: v for k, v in rep.items() if k not in ("texts", "parsed")}
             | {"max_new_tokens": cfg.max_new_tokens, "decoding": "greedy", "seconds": round(gen_s, 1)},
+            "humaneval_default_stops": {k: v for k, v in stops.items() if k not in ("texts", "parsed", "reasons")},
             "evaluated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
         if cfg.healed_prompts:
@@ -387,6 +435,34 @@ def _unlikelihood_lines(info: dict) -> list[str]:
     ]
 
 
+def _default_stop_lines(st: dict | None) -> list[str]:
+    """Card paragraph: the completions under ``harness run``'s default HumanEval stop rules -- how
+    many ended before the token limit -- and their sandboxed pass@1 (with its isolation)."""
+    if not st:
+        return ["Ending share and functional pass@1: not measured for this export (`harness zoo eval` measures them)."]
+    stops = ", ".join(f"`{s.encode('unicode_escape').decode()}`" for s in st["stop"])
+    lines = [
+        f"With the default stop rules of `harness run` on HumanEval ({stops}): **{st['ended_before_limit_share'] * 100:.1f}%** "
+        f"of completions ({st['ended_before_limit']} of {st['problems']}) end before the {st['max_new_tokens']}-token "
+        f"limit, {st['ended_with_eos']} with `</s>` and {st['ended_with_stop_string']} at a stop string; so cut, "
+        f"{st['parse_rate'] * 100:.1f}% parse, mean repeated 4-gram share {st['repeated_4gram_share_mean']}, "
+        f"mean {st['mean_new_tokens']} new tokens.",
+        "",
+    ]
+    ex = st.get("pass@1")
+    if not ex:
+        return lines + ["Functional pass@1: not measured (`export.execute=false`)."]
+    value = "n/a (nothing judged)" if ex["pass@1"] is None else f"{ex['pass@1']:.3f}"
+    lines.append(
+        f"Functional **pass@1 {value}** ({ex['passed']} of {ex['judged']} judged completions pass the problem's tests, "
+        f"{ex['skipped']} skipped; greedy, one completion per problem, cut at the end of the function body, run in "
+        f"the sandbox of `harness run` with `run.execute=true`; {ex['isolation']} isolation).")
+    if ex["isolation"] != "full":
+        lines.append(f"**WEAK isolation**: the generated code ran without every sandbox layer ({ex['isolation_layers']}; "
+                     "accepted with `export.execute_isolation=weak`).")
+    return lines
+
+
 def write_card(model_dir: Path, log=print) -> None:
     """README.md of one exported model from its training.json, quality.json and manifest."""
     info = read_json(model_dir / "training.json")
@@ -470,7 +546,9 @@ def write_card(model_dir: Path, log=print) -> None:
             f"**{he.get('parse_rate_with_code', float('nan')) * 100:.1f}%** parse and add at least one "
             "non-comment line to the body; mean share of repeated token "
             f"4-grams within a completion **{he['repeated_4gram_share_mean']}**; {he['stopped_at_eos']} completions "
-            f"ended with `</s>`; mean {he['mean_new_tokens']} new tokens. (No functional pass@1: at this size it is ~0.)",
+            f"ended with `</s>`; mean {he['mean_new_tokens']} new tokens.",
+            "",
+            *_default_stop_lines(q.get("humaneval_default_stops")),
         ]
         hh = q.get("humaneval_prompt_without_final_newline")
         if hh:

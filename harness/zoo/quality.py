@@ -1,5 +1,6 @@
 """Quality figures of zoo models: held-out perplexity, HumanEval greedy completions
-(parse rate, repetition), and draft-vs-target greedy agreement."""
+(parse rate, repetition; under ``harness run``'s default stop rules also how they ended and
+their sandboxed pass@1), and draft-vs-target greedy agreement."""
 
 from __future__ import annotations
 
@@ -153,36 +154,80 @@ def greedy_agreement(target, draft, tokenizer, prompts: list[str], target_comple
 
 
 def cut_at_stop(tokens: list[int], eos_id: int, stops=None, max_new_tokens: int = 0) -> tuple[list[int], str]:
-    """``tokens`` as a generation with the harness's stop rules would have ended them: after
-    the first ``eos_id`` or the first token whose text completes a stop string (``stops``: a
-    ``methods.base.StopStrings``, or None), and the reason (``eos`` | ``stop:<string>`` |
-    ``max_new_tokens`` when ``max_new_tokens`` tokens passed without either | ``open``: ended
-    otherwise). Greedy decoding is deterministic, so cutting a longer greedy continuation
-    gives the same tokens as stopping it there."""
-    for i, t in enumerate(tokens):
-        if t == eos_id:
-            return tokens[: i + 1], "eos"
-        hit = stops.completed_by(tokens[: i + 1]) if stops else None
-        if hit is not None:
-            return tokens[: i + 1], f"stop:{hit}"
-    return tokens, "max_new_tokens" if max_new_tokens and len(tokens) >= max_new_tokens else "open"
+    """``tokens`` as a generation with the harness's stop rules would have ended them, and why.
+
+    The tokens go through ``methods.base.Committer`` -- the one commit path of every method in
+    ``harness run`` -- under ``StopRule(max_new_tokens, {eos_id}, stops)`` (``stops``: a
+    ``methods.base.StopStrings``, or None; ``max_new_tokens`` 0: no limit). The reason is the
+    Committer's (``eos`` | ``stop:<string>`` | ``max_new_tokens``), or ``open`` when the tokens
+    ran out before any of them. Greedy decoding is deterministic, so cutting a longer greedy
+    continuation gives the same tokens as generating with the stop rules."""
+    from methods.base import Committer, StopRule  # noqa: PLC0415
+
+    committer = Committer(StopRule(max_new_tokens or len(tokens) + 1, frozenset([eos_id]), stops))
+    committer.add(tokens)
+    return committer.tokens, committer.reason or "open"
 
 
 def stop_rule_report(tokenizer, problems: list[dict], completions: list[list[int]], max_new_tokens: int,
                      stop_strings: tuple[str, ...] | None = None) -> dict:
     """:func:`completion_report` of the completions cut by the default HumanEval stop rules
-    (``</s>`` and the Codex stop strings of ``tasks/humaneval.py``), plus the share of them that
-    ended before the token limit (issue 15's figures); ``completions`` must be at least
-    ``max_new_tokens`` long unless they ended."""
+    (``</s>`` and the Codex stop strings of ``tasks/humaneval.py``, matched in the text decoded
+    without special tokens as ``harness run`` matches them), plus how they ended (issue 15):
+    ``ended_before_limit`` (with ``</s>`` or a stop string) of ``problems``, its share, how many
+    ended with each (``ended_with_eos``, ``ended_with_stop_string``, ``stop_strings``: per
+    string) and ``stop_reasons``. ``completions`` must be ``max_new_tokens`` long unless they
+    ended. The per-completion ``texts`` (what ``Record.text`` would hold) and ``reasons`` are
+    returned too, for the sandbox; they are not figures."""
     from methods.base import StopStrings  # noqa: PLC0415
     from tasks.humaneval import CODEX_STOP  # noqa: PLC0415
 
-    stops = StopStrings(stop_strings if stop_strings is not None else CODEX_STOP,
-                        lambda ids: tokenizer.decode(ids, skip_special_tokens=True))
+    strings = stop_strings if stop_strings is not None else CODEX_STOP
+    stops = StopStrings(strings, lambda ids: tokenizer.decode(ids, skip_special_tokens=True))
     cut = [cut_at_stop(c[:max_new_tokens], tokenizer.eos_token_id, stops, max_new_tokens) for c in completions]
     rep = completion_report(tokenizer, problems, [c for c, _ in cut])
-    reasons = Counter(r.split(":")[0] for _, r in cut)
-    rep["ended_before_limit_share"] = round(1 - reasons["max_new_tokens"] / max(1, len(cut)), 4)
-    rep["stop_reasons"] = dict(sorted(reasons.items()))
-    rep["max_new_tokens"] = max_new_tokens
+    reasons = [r for _, r in cut]
+    kinds = Counter(r.split(":")[0] for r in reasons)
+    ended = kinds["eos"] + kinds["stop"]
+    rep.update(
+        stop=["</s>", *strings],
+        max_new_tokens=max_new_tokens,
+        ended_before_limit=ended,
+        ended_before_limit_share=round(ended / max(1, len(cut)), 4),
+        ended_with_eos=kinds["eos"],
+        ended_with_stop_string=kinds["stop"],
+        stop_strings={s: reasons.count(f"stop:{s}") for s in strings},
+        stop_reasons=dict(sorted(kinds.items())),
+        reasons=reasons,
+    )
     return rep
+
+
+def sandboxed_pass_at_1(problems: list[dict], texts: list[str], iso, workers: int = 1, name: str = "model") -> dict:
+    """pass@1 of one greedy completion per HumanEval problem, judged in the sandbox exactly as
+    ``harness run`` with ``run.execute=true`` judges a run's records: ``texts`` (raw generated
+    text, stop rules applied) go to ``harness.execution.score_records``, which cuts each at the
+    end of the function body, runs the problem's tests at isolation ``iso`` and keeps the
+    verdict; ``pass_at_k_table`` gives pass@1 over the judged ones. The problems' tests come
+    from the HumanEval task (``tasks/humaneval.py``). Returns ``pass@1``, ``problems``,
+    ``judged``, ``passed``, ``skipped`` (not judged), ``isolation`` (``full`` | ``weak``),
+    ``isolation_layers``, ``statuses`` (count per verdict) and ``results`` (per problem)."""
+    from harness.execution import pass_at_k_table, score_records  # noqa: PLC0415
+    from tasks.humaneval import HumanEval, HumanEvalConfig  # noqa: PLC0415
+
+    samples = {s.id: s for s in HumanEval(HumanEvalConfig()).load()}
+    records = [{"method": name, "task": "humaneval", "sample_id": pb["task_id"], "text": t}
+               for pb, t in zip(problems, texts)]
+    results = score_records(samples, records, workers=workers, iso=iso)
+    (row,) = pass_at_k_table(results, ks=(1,), keys=("method",))
+    return {
+        "pass@1": None if row["pass@1"] is None else round(row["pass@1"], 4),
+        "problems": row["problems"],
+        "judged": row["judged"],
+        "passed": row["passed"],
+        "skipped": row["skipped"],
+        "isolation": iso.level,
+        "isolation_layers": iso.describe(),
+        "statuses": dict(sorted(Counter(r["status"] for r in results).items())),
+        "results": results,
+    }
