@@ -430,7 +430,11 @@ def _unlikelihood_lines(info: dict) -> list[str]:
         "file-level text) so that the model keeps the data. "
         f"Share of rollout tokens completing a repeated {ul['ngram']}-gram: {r.get('marked_share_first')} over the "
         f"first {r.get('window')} steps, {r.get('marked_share_last')} over the last {r.get('window')} "
-        f"({r.get('steps')} steps logged).",
+        f"({r.get('steps')} steps logged)."
+        + (f" The weights it started from had {init['step']:,} steps, {_fmt_int(init['training_tokens'])} tokens and "
+           f"{init['elapsed_s'] / 60:.0f} minutes of their own training (the `target_functions` continuation of the "
+           "from-scratch target: see the repository README, *Training*), not counted above."
+           if init.get("training_tokens") and init.get("elapsed_s") else ""),
         "",
     ]
 
