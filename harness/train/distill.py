@@ -26,7 +26,7 @@ trainer's layout, so ``harness.zoo.build.export_model`` ships it as ``zoo/draft`
 from __future__ import annotations
 
 import sys
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -34,8 +34,8 @@ import torch
 import torch.nn.functional as F
 
 from harness.train.data import PaddedBatch, load_records, selfdistill_dir, selfdistill_problem, weights_sha
-from harness.train.lm import ModelConfig, build_model, load_initial_weights
-from harness.train.loop import TrainLoopConfig, TrainResult, load_checkpoint, train
+from harness.train.lm import continue_model
+from harness.train.loop import TrainLoopConfig, TrainResult, train
 
 
 @dataclass
@@ -97,7 +97,7 @@ def run_draft_distill(cfg: DraftDistillConfig, log: Callable[[str], None] | None
                       name: str = "draft-distill") -> tuple[TrainResult, dict]:  # fmt: skip
     """Fine-tune ``cfg.init_from`` on ``cfg.target``'s self-distilled records into ``cfg.out_dir``
     (or resume the checkpoint there). Returns the loop result and a summary."""
-    from transformers import AutoConfig, LlamaConfig  # noqa: PLC0415
+    from transformers import AutoConfig  # noqa: PLC0415
 
     from harness.paths import resolve_repo_path  # noqa: PLC0415
 
@@ -113,28 +113,14 @@ def run_draft_distill(cfg: DraftDistillConfig, log: Callable[[str], None] | None
     if why:
         raise FileNotFoundError(f"draft_distill: {why}")
     target_cfg = AutoConfig.from_pretrained(str(resolve_repo_path(cfg.target)))
-    ckpt = load_checkpoint(cfg.out_dir)
-    if ckpt is not None:
-        config = LlamaConfig.from_dict(ckpt["extra"]["llama_config"])
-        init_info, init_state = ckpt["extra"].get("init"), None
-    elif cfg.init_from:
-        init = load_initial_weights(cfg.init_from, int(target_cfg.vocab_size))
-        config, init_info, init_state = init.config, init.info, init.state_dict
-    else:
-        raise ValueError("draft_distill needs init_from: the draft's checkpoint dir or exported model "
-                         "(in `harness zoo build`: run the draft stage first, or set draft_distill.init_from)")  # fmt: skip
-    ckpt = None
-    torch.manual_seed(cfg.seed)
-    model = build_model(config)
-    if init_state is not None:
-        model.load_state_dict(init_state)
-        log(f"[train {name}] starting from {init_info['source']}")
+    cont = continue_model(name, cfg.out_dir, cfg.init_from, int(target_cfg.vocab_size), cfg.seed, log=log, missing_init=(
+        "draft_distill needs init_from: the draft's checkpoint dir or exported model (in `harness zoo build`: run "
+        "the draft stage first, or set draft_distill.init_from)"))  # fmt: skip
+    model, config, init_info = cont.model, cont.config, cont.init_info
     pad = target_cfg.pad_token_id if target_cfg.pad_token_id is not None else 0
     batches = load_records(distill_dir, cfg.batch_size, cfg.seq_len, cfg.seed, pad_id=pad)
     n_cont = sum(len(r) - s for r, s in zip(batches.records, batches.starts))
     n_tokens = sum(len(r) for r in batches.records)
-    shape = ModelConfig(name=name)
-    shape = replace(shape, **{k: getattr(config, k) for k in asdict(shape) if k != "name" and hasattr(config, k)})
     n_params = sum(p.numel() for p in model.parameters())
     recipe = {
         "method": "sequence-level KD: next-token CE on the target's own continuations (fixed teacher-generated data)",
@@ -143,7 +129,7 @@ def run_draft_distill(cfg: DraftDistillConfig, log: Callable[[str], None] | None
         "target": cfg.target, "target_weights_sha256": weights_sha(cfg.target), "prompt_weight": cfg.prompt_weight,
     }
     extra: dict[str, Any] = {
-        "llama_config": config.to_dict(), "model": asdict(shape), "n_params": n_params, "batch_size": cfg.batch_size,
+        "llama_config": config.to_dict(), "model": asdict(cont.shape), "n_params": n_params, "batch_size": cfg.batch_size,
         "seq_len": cfg.seq_len, "function_share": 0.0, "init": init_info, "distillation": recipe,
     }
     log(f"[train {name}] {n_params / 1e6:.2f}M parameters on {len(batches.records):,} self-distilled records "

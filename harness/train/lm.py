@@ -9,7 +9,7 @@ import json
 import os
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -382,6 +382,43 @@ def load_initial_weights(source: str, vocab_size: int) -> InitialWeights:
         raise ValueError(f"train.init_from={source!r} has a vocabulary of {config.vocab_size}, the tokenizer "
                          f"{vocab_size}: initial weights must belong to the zoo's tokenizer")
     return InitialWeights(config, state, info)
+
+
+@dataclass
+class ContinuedModel:
+    """A model trained further: rebuilt from its own checkpoint (a resume) or from initial weights."""
+
+    model: torch.nn.Module
+    config: Any  # the LlamaConfig
+    shape: "ModelConfig"  # the architecture fields, for training.json
+    init_info: Optional[dict]  # where the first weights came from (``InitialWeights.info``)
+    extra: dict  # the checkpoint's extra state ({} when starting)
+
+
+def continue_model(name: str, out_dir: str | os.PathLike, init_from: str, vocab_size: int, seed: int,
+                   missing_init: str, log: Callable[[str], None]) -> ContinuedModel:  # fmt: skip
+    """The model of a fine-tune stage: its checkpoint in ``out_dir`` when there is one (the
+    training loop then restores the weights), else ``init_from``'s weights; ``missing_init``
+    is the error message when neither exists."""
+    from transformers import LlamaConfig  # noqa: PLC0415
+
+    ckpt = load_checkpoint(out_dir)
+    if ckpt is not None:
+        extra = ckpt["extra"]
+        config, init_info, state = LlamaConfig.from_dict(extra["llama_config"]), extra.get("init"), None
+    elif init_from:
+        init = load_initial_weights(init_from, vocab_size)
+        config, init_info, state, extra = init.config, init.info, init.state_dict, {}
+    else:
+        raise ValueError(missing_init)
+    torch.manual_seed(seed)
+    model = build_model(config)
+    if state is not None:
+        model.load_state_dict(state)
+        log(f"[train {name}] starting from {init_info['source']}")
+    shape = ModelConfig(name=name)
+    shape = replace(shape, **{k: getattr(config, k) for k in asdict(shape) if k != "name" and hasattr(config, k)})
+    return ContinuedModel(model, config, shape, init_info, extra)
 
 
 def make_job(model: ModelConfig, train_cfg: LMTrainConfig, paths, out_dir: str = "") -> LMTrainJob:

@@ -33,16 +33,15 @@ it like any other checkpoint (``export.sources={target:target-unlikelihood}``).
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import torch
 
-from harness.train.lm import LMTrainConfig, MixedBatches, ModelConfig, TokenBlockBatches, build_model, heldout_report
-from harness.train.lm import lm_loss, load_initial_weights
-from harness.train.loop import TrainLoopConfig, TrainResult, load_checkpoint, train
+from harness.train.lm import LMTrainConfig, MixedBatches, TokenBlockBatches, continue_model, heldout_report, lm_loss
+from harness.train.loop import TrainLoopConfig, TrainResult, train
 
 
 @dataclass
@@ -254,8 +253,6 @@ def run_unlikelihood_training(cfg: UnlikelihoodTrainConfig, paths, out_dir: str 
     """Fine-tune ``cfg.init_from`` with sequence-level unlikelihood into ``out_dir`` (or resume
     the checkpoint there); ``paths`` are the zoo's data paths (corpus, tokenizer, tokens).
     Returns the loop result and a summary (marked share of the first and last rollouts)."""
-    from transformers import LlamaConfig  # noqa: PLC0415
-
     from harness.zoo.tokenizer import load_tokenizer  # noqa: PLC0415
 
     log = log or (lambda s: print(s, flush=True))
@@ -265,27 +262,11 @@ def run_unlikelihood_training(cfg: UnlikelihoodTrainConfig, paths, out_dir: str 
         raise ValueError(f"ul_weight={cfg.ul_weight}, ngram={cfg.ngram}, rollout_new_tokens={cfg.rollout_new_tokens}: "
                          "give ul_weight >= 0, ngram >= 1 and rollout_new_tokens >= 1")
     tok = load_tokenizer(paths.tokenizer)
-    ckpt = load_checkpoint(out_dir)
-    stats: list[dict] = []
-    if ckpt is not None:
-        config = LlamaConfig.from_dict(ckpt["extra"]["llama_config"])
-        init_info = ckpt["extra"].get("init")
-        stats = list(ckpt["extra"].get("unlikelihood_steps", []))
-        init_state = None
-    elif cfg.init_from:
-        init = load_initial_weights(cfg.init_from, len(tok))
-        config, init_info, init_state = init.config, init.info, init.state_dict
-    else:
-        raise ValueError("unlikelihood fine-tuning needs init_from: a checkpoint dir or an exported model dir "
-                         "(in `harness zoo build`: run the target_functions stage first, or set target_unlikelihood.init_from)")
-    ckpt = None
-    torch.manual_seed(cfg.seed)
-    model = build_model(config)
-    if init_state is not None:
-        model.load_state_dict(init_state)
-        log(f"[train {name}] starting from {init_info['source']}")
-    shape = ModelConfig(name=name)
-    shape = replace(shape, **{k: getattr(config, k) for k in asdict(shape) if k != "name" and hasattr(config, k)})
+    cont = continue_model(name, out_dir, cfg.init_from, len(tok), cfg.seed, log=log, missing_init=(
+        "unlikelihood fine-tuning needs init_from: a checkpoint dir or an exported model dir (in `harness zoo build`: "
+        "run the target_functions stage first, or set target_unlikelihood.init_from)"))  # fmt: skip
+    model, config, init_info, shape = cont.model, cont.config, cont.init_info, cont.shape
+    stats: list[dict] = list(cont.extra.get("unlikelihood_steps", []))
     n_params = sum(p.numel() for p in model.parameters())
     tokens = np.load(Path(paths.tokens) / "train.npy", mmap_mode="r")
     if cfg.function_share > 0:
