@@ -4,6 +4,8 @@ The micro zoo's quality.json and card carry them: tests/test_zoo_pipeline.py."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from harness.execution import isolation
@@ -85,3 +87,22 @@ def test_card_paragraph_without_execution_says_not_measured():
     text = "\n".join(_default_stop_lines(ST))
     assert "75.0%" in text and "not measured (`export.execute=false`)" in text and "pass@1 0" not in text
     assert "not measured" in "\n".join(_default_stop_lines(None))
+
+
+def test_zoo_index_flags_a_component_older_than_its_base(tmp_path):
+    from harness.zoo.build import write_zoo_index
+
+    for name, info in (("target", {"parameters": 10, "training_tokens": 5, "wall_time_min": 1.0,
+                                   "exported_at": "2026-11-30T22:00:00Z"}),
+                       ("target-space", {"k": 2, "mask_token_id": 3, "base_model": "zoo/target", "training_tokens": 5,
+                                         "wall_time_min": 1.0, "exported_at": "2026-11-26T04:00:00Z"}),
+                       ("target-medusa", {"heads": {"num_heads": 2, "num_layers": 1}, "base_model": "zoo/target",
+                                          "parameters": 3, "training_tokens": 5, "wall_time_min": 1.0,
+                                          "exported_at": "2026-11-30T23:00:00Z"})):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "training.json").write_text(json.dumps(info))
+    write_zoo_index(tmp_path)
+    rows = {line.split("`")[1]: line for line in (tmp_path / "README.md").read_text().splitlines()
+            if line.startswith("| [")}
+    assert "trained on an earlier `zoo/target`" in rows["target-space"]
+    assert "earlier" not in rows["target-medusa"] and "earlier" not in rows["target"]

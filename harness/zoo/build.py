@@ -486,7 +486,8 @@ def write_card(model_dir: Path, log=print) -> None:
         "",
         f"**How long it was trained:** {info['wall_time_min']} minutes of wall-clock time (fp32, CPU, "
         f"{info['loop_config'].get('threads') or 'default'} torch thread(s) on a shared 2-core machine), {info['step']:,} optimiser steps of {info.get('batch_size')} x {info.get('seq_len')} tokens, "
-        f"{_fmt_int(info['training_tokens'])} training tokens ({info['epochs']} epochs of the corpus). This export is {status}.",
+        f"{_fmt_int(info['training_tokens'])} training tokens ({info['epochs']} "
+        f"{'passes over the self-distilled records' if info.get('distillation') else 'epochs of the corpus'}). This export is {status}.",
         "",
         *(_distillation_lines(info) if info.get("distillation")
           else _unlikelihood_lines(info) if info.get("unlikelihood") else _continuation_lines(info)),
@@ -627,6 +628,19 @@ def write_card(model_dir: Path, log=print) -> None:
     (model_dir / "README.md").write_text("\n".join(lines), encoding="utf-8")
 
 
+def _older_base(info: dict | None, zoo_dir: Path) -> str:
+    """Index words for a component (heads, fine-tune) exported before the model it was trained on
+    was last exported: it belongs to earlier weights of that model ("" otherwise)."""
+    base = (info or {}).get("base_model", "")
+    base_info = zoo_dir / Path(base).name / "training.json" if base.startswith("zoo/") else None
+    if not info or not info.get("exported_at") or base_info is None or not base_info.exists():
+        return ""
+    base_at = read_json(base_info).get("exported_at", "")
+    if base_at and info["exported_at"] < base_at:
+        return f" (**trained on an earlier `{base}`**, exported {info['exported_at'][:10]}: not retrained since)"
+    return ""
+
+
 def write_zoo_index(zoo_dir: Path) -> None:
     """zoo/README.md: one line per model directory (cards of other components are linked too)."""
     rows = []
@@ -657,7 +671,7 @@ def write_zoo_index(zoo_dir: Path) -> None:
             desc = next((line for line in first[1:] if line.strip()), "").replace("**", "")[:120]
         else:
             desc = ""
-        rows.append(f"| [`{d.name}`]({d.name}/README.md) | {desc} | {size / 1e6:.1f} MB |")
+        rows.append(f"| [`{d.name}`]({d.name}/README.md) | {desc}{_older_base(info, zoo_dir)} | {size / 1e6:.1f} MB |")
     total = sum(f.stat().st_size for f in zoo_dir.rglob("*") if f.is_file())
     text = "\n".join([
         "# Model zoo",
