@@ -310,21 +310,13 @@ def run_lm_training(job: LMTrainJob, log=None) -> tuple[TrainResult, dict]:
         log(f"[train {job.model.name}] starting from {init.info['source']} ({init.info.get('training_tokens') or '?'} tokens of training)")
     n_params = sum(p.numel() for p in model.parameters())
     log(f"[train {job.model.name}] {n_params / 1e6:.2f}M parameters, out_dir {job.out_dir}")
-    tokens = np.load(Path(job.data_dir) / "train.npy", mmap_mode="r")
-    if job.function_share > 0:
-        fpath = Path(job.data_dir) / "train_functions.npy"
-        if not fpath.exists():
-            raise FileNotFoundError(f"{fpath} is missing: run `harness zoo prepare` to build the function-level samples")
-        ftokens = np.load(fpath, mmap_mode="r")
-        batches = MixedBatches(tokens, ftokens, job.batch_size, job.seq_len, job.function_share, seed=job.loop.seed)
-    else:
-        ftokens = None
-        batches = TokenBlockBatches(tokens, job.batch_size, job.seq_len, seed=job.loop.seed)
+    corpus = corpus_batches(job.data_dir, job.batch_size, job.seq_len, job.function_share, job.loop.seed)
+    batches = corpus.batches
     extra = {"llama_config": config.to_dict(), "model": asdict(job.model), "n_params": n_params,
              "data_dir": str(job.data_dir), "tokenizer_dir": str(job.tokenizer_dir),
-             "batch_size": job.batch_size, "seq_len": job.seq_len, "train_stream_tokens": int(len(tokens)),
+             "batch_size": job.batch_size, "seq_len": job.seq_len, "train_stream_tokens": corpus.stream_tokens,
              "function_share": job.function_share,
-             "function_stream_tokens": int(len(ftokens)) if ftokens is not None else 0, "init": init_info}
+             "function_stream_tokens": corpus.function_tokens, "init": init_info}
     result = train(model, lm_loss, batches, job.loop, job.out_dir, extra_state=extra, desc=f"train {job.model.name}", log=log)
     summary: dict[str, Any] = {"step": result.step, "tokens": result.tokens, "epochs": round(batches.epochs_done, 3),
                                "elapsed_min": round(result.elapsed_s / 60, 2), "finished": result.finished}
@@ -382,6 +374,30 @@ def load_initial_weights(source: str, vocab_size: int) -> InitialWeights:
         raise ValueError(f"train.init_from={source!r} has a vocabulary of {config.vocab_size}, the tokenizer "
                          f"{vocab_size}: initial weights must belong to the zoo's tokenizer")
     return InitialWeights(config, state, info)
+
+
+@dataclass
+class CorpusBatches:
+    """The next-token batches of the tokenised corpus and the sizes of the streams behind them."""
+
+    batches: "TokenBlockBatches | MixedBatches"
+    stream_tokens: int  # tokens of the file-level stream (train.npy)
+    function_tokens: int  # tokens of the function-level stream (train_functions.npy; 0 when unused)
+
+
+def corpus_batches(data_dir: str | os.PathLike, batch_size: int, seq_len: int, function_share: float,
+                   seed: int) -> CorpusBatches:  # fmt: skip
+    """File-level windows of ``train.npy``, with ``function_share`` of every batch's rows from
+    ``train_functions.npy`` when it is above 0."""
+    tokens = np.load(Path(data_dir) / "train.npy", mmap_mode="r")
+    if function_share <= 0:
+        return CorpusBatches(TokenBlockBatches(tokens, batch_size, seq_len, seed=seed), int(len(tokens)), 0)
+    fpath = Path(data_dir) / "train_functions.npy"
+    if not fpath.exists():
+        raise FileNotFoundError(f"{fpath} is missing: run `harness zoo prepare` to build the function-level samples")
+    ftokens = np.load(fpath, mmap_mode="r")
+    return CorpusBatches(MixedBatches(tokens, ftokens, batch_size, seq_len, function_share, seed=seed),
+                         int(len(tokens)), int(len(ftokens)))
 
 
 @dataclass

@@ -40,7 +40,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from harness.train.lm import LMTrainConfig, MixedBatches, TokenBlockBatches, continue_model, heldout_report, lm_loss
+from harness.train.lm import LMTrainConfig, MixedBatches, TokenBlockBatches, continue_model, corpus_batches, heldout_report, lm_loss
 from harness.train.loop import TrainLoopConfig, TrainResult, train
 
 
@@ -268,16 +268,8 @@ def run_unlikelihood_training(cfg: UnlikelihoodTrainConfig, paths, out_dir: str 
     model, config, init_info, shape = cont.model, cont.config, cont.init_info, cont.shape
     stats: list[dict] = list(cont.extra.get("unlikelihood_steps", []))
     n_params = sum(p.numel() for p in model.parameters())
-    tokens = np.load(Path(paths.tokens) / "train.npy", mmap_mode="r")
-    if cfg.function_share > 0:
-        fpath = Path(paths.tokens) / "train_functions.npy"
-        if not fpath.exists():
-            raise FileNotFoundError(f"{fpath} is missing: run `harness zoo prepare` to build the function-level samples")
-        ftokens = np.load(fpath, mmap_mode="r")
-        ce = MixedBatches(tokens, ftokens, cfg.batch_size, cfg.seq_len, cfg.function_share, seed=cfg.seed)
-    else:
-        ftokens = None
-        ce = TokenBlockBatches(tokens, cfg.batch_size, cfg.seq_len, seed=cfg.seed)
+    corpus = corpus_batches(paths.tokens, cfg.batch_size, cfg.seq_len, cfg.function_share, cfg.seed)
+    ce = corpus.batches
     batches = RolloutBatches(ce, rollout_prompt_pool(cfg, paths.corpus, tok), cfg.rollout_prompts, seed=cfg.seed)
     ul_settings = {k: getattr(cfg, k) for k in ("ul_weight", "ngram", "rollout_prompts", "rollout_new_tokens",
                                                 "prompt_pool", "function_prompt_share", "prompt_min_tokens",
@@ -285,8 +277,8 @@ def run_unlikelihood_training(cfg: UnlikelihoodTrainConfig, paths, out_dir: str 
     extra: dict[str, Any] = {
         "llama_config": config.to_dict(), "model": asdict(shape), "n_params": n_params,
         "data_dir": str(paths.tokens), "tokenizer_dir": str(paths.tokenizer), "batch_size": cfg.batch_size,
-        "seq_len": cfg.seq_len, "train_stream_tokens": int(len(tokens)), "function_share": cfg.function_share,
-        "function_stream_tokens": int(len(ftokens)) if ftokens is not None else 0, "init": init_info,
+        "seq_len": cfg.seq_len, "train_stream_tokens": corpus.stream_tokens, "function_share": cfg.function_share,
+        "function_stream_tokens": corpus.function_tokens, "init": init_info,
         "unlikelihood": ul_settings, "unlikelihood_steps": stats,  # the list grows as training runs
     }
     loop = TrainLoopConfig(**{k: getattr(cfg, k) for k in TrainLoopConfig.__dataclass_fields__})
