@@ -62,7 +62,7 @@ from harness.paths import write_component
 from harness.train.data import (PaddedBatch, as_padded, check_data_choice, data_spec, load_training_data, selfdistill_dir,
                                 tokens_dir)  # fmt: skip
 from harness.train.lm import default_cache_dir
-from harness.train.loop import TrainLoopConfig, TrainResult, load_checkpoint, train
+from harness.train.loop import TrainLoopConfig, TrainResult, load_checkpoint, run_record, train
 from harness.train.medusa import load_base
 
 
@@ -412,15 +412,8 @@ def export_eagle(cfg: EagleTrainConfig, base: torch.nn.Module | None = None, log
         "parameters": extra.get("n_params"),
         "data": extra.get("data"),
         "loss": extra.get("loss"),
-        "step": ckpt["step"],
-        "planned_steps": ckpt["planned_steps"],
-        "training_tokens": ckpt["tokens"],
-        "wall_time_min": round(ckpt["elapsed_s"] / 60, 1),
-        "batch_size": extra.get("batch_size"),
-        "seq_len": extra.get("seq_len"),
-        "loss_ema_at_export": ckpt.get("loss_ema"),
+        **run_record(ckpt),
         "loss_history": ckpt.get("history", [])[:: max(1, len(ckpt.get("history", [])) // 40)],
-        "loop_config": ckpt.get("loop_config"),
         "eval": {"prompts_per_language": cfg.eval_prompts, "prompt_len": cfg.eval_prompt_len,
                  "new_tokens": cfg.eval_new_tokens, "depth": cfg.eval_depth},
         "heldout_chain_acceptance": acc,

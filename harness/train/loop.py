@@ -152,6 +152,22 @@ def load_checkpoint(out_dir: str | os.PathLike) -> dict | None:
     return torch.load(p, map_location="cpu", weights_only=False)
 
 
+def run_record(ckpt: dict) -> dict[str, Any]:
+    """What an exported component's training.json says of the run behind a checkpoint: steps,
+    tokens, minutes, the batch shape (from its extra state), the loss at export and the loop settings."""
+    extra = ckpt.get("extra", {})
+    return {
+        "step": ckpt["step"],
+        "planned_steps": ckpt["planned_steps"],
+        "training_tokens": ckpt["tokens"],
+        "wall_time_min": round(ckpt["elapsed_s"] / 60, 1),
+        "batch_size": extra.get("batch_size"),
+        "seq_len": extra.get("seq_len"),
+        "loss_ema_at_export": ckpt.get("loss_ema"),
+        "loop_config": ckpt.get("loop_config"),
+    }
+
+
 def train(
     module: torch.nn.Module,
     loss_fn: Callable[[torch.nn.Module, Any], tuple[torch.Tensor, int]],

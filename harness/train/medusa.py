@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from harness.paths import write_component
 from harness.train.data import as_padded, check_data_choice, data_spec, load_training_data, tokens_dir
 from harness.train.lm import default_cache_dir
-from harness.train.loop import TrainLoopConfig, TrainResult, load_checkpoint, train
+from harness.train.loop import TrainLoopConfig, TrainResult, load_checkpoint, run_record, train
 from methods.medusa_heads import MedusaHeads, MedusaHeadsConfig, save_heads
 
 
@@ -255,14 +255,7 @@ def export_medusa(cfg: MedusaTrainConfig, base: torch.nn.Module | None = None, l
         "head_weights": extra.get("head_weights"),
         "parameters": extra.get("n_params"),
         "data": extra.get("data") or {"source": "corpus", "path": extra.get("data_dir")},  # older checkpoints: corpus
-        "step": ckpt["step"],
-        "planned_steps": ckpt["planned_steps"],
-        "training_tokens": ckpt["tokens"],
-        "wall_time_min": round(ckpt["elapsed_s"] / 60, 1),
-        "batch_size": extra.get("batch_size"),
-        "seq_len": extra.get("seq_len"),
-        "loss_ema_at_export": ckpt.get("loss_ema"),
-        "loop_config": ckpt.get("loop_config"),
+        **run_record(ckpt),
         "heldout_accuracy": acc,
         "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
