@@ -73,7 +73,7 @@ class ZooCommand:
     # heads on the exported target (the shipped zoo: 45 minutes each, Medusa and SPACE side by side, one thread each)
     medusa: MedusaTrainConfig = field(default_factory=lambda: MedusaTrainConfig(max_minutes=45))
     # SAR fine-tune of the exported target; every block's masks carry a loss (the AR loss is always there)
-    space: SpaceTrainConfig = field(default_factory=lambda: SpaceTrainConfig(mask_prob=1.0, max_minutes=45))
+    space: SpaceTrainConfig = field(default_factory=lambda: SpaceTrainConfig(mask_prob=1.0, max_minutes=60))
     # EAGLE heads on the exported target, trained on its self-distilled data (corpus windows if there is none)
     eagle: EagleTrainConfig = field(default_factory=lambda: EagleTrainConfig(version=1, max_minutes=30))
     eagle3: EagleTrainConfig = field(default_factory=lambda: EagleTrainConfig(version=3, max_minutes=25))

@@ -1,11 +1,13 @@
 """Training tokens/s of zoo LM shapes on the CPU (issue 15, part 5: is a larger target affordable?).
 
-    .venv/bin/python scripts/measure_train_speed.py --threads 2 --seconds 60
+    .venv/bin/python scripts/measure_train_speed.py --threads 2 --seconds 60 --out results/train-speed.json
 
 For each shape: build it for the zoo's tokenizer, ``torch.compile`` it as the zoo build does,
 run a few untimed steps (compilation, allocator warm-up), then time optimiser steps of
 16 x 512 tokens from the zoo's training stream for ``--seconds``. Prints one JSON line per
-shape, with the tokens/param that the measured rate reaches in ``--budget-min`` minutes.
+shape, with the tokens/param that the measured rate reaches in ``--budget-min`` minutes;
+``--out`` also stores them (with the machine and commit), and the zoo target's card quotes
+that file as the reason for its size.
 Needs the prepared zoo data (``harness zoo prepare``). Timings depend on the machine's load:
 report them with the load average printed beside them.
 """
@@ -16,6 +18,7 @@ import argparse
 import json
 import os
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -62,15 +65,25 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=60.0, help="timed seconds per shape")
     ap.add_argument("--warm-steps", type=int, default=5, help="untimed steps first (compilation)")
     ap.add_argument("--budget-min", type=float, default=120.0, help="training minutes to express the rate in tokens/param")
+    ap.add_argument("--out", default="", help="also write the figures here (JSON)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     paths = data_paths(ZooDataConfig())
     tok = load_tokenizer(paths.tokenizer)
     tokens = np.load(paths.tokens / "train.npy", mmap_mode="r")
+    rows = []
     for name, mc in SHAPES.items():
         r = measure(mc, tok, tokens, args.seconds, args.warm_steps)
         r["tokens_per_param_in_budget"] = round(r["tokens_per_s"] * args.budget_min * 60 / r["params"], 1)
-        print(json.dumps({"shape": name, "threads": args.threads, "budget_min": args.budget_min, **r}), flush=True)
+        rows.append({"shape": name, "threads": args.threads, "budget_min": args.budget_min, **r})
+        print(json.dumps(rows[-1]), flush=True)
+    if args.out:
+        from harness.results import cpu_name, git_commit  # noqa: PLC0415
+
+        record = {"measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "cpu": cpu_name(),
+                  "cores": os.cpu_count(), "git": git_commit(), "batch": "16 x 512 tokens", "compiled": True,
+                  "shapes": rows}  # fmt: skip
+        Path(args.out).write_text(json.dumps(record, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from transformers import PreTrainedTokenizerFast
 
 from harness.config import ModelConfig, SamplingConfig
 from harness.engine import Engine
+from harness.train.data import PaddedBatch
 from harness.train.loop import load_checkpoint
 from harness.train.space import (
     SpaceTrainConfig,
@@ -220,6 +221,41 @@ def test_packed_batch_equals_separate_examples():
             assert batch["labels"][r, rows].tolist() == block[r, p + 1 : p + k + 1].tolist()
     none = pack_space_batch(block, k, groups, 0.0, mask_id, np.random.default_rng(0))
     assert (none["labels"][:, L:] == -100).all() and (none["labels"][:, :L] == block[:, 1:]).all()
+
+
+def test_packed_records_label_only_the_continuation_and_no_padding():
+    """Self-distilled records (right-padded, continuation marked): every split point lies in the
+    continuation with its k labels real, padding carries no loss and real rows never see it, so
+    each group still equals upstream's separate example; a row too short for one group gets none."""
+    model = tiny_model(300, initializer_range=0.2)
+    gen = torch.Generator().manual_seed(1)
+    lengths, starts, k, groups, mask_id = [17, 12, 6], [5, 8, 3], 3, 4, 3
+    ids = torch.zeros(3, 17, dtype=torch.long)
+    valid = torch.zeros(3, 17, dtype=torch.bool)
+    generated = torch.zeros(3, 17, dtype=torch.bool)
+    for r, (n, s) in enumerate(zip(lengths, starts)):
+        ids[r, :n] = torch.randint(4, 300, (n,), generator=gen)
+        valid[r, :n] = True
+        generated[r, s:n] = True
+    batch = pack_space_batch(PaddedBatch(ids, valid, generated), k, groups, 1.0, mask_id, np.random.default_rng(0))
+    L = batch["n_real"]
+    assert batch["n_tokens"] == sum(n - 1 for n in lengths)
+    with torch.no_grad():
+        logits = packed_logits(model, batch)
+        for r, (n, s) in enumerate(zip(lengths, starts)):
+            assert (batch["labels"][r, n - 1 : L] == -100).all()  # padding: no AR loss
+            assert batch["labels"][r, : n - 1].tolist() == ids[r, 1:n].tolist()
+            assert torch.allclose(logits[r, : n - 1], model(input_ids=ids[r : r + 1, : n - 1]).logits[0], atol=1e-4)
+            rows = batch["labels"][r, L:].view(groups, k)
+            if n - 1 - k < s:  # the third row: 6 tokens, continuation from 3, k = 3: no room
+                assert (rows == -100).all()
+                continue
+            for g in range(groups):
+                p = int(batch["splits"][r, g])
+                assert s <= p <= n - 1 - k
+                assert rows[g].tolist() == ids[r, p + 1 : p + k + 1].tolist()
+                alone = model(input_ids=torch.cat((ids[r, :p], torch.full((k + 1,), mask_id)))[None]).logits[0]
+                assert torch.allclose(logits[r, L + g * k : L + g * k + k], alone[p : p + k], atol=1e-4)
 
 
 def test_mask_token_is_added_when_missing():

@@ -20,7 +20,11 @@ cannot change any loss and is left out. A block's groups are labelled with proba
 
 Loss = AR cross-entropy (mean over the L positions) + ``mask_weight`` x mask
 cross-entropy (mean over labelled mask positions). For code-corpus blocks (no
-prompt/answer split) the split point p is uniform in ``[1, L-k]``.
+prompt/answer split) the split point p is uniform in ``[1, L-k]``. On the target's
+self-distilled records (``data=auto|selfdistill``: corpus prompt + the target's own
+continuation, right-padded; the SPACE paper fine-tunes on model-style outputs) p is uniform
+over the continuation, so every mask label is a token the target wrote; padding carries no
+loss.
 
 The decoder reads k and the mask id from the checkpoint: they are stored in the saved
 config as ``space_k`` and ``space_mask_token_id``.
@@ -46,6 +50,7 @@ import torch
 import torch.nn.functional as F
 
 from harness.paths import REPO_ROOT, replace_dir, resolve_repo_path
+from harness.train.data import DataSpec, PaddedBatch, RecordBatches, as_padded, check_data_choice, load_training_data
 from harness.train.lm import TokenBlockBatches, default_cache_dir
 from harness.train.loop import TrainLoopConfig, TrainResult, load_checkpoint, train
 
@@ -58,6 +63,8 @@ class SpaceTrainConfig(TrainLoopConfig):
     """One SPACE fine-tune: the loop's settings (lr, max_minutes, ...) plus the ones below."""
 
     base: str = "zoo/target"  # causal LM to fine-tune (hub id or local dir; relative: also tried from the repo root)
+    data: str = "auto"  # auto (the base's self-distilled records if present, else corpus) | selfdistill | corpus
+    selfdistill_dir: str = ""  # self-distilled records ("" = <cache>/zoo-data/selfdistill/<base dir name>)
     data_dir: str = ""  # token data with train.npy / heldout_*.npy ("" = <cache>/zoo-data/tokens)
     out_dir: str = ""  # checkpoint dir ("" = <cache>/train/space)
     export_dir: str = "zoo/target-space"  # where export() writes the model (relative = from the repo root)
@@ -67,7 +74,7 @@ class SpaceTrainConfig(TrainLoopConfig):
     mask_groups: int = 8  # mask groups appended per block (each at its own random split point)
     mask_token: str = "<mask>"  # added to the tokenizer (embeddings resized) if it has no mask token
     batch_size: int = 16  # blocks per optimiser step
-    seq_len: int = 256  # real tokens per block (the AR part)
+    seq_len: int = 256  # real tokens per block (the AR part); longer self-distilled records are cut to it
     lr: float = 5e-4  # peak learning rate (a small model fine-tuned briefly)
     warmup_steps: int = 20  # linear warm-up steps
     weight_decay: float = 0.0  # no decay pulling a pretrained model towards zero
@@ -117,38 +124,60 @@ def ensure_mask_token(model, tokenizer, token: str = "<mask>") -> int:
 # ----------------------------------------------------------------------------- packed batches
 
 
-def pack_space_batch(block: torch.Tensor, k: int, groups: int, mask_prob: float, mask_id: int,
-                     rng: np.random.Generator) -> dict[str, Any]:
-    """The packed SAR batch of ``block`` ``[B, L+1]``: AR part plus ``groups`` mask groups.
+def split_bounds(batch: PaddedBatch, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row, the lowest and highest split point p whose k masks are all labelled by real
+    tokens (mask m predicts ``x[p+m+1]``, so p + k <= the last real index). When the batch marks
+    the target's generated tokens (self-distilled records), p starts at the first of them: the
+    masks then learn to guess the target's own continuation, not the corpus prompt."""
+    n_real = batch.valid.sum(1)
+    lo = torch.ones_like(n_real)
+    if batch.generated is not None:
+        lo = batch.generated.int().argmax(1).clamp(min=1)  # first generated index
+    return lo, n_real - 1 - k
 
-    Returns input_ids, position_ids, labels ``[B, T]`` (T = L + groups*k), ``visible``
-    ``[B, T, T]`` (True = may attend), ``splits`` ``[B, groups]`` (p of each group) and
-    ``n_real`` = L.
+
+def pack_space_batch(block: torch.Tensor | PaddedBatch, k: int, groups: int, mask_prob: float, mask_id: int,
+                     rng: np.random.Generator) -> dict[str, Any]:  # fmt: skip
+    """The packed SAR batch of ``block`` ``[B, L+1]`` (corpus windows, or right-padded records
+    as a :class:`PaddedBatch`): AR part plus ``groups`` mask groups.
+
+    Returns input_ids, position_ids, labels ``[B, T]`` (T = L + groups*k; padding and unlabelled
+    masks are ``IGNORE``), ``visible`` ``[B, T, T]`` (True = may attend), ``splits``
+    ``[B, groups]`` (p of each group), ``n_real`` = L and ``n_tokens`` (labelled AR positions).
+    A row too short for one group of k labels gets split points p = 1 and no mask labels.
     """
-    B, L = block.shape[0], block.shape[1] - 1
+    padded = as_padded(block)
+    ids = padded.ids
+    B, L = ids.shape[0], ids.shape[1] - 1
     if L < k + 1:
         raise ValueError(f"blocks of {L} tokens are too short for k={k} (need at least k+1)")
-    x = block[:, :L]
-    splits = torch.from_numpy(rng.integers(1, L - k + 1, size=(B, groups)))  # p in [1, L-k]
+    x = ids[:, :L]
+    lo, hi = split_bounds(padded, k)
+    usable = hi >= lo
+    span = torch.where(usable, hi - lo + 1, 1)
+    lo = torch.where(usable, lo, 1)
+    draws = torch.from_numpy(rng.random((B, groups)))
+    splits = lo[:, None] + (draws * span[:, None]).long().clamp(max=span[:, None] - 1)  # p uniform in [lo, hi]
     offs = torch.arange(k)
     mask_pos = (splits[:, :, None] + offs).reshape(B, groups * k)  # mask m of a group at p + m
-    labels_mask = block.gather(1, mask_pos + 1)  # ... predicts x[p+m+1]
-    labelled = torch.from_numpy(rng.random(B) < mask_prob)
+    labels_mask = ids.gather(1, mask_pos + 1)  # ... predicts x[p+m+1]
+    labelled = torch.from_numpy(rng.random(B) < mask_prob) & usable
     labels_mask[~labelled] = IGNORE
+    labels_ar = ids[:, 1:].masked_fill(~padded.valid[:, 1:], IGNORE)
     n_mask = groups * k
     input_ids = torch.cat((x, torch.full((B, n_mask), mask_id, dtype=x.dtype)), dim=1)
     position_ids = torch.cat((torch.arange(L).expand(B, L), mask_pos), dim=1)
-    labels = torch.cat((block[:, 1:], labels_mask), dim=1)
+    labels = torch.cat((labels_ar, labels_mask), dim=1)
     T = L + n_mask
     visible = torch.zeros(B, T, T, dtype=torch.bool)
-    visible[:, :L, :L] = torch.ones(L, L, dtype=torch.bool).tril()
+    visible[:, :L, :L] = torch.ones(L, L, dtype=torch.bool).tril()  # padding comes after the real tokens
     # mask rows see the real tokens before their group's split point ...
     visible[:, L:, :L] = torch.arange(L).view(1, 1, L) < splits.repeat_interleave(k, dim=1)[:, :, None]
     # ... and the earlier masks of their own group (block-diagonal lower triangles)
     group = torch.arange(n_mask) // k
     visible[:, L:, L:] = (group[:, None] == group[None, :]) & torch.ones(n_mask, n_mask, dtype=torch.bool).tril()
     return {"input_ids": input_ids, "position_ids": position_ids, "labels": labels, "visible": visible,
-            "splits": splits, "n_real": L}
+            "splits": splits, "n_real": L, "n_tokens": int(padded.valid[:, 1:].sum())}
 
 
 def attention_bias(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -187,16 +216,17 @@ def space_losses(model, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tens
 def make_space_loss(mask_weight: float) -> Callable:
     def loss_fn(model, batch):
         ar, mask, _ = space_losses(model, batch)
-        return ar + mask_weight * mask, batch["input_ids"].shape[0] * batch["n_real"]
+        return ar + mask_weight * mask, batch["n_tokens"]
 
     return loss_fn
 
 
 class SpaceBatches:
-    """Packed SAR batches over a :class:`TokenBlockBatches`; resumable through it (the
-    split points of a batch are seeded by its place in the data, not by a global RNG)."""
+    """Packed SAR batches over corpus windows (:class:`TokenBlockBatches`) or self-distilled
+    records (:class:`RecordBatches`); resumable through them (the split points of a batch are
+    seeded by its place in the data, not by a global RNG)."""
 
-    def __init__(self, blocks: TokenBlockBatches, k: int, groups: int, mask_prob: float, mask_id: int, seed: int = 0):
+    def __init__(self, blocks: TokenBlockBatches | RecordBatches, k: int, groups: int, mask_prob: float, mask_id: int, seed: int = 0):
         self.blocks = blocks
         self.k, self.groups, self.mask_prob, self.mask_id, self.seed = k, groups, mask_prob, mask_id, seed
 
@@ -260,20 +290,20 @@ def run_space_training(cfg: SpaceTrainConfig, log: Optional[Callable[[str], None
         raise ValueError(f"k and mask_groups must be >= 1, got k={cfg.k}, mask_groups={cfg.mask_groups}")
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
+    check_data_choice(cfg.data, "space")
     data_dir, out_dir = paths_of(cfg)
-    train_file = data_dir / "train.npy"
-    if not train_file.exists():
-        raise FileNotFoundError(f"no token data at {train_file}; build it with `harness zoo build` or set data_dir=")
     model, _tok, mask_id = _load_for_training(cfg, out_dir, log)
-    tokens = np.load(train_file, mmap_mode="r")
-    blocks = TokenBlockBatches(tokens, cfg.batch_size, cfg.seq_len, seed=cfg.seed + 1)  # not the base's order
-    batches = SpaceBatches(blocks, cfg.k, cfg.mask_groups, cfg.mask_prob, mask_id, seed=cfg.seed)
-    extra = {"space": asdict(cfg), "mask_id": mask_id, "data_dir": str(data_dir),
+    spec = DataSpec(cfg.data, cfg.base, cfg.selfdistill_dir, str(data_dir), cfg.batch_size, cfg.seq_len,
+                    seed=cfg.seed + 1)  # not the base's order  # fmt: skip
+    data = load_training_data(spec, log, "space")
+    log(f"[space] on {data.source} data ({data.rows:,} rows, {data.tokens:,} tokens from {data.path})")
+    batches = SpaceBatches(data.batches, cfg.k, cfg.mask_groups, cfg.mask_prob, mask_id, seed=cfg.seed)
+    extra = {"space": asdict(cfg), "mask_id": mask_id, "data_dir": str(data_dir), "data": data.describe(),
              "n_params": sum(p.numel() for p in model.parameters())}
     result = train(model, make_space_loss(cfg.mask_weight), batches, loop_config(cfg), out_dir,
                    extra_state=extra, desc="train space", log=log)
     summary = {"step": result.step, "planned_steps": result.planned_steps, "tokens": result.tokens,
-               "epochs": round(blocks.epochs_done, 3), "elapsed_min": round(result.elapsed_s / 60, 2),
+               "epochs": round(data.batches.epochs_done, 3), "elapsed_min": round(result.elapsed_s / 60, 2),
                "finished": result.finished, "last_loss": result.last_loss, "k": cfg.k, "mask_id": mask_id}
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     return result, summary
@@ -328,6 +358,7 @@ def export(cfg: SpaceTrainConfig, log: Optional[Callable[[str], None]] = None) -
         "settings": trained,
         "loss_history": ckpt.get("history", [])[:: max(1, len(ckpt.get("history", [])) // 50)],
         "n_params": ckpt.get("extra", {}).get("n_params"),
+        "data": ckpt.get("extra", {}).get("data", {"source": "corpus", "path": str(data_dir)}),
         "exported_dtype": cfg.export_dtype,
         "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
@@ -362,6 +393,15 @@ def _row(values: Optional[list], k: int) -> str:
     return " | ".join(_cell(v) for v in (values or [None] * k)) + " |"
 
 
+def _data_sentence(data: dict) -> str:
+    if data.get("source") == "selfdistill":
+        return (f"Data: {data.get('rows', 0):,} self-distilled records of the base model ({data.get('tokens', 0):,} "
+                "tokens: a corpus prompt + the base's own greedy or sampled continuation; `harness zoo build "
+                "stages=[selfdistill]`); blocks are whole records, right-padded, and the masks' split points lie in "
+                "the continuation, so they learn to guess what the base writes.")
+    return f"Data: windows of the zoo's tokenised training corpus ({data.get('path', '')})."
+
+
 def write_card(model_dir: Path, name: str, info: dict, quality: Optional[dict]) -> None:
     """README.md of an exported SPACE model (``name``: the path users load it by)."""
     s = info.get("settings", {})
@@ -388,6 +428,8 @@ def write_card(model_dir: Path, name: str, info: dict, quality: Optional[dict]) 
         "its own earlier masks; mask m of a group at split p sits at position p+m and predicts token p+m+1). "
         f"A block's groups carry a loss with probability {s.get('mask_prob')}; loss = AR loss + "
         f"{s.get('mask_weight')} x mask loss.",
+        "",
+        _data_sentence(info.get("data", {})),
         "",
         f"{info['step']:,} optimiser steps of {s.get('batch_size')} blocks, {info['training_tokens']:,} tokens, "
         f"{info['wall_time_min']} minutes (fp32, CPU); AdamW lr {s.get('lr')} (warm-up {s.get('warmup_steps')} "

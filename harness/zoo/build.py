@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from harness.paths import replace_dir
+from harness.paths import REPO_ROOT, replace_dir
 from harness.zoo.corpus import CorpusConfig, build_corpus, load_corpus, save_corpus, write_json
 from harness.zoo.functions import FUNCTIONS_META, FunctionSamplesConfig, encode_function_samples
 from harness.zoo.tokenizer import TokenizerConfig, check_tokenizer, load_tokenizer, train_tokenizer
@@ -467,6 +467,29 @@ def _default_stop_lines(st: dict | None) -> list[str]:
     return lines
 
 
+TRAIN_SPEED = REPO_ROOT / "results" / "train-speed.json"  # scripts/measure_train_speed.py --out
+
+
+def _size_lines() -> list[str]:
+    """Why the target has its size: the measured training rate of it and of a larger shape."""
+    if not TRAIN_SPEED.exists():
+        return []
+    m = read_json(TRAIN_SPEED)
+    rows = m.get("shapes", [])
+    cells = "; ".join(f"{r['shape']} ({_fmt_int(r['params'])} parameters): {_fmt_int(r['tokens_per_s'])} training "
+                      f"tokens/s, {r['tokens_per_param_in_budget']} tokens/param in {r['budget_min']:g} minutes"
+                      for r in rows)  # fmt: skip
+    return [
+        "## Size",
+        "",
+        f"Measured with compiled training on {rows[0]['threads'] if rows else '?'} threads of an otherwise idle "
+        f"{m.get('cpu')} ({m.get('measured_at')}, `scripts/measure_train_speed.py`, `results/train-speed.json`): "
+        f"{cells}. A larger target is taken only if it reaches ~20 tokens/param in the training time available; "
+        "neither does in hours, the larger one is ~2x slower per token, so the zoo keeps the smaller shape.",
+        "",
+    ]
+
+
 def write_card(model_dir: Path, log=print) -> None:
     """README.md of one exported model from its training.json, quality.json and manifest."""
     info = read_json(model_dir / "training.json")
@@ -504,6 +527,7 @@ def write_card(model_dir: Path, log=print) -> None:
         f"| weights on disk | {info.get('exported_dtype')} safetensors |",
         "| special tokens | `<s>` (BOS, added when encoding), `</s>` (EOS), `<pad>`, `<mask>` (reserved for SPACE) |",
         "",
+        *(_size_lines() if name == "target" else []),
         "## Training",
         "",
         f"AdamW (betas {info['loop_config'].get('beta1')}, {info['loop_config'].get('beta2')}, weight decay "
