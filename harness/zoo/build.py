@@ -684,8 +684,10 @@ def write_zoo_index(zoo_dir: Path) -> None:
                     f"{info.get('wall_time_min')} min")
         elif info and "k" in info:  # SPACE fine-tune
             ppl = q.get("space", {}).get("heldout", {}).get("ppl", "n/a")
+            source = (info.get("data") or {}).get("source", "corpus")
             desc = (f"SPACE fine-tune (k = {info['k']}, mask id {info['mask_token_id']}) of {info['base_model']}, "
-                    f"{_fmt_int(info['training_tokens'])} training tokens, {info['wall_time_min']} min; held-out ppl {ppl}")
+                    f"{_fmt_int(info['training_tokens'])} training tokens ({source} data), {info['wall_time_min']} min; "
+                    f"held-out ppl {ppl}")
         elif info:
             ppl = q.get("heldout", {}).get("ppl", "n/a")
             desc = (f"Llama, {_fmt_int(info.get('parameters'))} params, {_fmt_int(info['training_tokens'])} training tokens, "
