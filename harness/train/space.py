@@ -226,7 +226,8 @@ class SpaceBatches:
     records (:class:`RecordBatches`); resumable through them (the split points of a batch are
     seeded by its place in the data, not by a global RNG)."""
 
-    def __init__(self, blocks: TokenBlockBatches | RecordBatches, k: int, groups: int, mask_prob: float, mask_id: int, seed: int = 0):
+    def __init__(self, blocks: TokenBlockBatches | RecordBatches, k: int, groups: int, mask_prob: float, mask_id: int,
+                 seed: int = 0):  # fmt: skip
         self.blocks = blocks
         self.k, self.groups, self.mask_prob, self.mask_id, self.seed = k, groups, mask_prob, mask_id, seed
 
