@@ -46,8 +46,9 @@ def compiled(engine) -> Engine:
 
 
 def test_forwards_equal_the_eager_engine(engine, compiled):
-    """A prompt longer than the largest bucket (eager over the static cache), a custom tree mask
-    with explicit positions (a bucket), keep and truncate."""
+    """A prompt longer than the largest bucket (eager over a dynamic cache, copied into the static
+    one), a custom tree mask with explicit positions (a bucket), keep and truncate, and a long
+    forward after cached entries (eager over the static cache)."""
     ce, ee = compiled.new_cache(), engine.new_cache()
     assert isinstance(ce, StaticKVCache)
     a, b = compiled.forward(LONG, ce).logits, engine.forward(LONG, ee).logits
@@ -68,8 +69,11 @@ def test_forwards_equal_the_eager_engine(engine, compiled):
     ee.truncate(past)
     a, b = compiled.forward([3, 4], ce).logits, engine.forward([3, 4], ee).logits
     assert torch.allclose(a, b, atol=1e-5)
+    more = list(range(60, 80))  # longer than the largest bucket after cached entries: eager over the static cache
+    a, b = compiled.forward(more, ce).logits, engine.forward(more, ee).logits
+    assert len(ce) == len(ee) == past + 2 + len(more) and torch.allclose(a, b, atol=1e-5)
     with pytest.raises(ValueError):
-        ce.truncate(past + 10)
+        ce.truncate(len(ce) + 1)
 
 
 def lossless_methods(compiled: Engine, heads) -> dict:
