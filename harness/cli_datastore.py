@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +35,9 @@ class DatastoreBuildConfig:
     inputs: list[str] = field(default_factory=list)
     text_field: str = "text"  # .jsonl inputs: the field holding a document's text
     languages: list[str] = field(default_factory=list)  # .jsonl inputs: keep lines whose "lang" is one of these ([] = all)
-    tokenizer: str = "zoo/target"  # tokenizer of `inputs` (the model's: a local dir or hub id); ignored for the zoo data
+    # tokenizer of `inputs` (the model's: a local dir or hub id); the zoo data is encoded with it too when it is a
+    # local model directory and `data.tokenizer_from` is unset (a re-built corpus would otherwise get a re-trained one)
+    tokenizer: str = "zoo/target"
     zoo_tokens: str = "train.npy"  # no inputs: the zoo token file (train.npy | train_functions.npy)
     data: ZooDataConfig = field(default_factory=ZooDataConfig)  # where the zoo data lives (built first if missing)
     max_tokens: int = 0  # keep only the first N tokens (0 = all)
@@ -70,9 +72,13 @@ def read_zoo(cfg: DatastoreBuildConfig) -> tuple[np.ndarray, list[dict], dict]:
     from transformers import AutoTokenizer  # noqa: PLC0415
 
     from harness.datastore import tokenizer_fingerprint  # noqa: PLC0415
+    from harness.paths import resolve_repo_path  # noqa: PLC0415
     from harness.zoo.build import prepare_data  # noqa: PLC0415
 
-    paths = prepare_data(cfg.data)
+    data = cfg.data
+    if not data.tokenizer_from and (resolve_repo_path(cfg.tokenizer) / "tokenizer.json").exists():
+        data = replace(data, tokenizer_from=str(resolve_repo_path(cfg.tokenizer)))  # the zoo data in the model's tokens
+    paths = prepare_data(data)
     file = paths.tokens / cfg.zoo_tokens
     if not file.exists():
         raise FileNotFoundError(f"no zoo token file {file}; use zoo_tokens=train.npy or train_functions.npy")

@@ -367,3 +367,22 @@ def test_cli_zoo_build_micro(tmp_path):
     state = json.loads((tmp_path / "cache" / "train" / "medusa" / "train_state.json").read_text())
     assert state["step"] == 2 and state["reason"] == "end"  # ... and trained to its plan again
     assert cli_zoo.main(rerun + ["stages=[bogus]"]) == 1
+    # the cache re-built on a machine whose source files changed: its re-trained tokenizer is not the
+    # zoo's, so stages whose held-out figures read the cached tokens refuse it until it is re-encoded
+    from harness.zoo.build import tokenizer_hash
+
+    tok_file = tmp_path / "cache" / "zoo-data" / "tokenizer" / "tokenizer.json"
+    tok = json.loads(tok_file.read_text())
+    merges = tok["model"]["merges"]
+    merges[0], merges[1] = merges[1], merges[0]
+    tok_file.write_text(json.dumps(tok))
+    zoo_target = tmp_path / "zoo" / "target"
+    assert tokenizer_hash(tok_file.parent) != tokenizer_hash(zoo_target)
+    assert cli_zoo.main(rerun + ["stages=[medusa]"]) == 1
+    meta = tmp_path / "cache" / "zoo-data" / "tokens" / "data_meta.json"
+    meta_before = meta.stat().st_mtime_ns
+    data_args = [a for a in args if a.startswith("data.")]
+    assert cli_zoo.main(["prepare", *data_args, f"data.tokenizer_from={zoo_target}"]) == 0
+    assert tokenizer_hash(tok_file.parent) == tokenizer_hash(zoo_target)
+    assert meta.stat().st_mtime_ns != meta_before  # the token data was encoded again with it
+    assert cli_zoo.main(["prepare", *data_args, f"data.tokenizer_from={tmp_path}"]) == 1  # no tokenizer there

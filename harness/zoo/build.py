@@ -14,6 +14,7 @@ Only exported models (fp16 safetensors + tokenizer + manifest + card) go into ``
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import shutil
 import time
@@ -37,6 +38,10 @@ class ZooDataConfig:
     functions: FunctionSamplesConfig = field(default_factory=FunctionSamplesConfig)  # function-level samples (train_functions.npy)
     data_seed: int = 0  # order of documents in the training stream
     force: bool = False  # rebuild even if the files exist
+    # an exported model whose tokenizer encodes the token data instead of one trained here: a new cache for
+    # stages on a shipped zoo (`data.tokenizer_from=zoo/target`), whose tokenizer a re-trained one may not equal
+    # (the machine's source files, and so the BPE merges, change over time)
+    tokenizer_from: str = ""
 
 
 @dataclass
@@ -84,7 +89,14 @@ def prepare_data(cfg: ZooDataConfig, log=print) -> DataPaths:
         else:
             cfg_force_rest = cfg.force
             docs = None
-        if cfg_force_rest or not (p.tokenizer / "tokenizer.json").exists():
+        if cfg.tokenizer_from:  # never trained here: the given model's, copied when the cached one differs
+            if tokenizer_hash(p.tokenizer) != tokenizer_hash(_resolve(cfg.tokenizer_from)):
+                staged = p.tokenizer.with_name(f".{p.tokenizer.name}.new")
+                _copy_tokenizer(_resolve(cfg.tokenizer_from), staged)
+                replace_dir(staged, p.tokenizer)
+                log(f"[zoo] tokenizer: copied from {cfg.tokenizer_from} -> {p.tokenizer}")
+                cfg_force_rest = True
+        elif cfg_force_rest or not (p.tokenizer / "tokenizer.json").exists():
             if docs is None:
                 docs, _ = load_corpus(p.corpus)
             t0 = time.time()
@@ -119,6 +131,42 @@ def prepare_data(cfg: ZooDataConfig, log=print) -> DataPaths:
             log(f"[zoo] function-level samples: {fmeta['samples']:,} functions, {fmeta['tokens']:,} tokens "
                 f"in {time.time() - t0:.0f} s -> {p.tokens / FUNCTIONS_META}")
     return p
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
+def tokenizer_hash(model_dir: Path) -> str:
+    """sha256 of a saved tokenizer's model (vocabulary and merges); "" when there is none."""
+    f = model_dir / "tokenizer.json"
+    if not f.exists():
+        return ""
+    model = json.loads(f.read_text(encoding="utf-8"))["model"]
+    return hashlib.sha256(json.dumps(model, sort_keys=True).encode()).hexdigest()
+
+
+def check_token_data(paths: DataPaths, model_dir: Path) -> None:
+    """Raise when the cached token data was encoded with another tokenizer than ``model_dir``'s."""
+    if tokenizer_hash(paths.tokenizer) != tokenizer_hash(model_dir):
+        raise ValueError(f"the cached token data ({paths.tokens}) was encoded with a tokenizer other than "
+                         f"{model_dir}'s (the corpus was re-built on this machine): run "
+                         f"`harness zoo prepare data.tokenizer_from={model_dir}` to re-encode it with the zoo's tokenizer")
+
+
+def _resolve(path: str) -> Path:
+    p = Path(path).expanduser()
+    return p if p.is_absolute() else REPO_ROOT / p
+
+
+def _copy_tokenizer(src: Path, dst: Path) -> None:
+    if not (src / "tokenizer.json").exists():
+        raise FileNotFoundError(f"data.tokenizer_from={src}: no tokenizer.json there; give an exported model directory")
+    if dst.exists():
+        shutil.rmtree(dst)
+    dst.mkdir(parents=True)
+    for name in TOKENIZER_FILES:
+        if (src / name).exists():
+            shutil.copy2(src / name, dst / name)
 
 
 def read_json(path: Path) -> dict:
