@@ -228,6 +228,9 @@ def _distill_draft(cmd: ZooCommand, paths, root: Path, zoo: Path) -> bool:
         print(f"[zoo] {DISTILL_CHECKPOINT} stopped before its plan ended: rerun to continue")
         return False
     export_model(cmd.draft.name, Path(job.out_dir), paths, zoo, cmd.export.dtype)
+    init_manifest = resolve_repo_path(job.init_from) / "corpus_manifest.json"
+    if init_manifest.exists():  # started from an exported model: its card names the corpus it was trained on
+        shutil.copy2(init_manifest, zoo / cmd.draft.name / "corpus_manifest.json")
     quality = zoo / cmd.draft.name / "quality.json"
     if cmd.export.evaluate:
         only_draft = replace(cmd.export, models=[cmd.draft.name], draft_name=cmd.draft.name, target_name=cmd.target.name)
