@@ -36,8 +36,8 @@ from methods.tree import DraftTree, TreeError
 class Eagle2Config(EagleConfig):
     name: str = "eagle2"
     top_k: int = 4  # children per expanded node, and nodes expanded per level
-    depth: int = 3  # levels drafted (= head forwards per step; the tree's maximum depth); 3 and 16 tokens: fastest on the tuning split (results/eagle2-trees.md)
-    total_tokens: int = 16  # draft nodes verified per step (the best by cumulative draft log-probability)
+    depth: int = 3  # levels drafted (= head forwards per step; the tree's maximum depth); 3 and 8 tokens: fastest on the tuning split (results/eagle2-trees.md)
+    total_tokens: int = 8  # draft nodes verified per step (the best by cumulative draft log-probability)
     candidates: str = "topk"  # fixed: dynamic trees verify deterministic top-k candidates (module doc)
 
 

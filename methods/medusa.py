@@ -60,8 +60,9 @@ class MedusaConfig(MethodConfig):
     name: str = "medusa"
     heads: str = "zoo/target-medusa"  # directory (or weights file) of the heads; ours or upstream's format
     # chain | small | large (see methods.medusa.TREES; compared on the tuning split by make tables:
-    # results/medusa-trees.md); ignored when `choices` is set
-    tree: str = "small"
+    # results/medusa-trees.md: chain 0.89x, small 0.88x, large 0.71x on 2 Intel Xeon cores, one thread;
+    # chain and small within noise, chain the faster); ignored when `choices` is set
+    tree: str = "chain"
     choices: Optional[list[list[int]]] = None  # explicit tree, e.g. [[0],[1],[0,0]]
     acceptance: str = "greedy"  # sampling rule: greedy | rejection (lossless) | typical (lossy); greedy decoding always uses greedy
     posterior_threshold: float = 0.09  # typical: epsilon (hard cap of the acceptance threshold)
