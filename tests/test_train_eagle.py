@@ -168,11 +168,11 @@ def test_zoo_stages_write_loadable_heads(model_dir, tmp_path):
     from harness import cli_zoo
 
     cache = tmp_path / "cache" / "zoo-data"
-    marks = (("corpus", "corpus_manifest.json"), ("tokenizer", "tokenizer.json"), ("tokens", "data_meta.json"),
-             ("tokens", "functions_meta.json"))
+    marks = (("corpus", "corpus_manifest.json"), ("tokens", "data_meta.json"), ("tokens", "functions_meta.json"))
     for sub, name in marks:
         (cache / sub).mkdir(parents=True, exist_ok=True)
         (cache / sub / name).write_text("{}")  # prepare_data sees the data as there
+    shutil.copytree(model_dir, cache / "tokenizer")  # the token data is in the target's tokens
     rng = np.random.default_rng(0)
     np.save(cache / "tokens" / "train.npy", rng.integers(3, 250, 2000).astype(np.uint16))
     np.save(cache / "tokens" / "heldout_go.npy", rng.integers(3, 250, 200).astype(np.uint16))

@@ -141,7 +141,7 @@ def tokenizer_hash(model_dir: Path) -> str:
     f = model_dir / "tokenizer.json"
     if not f.exists():
         return ""
-    model = json.loads(f.read_text(encoding="utf-8"))["model"]
+    model = json.loads(f.read_text(encoding="utf-8")).get("model")
     return hashlib.sha256(json.dumps(model, sort_keys=True).encode()).hexdigest()
 
 
