@@ -37,8 +37,13 @@ LEADERBOARD_METHODS := $(METHODS),rest
 # beyond hf-generate stay eager transformers code, and swift (layer skipping) and eagle3 (chosen layers'
 # hidden states) run eager forwards only, so they are left out there
 COMPILED_METHODS := autoregressive,hf-generate,speculative,speculative-tree,prompt-lookup,reference-lookup,suffix,recycling,lookahead,medusa,eagle,eagle2
-DRAFT_ARGS := method.speculative.gamma=$(GAMMA) method.hf-assisted.num_assistant_tokens=$(GAMMA)
-BENCH_METHODS ?= $(METHODS)
+# gamma goes to the draft-model methods that are benched (an override of a method not in the run is refused)
+comma := ,
+benched = $(filter $(1),$(subst $(comma), ,$(BENCH_METHODS)))
+DRAFT_ARGS = $(if $(call benched,speculative),method.speculative.gamma=$(GAMMA)) \
+  $(if $(call benched,hf-assisted),method.hf-assisted.num_assistant_tokens=$(GAMMA))
+# MODE=compiled benches the methods that run compiled (COMPILED_METHODS: swift and eagle3 refuse model.compile=true)
+BENCH_METHODS ?= $(if $(filter compiled,$(MODE)),$(COMPILED_METHODS),$(METHODS))
 RUN := .venv/bin/harness run --task humaneval --limit $(LIMIT) --max-new-tokens 128 run.threads=1 $(MODE_ARGS)
 
 .PHONY: setup bench test leaderboard leaderboard-docs tables readme datastore $(TABLES)

@@ -370,6 +370,28 @@ def test_make_leaderboard_and_tables_check_the_tree_first_and_write_the_readme_l
         assert "harness.publish readme" in lines[-1], target
 
 
+@pytest.mark.parametrize("mode", ["eager", "compiled"])
+def test_make_bench_overrides_only_benched_methods_and_compiled_mode_leaves_out_eager_only_ones(mode):
+    """`make bench MODE=...` must start: an override of a method not in the run, or a method that
+    refuses model.compile=true (swift, eagle3) in a compiled run, fails it at once."""
+    import re
+    import subprocess
+
+    from harness.paths import REPO_ROOT
+
+    done = subprocess.run(["make", "-n", "bench", f"MODE={mode}"], cwd=REPO_ROOT, capture_output=True, text=True, check=True)
+    runs = [line for line in done.stdout.splitlines() if "harness run" in line]
+    assert len(runs) == 2
+    for line in runs:
+        methods = set(re.search(r"--methods (\S+)", line).group(1).split(","))
+        overridden = set(re.findall(r"method\.([a-z0-9-]+)\.", line))
+        assert overridden <= methods, (overridden - methods, line)
+        assert ("model.compile=true" in line) == (mode == "compiled")
+        if mode == "compiled":
+            assert not methods & {"swift", "eagle3"}, line
+    assert {"speculative", "medusa", "eagle2"} <= set(re.search(r"--methods (\S+)", runs[0]).group(1).split(","))
+
+
 # ---- the gate cannot be fooled (part 5) ----------------------------------------------------------
 def only_p0(change):
     return lambda r: change(r) if r["sample_id"] == "p0" else None
