@@ -75,9 +75,9 @@ def read_zoo(cfg: DatastoreBuildConfig) -> tuple[np.ndarray, list[dict], dict]:
     from harness.paths import resolve_repo_path  # noqa: PLC0415
     from harness.zoo.build import prepare_data  # noqa: PLC0415
 
-    data = cfg.data
-    if not data.tokenizer_from and (resolve_repo_path(cfg.tokenizer) / "tokenizer.json").exists():
-        data = replace(data, tokenizer_from=str(resolve_repo_path(cfg.tokenizer)))  # the zoo data in the model's tokens
+    data, model_dir = cfg.data, resolve_repo_path(cfg.tokenizer)
+    if not data.tokenizer_from and (model_dir / "tokenizer.json").exists():
+        data = replace(data, tokenizer_from=str(model_dir))  # the zoo data in the model's tokens
     paths = prepare_data(data)
     file = paths.tokens / cfg.zoo_tokens
     if not file.exists():

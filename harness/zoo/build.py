@@ -22,7 +22,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from harness.paths import REPO_ROOT, replace_dir
+from harness.paths import REPO_ROOT, replace_dir, resolve_repo_path
 from harness.zoo.corpus import CorpusConfig, build_corpus, load_corpus, save_corpus, write_json
 from harness.zoo.functions import FUNCTIONS_META, FunctionSamplesConfig, encode_function_samples
 from harness.zoo.tokenizer import TokenizerConfig, check_tokenizer, load_tokenizer, train_tokenizer
@@ -90,9 +90,10 @@ def prepare_data(cfg: ZooDataConfig, log=print) -> DataPaths:
             cfg_force_rest = cfg.force
             docs = None
         if cfg.tokenizer_from:  # never trained here: the given model's, copied when the cached one differs
-            if tokenizer_hash(p.tokenizer) != tokenizer_hash(_resolve(cfg.tokenizer_from)):
+            source = resolve_repo_path(cfg.tokenizer_from)
+            if tokenizer_hash(p.tokenizer) != tokenizer_hash(source):
                 staged = p.tokenizer.with_name(f".{p.tokenizer.name}.new")
-                _copy_tokenizer(_resolve(cfg.tokenizer_from), staged)
+                _copy_tokenizer(source, staged)
                 replace_dir(staged, p.tokenizer)
                 log(f"[zoo] tokenizer: copied from {cfg.tokenizer_from} -> {p.tokenizer}")
                 cfg_force_rest = True
@@ -151,11 +152,6 @@ def check_token_data(paths: DataPaths, model_dir: Path) -> None:
         raise ValueError(f"the cached token data ({paths.tokens}) was encoded with a tokenizer other than "
                          f"{model_dir}'s (the corpus was re-built on this machine): run "
                          f"`harness zoo prepare data.tokenizer_from={model_dir}` to re-encode it with the zoo's tokenizer")
-
-
-def _resolve(path: str) -> Path:
-    p = Path(path).expanduser()
-    return p if p.is_absolute() else REPO_ROOT / p
 
 
 def _copy_tokenizer(src: Path, dst: Path) -> None:
