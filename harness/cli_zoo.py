@@ -6,8 +6,9 @@
   mix (``target_functions``, zoo v3), fine-tune that with sequence-level unlikelihood against
   its own greedy loops (``target_unlikelihood``), export them with quality figures and cards, generate
   the target's self-distillation data (``selfdistill``), fine-tune the draft on it
-  (``draft_distill``: re-exported as zoo/draft with new figures, zoo/target untouched), then train and export the
-  target's Medusa heads (on the self-distilled data), its SPACE fine-tune and its EAGLE-1/2 and EAGLE-3 heads (``eagle``,
+  (``draft_distill``: next-token CE on its outputs; ``draft_top1``: then CE against its argmax, the target run
+  on each batch; each re-exported as zoo/draft with new figures, zoo/target untouched), then train and export the
+  target's Medusa heads (on the self-distilled data; ``medusa_greedy``: then on its greedy records only), its SPACE fine-tune and its EAGLE-1/2 and EAGLE-3 heads (``eagle``,
   ``eagle3``, on the self-distilled data). ``stages=[...]``
   runs a subset (a finished stage is skipped on a re-run: its checkpoint says so);
   ``clean=true`` first deletes the cached data and checkpoints.
@@ -34,11 +35,12 @@ from harness.train.unlikelihood import UnlikelihoodTrainConfig
 from harness.zoo.build import ExportConfig, ZooDataConfig
 from harness.zoo.selfdistill import SelfDistillConfig
 
-STAGES = ("draft", "target", "target_functions", "target_unlikelihood", "export", "selfdistill", "draft_distill", "medusa", "space",
-          "eagle", "eagle3")
+STAGES = ("draft", "target", "target_functions", "target_unlikelihood", "export", "selfdistill", "draft_distill", "draft_top1",
+          "medusa", "medusa_greedy", "space", "eagle", "eagle3")
 FUNCTIONS_CHECKPOINT = "target-functions"  # <train_root>/<this>: the target_functions stage's checkpoint
 UNLIKELIHOOD_CHECKPOINT = "target-unlikelihood"  # <train_root>/<this>: the target_unlikelihood stage's checkpoint
 DISTILL_CHECKPOINT = "draft-distill"  # <train_root>/<this>: the draft_distill stage's checkpoint
+TOP1_CHECKPOINT = "draft-top1"  # <train_root>/<this>: the draft_top1 stage's checkpoint (zoo/draft ships it)
 
 USAGE = "usage: harness zoo {prepare|build|export|eval} [key=value ...]   (--cfg shows all keys)"
 
@@ -70,8 +72,18 @@ class ZooCommand:
     # the draft fine-tuned on that data (sequence-level KD; checkpoint <train_root>/draft-distill, init_from "" =
     # the draft stage's checkpoint), exported as zoo/draft with its quality and agreement against the shipped target
     draft_distill: DraftDistillConfig = field(default_factory=DraftDistillConfig)
+    # its second phase: CE against the target's argmax (the target run on each batch), 45 minutes on one thread
+    # (checkpoint <train_root>/draft-top1, init_from "" = the draft_distill checkpoint); chosen over KL by
+    # 6-minute pilots (harness/train/distill.py)
+    draft_top1: DraftDistillConfig = field(default_factory=lambda: DraftDistillConfig(
+        loss="top1", lr=2e-4, max_steps=0, max_minutes=45, group_by_length=True))
     # heads on the exported target (the shipped zoo: Medusa 40 minutes beside draft_distill, one thread each)
     medusa: MedusaTrainConfig = field(default_factory=lambda: MedusaTrainConfig(max_minutes=40))
+    # their second phase: on the greedy self-distilled records only, where the tokens a head must foresee are the
+    # target's greedy ones (checkpoint <train_root>/medusa-greedy, init_from "" = the medusa checkpoint), 40 minutes
+    # beside draft_top1; exported over zoo/target-medusa. Chosen by 6-minute pilots (harness/train/medusa.py)
+    medusa_greedy: MedusaTrainConfig = field(default_factory=lambda: MedusaTrainConfig(
+        greedy_only=True, lr=3e-4, max_minutes=40, group_by_length=True))
     # SAR fine-tune of the exported target; every block's masks carry a loss (the AR loss is always there)
     space: SpaceTrainConfig = field(default_factory=lambda: SpaceTrainConfig(mask_prob=1.0, max_minutes=60))
     # EAGLE heads on the exported target, trained on its self-distilled data (corpus windows if there is none)
@@ -114,15 +126,15 @@ def _build(cmd: ZooCommand) -> int:
     unknown = [s for s in cmd.stages if s not in STAGES]
     if unknown:
         raise ValueError(f"unknown zoo stage(s) {', '.join(unknown)}: choose from {', '.join(STAGES)}")
-    if {"export", "draft_distill"} & set(cmd.stages):
+    if {"export", "draft_distill", "draft_top1"} & set(cmd.stages):
         sandbox_isolation(cmd.export)  # export.execute below full isolation: refused before hours of training
     paths = data_paths(cmd.data)
     root = Path(cmd.train_root).expanduser() if cmd.train_root else paths.root / "train"
     if cmd.clean:
         for d in (paths.corpus, paths.tokenizer, paths.tokens, root / cmd.draft.name, root / cmd.target.name,
                   root / cmd.export.sources.get(cmd.target.name, cmd.target.name),
-                  root / FUNCTIONS_CHECKPOINT, root / UNLIKELIHOOD_CHECKPOINT, root / DISTILL_CHECKPOINT,
-                  root / "medusa", root / "space", root / "eagle", root / "eagle3", paths.root / "zoo-data" / "selfdistill"):  # fmt: skip
+                  root / FUNCTIONS_CHECKPOINT, root / UNLIKELIHOOD_CHECKPOINT, root / DISTILL_CHECKPOINT, root / TOP1_CHECKPOINT,
+                  root / "medusa", root / "medusa-greedy", root / "space", root / "eagle", root / "eagle3", paths.root / "zoo-data" / "selfdistill"):  # fmt: skip
             if d.exists():
                 shutil.rmtree(d)
                 print(f"[zoo] removed {d}")
@@ -156,7 +168,7 @@ def _build(cmd: ZooCommand) -> int:
         cmd.export.draft_name, cmd.export.target_name = cmd.draft.name, cmd.target.name
         export_zoo(cmd.export, cmd.data, str(root))
     zoo = zoo_dir_of(cmd.export)
-    if {"draft_distill", "medusa", "space", "eagle", "eagle3"} & set(cmd.stages) and (zoo / cmd.target.name).exists():
+    if {"draft_distill", "draft_top1", "medusa", "medusa_greedy", "space", "eagle", "eagle3"} & set(cmd.stages) and (zoo / cmd.target.name).exists():
         check_token_data(paths, zoo / cmd.target.name)  # their held-out figures read the cached token data
     if "selfdistill" in cmd.stages:
         from harness.zoo.corpus import load_corpus  # noqa: PLC0415
@@ -167,23 +179,32 @@ def _build(cmd: ZooCommand) -> int:
         cmd.selfdistill.out_dir = cmd.selfdistill.out_dir or str(paths.root / "zoo-data" / "selfdistill" / cmd.target.name)
         st = generate_selfdistill(cmd.selfdistill, load_corpus(paths.corpus)[0])
         print(f"[zoo] self-distillation data: {st}")
-    if "draft_distill" in cmd.stages and not _distill_draft(cmd, paths, root, zoo):
-        return 1
-    for job, export_name in ((cmd.medusa, "target-medusa"), (cmd.space, "target-space")):
-        job.data_dir = job.data_dir or str(paths.tokens)
-        if cmd.export.zoo_dir:  # a zoo elsewhere (tests, experiments): train on and write into it
-            job.base, job.export_dir = str(zoo / cmd.target.name), str(zoo / export_name)
-    for job, export_name in ((cmd.eagle, "target-eagle"), (cmd.eagle3, "target-eagle3")):
+    phases = (("draft_distill", cmd.draft_distill, DISTILL_CHECKPOINT, root / cmd.draft.name),
+              ("draft_top1", cmd.draft_top1, TOP1_CHECKPOINT, root / DISTILL_CHECKPOINT))
+    for stage, job, checkpoint, start in phases:
+        if stage in cmd.stages and not _distill_draft(cmd, job, checkpoint, start, paths, root, zoo):
+            return 1
+    # the heads and fine-tunes read this build's token data and self-distilled records (its data.cache_dir)
+    for job, export_name in ((cmd.medusa, "target-medusa"), (cmd.medusa_greedy, "target-medusa"), (cmd.space, "target-space"),
+                             (cmd.eagle, "target-eagle"), (cmd.eagle3, "target-eagle3")):  # fmt: skip
         job.data_dir = job.data_dir or str(paths.tokens)
         job.selfdistill_dir = job.selfdistill_dir or cmd.selfdistill.out_dir or str(
             paths.root / "zoo-data" / "selfdistill" / cmd.target.name)
-        if cmd.export.zoo_dir:
+        if cmd.export.zoo_dir:  # a zoo elsewhere (tests, experiments): train on and write into it
             job.base, job.export_dir = str(zoo / cmd.target.name), str(zoo / export_name)
     if "medusa" in cmd.stages:
         cmd.medusa.out_dir = cmd.medusa.out_dir or str(root / "medusa")
         _restart_if_base_changed(Path(cmd.medusa.out_dir), cmd.medusa.base)
         _res, summary = run_medusa_training(cmd.medusa)  # exports to medusa.export_dir at the end
         print(f"[zoo] trained medusa heads: {summary}")
+    if "medusa_greedy" in cmd.stages:
+        job = cmd.medusa_greedy
+        job.out_dir = job.out_dir or str(root / "medusa-greedy")
+        job.init_from = job.init_from or str(root / "medusa")
+        _restart_if_base_changed(Path(job.out_dir), job.base)
+        _restart_if_init_changed(Path(job.out_dir), job.init_from)
+        _res, summary = run_medusa_training(job)  # exports over medusa_greedy.export_dir at the end
+        print(f"[zoo] trained medusa heads, second phase: {summary}")
     if "space" in cmd.stages:
         cmd.space.out_dir = cmd.space.out_dir or str(root / "space")
         _restart_if_base_changed(Path(cmd.space.out_dir), cmd.space.base)
@@ -205,27 +226,29 @@ def _build(cmd: ZooCommand) -> int:
     return 0
 
 
-def _distill_draft(cmd: ZooCommand, paths, root: Path, zoo: Path) -> bool:
-    """The ``draft_distill`` stage: fine-tune the draft on the target's self-distilled records
-    (restarted when the draft or the data changed), then export it as zoo/draft, evaluate it
+def _distill_draft(cmd: ZooCommand, job: DraftDistillConfig, checkpoint: str, start: Path, paths, root: Path, zoo: Path) -> bool:
+    """A ``draft_distill`` / ``draft_top1`` stage: fine-tune the draft (``job.init_from``, else
+    ``start``) on the target's self-distilled records into ``<train_root>/<checkpoint>``
+    (restarted when its start or the data changed), then export it as zoo/draft, evaluate it
     with the shipped target loaded read-only for the agreement (zoo/target is not written) and
     rewrite its card. False when training stopped before its plan ended."""
     from harness.paths import resolve_repo_path  # noqa: PLC0415
     from harness.train.distill import data_fingerprint, run_draft_distill  # noqa: PLC0415
     from harness.zoo.build import evaluate_zoo, export_model, write_card  # noqa: PLC0415
 
-    job = cmd.draft_distill
-    job.init_from = job.init_from or str(root / cmd.draft.name)
-    job.out_dir = job.out_dir or str(root / DISTILL_CHECKPOINT)
+    job.init_from = job.init_from or str(start)
+    job.out_dir = job.out_dir or str(root / checkpoint)
     job.target = str(zoo / cmd.target.name)
     job.selfdistill_dir = job.selfdistill_dir or cmd.selfdistill.out_dir or str(
         paths.root / "zoo-data" / "selfdistill" / cmd.target.name)
     fingerprint = f"{_init_fingerprint(resolve_repo_path(job.init_from))} data={data_fingerprint(job)}"
+    if job.loss != "ce":  # (a CE run's stamp keeps its earlier form, so its checkpoint still resumes)
+        fingerprint += f" loss={job.loss}"
     _restart_if_changed(Path(job.out_dir), f"{job.init_from} or the self-distilled data", fingerprint, "init.stamp")
-    res, summary = run_draft_distill(job)
-    print(f"[zoo] trained {DISTILL_CHECKPOINT}: {summary}")
+    res, summary = run_draft_distill(job, name=checkpoint)
+    print(f"[zoo] trained {checkpoint}: {summary}")
     if not res.finished:
-        print(f"[zoo] {DISTILL_CHECKPOINT} stopped before its plan ended: rerun to continue")
+        print(f"[zoo] {checkpoint} stopped before its plan ended: rerun to continue")
         return False
     export_model(cmd.draft.name, Path(job.out_dir), paths, zoo, cmd.export.dtype)
     init_manifest = resolve_repo_path(job.init_from) / "corpus_manifest.json"
@@ -263,8 +286,9 @@ def _init_fingerprint(source: Path) -> str:
     if (source / "train_state.json").exists():
         st = json.loads((source / "train_state.json").read_text())
         return f"checkpoint step={st['step']} tokens={st['tokens']} elapsed_s={st['elapsed_s']}"
-    if (source / "model.safetensors").exists():
-        return "sha256=" + hashlib.sha256((source / "model.safetensors").read_bytes()).hexdigest()
+    for weights in ("model.safetensors", "medusa_lm_head.safetensors"):  # an exported model, or exported heads
+        if (source / weights).exists():
+            return "sha256=" + hashlib.sha256((source / weights).read_bytes()).hexdigest()
     raise FileNotFoundError(f"{source} holds no checkpoint or exported model to continue from "
                             "(run the stage it continues first, or set target_functions_train.init_from / "
                             "target_unlikelihood.init_from)")

@@ -44,10 +44,62 @@ def test_record_batches_mark_padding_and_continuations():
         assert b.generated[k].tolist() == [STARTS[r] <= j < len(row) for j in range(10)]
 
 
+def test_length_grouped_batches_visit_every_record_once_with_less_padding():
+    rng = np.random.default_rng(3)
+    records = [[k] + list(range(3, 3 + int(n))) for k, n in enumerate(rng.integers(3, 200, 203))]  # 12 x 16 + 11
+    plain = RecordBatches(records, 16, 512, seed=1)
+    grouped = RecordBatches(records, 16, 512, seed=1, group_by_length=True)
+    for epoch in range(2):
+        perm = grouped._permutation(epoch)
+        assert sorted(perm.tolist()) == list(range(len(records)))  # a permutation: each record once an epoch
+    padding = {}
+    for name, b in (("plain", plain), ("grouped", grouped)):
+        seen, pads = [], 0
+        for _ in range(12):  # the full batches of epoch 0
+            batch = next(b)
+            seen += batch.ids[:, 0].tolist()
+            pads += int((~batch.valid).sum())
+        assert b.epoch == 0 and len(set(seen)) == 12 * 16
+        padding[name] = pads
+    assert padding["grouped"] < padding["plain"] / 3
+    next(grouped)  # the short batch does not fit: the next epoch starts, resumable as before
+    assert (grouped.epoch, grouped.cursor) == (1, 16)
+    again = RecordBatches(records, 16, 512, seed=1, group_by_length=True)
+    again.load_state_dict(grouped.state_dict())
+    assert torch.equal(next(again).ids, next(grouped).ids)
+
+
+def test_kl_distill_loss_is_the_forward_kl_to_the_teacher():
+    """KL loss: 0 when the teacher is the model; else sum_v p_t log(p_t / p_d) averaged over the
+    counted positions, as computed by hand for one unpadded row."""
+    model, teacher = tiny_model(VOCAB), tiny_model(VOCAB, seed=1)
+    batch = _alone(2)
+    with torch.no_grad():
+        same, n = distill_loss_fn(1.0, tiny_model(VOCAB), "kl")(model, batch)
+        kl, n_kl = distill_loss_fn(1.0, teacher, "kl")(model, batch)
+        ids = batch.ids[:, :-1]
+        p_t = torch.softmax(teacher(input_ids=ids).logits.float(), -1)
+        p_d = torch.softmax(model(input_ids=ids).logits.float(), -1)
+        by_hand = (p_t * (p_t.log() - p_d.log())).sum(-1).mean()
+        cont_only, n_cont = distill_loss_fn(0.0, teacher, "kl")(model, batch)
+        by_hand_cont = (p_t * (p_t.log() - p_d.log())).sum(-1)[0, STARTS[2] - 1 :].mean()
+        top1, _ = distill_loss_fn(1.0, teacher, "top1")(model, batch)
+        by_hand_top1 = -p_d.log()[0].gather(-1, p_t[0].argmax(-1, keepdim=True)).mean()
+    assert float(same) == pytest.approx(0.0, abs=1e-6) and n == n_kl == len(RECORDS[2]) - 1
+    assert float(kl) == pytest.approx(float(by_hand), rel=1e-5) and float(kl) > 0.01
+    assert n_cont == len(RECORDS[2]) - STARTS[2] and float(cont_only) == pytest.approx(float(by_hand_cont), rel=1e-5)
+    assert float(top1) == pytest.approx(float(by_hand_top1), rel=1e-5)
+    with pytest.raises(ValueError, match="loss='kl' needs teacher"):
+        distill_loss_fn(1.0, None, "kl")
+    with pytest.raises(ValueError, match="choose ce, kl or top1"):
+        distill_loss_fn(1.0, teacher, "js")
+
+
+@pytest.mark.parametrize("kind", ["ce", "kl", "top1"])
 @pytest.mark.parametrize("prompt_weight", [0.0, 1.0])
-def test_distill_loss_of_a_padded_batch_is_the_rows_alone(prompt_weight):
+def test_distill_loss_of_a_padded_batch_is_the_rows_alone(prompt_weight, kind):
     model = tiny_model(VOCAB)
-    loss_fn = distill_loss_fn(prompt_weight)
+    loss_fn = distill_loss_fn(prompt_weight, tiny_model(VOCAB, seed=1) if kind != "ce" else None, kind)
     with torch.no_grad():
         padded, n = loss_fn(model, _padded(pad_id=0))
         other_pad, _ = loss_fn(model, _padded(pad_id=77))  # what fills the padding does not matter
@@ -59,20 +111,58 @@ def test_distill_loss_of_a_padded_batch_is_the_rows_alone(prompt_weight):
     assert float(other_pad) == pytest.approx(float(padded), rel=1e-6)
 
 
-def test_medusa_loss_of_a_padded_batch_is_the_rows_alone():
+@pytest.mark.parametrize("kind", ["ce", "kl", "top1"])
+@pytest.mark.parametrize("continuation_only", [False, True])
+def test_medusa_loss_of_a_padded_batch_is_the_rows_alone(kind, continuation_only):
     """Head i alone (one-hot weights): the padded batch's loss is the label-weighted mean of the
-    rows' losses, each row computed unpadded; no label past a row's end is counted."""
+    rows' losses, each row computed unpadded; no label past a row's end is counted, and with
+    ``continuation_only`` none whose tokens from t+1 on are not all the continuation's."""
     base = tiny_model(VOCAB)
     heads = new_heads(base, num_heads=3, num_layers=1)
     batch = _padded(pad_id=0)
     for i in range(3):
-        loss_fn = medusa_loss_fn(base, [1.0 if j == i else 0.0 for j in range(3)])
+        loss_fn = medusa_loss_fn(base, [1.0 if j == i else 0.0 for j in range(3)], kind, continuation_only)
         with torch.no_grad():
             padded, n = loss_fn(heads, batch)
-            alone = [float(loss_fn(heads, torch.tensor([r]))[0]) for r in RECORDS]
-        labels = [max(0, len(r) - i - 2) for r in RECORDS]  # head i at t predicts t+i+2
+            alone = [float(loss_fn(heads, _alone(r))[0]) for r in range(len(RECORDS))]
+        if continuation_only:  # t >= start - 1 (token t+1 generated) and t+i+2 inside the row
+            labels = [max(0, len(r) - s - i - 1) for r, s in zip(RECORDS, STARTS)]
+        else:  # head i at t predicts t+i+2
+            labels = [max(0, len(r) - i - 2) for r in RECORDS]
         assert n == sum(len(r) - 1 for r in RECORDS)
-        assert float(padded) == pytest.approx(sum(a * m for a, m in zip(alone, labels)) / sum(labels), rel=1e-5)
+        got = [a * m for a, m in zip(alone, labels) if m]  # a row without a label adds nothing (its loss is 0)
+        assert float(padded) == pytest.approx(sum(got) / sum(labels), rel=1e-5)
+        if continuation_only and i == 2:  # row 1 (2 continuation tokens) has no label for head 2
+            assert labels[1] == 0 and alone[1] == 0.0
+
+
+def test_medusa_kl_loss_is_the_bases_distribution_at_the_shifted_place():
+    """Head i at t against the base's own distribution at t+i+1 (which predicts token t+i+2): by
+    hand for one row; a head that is the base's LM head scores KL 0 as head 0 only where it sees
+    the same hidden state, so it must not here (t vs t+1)."""
+    from harness.train.medusa import base_hidden
+
+    base = tiny_model(VOCAB)
+    heads = new_heads(base, num_heads=2, num_layers=1)
+    with torch.no_grad():
+        for p in heads.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+        row = torch.tensor([RECORDS[2]])
+        h = base_hidden(base, row[:, :-1])
+        logp = torch.log_softmax(base.get_output_embeddings()(h).float(), -1)[0]
+        for i in range(2):
+            got, _ = medusa_loss_fn(base, [1.0 if j == i else 0.0 for j in range(2)], "kl")(heads, row)
+            n = row.shape[1] - 1 - i - 1
+            q = torch.log_softmax(heads[i](h[0, :n]).float(), -1)
+            by_hand = (logp[i + 1 : i + 1 + n].exp() * (logp[i + 1 : i + 1 + n] - q)).sum(-1).mean()
+            wrong_place = (logp[:n].exp() * (logp[:n] - q)).sum(-1).mean()
+            assert float(got) == pytest.approx(float(by_hand), rel=1e-5)
+            assert abs(float(got) - float(wrong_place)) > 1e-3
+            top1, _ = medusa_loss_fn(base, [1.0 if j == i else 0.0 for j in range(2)], "top1")(heads, row)
+            greedy = logp[i + 1 : i + 1 + n].argmax(-1, keepdim=True)
+            assert float(top1) == pytest.approx(float(-q.gather(-1, greedy).mean()), rel=1e-5)
+    with pytest.raises(ValueError, match="medusa loss='mse': choose ce, kl or top1"):
+        medusa_loss_fn(base, [1.0, 1.0], "mse")
 
 
 def _tokens(tmp_path: Path) -> Path:
@@ -82,6 +172,19 @@ def _tokens(tmp_path: Path) -> Path:
     np.save(data / "train.npy", rng.integers(3, 250, 2000).astype(np.uint16))
     np.save(data / "heldout_python.npy", rng.integers(3, 250, 200).astype(np.uint16))
     return data
+
+
+def test_greedy_only_records(tmp_path):
+    from harness.train.data import load_records
+    from harness.zoo.selfdistill import MANIFEST
+
+    recs = [{"index": k, "prompt_ids": [5, 6, 7], "ids": [8 + k, 9, 10], "temperature": t}
+            for k, t in enumerate([0.0, 0.7, 1.0, 0.0, 0.7, 1.0])]
+    (tmp_path / "shard-0.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    (tmp_path / MANIFEST).write_text(json.dumps({"shards": {"shard-0.jsonl": {}}}))
+    assert len(load_records(tmp_path, 2, 32, 0).records) == 6
+    greedy = load_records(tmp_path, 2, 32, 0, greedy_only=True)
+    assert sorted(r[3] for r in greedy.records) == [8, 11] and greedy.starts == [3, 3]
 
 
 def test_medusa_data_choice(model_dir, tmp_path):
@@ -103,6 +206,38 @@ def test_medusa_data_choice(model_dir, tmp_path):
         run_medusa_training(cfg("selfdistill", "b"), log=lambda s: None)
     with pytest.raises(ValueError, match="medusa data='bogus': choose auto, selfdistill or corpus"):
         run_medusa_training(cfg("bogus", "b"), log=lambda s: None)
+    corpus_greedy = cfg("corpus", "c")
+    corpus_greedy.greedy_only = True
+    with pytest.raises(ValueError, match="greedy_only=true needs self-distilled records of this base"):
+        run_medusa_training(corpus_greedy, log=lambda s: None)
+
+
+def test_medusa_init_from_heads_or_a_checkpoint(model_dir, tmp_path):
+    """``init_from``: exported heads or a training checkpoint start the heads; another shape is refused."""
+    from harness.train.loop import load_checkpoint
+    from harness.train.medusa import MedusaTrainConfig, initial_heads, run_medusa_training
+    from methods.medusa_heads import save_heads
+
+    tokens = _tokens(tmp_path)
+    base = tiny_model(VOCAB)
+    heads = new_heads(base, num_heads=2, num_layers=1)
+    with torch.no_grad():
+        for p in heads.parameters():
+            p.add_(0.1)
+    save_heads(heads, tmp_path / "exported", dtype=torch.float32)
+
+    def cfg(num_heads: int = 2, **kw) -> MedusaTrainConfig:
+        return MedusaTrainConfig(base=str(model_dir), data="corpus", data_dir=str(tokens), num_heads=num_heads,
+                                 batch_size=2, seq_len=16, max_steps=1, max_minutes=0, progress=False,
+                                 export_at_end=False, **kw)  # fmt: skip
+
+    state = initial_heads(cfg(init_from=str(tmp_path / "exported")), heads.config)
+    assert all(torch.equal(state[k], v) for k, v in heads.state_dict().items())
+    run_medusa_training(cfg(init_from=str(tmp_path / "exported"), out_dir=str(tmp_path / "a")), log=lambda s: None)
+    from_ckpt = initial_heads(cfg(init_from=str(tmp_path / "a")), heads.config)
+    assert all(torch.equal(from_ckpt[k], v) for k, v in load_checkpoint(tmp_path / "a")["model"].items())
+    with pytest.raises(ValueError, match="holds 2 heads x 1 layers .* the config asks for 3 x 1"):
+        run_medusa_training(cfg(3, init_from=str(tmp_path / "exported"), out_dir=str(tmp_path / "b")), log=lambda s: None)
 
 
 def test_chain_acceptance_of_a_draft(tokenizer):
@@ -137,7 +272,8 @@ MICRO_ZOO = [
     "selfdistill.n_prompts=6", "selfdistill.max_new_tokens=4", "selfdistill.batch_size=3",
     "selfdistill.prompt_max_tokens=24", "selfdistill.speed_prompts=0",
     "draft_distill.batch_size=2", "draft_distill.seq_len=32", "draft_distill.warmup_steps=1", "draft_distill.lr=1e-2",
-    "draft_distill.progress=false",
+    "draft_distill.progress=false", "draft_top1.batch_size=2", "draft_top1.seq_len=32", "draft_top1.warmup_steps=1",
+    "draft_top1.progress=false", "draft_top1.max_minutes=0",
 ]
 
 
@@ -175,3 +311,15 @@ def test_draft_distill_stage(tmp_path):
                          *common[:2], *[a for a in common[2:] if a != "draft_train.max_steps=2"]]) == 0  # fmt: skip
     ck = load_checkpoint(ckpt_dir)
     assert ck["step"] == 2 and [r["step"] for r in ck["runs"]] == [0]
+
+    # the second phase: CE against the target's argmax, from the draft_distill checkpoint, exported as zoo/draft
+    phase1 = _sha_tree(zoo / "draft")["model.safetensors"]
+    assert cli_zoo.main(["build", "stages=[draft_top1]", "draft_top1.max_steps=2", *common]) == 0
+    info = json.loads((zoo / "draft" / "training.json").read_text())
+    assert info["distillation"]["loss"] == "top1" and info["step"] == 2
+    assert info["initialized_from"]["source"] == str(ckpt_dir / "checkpoint.pt")
+    assert _sha_tree(zoo / "draft")["model.safetensors"] != phase1 and _sha_tree(zoo / "target") == target_before
+    card = (zoo / "draft" / "README.md").read_text()
+    assert "cross-entropy against the target's argmax" in card and "records of similar length batched together" in card
+    top1_ck = load_checkpoint(tmp_path / "cache" / "train" / "draft-top1")
+    assert top1_ck["step"] == 2

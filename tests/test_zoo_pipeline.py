@@ -323,16 +323,22 @@ def test_cli_zoo_build_micro(tmp_path):
           for k in ("max_steps=2", "batch_size=2", "seq_len=32", "eval_prompts=1", "progress=false")),
         "eagle3.ttt_steps=2",
         "draft_distill.max_steps=2", "draft_distill.batch_size=2", "draft_distill.seq_len=32", "draft_distill.progress=false",
+        "draft_top1.max_steps=2", "draft_top1.max_minutes=0", "draft_top1.batch_size=2", "draft_top1.seq_len=32",
+        "draft_top1.progress=false",
+        "medusa_greedy.max_steps=2", "medusa_greedy.max_minutes=0", "medusa_greedy.batch_size=2", "medusa_greedy.seq_len=32",
+        "medusa_greedy.eval_tokens=200", "medusa_greedy.progress=false",
     ]
     assert cli_zoo.main(args) == 0
-    # zoo/draft: the draft distilled from the target (draft_distill); zoo/target: the unlikelihood fine-tune
+    # zoo/draft: the draft distilled from the target (draft_distill, then draft_top1); zoo/target: the unlikelihood fine-tune
     for name, steps in (("draft", 2), ("target", 2)):
         d = tmp_path / "zoo" / name
         assert json.loads((d / "training.json").read_text())["step"] == steps
         assert json.loads((d / "quality.json").read_text())["humaneval"]["problems"] == 2
         assert (d / "README.md").exists()
     assert "draft" in (tmp_path / "zoo" / "README.md").read_text()
-    assert json.loads((tmp_path / "zoo" / "draft" / "training.json").read_text())["distillation"]["data"]["rows"] == 4
+    draft_info = json.loads((tmp_path / "zoo" / "draft" / "training.json").read_text())
+    assert draft_info["distillation"]["data"]["rows"] == 4 and draft_info["distillation"]["loss"] == "top1"
+    assert draft_info["initialized_from"]["source"].endswith("draft-distill/checkpoint.pt")
     # zoo/target is the unlikelihood fine-tune (2 steps) of the target continued on the file + function-level
     # mix (3 steps, from the 4-step target; issue 15)
     info = json.loads((tmp_path / "zoo" / "target" / "training.json").read_text())
@@ -343,6 +349,13 @@ def test_cli_zoo_build_micro(tmp_path):
     assert set(man["decontamination"]["per_language"]) == {"python", "go"}
     # the Medusa heads and the SPACE fine-tune of that target, exported beside it
     assert (tmp_path / "zoo" / "target-medusa" / "config.json").exists()
+    medusa_info = json.loads((tmp_path / "zoo" / "target-medusa" / "training.json").read_text())
+    assert medusa_info["greedy_only"] and medusa_info["step"] == 2  # the second phase, over the first
+    # on this build's self-distilled records (its cache, not the default one): the greedy 2 of the 4
+    assert medusa_info["data"]["source"] == "selfdistill" and medusa_info["data"]["rows"] == 2
+    assert medusa_info["data"]["path"].startswith(str(tmp_path / "cache"))
+    assert medusa_info["initialized_from"] == str(tmp_path / "cache" / "train" / "medusa")
+    assert "greedy self-distilled continuations only" in (tmp_path / "zoo" / "target-medusa" / "README.md").read_text()
     for head in ("target-eagle", "target-eagle3"):  # the EAGLE heads of that target (issue 16)
         assert json.loads((tmp_path / "zoo" / head / "training.json").read_text())["step"] == 2
     sd = json.loads((tmp_path / "cache" / "zoo-data" / "selfdistill" / "target" / "manifest.json").read_text())

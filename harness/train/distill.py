@@ -3,19 +3,35 @@
     from harness.train.distill import DraftDistillConfig, run_draft_distill
     run_draft_distill(DraftDistillConfig(init_from="<train_root>/draft", out_dir="<train_root>/draft-distill"))
 
-Sequence-level knowledge distillation (Kim & Rush 2016, *Sequence-Level Knowledge
-Distillation*; DistillSpec's "fixed teacher-generated data" variant, Zhou et al. 2024): the
-draft is fine-tuned with next-token cross-entropy on the target's own continuations of corpus
-prompts (``harness.zoo.selfdistill``: greedy and sampled at T 0.7 / 1.0, generated once). Why
-this and not token-level KL to the target's distribution: the data is fixed, so a step needs no
-target forward; on the 2-core CPU a target forward costs about three draft training steps, so
-KL would buy a third of the steps in the same time. Speculative decoding accepts a drafted
-token when it is what the target would say, and these records are what the target says.
+Three losses (``loss``), all on the target's self-distilled records (``harness.zoo.selfdistill``:
+corpus prompts and the target's continuations, greedy and sampled at T 0.7 / 1.0, generated once):
 
-Loss: the mean CE over the continuation tokens (the target's outputs). The prompt tokens are
-corpus text the draft has already been trained on, and their next tokens are not the target's;
-``prompt_weight`` > 0 counts them too (weight per token relative to a continuation token).
-Each row is one record (prompt + continuation), right-padded; padded positions carry no loss.
+- ``ce``: sequence-level knowledge distillation (Kim & Rush 2016; DistillSpec's "fixed
+  teacher-generated data", Zhou et al. 2024): next-token cross-entropy on the target's outputs.
+  No target forward per step. Two thirds of the records are sampled, so a label is often not the
+  token the target would say greedily. (The shipped draft's first phase.)
+- ``kl``: token-level forward KL(target || draft) at every counted position, the target run under
+  ``no_grad`` on the same batch (DistillSpec's white-box distillation): the target's whole
+  next-token distribution, not one sample of it.
+- ``top1``: cross-entropy against the target's argmax at every counted position, the target run
+  on the same batch. Greedy speculation accepts a drafted token exactly when it is the target's
+  top-1, so this is the surrogate of the acceptance itself; a 0.95M draft has little capacity to
+  spare on the rest of a 3.4M target's distribution. (The shipped draft's second phase,
+  ``draft_top1`` in ``harness zoo build``.)
+
+Measured before choosing (6-minute pilots side by side from the CE-distilled draft, lr 2e-4, one
+thread each, continuation tokens only; greedy agreement along the target's continuations of
+HumanEval's tuning problems, 0.631 before): ``top1`` 0.651 after 650 steps, ``kl`` 0.626 after 567;
+the first 550 steps (5 minutes, lr at its 5e-4 peak) of a ``kl`` run with the prompt tokens counted
+had fallen to 0.603. A target forward
+costs about 0.5 s beside a 0.65 s draft step (16 records padded to ~310 tokens, one thread), so a
+``kl`` / ``top1`` step costs about 1.8 ``ce`` steps; ``group_by_length`` wins that back (records
+of similar length batched together: a random batch of these records is about half padding).
+
+Counted positions: the continuation tokens (weight 1) and the prompt tokens (``prompt_weight``
+each; 0 by default: the prompts are corpus text, where the target's behaviour is not what a
+draft meets after a prompt). Each row is one record (prompt + continuation), right-padded; padded
+positions carry no loss.
 
 Initialised from the draft's weights (``init_from``: a checkpoint dir or an exported model),
 resumable through the generic loop (:mod:`harness.train.loop`); the checkpoint has the LM
@@ -51,28 +67,49 @@ class DraftDistillConfig(TrainLoopConfig):
     threads: int = 1  # torch threads (0 = leave as is)
     batch_size: int = 16  # records per step (one record per row)
     seq_len: int = 320  # longest row (prompt <= 192 + continuation <= 128: records are kept whole)
+    loss: str = "ce"  # ce (next-token CE on the target's outputs) | kl (forward KL to the target's distribution)
     prompt_weight: float = 0.0  # loss weight of a prompt token relative to a continuation token (0 = continuation only)
+    group_by_length: bool = False  # batch records of similar length together (less padding per step)
     init_from: str = ""  # the draft's weights (checkpoint dir or exported model; "" in zoo build = <train_root>/draft)
     target: str = "zoo/target"  # the target whose self-distilled data is used (its weights must have generated it; zoo build: the zoo's)
     selfdistill_dir: str = ""  # self-distilled records ("" = <cache>/zoo-data/selfdistill/<target dir name>)
     out_dir: str = ""  # checkpoint dir ("" in zoo build = <train_root>/draft-distill)
 
 
-def distill_loss_fn(prompt_weight: float) -> Callable[[torch.nn.Module, PaddedBatch], tuple[torch.Tensor, int]]:
-    """``loss_fn(model, batch)``: next-token CE at every label position that is a real token,
-    weighted 1 for a continuation token and ``prompt_weight`` for a prompt token, averaged by
-    those weights (the batch's positions pooled, so a row counts by its tokens)."""
+LOSSES = ("ce", "kl", "top1")
+
+
+def distill_loss_fn(prompt_weight: float, teacher: torch.nn.Module | None = None, loss: str = "ce",
+                    ) -> Callable[[torch.nn.Module, PaddedBatch], tuple[torch.Tensor, int]]:  # fmt: skip
+    """``loss_fn(model, batch)``: at every label position that is a real token, ``ce``: next-token
+    CE against the record's token; ``kl``: the forward KL from ``teacher``'s next-token
+    distribution to the model's; ``top1``: CE against ``teacher``'s argmax there. Weighted 1 for a
+    continuation token and ``prompt_weight`` for a prompt token, averaged by those weights (the
+    batch's positions pooled, so a row counts by its tokens)."""
+    if loss not in LOSSES:
+        raise ValueError(f"draft_distill.loss={loss!r}: choose ce, kl or top1")
+    if (loss != "ce") != (teacher is not None):
+        raise ValueError(f"draft_distill.loss={loss!r} {'needs' if loss != 'ce' else 'takes no'} teacher model")
 
     def loss_fn(model: torch.nn.Module, batch: PaddedBatch) -> tuple[torch.Tensor, int]:
         device = next(model.parameters()).device
         ids = batch.ids.to(device)
-        labels = ids[:, 1:]
         real = batch.valid[:, 1:].to(device)
         gen = batch.generated[:, 1:].to(device) if batch.generated is not None else real
-        weight = (gen & real).float() + prompt_weight * (real & ~gen).float()
+        weight = ((gen & real).float() + prompt_weight * (real & ~gen).float()).reshape(-1)
         logits = model(input_ids=ids[:, :-1]).logits.float()  # right padding: real positions never see a pad
-        ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="none")
-        return (ce * weight.reshape(-1)).sum() / weight.sum().clamp(min=1e-9), int((weight > 0).sum())
+        logits = logits.reshape(-1, logits.shape[-1])
+        if loss == "ce":
+            per_token = F.cross_entropy(logits, ids[:, 1:].reshape(-1), reduction="none")
+        else:
+            with torch.no_grad():
+                t_logits = teacher(input_ids=ids[:, :-1]).logits.float().reshape(logits.shape)
+            if loss == "top1":
+                per_token = F.cross_entropy(logits, t_logits.argmax(-1), reduction="none")
+            else:
+                t_logp = F.log_softmax(t_logits, dim=-1)
+                per_token = F.kl_div(F.log_softmax(logits, dim=-1), t_logp, log_target=True, reduction="none").sum(-1)
+        return (per_token * weight).sum() / weight.sum().clamp(min=1e-9), int((weight > 0).sum())
 
     return loss_fn
 
@@ -105,6 +142,8 @@ def run_draft_distill(cfg: DraftDistillConfig, log: Callable[[str], None] | None
         raise ValueError("draft_distill.out_dir is empty: give the checkpoint dir")
     if cfg.prompt_weight < 0:
         raise ValueError(f"draft_distill.prompt_weight={cfg.prompt_weight}: give a weight >= 0 (0 = continuation only)")
+    if cfg.loss not in LOSSES:
+        raise ValueError(f"draft_distill.loss={cfg.loss!r}: choose ce, kl or top1")
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     distill_dir = selfdistill_dir(cfg.selfdistill_dir, cfg.target)
@@ -117,12 +156,21 @@ def run_draft_distill(cfg: DraftDistillConfig, log: Callable[[str], None] | None
         "the draft stage first, or set draft_distill.init_from)"))  # fmt: skip
     model, config, init_info = cont.model, cont.config, cont.init_info
     pad = target_cfg.pad_token_id if target_cfg.pad_token_id is not None else 0
-    batches = load_records(distill_dir, cfg.batch_size, cfg.seq_len, cfg.seed, pad_id=pad)
+    batches = load_records(distill_dir, cfg.batch_size, cfg.seq_len, cfg.seed, pad_id=pad, group_by_length=cfg.group_by_length)
+    teacher = None
+    if cfg.loss != "ce":
+        from transformers import AutoModelForCausalLM  # noqa: PLC0415
+
+        teacher = AutoModelForCausalLM.from_pretrained(str(resolve_repo_path(cfg.target)), dtype=torch.float32).eval()
+        teacher.requires_grad_(False)
     n_cont = sum(len(r) - s for r, s in zip(batches.records, batches.starts))
     n_tokens = sum(len(r) for r in batches.records)
     n_params = sum(p.numel() for p in model.parameters())
     recipe = {
-        "method": "sequence-level KD: next-token CE on the target's own continuations (fixed teacher-generated data)",
+        "method": ("sequence-level KD: next-token CE on the target's own continuations (fixed teacher-generated data)"
+                   if cfg.loss == "ce" else "token-level KD: forward KL(target || draft) at every counted position of the "
+                   "target's self-distilled records, the target run on each batch"),
+        "loss": cfg.loss, "group_by_length": cfg.group_by_length,
         "data": {"source": "selfdistill", "path": str(distill_dir), "rows": len(batches.records), "tokens": n_tokens,
                  "continuation_tokens": n_cont},
         "target": cfg.target, "target_weights_sha256": weights_sha(cfg.target), "prompt_weight": cfg.prompt_weight,
@@ -134,7 +182,7 @@ def run_draft_distill(cfg: DraftDistillConfig, log: Callable[[str], None] | None
     log(f"[train {name}] {n_params / 1e6:.2f}M parameters on {len(batches.records):,} self-distilled records "
         f"({n_tokens:,} tokens, {n_cont:,} of them the target's) from {distill_dir}, out_dir {cfg.out_dir}")
     loop = TrainLoopConfig(**{k: getattr(cfg, k) for k in TrainLoopConfig.__dataclass_fields__})
-    result = train(model, distill_loss_fn(cfg.prompt_weight), batches, loop, Path(cfg.out_dir), extra_state=extra,
+    result = train(model, distill_loss_fn(cfg.prompt_weight, teacher, cfg.loss), batches, loop, Path(cfg.out_dir), extra_state=extra,
                    desc=f"train {name}", log=log)  # fmt: skip
     summary: dict[str, Any] = {"step": result.step, "tokens": result.tokens, "epochs": round(batches.epochs_done, 3),
                                "elapsed_min": round(result.elapsed_s / 60, 2), "finished": result.finished,

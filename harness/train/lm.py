@@ -367,6 +367,8 @@ def load_initial_weights(source: str, vocab_size: int) -> InitialWeights:
             t = json.loads(tj.read_text())
             info.update(step=t.get("step"), training_tokens=t.get("training_tokens"),
                         elapsed_s=round(60 * (t.get("wall_time_min") or 0), 1), exported_dtype=t.get("exported_dtype"))
+            if t.get("distillation"):  # an earlier distillation phase: its recipe travels with the weights
+                info["distillation"] = t["distillation"].get("method")
     else:
         raise FileNotFoundError(f"train.init_from={source!r}: neither a checkpoint dir (checkpoint.pt) "
                                 "nor an exported model dir (config.json + model.safetensors)")

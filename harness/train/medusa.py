@@ -4,16 +4,36 @@
     run_medusa_training(MedusaTrainConfig(max_minutes=60, threads=1))   # again = resume
     export_medusa(MedusaTrainConfig())                                  # fp16 heads + card -> zoo/target-medusa
 
-Loss = sum over heads i of w_i * cross-entropy(head i's logits at t, token at t+i+2), with
-w_i = ``head_decay ** i`` unless ``head_weights`` is given. The base model runs under
-``no_grad`` to give the last hidden states; the loop is the shared one in ``harness.train.loop``.
+Loss = sum over heads i of w_i * loss_i, w_i = ``head_decay ** i`` unless ``head_weights`` is
+given, loss_i per ``loss``:
+
+- ``ce``: cross-entropy of head i's logits at t against the token at t+i+2 (Medusa-1);
+- ``kl``: forward KL from the base's own next-token distribution at t+i+1 (its LM head on the
+  hidden state that has read tokens 0..t+i+1, which predicts token t+i+2) to head i's at t:
+  Medusa-2's self-distillation, the heads learning what the base would say there, not one
+  sample of it. Greedy Medusa accepts head i's token when it is the base's top-1 at that place.
+  The base forward that gives the hidden states gives these distributions too: no extra cost;
+- ``top1``: cross-entropy against the base's argmax at t+i+1 (the token greedy Medusa accepts
+  there, given the record's tokens up to t+i+1).
+
+The base model runs under ``no_grad`` to give the last hidden states; the loop is the shared
+one in ``harness.train.loop``. ``init_from``: exported heads (a ``zoo/target-medusa``-style dir)
+to start from instead of heads initialised from the base's LM head.
 
 Data (``harness.train.data``, the rule EAGLE follows): the target's self-distilled records
 (prompt + its own continuation, one record per row, right-padded; Medusa-2's self-distillation
 recipe for the heads, the target frozen) when they exist for this target's weights
 (``data=auto``), otherwise windows of the tokenised corpus; ``selfdistill`` / ``corpus`` force
 one. Every real position is trained on; padded positions, and labels past a row's end, are not
-(each head's CE is the mean over its real labels).
+(each head's CE is the mean over its real labels). ``greedy_only`` (the zoo's second phase,
+``medusa_greedy``): the greedy records alone, and only labels whose tokens from t+1 on are the
+continuation's: head i at t is accepted when it foresees the target's greedy token at t+i+2 after
+greedy tokens t+1..t+i+1, which a greedy continuation holds and a sampled one does not (nor the
+target's argmax after sampled tokens). Measured from the shipped CE heads (top-1 against the
+target's greedy tokens along its continuations of HumanEval's tuning problems, heads 0/1/2:
+0.362 / 0.231 / 0.173 before): the first checkpoint (5 minutes, lr still at its 3e-4 peak) of a
+``loss=top1`` run on all records 0.349 / 0.224 / 0.154 (stopped there), a 6-minute
+``greedy_only`` pilot (cosine over the 6 minutes) 0.380 / 0.257 / 0.192.
 """
 
 from __future__ import annotations
@@ -29,11 +49,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from harness.paths import write_component
+from harness.paths import resolve_repo_path, write_component
 from harness.train.data import as_padded, check_data_choice, data_spec, load_training_data, tokens_dir
 from harness.train.lm import default_cache_dir
 from harness.train.loop import TrainLoopConfig, TrainResult, load_checkpoint, run_record, train
-from methods.medusa_heads import MedusaHeads, MedusaHeadsConfig, save_heads
+from methods.medusa_heads import MedusaHeads, MedusaHeadsConfig, load_heads, save_heads
 
 
 @dataclass
@@ -53,11 +73,21 @@ class MedusaTrainConfig(TrainLoopConfig):
     num_layers: int = 1  # L: ResBlocks per head
     head_decay: float = 0.8  # loss weight of head i = head_decay ** i ...
     head_weights: list[float] = field(default_factory=list)  # ... unless given explicitly (K values)
+    loss: str = "ce"  # ce (the token i+2 ahead) | kl (the base's distribution there: Medusa-2 self-distillation) | top1 (its argmax)
+    init_from: str = ""  # exported heads to start from ("" = fresh heads from the base's LM head)
+    group_by_length: bool = False  # self-distilled records: batch records of similar length together (less padding)
+    # self-distilled records: the greedy ones only, and only labels whose tokens from t+1 on are the target's
+    # (head i at t is accepted when tokens t+1..t+i+2 are the target's greedy choices: on a greedy continuation
+    # the token at t+i+2 is exactly that; on a sampled one it is not, nor is the base's argmax after sampled tokens)
+    greedy_only: bool = False
     batch_size: int = 8  # rows per step (self-distilled records or corpus windows)
     seq_len: int = 512  # corpus window length; longer records are cut to it
     export_at_end: bool = True  # export when the plan / budget is finished
     eval_tokens: int = 20000  # held-out tokens per language for the accuracy figures (0 = all)
     device: str = "cpu"  # cpu | cuda | auto (where the base and the heads run)
+
+
+LOSSES = ("ce", "kl", "top1")
 
 
 def cache_paths(cfg: MedusaTrainConfig) -> tuple[Path, Path]:
@@ -93,16 +123,39 @@ def new_heads(base: torch.nn.Module, num_heads: int, num_layers: int, name: str 
     return heads
 
 
+def initial_heads(cfg: MedusaTrainConfig, shape: MedusaHeadsConfig) -> dict[str, torch.Tensor]:
+    """The state of the heads ``cfg.init_from`` names: a training checkpoint dir or exported heads."""
+    src = resolve_repo_path(cfg.init_from)
+    ckpt = load_checkpoint(src)
+    if ckpt is not None:
+        found = MedusaHeadsConfig(**ckpt["extra"]["heads"])
+        state = ckpt["model"]
+    else:
+        start = load_heads(src, hidden_size=shape.hidden_size, vocab_size=shape.vocab_size)
+        found, state = start.config, start.state_dict()
+    if (found.num_heads, found.num_layers, found.hidden_size, found.vocab_size) != (
+            shape.num_heads, shape.num_layers, shape.hidden_size, shape.vocab_size):  # fmt: skip
+        raise ValueError(f"medusa.init_from={cfg.init_from} holds {found.num_heads} heads x {found.num_layers} layers "
+                         f"({found.hidden_size} -> {found.vocab_size}), the config asks for {shape.num_heads} x "
+                         f"{shape.num_layers} on this base: match them or drop init_from")  # fmt: skip
+    return state
+
+
 def base_hidden(base: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
     """Last hidden states ``[B, T, H]`` of the frozen base (no graph)."""
     with torch.no_grad():
         return base.get_decoder()(input_ids=ids).last_hidden_state.float()
 
 
-def medusa_loss_fn(base: torch.nn.Module, weights: list[float]) -> Callable[[torch.nn.Module, Any], tuple[torch.Tensor, int]]:
+def medusa_loss_fn(base: torch.nn.Module, weights: list[float], loss: str = "ce", continuation_only: bool = False,
+                   ) -> Callable[[torch.nn.Module, Any], tuple[torch.Tensor, int]]:  # fmt: skip
     """``loss_fn(heads, batch)`` for the training loop: ``batch`` a ``[B, T+1]`` tensor of corpus
-    windows or a right-padded :class:`PaddedBatch` of records; head i's CE is the mean over the
-    positions whose label (t+i+2) is a real token."""
+    windows or a right-padded :class:`PaddedBatch` of records; head i's loss (``ce`` against the
+    token at t+i+2, ``kl`` from the base's distribution at t+i+1, ``top1`` against its argmax) is the mean over the
+    positions whose label (t+i+2) is a real token (``continuation_only``: and whose tokens from t+1
+    on are the record's continuation, i.e. generated by the target)."""
+    if loss not in LOSSES:
+        raise ValueError(f"medusa loss={loss!r}: choose ce, kl or top1")
 
     def loss_fn(heads: torch.nn.Module, batch: Any) -> tuple[torch.Tensor, int]:
         batch = as_padded(batch)
@@ -110,15 +163,29 @@ def medusa_loss_fn(base: torch.nn.Module, weights: list[float]) -> Callable[[tor
         ids, valid = batch.ids.to(device), batch.valid.to(device)
         length = ids.shape[1] - 1
         h = base_hidden(base, ids[:, :-1])  # h[:, t] has read tokens 0..t
+        if loss != "ce":
+            with torch.no_grad():
+                base_logp = F.log_softmax(base.get_output_embeddings()(h).float(), dim=-1)  # [:, t] predicts t+1
         total = h.new_zeros(())
         for i, head in enumerate(heads):
             n = length - i - 1  # positions t with a label at t+i+2 <= length
             if n <= 0:
                 continue
             logits = head(h[:, :n])
-            ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, i + 2 :].reshape(-1), reduction="none")
-            real = valid[:, i + 2 :].reshape(-1).to(ce.dtype)  # right padding: a real label has real inputs before it
-            total = total + weights[i] * (ce * real).sum() / real.sum().clamp(min=1.0)
+            logits = logits.reshape(-1, logits.shape[-1])
+            if loss != "ce":
+                teacher = base_logp[:, i + 1 :].reshape(logits.shape)  # the base at t+i+1 predicts token t+i+2
+            if loss == "kl":
+                per = F.kl_div(F.log_softmax(logits, dim=-1), teacher, log_target=True, reduction="none").sum(-1)
+            elif loss == "top1":
+                per = F.cross_entropy(logits, teacher.argmax(-1), reduction="none")
+            else:
+                per = F.cross_entropy(logits, ids[:, i + 2 :].reshape(-1), reduction="none")
+            real = valid[:, i + 2 :]  # right padding: a real label has real inputs before it
+            if continuation_only:  # the continuation is a suffix: token t+1 generated -> t+1..t+i+2 all are
+                real = real & batch.generated[:, 1 : 1 + n].to(device)
+            real = real.reshape(-1).to(per.dtype)
+            total = total + weights[i] * (per * real).sum() / real.sum().clamp(min=1.0)
         return total, int(valid[:, 1:].sum())
 
     return loss_fn
@@ -142,17 +209,26 @@ def run_medusa_training(cfg: MedusaTrainConfig, log: Callable[[str], None] | Non
         if (shape.get("num_heads"), shape.get("num_layers")) != (cfg.num_heads, cfg.num_layers):
             raise ValueError(f"the checkpoint in {out_dir} has {shape.get('num_heads')} heads x {shape.get('num_layers')} "
                              f"layers, the config asks for {cfg.num_heads} x {cfg.num_layers}: use another out_dir")  # fmt: skip
+    if cfg.loss not in LOSSES:
+        raise ValueError(f"medusa.loss={cfg.loss!r}: choose ce, kl or top1")
     heads = new_heads(base, cfg.num_heads, cfg.num_layers, name=cfg.base)
+    if cfg.init_from and ckpt is None:
+        heads.load_state_dict(initial_heads(cfg, heads.config))
+        log(f"[train medusa] starting from the heads in {cfg.init_from}")
     data = load_training_data(data_spec(cfg), log, "train medusa")
+    if cfg.greedy_only and data.source != "selfdistill":
+        raise ValueError("medusa.greedy_only=true needs self-distilled records of this base (the zoo's selfdistill "
+                         "stage), not corpus windows: generate them, or set greedy_only=false")  # fmt: skip
     batches = data.batches
     n_params = sum(p.numel() for p in heads.parameters())
     log(f"[train medusa] {cfg.num_heads} heads x {cfg.num_layers} layers, {n_params / 1e6:.2f}M parameters, "
         f"head weights {[round(w, 3) for w in weights]}, on {data.source} data ({data.rows:,} rows, "
         f"{data.tokens:,} tokens from {data.path}), out_dir {out_dir}")
     extra = {"heads": asdict(heads.config), "head_weights": weights, "base": cfg.base, "data_dir": str(data_dir),
-             "data": data.describe(), "batch_size": cfg.batch_size, "seq_len": cfg.seq_len, "n_params": n_params}  # fmt: skip
+             "data": data.describe(), "batch_size": cfg.batch_size, "seq_len": cfg.seq_len, "n_params": n_params,
+             "loss": cfg.loss, "init_from": cfg.init_from, "greedy_only": cfg.greedy_only}  # fmt: skip
     loop = TrainLoopConfig(**{k: getattr(cfg, k) for k in TrainLoopConfig.__dataclass_fields__})
-    result = train(heads, medusa_loss_fn(base, weights), batches, loop, out_dir, extra_state=extra,
+    result = train(heads, medusa_loss_fn(base, weights, cfg.loss, continuation_only=cfg.greedy_only), batches, loop, out_dir, extra_state=extra,
                    desc="train medusa", log=log)  # fmt: skip
     summary: dict[str, Any] = {"step": result.step, "tokens": result.tokens, "epochs": round(batches.epochs_done, 3),
                                "elapsed_min": round(result.elapsed_s / 60, 2), "finished": result.finished,
@@ -254,6 +330,9 @@ def export_medusa(cfg: MedusaTrainConfig, base: torch.nn.Module | None = None, l
         "heads": extra["heads"],
         "head_weights": extra.get("head_weights"),
         "parameters": extra.get("n_params"),
+        "loss": extra.get("loss", "ce"),
+        "initialized_from": extra.get("init_from") or None,
+        "greedy_only": extra.get("greedy_only", False),
         "data": extra.get("data") or {"source": "corpus", "path": extra.get("data_dir")},  # older checkpoints: corpus
         **run_record(ckpt),
         "heldout_accuracy": acc,
@@ -267,14 +346,31 @@ def export_medusa(cfg: MedusaTrainConfig, base: torch.nn.Module | None = None, l
     return {"dir": str(final), **{k: info[k] for k in ("step", "training_tokens", "wall_time_min")}, "accuracy": acc["all"]}
 
 
-def _data_line(data: dict) -> str:
+def _data_line(data: dict, greedy_only: bool = False) -> str:
     """The card's account of the training data."""
+    if data.get("source") == "selfdistill" and greedy_only:
+        return (f"the target's greedy self-distilled continuations only ({data.get('rows', 0):,} records of corpus "
+                f"prompt + the target's own greedy continuation; {data.get('tokens', 0):,} tokens, `{data.get('path')}`), "
+                "each head trained only where the tokens from t+1 on are the target's greedy ones (where its "
+                "prediction is accepted); Medusa-2's self-distillation, the target frozen")
     if data.get("source") == "selfdistill":
         return (f"the target's self-distilled continuations ({data.get('rows', 0):,} records of corpus prompt + the "
                 f"target's own continuation, greedy and sampled; {data.get('tokens', 0):,} tokens, `{data.get('path')}`), "
                 "Medusa-2's self-distillation recipe for the heads (the target frozen); every real position trained on")
     rows = f"{data['rows']:,} windows, {data['tokens']:,} tokens, " if "rows" in data else ""
     return f"windows of the tokenised corpus ({rows}`{data.get('path')}`)"
+
+
+def _loss_line(info: dict) -> str:
+    """The card's account of the loss (and of the heads it started from)."""
+    start = f"started from the heads in `{info['initialized_from']}`; " if info.get("initialized_from") else ""
+    if info.get("loss") == "kl":
+        return (f"Base frozen, {start}Medusa-2 self-distillation: loss = sum_i w_i * KL(base's next-token distribution "
+                "at t+i+1 || head i at t), the base's own distribution over token t+i+2")
+    if info.get("loss") == "top1":
+        return (f"Base frozen, {start}self-distillation on the base's greedy choice: loss = sum_i w_i * CE(head i at t, "
+                "the base's argmax at t+i+1), the token greedy Medusa accepts there")
+    return f"Medusa-1 (base frozen), {start}loss = sum_i w_i * CE(head i, token t+i+2)"
 
 
 def medusa_card(info: dict) -> str:
@@ -310,8 +406,8 @@ hidden state, predicting the token i+2 positions ahead. {info['parameters']:,} p
 - `training.json`: training and evaluation figures.
 
 ## Training
-Data: {_data_line(info.get('data') or {})}.
-Medusa-1 (base frozen), loss = sum_i w_i * CE(head i, token t+i+2), w = {[round(w, 3) for w in info['head_weights'] or []]};
+Data: {_data_line(info.get('data') or {}, info.get('greedy_only', False))}.
+{_loss_line(info)}, w = {[round(w, 3) for w in info['head_weights'] or []]};
 {info['step']:,} steps{'' if done else ' (schedule NOT complete)'} of {info['batch_size']} x {info['seq_len']} tokens
 ({info['training_tokens']:,} tokens), {info['wall_time_min']} min on CPU; final loss (EMA) {info['loss_ema_at_export'] or float('nan'):.4f}.
 
