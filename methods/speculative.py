@@ -34,8 +34,8 @@ SCHEDULES = ("constant", "heuristic")
 class SpeculativeConfig(MethodConfig):
     name: str = "speculative"
     draft: Optional[str] = None  # draft model: registry name or hub id / local path; None = the target's `draft`
-    # draft tokens per step (start value under `heuristic`); 2 measured best for the zoo on 2 CPU cores
-    # on HumanEval's tuning split (make tables: results/speculative-gamma.md)
+    # draft tokens per step (start value under `heuristic`); on the zoo on 2 CPU cores gamma 1 measured fastest on
+    # HumanEval's tuning split (make tables: results/speculative-gamma.md), which make bench passes (GAMMA)
     gamma: int = 2
     schedule: str = "constant"  # constant | heuristic (+2 after a fully accepted block, -1 otherwise)
     max_gamma: int = 16  # upper bound for the heuristic schedule
