@@ -21,9 +21,8 @@ corpus prompts and the target's continuations, greedy and sampled at T 0.7 / 1.0
 
 Measured before choosing (6-minute pilots side by side from the CE-distilled draft, lr 2e-4, one
 thread each, continuation tokens only; greedy agreement along the target's continuations of
-HumanEval's tuning problems, 0.631 before): ``top1`` 0.651 after 650 steps, ``kl`` 0.626 after 567;
-the first 550 steps (5 minutes, lr at its 5e-4 peak) of a ``kl`` run with the prompt tokens counted
-had fallen to 0.603. A target forward
+HumanEval's tuning problems, 0.631 before): ``top1`` 0.651 after 650 steps, ``kl`` 0.626 after 567
+(``scripts/drafter_figures.py``, ``results/drafter-figures.json``). A target forward
 costs about 0.5 s beside a 0.65 s draft step (16 records padded to ~310 tokens, one thread), so a
 ``kl`` / ``top1`` step costs about 1.8 ``ce`` steps; ``group_by_length`` wins that back (records
 of similar length batched together: a random batch of these records is about half padding).

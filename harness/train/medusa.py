@@ -33,7 +33,8 @@ target's argmax after sampled tokens). Measured from the shipped CE heads (top-1
 target's greedy tokens along its continuations of HumanEval's tuning problems, heads 0/1/2:
 0.362 / 0.231 / 0.173 before): the first checkpoint (5 minutes, lr still at its 3e-4 peak) of a
 ``loss=top1`` run on all records 0.349 / 0.224 / 0.154 (stopped there), a 6-minute
-``greedy_only`` pilot (cosine over the 6 minutes) 0.380 / 0.257 / 0.192.
+``greedy_only`` pilot (cosine over the 6 minutes) 0.380 / 0.257 / 0.192 (``scripts/drafter_figures.py``,
+``results/drafter-figures.json``).
 """
 
 from __future__ import annotations
