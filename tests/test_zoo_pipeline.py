@@ -355,7 +355,8 @@ def test_cli_zoo_build_micro(tmp_path):
     assert medusa_info["data"]["source"] == "selfdistill" and medusa_info["data"]["rows"] == 2
     assert medusa_info["data"]["path"].startswith(str(tmp_path / "cache"))
     assert medusa_info["initialized_from"] == str(tmp_path / "cache" / "train" / "medusa")
-    assert "greedy self-distilled continuations only" in (tmp_path / "zoo" / "target-medusa" / "README.md").read_text()
+    medusa_card = (tmp_path / "zoo" / "target-medusa" / "README.md").read_text()
+    assert "greedy self-distilled continuations only" in medusa_card and "results/drafter-figures.json" in medusa_card
     for head in ("target-eagle", "target-eagle3"):  # the EAGLE heads of that target (issue 16)
         assert json.loads((tmp_path / "zoo" / head / "training.json").read_text())["step"] == 2
     sd = json.loads((tmp_path / "cache" / "zoo-data" / "selfdistill" / "target" / "manifest.json").read_text())

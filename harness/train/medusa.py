@@ -374,6 +374,14 @@ def _loss_line(info: dict) -> str:
     return f"Medusa-1 (base frozen), {start}loss = sum_i w_i * CE(head i, token t+i+2)"
 
 
+def _greedy_note(info: dict) -> str:
+    if not info.get("greedy_only"):
+        return ""
+    return ("\nThese heads learned the target's greedy tokens, not the corpus's, so the corpus figures above\n"
+            "understate them: their top-1 against the target's own greedy tokens along its continuations of\n"
+            "HumanEval's tuning problems is in `results/drafter-figures.json` (`scripts/drafter_figures.py`).")
+
+
 def medusa_card(info: dict) -> str:
     """The README.md of exported heads."""
     h = info["heads"]
@@ -418,7 +426,7 @@ Data: {_data_line(info.get('data') or {}, info.get('greedy_only', False))}.
 {chr(10).join(rows)}
 
 Each head guesses from one hidden state, without the tokens in between, so accuracy falls with the
-offset. A tree node at depth d is accepted only when heads 0..d-1 all guessed right (at its ranks).
+offset. A tree node at depth d is accepted only when heads 0..d-1 all guessed right (at its ranks).{_greedy_note(info)}
 
 Exported {info['exported_at']}.
 """
