@@ -317,6 +317,7 @@ def test_draft_distill_stage(tmp_path):
     assert cli_zoo.main(["build", "stages=[draft_top1]", "draft_top1.max_steps=2", *common]) == 0
     info = json.loads((zoo / "draft" / "training.json").read_text())
     assert info["distillation"]["loss"] == "top1" and info["step"] == 2
+    assert info["distillation"]["method"].startswith("token-level KD: CE against the target's argmax")
     assert info["initialized_from"]["source"] == str(ckpt_dir / "checkpoint.pt")
     assert _sha_tree(zoo / "draft")["model.safetensors"] != phase1 and _sha_tree(zoo / "target") == target_before
     card = (zoo / "draft" / "README.md").read_text()

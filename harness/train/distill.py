@@ -76,6 +76,14 @@ class DraftDistillConfig(TrainLoopConfig):
 
 
 LOSSES = ("ce", "kl", "top1")
+# the recipe line each loss puts in the checkpoint (and so in the exported training.json)
+METHODS = {
+    "ce": "sequence-level KD: next-token CE on the target's own continuations (fixed teacher-generated data)",
+    "kl": "token-level KD: forward KL(target || draft) at every counted position of the target's self-distilled "
+          "records, the target run on each batch",
+    "top1": "token-level KD: CE against the target's argmax at every counted position of the target's self-distilled "
+            "records, the target run on each batch",
+}
 
 
 def distill_loss_fn(prompt_weight: float, teacher: torch.nn.Module | None = None, loss: str = "ce",
@@ -166,9 +174,7 @@ def run_draft_distill(cfg: DraftDistillConfig, log: Callable[[str], None] | None
     n_tokens = sum(len(r) for r in batches.records)
     n_params = sum(p.numel() for p in model.parameters())
     recipe = {
-        "method": ("sequence-level KD: next-token CE on the target's own continuations (fixed teacher-generated data)"
-                   if cfg.loss == "ce" else "token-level KD: forward KL(target || draft) at every counted position of the "
-                   "target's self-distilled records, the target run on each batch"),
+        "method": METHODS[cfg.loss],
         "loss": cfg.loss, "group_by_length": cfg.group_by_length,
         "data": {"source": "selfdistill", "path": str(distill_dir), "rows": len(batches.records), "tokens": n_tokens,
                  "continuation_tokens": n_cont},
