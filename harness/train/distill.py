@@ -86,6 +86,23 @@ METHODS = {
 }
 
 
+def check_loss(loss: str, key: str) -> None:
+    """Refuse a loss name that is not one of ``LOSSES`` (``key`` names the setting)."""
+    if loss not in LOSSES:
+        raise ValueError(f"{key}={loss!r}: choose ce, kl or top1")
+
+
+def per_token_loss(logits: torch.Tensor, loss: str, labels: torch.Tensor | None = None,
+                   teacher_logp: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    """``[N]`` losses of ``logits [N, V]``: ``ce`` against ``labels [N]``; ``kl`` the forward KL
+    from the teacher's log-probabilities ``[N, V]``; ``top1`` CE against the teacher's argmax."""
+    if loss == "ce":
+        return F.cross_entropy(logits, labels, reduction="none")
+    if loss == "top1":
+        return F.cross_entropy(logits, teacher_logp.argmax(-1), reduction="none")
+    return F.kl_div(F.log_softmax(logits, dim=-1), teacher_logp, log_target=True, reduction="none").sum(-1)
+
+
 def distill_loss_fn(prompt_weight: float, teacher: torch.nn.Module | None = None, loss: str = "ce",
                     ) -> Callable[[torch.nn.Module, PaddedBatch], tuple[torch.Tensor, int]]:  # fmt: skip
     """``loss_fn(model, batch)``: at every label position that is a real token, ``ce``: next-token
@@ -93,8 +110,7 @@ def distill_loss_fn(prompt_weight: float, teacher: torch.nn.Module | None = None
     distribution to the model's; ``top1``: CE against ``teacher``'s argmax there. Weighted 1 for a
     continuation token and ``prompt_weight`` for a prompt token, averaged by those weights (the
     batch's positions pooled, so a row counts by its tokens)."""
-    if loss not in LOSSES:
-        raise ValueError(f"draft_distill.loss={loss!r}: choose ce, kl or top1")
+    check_loss(loss, "draft_distill.loss")
     if (loss != "ce") != (teacher is not None):
         raise ValueError(f"draft_distill.loss={loss!r} {'needs' if loss != 'ce' else 'takes no'} teacher model")
 
@@ -106,16 +122,11 @@ def distill_loss_fn(prompt_weight: float, teacher: torch.nn.Module | None = None
         weight = ((gen & real).float() + prompt_weight * (real & ~gen).float()).reshape(-1)
         logits = model(input_ids=ids[:, :-1]).logits.float()  # right padding: real positions never see a pad
         logits = logits.reshape(-1, logits.shape[-1])
-        if loss == "ce":
-            per_token = F.cross_entropy(logits, ids[:, 1:].reshape(-1), reduction="none")
-        else:
+        t_logp = None
+        if teacher is not None:
             with torch.no_grad():
-                t_logits = teacher(input_ids=ids[:, :-1]).logits.float().reshape(logits.shape)
-            if loss == "top1":
-                per_token = F.cross_entropy(logits, t_logits.argmax(-1), reduction="none")
-            else:
-                t_logp = F.log_softmax(t_logits, dim=-1)
-                per_token = F.kl_div(F.log_softmax(logits, dim=-1), t_logp, log_target=True, reduction="none").sum(-1)
+                t_logp = F.log_softmax(teacher(input_ids=ids[:, :-1]).logits.float().reshape(logits.shape), dim=-1)
+        per_token = per_token_loss(logits, loss, ids[:, 1:].reshape(-1), t_logp)
         return (per_token * weight).sum() / weight.sum().clamp(min=1e-9), int((weight > 0).sum())
 
     return loss_fn
@@ -149,8 +160,7 @@ def run_draft_distill(cfg: DraftDistillConfig, log: Callable[[str], None] | None
         raise ValueError("draft_distill.out_dir is empty: give the checkpoint dir")
     if cfg.prompt_weight < 0:
         raise ValueError(f"draft_distill.prompt_weight={cfg.prompt_weight}: give a weight >= 0 (0 = continuation only)")
-    if cfg.loss not in LOSSES:
-        raise ValueError(f"draft_distill.loss={cfg.loss!r}: choose ce, kl or top1")
+    check_loss(cfg.loss, "draft_distill.loss")  # before loading models and data
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     distill_dir = selfdistill_dir(cfg.selfdistill_dir, cfg.target)
