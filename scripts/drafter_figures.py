@@ -126,11 +126,11 @@ def main() -> None:
         top1 = head_top1(target, load_any_heads(path), prompt_ids, comps)
         record["heads"][label] = {"path": str(path), "top1_vs_target_greedy": top1}
         print(label, top1, flush=True)
-    timings = {"target": {n: forward_ms(Engine.load(ModelConfig(name="t", path=args.target, dtype="float32")), n, args.reps)
-                          for n in (1, 2, 3, 4)}}  # fmt: skip
+    target_engine = Engine.load(ModelConfig(name="t", path=args.target, dtype="float32"))
+    timings = {"target": {n: forward_ms(target_engine, n, args.reps) for n in (1, 2, 3, 4)}}
     for spec in args.draft:
         label, path = labelled(spec)
-        if load_checkpoint(path) is None:  # exported drafts only (the engine loads a model directory)
+        if not (path / "checkpoint.pt").exists():  # exported drafts only (the engine loads a model directory)
             timings[f"draft {label}"] = {1: forward_ms(Engine.load(ModelConfig(name="d", path=str(path), dtype="float32")),
                                                        1, args.reps)}  # fmt: skip
     record["forward_ms_median"] = timings
