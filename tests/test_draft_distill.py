@@ -298,6 +298,7 @@ def test_draft_distill_stage(tmp_path):
     assert q["humaneval"]["problems"] == 2 and len(agr["chain_acceptance"]) == 4 and agr["positions"] > 0
     card = (zoo / "draft" / "README.md").read_text()
     assert "Distilled from the target" in card and "continuation tokens only" in card and "Per-position acceptance" in card
+    assert "(zoo v3, `draft_distill`)" in card
 
     # more steps: resumes from the checkpoint (not restarted: the draft and the data are the same)
     ckpt_dir = tmp_path / "cache" / "train" / "draft-distill"
@@ -322,5 +323,17 @@ def test_draft_distill_stage(tmp_path):
     assert _sha_tree(zoo / "draft")["model.safetensors"] != phase1 and _sha_tree(zoo / "target") == target_before
     card = (zoo / "draft" / "README.md").read_text()
     assert "cross-entropy against the target's argmax" in card and "records of similar length batched together" in card
+    assert "(zoo v3, `draft_top1`)" in card
     top1_ck = load_checkpoint(tmp_path / "cache" / "train" / "draft-top1")
     assert top1_ck["step"] == 2
+
+
+@pytest.mark.parametrize("loss, stage", [("ce", "draft_distill"), ("kl", "draft_distill"), ("top1", "draft_top1")])
+def test_distillation_card_names_the_stage_of_its_loss(loss, stage):
+    """The card names the stage that trains with that loss (a KL run is draft_distill with loss=kl)."""
+    from harness.paths import REPO_ROOT
+    from harness.zoo.build import _distillation_lines
+
+    info = json.loads((REPO_ROOT / "zoo" / "draft" / "training.json").read_text())
+    info["distillation"]["loss"] = loss
+    assert f"(zoo v3, `{stage}`)" in _distillation_lines(info)[0]
