@@ -93,7 +93,7 @@ leaderboard-docs: setup datastore
 # and draft-tree budget, each with its own autoregressive reference, on the tuning split; --by run_dir
 # gives one row per job, step_cost is t(one step's forwards) / t(1-token forward). Each sweep is its own
 # target (make tables-lookahead ...); make tables runs them all.
-TABLES := tables-gamma tables-medusa tables-space tables-lookahead tables-eagle2 tables-spec-tree
+TABLES := tables-gamma tables-medusa tables-space tables-lookahead tables-eagle2 tables-spec-tree tables-buckets
 TUNE := $(RUN) task.split=tune
 tables: setup
 	ALLOW_DIRTY=$(ALLOW_DIRTY) .venv/bin/python -m harness.publish clean-tree
@@ -136,6 +136,15 @@ tables-spec-tree:
 	for b in $(SPEC_TREE_BUDGETS); do $(TUNE) --methods autoregressive,speculative,speculative-tree \
 	  method.speculative.gamma=$$b method.speculative-tree.max_nodes=$$b --out results/runs/speculative-tree/draft_tokens-$$b $(ARGS) || exit 1; done
 	.venv/bin/harness leaderboard results/runs/speculative-tree/*/ --by run_dir --allow-mixed --out results/speculative-tree.md
+
+# compiled execution's forward sizes (model.compile_buckets): the default against it without the 2-token
+# bucket and with an 8-token one, each job compiled and timed against its own compiled autoregressive
+BUCKET_SETS := '[1,4,16,64]','[1,2,4,16,64]','[1,2,4,8,16,64]'
+tables-buckets:
+	rm -rf results/runs/compile-buckets
+	$(TUNE) -m model.compile=true --methods autoregressive,speculative,prompt-lookup,medusa method.speculative.gamma=$(GAMMA) \
+	  model.compile_buckets=$(BUCKET_SETS) --out results/runs/compile-buckets $(ARGS)
+	.venv/bin/harness leaderboard results/runs/compile-buckets/*/ --by run_dir --allow-mixed --out results/compile-buckets.md
 
 # the README's result tables, generated from results/*.md (tests/test_readme.py compares them)
 readme:
