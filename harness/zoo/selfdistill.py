@@ -45,7 +45,7 @@ class SelfDistillConfig:
 
     model: str = "zoo/target"  # model whose continuations are collected (exported dir; relative = from the repo root)
     out_dir: str = ""  # where shards and manifest go ("" = <cache>/zoo-data/selfdistill/<model dir name>)
-    n_prompts: int = 12288  # prompts in all (24 shards; 1,536 for the shipped SPACE and EAGLE fine-tunes, 12,288 for the draft and Medusa)
+    n_prompts: int = 12288  # prompts in all (24 shards); every shipped drafter (draft, Medusa, SPACE, EAGLE) trained on these 12,288
     function_prompt_share: float = 0.5  # share of prompts that are function heads (the rest: file stretches)
     prompt_min_tokens: int = 16  # shortest file-stretch prompt (tokens, before the line-break cut)
     prompt_max_tokens: int = 192  # longest prompt (longer function heads are skipped)
