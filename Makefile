@@ -15,7 +15,7 @@ SPLIT ?= report
 ARGS ?=
 # Settings chosen on the tuning split by make tables (results/speculative-gamma.md, results/space-k.md, on 2 CPU
 # cores, one thread, zoo v3, the draft after draft_top1): speculative's gamma 1 (1.00x vs 0.94x at gamma 2; hf-assisted
-# gets the same number of draft tokens), SPACE's k 1 (1.07x vs 0.92x at k 2, of the trained 5). Elsewhere (a
+# gets the same number of draft tokens), SPACE's k 1 (1.03x vs 0.90x at k 2, of the trained 5; AMD EPYC, the SPACE fine-tune on 12,288 records). Elsewhere (a
 # GPU, where a chunk or a draft costs less) run make tables there and pass the best: make bench GAMMA=... SPACE_K=...
 GAMMA ?= 1
 SPACE_K ?= 1

@@ -30,7 +30,8 @@ class ModelConfig:
     compile: bool = False  # false = eager transformers forwards over a growing cache
     # forward sizes compiled (tokens): a forward is padded to the next one; a longer one (a prompt) runs eagerly.
     # 2 is a bucket of its own: speculative's gamma-1 verify and its draft's catch-up are 2-token forwards, which
-    # padded to 4 made compiled speculative 0.82x instead of 0.97x (make tables-buckets: results/compile-buckets.md)
+    # would otherwise run the 4-row graph (make tables-buckets: results/compile-buckets.md; the measured gain is
+    # within a noisy machine's spread, see README "Compiled execution")
     compile_buckets: list[int] = field(default_factory=lambda: [1, 2, 4, 16, 64])
     compile_cache_len: int = 0  # static KV cache entries; 0 = fitted by the runner (longest prompt + max_new_tokens + padding)
 
