@@ -58,7 +58,7 @@ bench: setup
 # the tests also run the cluster launchers (joblib, a local Ray cluster, submitit): their
 # extras are installed, and a missing one fails the tests instead of skipping them
 test:
-	EXTRAS=dev,plots,cluster bash scripts/setup.sh
+	SYSTEM_DEPS=1 EXTRAS=dev,plots,cluster bash scripts/setup.sh
 	HARNESS_REQUIRE_EXTRAS=1 .venv/bin/python -m pytest -n auto
 
 datastore: setup

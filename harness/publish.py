@@ -1,17 +1,18 @@
-"""Publishing the figures: a clean-tree guard, and the README's tables generated from results/.
+"""Publishing the figures: a clean-tree guard, and the tables of README.md and docs/*.md generated
+from results/.
 
     python -m harness.publish clean-tree     # exit 2 unless the tree is clean (ALLOW_DIRTY=1: warn only)
-    python -m harness.publish readme         # rewrite the README's generated blocks from results/*.md
+    python -m harness.publish readme         # rewrite the generated blocks of README.md and docs/*.md
     python -m harness.publish readme --check # exit 1 when a block differs from what results/ holds
 
-Every table of measured figures in README.md sits between two markers,
+Every table of measured figures in README.md and docs/*.md sits between two markers,
 
     <!-- results-table: leaderboard -->  ...  <!-- /results-table -->
 
 and is rendered here from the published leaderboards in ``results/`` (``make leaderboard``
 and ``make tables`` write those, then run ``make readme``). A block is never edited by
-hand: tests/test_readme.py fails when a block differs from its files, and when a README
-table outside the blocks quotes a measured figure.
+hand: tests/test_readme.py fails when a block differs from its files, and when a table
+outside the blocks quotes a measured figure.
 """
 
 from __future__ import annotations
@@ -66,6 +67,11 @@ class Published:
     path: Path
     header: str  # "model: ... | device: ... | commit: ..."
     rows: list[dict[str, str]]  # one dict per table row, cells as written
+
+    @property
+    def model(self) -> str:
+        """The model the header names (its first field)."""
+        return self.header.split("|")[0].split(":", 1)[1].strip()
 
 
 def read_leaderboard(path: Path) -> Published:
@@ -130,10 +136,9 @@ def methods_block(results: Path) -> str:
     files = [read_leaderboard(results / name) for name in ("leaderboard.md", "leaderboard-space.md")]
     rows = []
     for f in files:
-        model = f.header.split("|")[0].split(":", 1)[1].strip()
         for row in f.rows:
             if row["method"] != REFERENCE:
-                rows.append([f"{row['method']} (`{model}`)"] + figures(row))
+                rows.append([f"{row['method']} (`{f.model}`)"] + figures(row))
     return sources(files) + "\n\n" + markdown_table(["method"] + HEAD, rows)
 
 
@@ -175,7 +180,24 @@ def modes_block(results: Path) -> str:
     return sources(files) + "\n\n" + markdown_table(head, rows)
 
 
-BLOCKS = {  # README block name -> its table, from the results directory
+def headline_block(results: Path) -> str:
+    """The README's excerpt: every method of the published leaderboards, fastest first, few columns
+(each speedup is over ``autoregressive`` of the same model)."""
+    files = [read_leaderboard(results / name) for name in ("leaderboard.md", "leaderboard-space.md")]
+    rows = [dict(row, model=f.model) for f in files for row in f.rows if row["method"] != REFERENCE]
+    def fastest_first(row: dict[str, str]) -> tuple[bool, float]:
+        speedup = float(row.get("speedup") or "nan")
+        return (speedup != speedup, -speedup)  # a missing or nan speedup last
+
+    rows.sort(key=fastest_first)
+    cells = [[row["method"], f"`{row['model']}`", two_decimals(row.get("exact_match")), two_decimals(row.get("mean_accepted_tokens")),
+              f"{two_decimals(row.get('speedup'))} {row.get('speedup_ci', '')}".strip()] for row in rows]
+    head = ["method", "model", "exact match", "tokens per step", "speedup [95% CI]"]
+    return sources(files) + "\n\n" + markdown_table(head, cells)
+
+
+BLOCKS = {  # block name -> its table, from the results directory
+    "headline": headline_block,  # the README's excerpt
     "leaderboard": methods_block,
     "speculative-gamma": lambda results: sweep_block(results, "speculative-gamma.md", "speculative"),
     "medusa-trees": lambda results: sweep_block(results, "medusa-trees.md", "medusa"),
@@ -203,18 +225,28 @@ def render_readme(text: str, results: Path) -> str:
     return "".join(out) + text[pos:]
 
 
+def documents(root: Path = REPO_ROOT) -> list[Path]:
+    """The markdown files whose tables are generated: README.md and docs/*.md."""
+    return [root / "README.md", *sorted((root / "docs").glob("*.md"))]
+
+
 def readme(check: bool, root: Path = REPO_ROOT) -> int:
-    path = root / "README.md"
-    text = path.read_text()
-    new = render_readme(text, root / "results")
-    if check:
-        if new != text:
-            print("README.md's result tables differ from results/; run make readme", file=sys.stderr)
-            return 1
-        return 0
-    if new != text:
-        path.write_text(new)
-        print(f"updated the result tables of {path}", file=sys.stderr)
+    stale = []
+    for path in documents(root):
+        text = path.read_text()
+        try:
+            new = render_readme(text, root / "results")
+        except PublishError as exc:
+            raise PublishError(f"{path.relative_to(root)}: {exc}") from None
+        if new == text:
+            continue
+        stale.append(path.relative_to(root))
+        if not check:
+            path.write_text(new)
+            print(f"updated the result tables of {path}", file=sys.stderr)
+    if check and stale:
+        print(f"result tables differ from results/ in {', '.join(map(str, stale))}; run make readme", file=sys.stderr)
+        return 1
     return 0
 
 

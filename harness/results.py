@@ -117,9 +117,9 @@ def resume_key(config: dict) -> str:
     return config_hash(stable)
 
 
-# published outputs (tables, baselines, the README quoting them): editing them cannot change a
-# figure, so they do not make a tree dirty; anything else uncommitted (or untracked) does
-PUBLISHED = ("results", "README.md")
+# published outputs (tables, baselines, the README and docs quoting them): editing them cannot change
+# a figure, so they do not make a tree dirty; anything else uncommitted (or untracked) does
+PUBLISHED = ("results", "README.md", "docs")
 
 
 def git_changes(root: Path = REPO_ROOT) -> list[str]:

@@ -7,11 +7,16 @@
 #   PYTHON      interpreter for the venv (default python3, >= 3.10)
 #   EXTRAS      the project's extras to install (default dev,plots; `make test` adds
 #               cluster: the joblib, Ray and submitit launchers its tests run)
+#   SYSTEM_DEPS=1  also the system packages the tests use (scripts/system-deps.sh: installed as
+#               root with apt, otherwise named once and their tests skipped); `make test` sets it
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
 EXTRAS=${EXTRAS:-dev,plots}
+if [ "${SYSTEM_DEPS:-0}" = 1 ]; then
+  bash scripts/system-deps.sh
+fi
 if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
   .venv/bin/python -m pip install -q --upgrade pip

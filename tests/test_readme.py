@@ -1,15 +1,18 @@
-"""Every figure the README's tables quote comes from a published file in results/ (issue 13 part 4)."""
+"""The README and docs/: every figure their tables quote comes from a published file in results/,
+the README fits a screen, and what it tells a newcomer to run does run."""
 
 from __future__ import annotations
 
 import re
+import shlex
 import shutil
+import subprocess
 
 import pytest
 
 from harness.cli import main
 from harness.paths import REPO_ROOT
-from harness.publish import BEGIN, BLOCKS, END, PublishError, job_label, render_readme, two_decimals
+from harness.publish import BEGIN, BLOCKS, END, PublishError, documents, job_label, render_readme, two_decimals
 from harness.report import load_runs, metrics
 
 README = REPO_ROOT / "README.md"
@@ -22,26 +25,39 @@ def outside_blocks(text: str) -> str:
     return re.sub(r"```.*?```", "", text, flags=re.S)
 
 
-def test_readme_tables_equal_the_results_files():
-    text = README.read_text()
-    names = BEGIN.findall(text)
-    assert {"leaderboard", "medusa-trees", "space-k"} <= set(names)
-    assert text.count(END) == len(names)
-    assert render_readme(text, RESULTS) == text, "README result tables differ from results/*.md: run `make readme`"
+def test_readme_and_docs_tables_equal_the_results_files():
+    names = set()
+    for path in documents():
+        text = path.read_text()
+        found = BEGIN.findall(text)
+        assert text.count(END) == len(found), path
+        assert render_readme(text, RESULTS) == text, f"{path.name}'s result tables differ from results/*.md: run `make readme`"
+        names |= set(found)
+    assert "headline" in BEGIN.findall(README.read_text())
+    assert {"leaderboard", "medusa-trees", "space-k", "modes"} <= names
 
 
-def test_no_measured_figure_in_a_readme_table_outside_the_generated_blocks():
+def test_no_measured_figure_in_a_table_outside_the_generated_blocks():
     """A table row with a decimal figure (a speedup, a rate) may only sit in a generated block."""
-    rows = [line for line in outside_blocks(README.read_text()).splitlines() if line.startswith("|")]
-    quoted = [line for line in rows if re.search(r"\d\.\d", line)]
-    assert not quoted, f"hand-written figures in README tables: {quoted}"
+    for path in documents():
+        rows = [line for line in outside_blocks(path.read_text()).splitlines() if line.startswith("|")]
+        quoted = [line for line in rows if re.search(r"\d\.\d", line)]
+        assert not quoted, f"hand-written figures in {path.name}'s tables: {quoted}"
+
+
+def test_readme_fits_a_screen_and_links_only_what_exists():
+    text = README.read_text()
+    assert len(text.splitlines()) <= 200
+    links = re.findall(r"\]\(([^)#]+)\)", text)
+    assert links and all((REPO_ROOT / link).exists() for link in links), links
+    assert not re.search(r"\bissue \d+", text, flags=re.I)  # no tracker history in the front door
 
 
 def test_a_block_follows_its_file(tmp_path):
     """Edit one figure of a copy of results/: the rendered README changes in exactly that cell."""
     results = tmp_path / "results"
     shutil.copytree(RESULTS, results)
-    text = README.read_text()
+    text = "".join(path.read_text() for path in documents())
     board = results / "leaderboard.md"
     lines = board.read_text().splitlines()
     row = next(i for i, line in enumerate(lines) if line.startswith("| prompt-lookup"))
@@ -54,8 +70,8 @@ def test_a_block_follows_its_file(tmp_path):
     new = render_readme(text, results)
     assert new != text
     changed = [line for line in new.splitlines() if line.startswith("| prompt-lookup")]
-    # two blocks read leaderboard.md (the results table and the eager column of the modes table)
-    assert len(changed) == 2 and all("| 7.13 [" in line for line in changed)  # half up, two decimals
+    # three blocks read leaderboard.md (the README's excerpt, the results table, the eager column of the modes table)
+    assert len(changed) == 3 and all("| 7.13 [" in line for line in changed)  # half up, two decimals
     board.unlink()
     with pytest.raises(PublishError, match="leaderboard.md is missing"):
         render_readme(text, results)
@@ -94,3 +110,69 @@ def test_cells_and_job_labels():
     assert [two_decimals(c) for c in ("0.845", "1.824", "nan", None, "12")] == ["0.85", "1.82", "-", "-", "12.00"]
     assert job_label("method.medusa.tree-chain") == ("tree", "chain")
     assert job_label("method.space.k-1+run.seed-0") == ("k, seed", "1, 0")
+
+
+def readme_code(language: str) -> list[str]:
+    """The README's fenced code blocks in ``language``."""
+    return re.findall(rf"```{language}\n(.*?)```", README.read_text(), flags=re.S)
+
+
+def test_the_readme_method_example_is_a_working_lossless_method(model_dir, tmp_path):
+    """The "Adding a method" block, executed as written, then run and checked by the harness."""
+    from harness.registry import METHODS
+
+    (block,) = readme_code("python")
+    namespace: dict = {}
+    try:
+        exec(compile(block, "README.md", "exec"), namespace)  # registers "repeat-last"
+        out = tmp_path / "run"
+        assert main(["run", "--model", str(model_dir), "--task", "humaneval", "--limit", "2", "--max-new-tokens", "12",
+                     "--methods", "autoregressive,repeat-last", "--out", str(out), "run.progress=false"]) == 0  # fmt: skip
+        records = [r for r in map(__import__("json").loads, (out / "samples.jsonl").read_text().splitlines())
+                   if r["method"] == "repeat-last"]  # fmt: skip
+        assert len(records) == 2 and all(r["status"] == "exact" for r in records)
+    finally:
+        METHODS._targets.pop("repeat-last", None)
+
+
+# The README's commands as a test runs them: a hub id or a placeholder path becomes a tiny local
+# model, a GPU setting its CPU twin, and every run is cut to one sample of a few tokens.
+SUBSTITUTE = {"model.device=cuda": "model.device=cpu", "model.dtype=bfloat16": "model.dtype=float32"}
+PLACEHOLDER_MODELS = ("Qwen/Qwen2.5-1.5B", "Qwen/Qwen2.5-0.5B", "/path/to/local/model")
+
+
+def readme_commands() -> list[list[str]]:
+    commands = []
+    for block in readme_code("bash"):
+        text = block.replace("\\\n", " ")
+        for line in text.splitlines():
+            line = line.split("#", 1)[0].strip()
+            if line:
+                commands.append(shlex.split(line))
+    return commands
+
+
+def test_every_readme_command_runs(model_dir, tmp_path):
+    """`harness ...` lines run in-process (small); `make ...` lines must name real targets (`make -n`):
+    CI runs `make test` itself and `scripts/ci_bench.sh` runs the benchmark `make bench` runs."""
+    commands = readme_commands()
+    assert any(c[0] == "harness" for c in commands) and any(c[0] == "make" for c in commands)
+    for command in commands:
+        if command[0] == "make":
+            dry = subprocess.run(["make", "-n", *command[1:]], cwd=REPO_ROOT, capture_output=True, text=True)
+            assert dry.returncode == 0, f"{shlex.join(command)}: {dry.stderr}"
+            continue
+        assert command[0] == "harness", f"README command not covered by this test: {shlex.join(command)}"
+        args = []
+        for arg in command[1:]:
+            arg = SUBSTITUTE.get(arg, arg)
+            key, _, value = arg.rpartition("=")
+            arg = (f"{key}=" if key else "") + str(model_dir) if value in PLACEHOLDER_MODELS else arg
+            if arg.startswith("results/runs/") or arg.endswith(".html"):
+                arg = str(tmp_path / arg.replace("/", "_"))
+            args.append(arg)
+        if args[0] == "run":
+            if "--limit" in args:
+                args[args.index("--limit") + 1] = "1"
+            args += ["--max-new-tokens", "4", "run.progress=false"]
+        assert main(args) == 0, shlex.join(command)

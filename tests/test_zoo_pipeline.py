@@ -232,7 +232,8 @@ def test_export_load_generate_and_quality(micro):
     assert out.shape[1] > ids.shape[1]
 
     cfg = ExportConfig(zoo_dir=str(zoo), models=["ref", "resumed"], humaneval_limit=2, max_new_tokens=8,
-                       draft_name="resumed", target_name="ref")
+                       draft_name="resumed", target_name="ref",
+                       execute_isolation="weak")  # the card's pass@1 on whatever isolation the machine has (sandbox tests: test_execution.py)
     res = evaluate_zoo(zoo, cfg, micro["paths"], log=lambda s: None)
     q = json.loads((d / "quality.json").read_text())
     assert q["humaneval"]["problems"] == 2 and 0.0 <= q["humaneval"]["parse_rate"] <= 1.0
@@ -310,6 +311,7 @@ def test_cli_zoo_build_micro(tmp_path):
         "target_functions_train.seq_len=32", "target_functions_train.progress=false",
         "draft_train.compile=false", "target_train.compile=false", "target_functions_train.compile=false",  # compiled training has its own test
         f"export.zoo_dir={tmp_path / 'zoo'}", "export.humaneval_limit=2", "export.max_new_tokens=4",
+        "export.execute_isolation=weak",  # not a sandbox test: whatever isolation this machine has
         "medusa.max_steps=2", "medusa.batch_size=2", "medusa.seq_len=32", "medusa.eval_tokens=200", "medusa.progress=false",
         "space.max_steps=2", "space.batch_size=2", "space.seq_len=32", "space.k=2", "space.mask_groups=2",
         "space.eval_tokens_per_lang=200", "space.humaneval_limit=2", "space.max_new_tokens=4", "space.progress=false",
