@@ -7,7 +7,7 @@ from harness.config import ModelConfig
 # fast, and only good for plumbing and losslessness tests. Every output labels it.
 RANDOM_TINY = ModelConfig(name="random-tiny (UNTRAINED)", path="zoo/random-tiny", random_init=True)
 
-# The shipped zoo (issue 3): small Llamas trained here on real source code. They load
+# The shipped zoo: small Llamas trained here on real source code. They load
 # through the same path as any Hugging Face model.
 ZOO_TARGET = ModelConfig(name="zoo-target", path="zoo/target", draft="zoo-draft")
 ZOO_DRAFT = ModelConfig(name="zoo-draft", path="zoo/draft")

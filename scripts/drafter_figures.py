@@ -1,4 +1,4 @@
-"""How well the zoo's drafters foresee the target, and what their forwards cost (issue 15, part 3).
+"""How well the zoo's drafters foresee the target, and what their forwards cost.
 
     .venv/bin/python scripts/drafter_figures.py --draft zoo/draft --draft before=<dir> \\
         --heads zoo/target-medusa --heads before=<dir> --out results/drafter-figures.json

@@ -1,4 +1,4 @@
-"""Training tokens/s of zoo LM shapes on the CPU (issue 15, part 5: is a larger target affordable?).
+"""Training tokens/s of zoo LM shapes on the CPU (is a larger target affordable?).
 
     .venv/bin/python scripts/measure_train_speed.py --threads 2 --seconds 60 --out results/train-speed.json
 

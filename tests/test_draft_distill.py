@@ -1,4 +1,4 @@
-"""Drafters on the target's self-distilled data (issue 15, part 3): the padded-record losses
+"""Drafters on the target's self-distilled data: the padded-record losses
 (distilled draft, Medusa heads) equal the rows computed alone, Medusa's data choice, the
 per-position chain acceptance of a draft, and the ``draft_distill`` zoo stage end to end on a
 micro zoo (exports a changed zoo/draft, leaves zoo/target's bytes alone, resumes)."""

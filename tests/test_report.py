@@ -242,7 +242,7 @@ def test_two_shards_merged_equal_the_unsharded_run(model_dir, tmp_path, capsys):
     assert "different configurations" in capsys.readouterr().err
 
 
-# ---- repetition (issue 13 part 2) ----------------------------------------------------------
+# ---- repetition ----------------------------------------------------------
 @pytest.mark.parametrize(
     "prompt, output, share",
     [
@@ -472,7 +472,7 @@ def test_torn_last_line_is_left_as_it_is_by_every_reader(run_dir, tmp_path, caps
     assert (run / "samples.corrupt.jsonl").read_text() == whole.splitlines()[0][:40] + "\n"
 
 
-# ---- stop reasons in every table (issue 13 part 1) -----------------------------------------
+# ---- stop reasons in every table -----------------------------------------
 
 
 def test_stop_reasons_counted_by_kind():

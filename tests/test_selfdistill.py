@@ -1,4 +1,4 @@
-"""Self-distillation data (issue 15, part 2) on a tiny random model: prompts from the
+"""Self-distillation data on a tiny random model: prompts from the
 training split, batched left-padded generation equal to one-at-a-time greedy, shards with a
 manifest, resuming, and the batched-vs-single speed measurement."""
 

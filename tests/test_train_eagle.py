@@ -1,4 +1,4 @@
-"""EAGLE head training (issue 16, part 4) on tiny random targets: the losses fall, the unrolled
+"""EAGLE head training on tiny random targets: the losses fall, the unrolled
 training-time test is the chain the head drafts at decode time, v3's vocabulary maps, exact
 resuming on self-distilled records, the zoo stages write loadable heads with a card."""
 

@@ -1,4 +1,4 @@
-"""Function-level training samples (issue 15, part 1): extraction per language on small
+"""Function-level training samples: extraction per language on small
 synthetic sources, EOS after every sample, and the file/function mix of training batches."""
 
 from __future__ import annotations

@@ -342,7 +342,7 @@ def test_cli_zoo_build_micro(tmp_path):
     assert draft_info["distillation"]["data"]["rows"] == 4 and draft_info["distillation"]["loss"] == "top1"
     assert draft_info["initialized_from"]["source"].endswith("draft-distill/checkpoint.pt")
     # zoo/target is the unlikelihood fine-tune (2 steps) of the target continued on the file + function-level
-    # mix (3 steps, from the 4-step target; issue 15)
+    # mix (3 steps, from the 4-step target)
     info = json.loads((tmp_path / "zoo" / "target" / "training.json").read_text())
     assert info["step"] == 2 and info["function_share"] == 0.5 and info["unlikelihood"]["rollouts"]["steps"] == 2
     assert info["initialized_from"]["step"] == 3 and info["initialized_from"]["kind"] == "checkpoint"
@@ -359,7 +359,7 @@ def test_cli_zoo_build_micro(tmp_path):
     assert medusa_info["initialized_from"] == str(tmp_path / "cache" / "train" / "medusa")
     medusa_card = (tmp_path / "zoo" / "target-medusa" / "README.md").read_text()
     assert "greedy self-distilled continuations only" in medusa_card and "results/drafter-figures.json" in medusa_card
-    for head in ("target-eagle", "target-eagle3"):  # the EAGLE heads of that target (issue 16)
+    for head in ("target-eagle", "target-eagle3"):  # the EAGLE heads of that target
         assert json.loads((tmp_path / "zoo" / head / "training.json").read_text())["step"] == 2
     sd = json.loads((tmp_path / "cache" / "zoo-data" / "selfdistill" / "target" / "manifest.json").read_text())
     assert sd["prompts"] == 4 and sd["model"] == str(tmp_path / "zoo" / "target")

@@ -1,5 +1,5 @@
 """Zoo quality figures under harness run's default HumanEval stop rules: how completions end
-(</s>, a Codex stop string, or the token limit) and their sandboxed pass@1 (issue 15, part 4).
+(</s>, a Codex stop string, or the token limit) and their sandboxed pass@1.
 The micro zoo's quality.json and card carry them: tests/test_zoo_pipeline.py."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Sequence-level unlikelihood fine-tuning (issue 15, ``target_unlikelihood``): the repeat
+"""Sequence-level unlikelihood fine-tuning (``target_unlikelihood``): the repeat
 mask against a brute force, the UL loss against a hand computation and its effect on a tiny
 model, and the stage on a micro zoo (runs, resumes after a SIGTERM to the same weights as an
 uninterrupted run, exports with its recipe on the card)."""

@@ -1,4 +1,4 @@
-"""The zoo draft distilled from the target (issue 15, part 3: the ``draft_distill`` stage).
+"""The zoo draft distilled from the target (the ``draft_distill`` stage).
 
     from harness.train.distill import DraftDistillConfig, run_draft_distill
     run_draft_distill(DraftDistillConfig(init_from="<train_root>/draft", out_dir="<train_root>/draft-distill"))

@@ -1,4 +1,4 @@
-"""EAGLE head training on a frozen target (issue 16, part 4): EAGLE-1/2 (``version=1``) and
+"""EAGLE head training on a frozen target: EAGLE-1/2 (``version=1``) and
 EAGLE-3 (``version=3``) heads of ``harness.drafters.eagle``, resumable, exported with a card.
 
     from harness.train.eagle import EagleTrainConfig, run_eagle_training, export_eagle

@@ -1,4 +1,4 @@
-"""Sequence-level unlikelihood fine-tuning of the zoo target (issue 15: a target that stops looping).
+"""Sequence-level unlikelihood fine-tuning of the zoo target (a target that stops looping).
 
 Welleck et al. 2019, *Neural Text Generation with Unlikelihood Training*, sec. 5.2: a model
 trained by maximum likelihood repeats itself under greedy decoding, and next-token training

@@ -173,7 +173,7 @@ def stop_rule_report(tokenizer, problems: list[dict], completions: list[list[int
                      stop_strings: tuple[str, ...] | None = None) -> dict:
     """:func:`completion_report` of the completions cut by the default HumanEval stop rules
     (``</s>`` and the Codex stop strings of ``tasks/humaneval.py``, matched in the text decoded
-    without special tokens as ``harness run`` matches them), plus how they ended (issue 15):
+    without special tokens as ``harness run`` matches them), plus how they ended:
     ``ended_before_limit`` (with ``</s>`` or a stop string) of ``problems``, its share, how many
     ended with each (``ended_with_eos``, ``ended_with_stop_string``, ``stop_strings``: per
     string) and ``stop_reasons``. ``completions`` must be ``max_new_tokens`` long unless they

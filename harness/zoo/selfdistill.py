@@ -1,4 +1,4 @@
-"""Self-distillation data: the target's own continuations of corpus prompts (issue 15, part 2).
+"""Self-distillation data: the target's own continuations of corpus prompts.
 
 Drafters accept more when trained on what the target writes rather than on human code
 (Medusa-2's self-distillation, DistillSpec, SPACE's fine-tune on model-style outputs). This
