@@ -310,8 +310,8 @@ def cmd_leaderboard(argv: list[str]) -> int:
         for notice in runs.notices:
             print(f"note: {notice}", file=sys.stderr)
         table = metrics(runs, by=args.by)
-        plots = make_plots(runs, table, by=args.by) if (args.plots or args.format == "html") else {}
-        text = render(runs, table, args.format, by=args.by, plots=plots)
+        plots = make_plots(runs, table, by=args.by) if args.plots else {}
+        text = render(runs, table, args.format, by=args.by)
         if args.plots:
             for path in write_plots(plots, Path(args.plots)):
                 print(f"wrote {path}", file=sys.stderr)

@@ -14,7 +14,8 @@ config; nothing reads a model. Definitions (a "decode step" is a target forward 
 - TTFT: generation start to the end of the prompt's forward (``Record.first_token_s``), median;
   per-token latency (TPOT): (wall - TTFT) / (new tokens - 1) per request, its p50 / p90 / p99;
 - draft / verify / host time per decode step: draft-model forwards; target forwards after the
-  prompt's; everything else in the wall time (host code, prefill of the prompt excluded);
+  prompt's; everything else in the wall time: host code, and draft heads that run outside the
+  engines' timed forwards (Medusa and EAGLE heads count here);
 - the limit: the speedup the measured acceptance allows at the measured forward costs, host
   time ignored. For a chain with a ``gamma`` (Leviathan et al. 2023, eq. 1 with measured costs):
   E(g) / (g * t_draft + t_verify(g)) * t_1, where E(g) = 1 + sum over k <= g of joint(k), t_1 is the
@@ -211,6 +212,8 @@ def as_row(d: Detail) -> dict:
 
 def csv_cell(value) -> object:
     """Lists and dicts as JSON for summary.csv; anything else as it is."""
+    if isinstance(value, list):
+        value = [None if isinstance(v, float) and v != v else v for v in value]  # NaN is not JSON: null
     return json.dumps(value) if isinstance(value, (list, dict)) else value
 
 

@@ -3,13 +3,12 @@
     harness leaderboard RUN_DIR... [--format markdown|csv|html|json] [--by language|category]
                                    [--out FILE] [--plots DIR] [--allow-mixed]
 
-The HTML report is one self-contained file: tables plus the plots embedded as PNG.
+The HTML report (harness/page.py) is one self-contained page with interactive plots;
+``--plots DIR`` also writes static PNG plots.
 """
 
 from __future__ import annotations
 
-import base64
-import html
 import io
 import json
 from pathlib import Path
@@ -56,7 +55,7 @@ def title(runs: Runs) -> str:
     return f"Leaderboard ({tree} tree: these figures cannot be reproduced from the commit alone)"
 
 
-def render(runs: Runs, table: pd.DataFrame, fmt: str, by: Optional[str] = None, plots: Optional[dict] = None) -> str:
+def render(runs: Runs, table: pd.DataFrame, fmt: str, by: Optional[str] = None) -> str:
     """The table in one format; every format carries the commit and the tree's state (provenance):
     markdown and html in the header, json as ``provenance``, csv as ``commit`` and ``tree`` columns."""
     if fmt == "json":
@@ -70,29 +69,10 @@ def render(runs: Runs, table: pd.DataFrame, fmt: str, by: Optional[str] = None, 
         body = tabulate(shown, headers="keys", tablefmt="github", showindex=False, floatfmt=".3f")
         return f"# {title(runs)}\n\n{header(runs)}\n\n{NOTE}\n\n{body}\n"
     if fmt == "html":
-        return render_html(runs, shown, plots or {})
+        from harness.page import render_page  # noqa: PLC0415 (plotly: the `plots` extra, only for html)
+
+        return render_page(runs, table, by, title(runs), NOTE)
     raise ValueError(f"unknown format '{fmt}'; use markdown, csv, html or json")
-
-
-def render_html(runs: Runs, shown: pd.DataFrame, plots: dict[str, bytes]) -> str:
-    images = "\n".join(
-        f'<figure><img alt="{html.escape(name)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
-        f"<figcaption>{html.escape(name)}</figcaption></figure>"
-        for name, png in plots.items()
-    )
-    table = shown.to_html(index=False, float_format=lambda x: f"{x:.3f}", border=0)
-    return f"""<!doctype html>
-<html><head><meta charset="utf-8"><title>spec-harness report</title>
-<style>body{{font-family:sans-serif;margin:2em;max-width:1200px}} table{{border-collapse:collapse;font-size:13px}}
-td,th{{padding:3px 8px;border-bottom:1px solid #ddd;text-align:right}} figure{{display:inline-block;margin:1em}}
-img{{max-width:560px}} .note{{color:#555;font-size:13px}}</style></head>
-<body><h1>spec-harness report: {html.escape(title(runs))}</h1><p>{html.escape(header(runs))}</p>
-<p class="note">{html.escape(NOTE)}</p>
-{table}
-<h2>Plots</h2>
-{images}
-</body></html>
-"""
 
 
 def make_plots(runs: Runs, table: pd.DataFrame, by: Optional[str] = None) -> dict[str, bytes]:
