@@ -162,7 +162,7 @@ def speedup_figure(figs: Figures, rows: list[dict]) -> str:
     fig.update_layout(title="Speedup over autoregressive, with its 95% interval and its limit",
                       legend=dict(orientation="h", yanchor="bottom", y=1.0, xanchor="right", x=1.0),
                       xaxis_title="speedup (×)", margin_t=70)  # fmt: skip
-    return figs.div(fig, 120 + 34 * len(rows))
+    return figs.div(fig, max(260, 120 + 34 * len(rows)))
 
 
 def accepted_figure(figs: Figures, rows: list[dict]) -> str:
