@@ -259,13 +259,15 @@ def quiet_transformers() -> None:
 
 
 def one_line(exc: BaseException) -> str:
+    from harness.browser import BrowserError
     from harness.engine import ModelLoadError
+    from harness.page import PageError
     from harness.results import RunDirError
     from harness.runner import HarnessError
     from harness.sweep import SweepError
     from tasks.base import TaskDataError
 
-    known = (HarnessError, ModelLoadError, RunDirError, TaskDataError, UnknownName, SweepError)
+    known = (HarnessError, ModelLoadError, RunDirError, TaskDataError, UnknownName, SweepError, PageError, BrowserError)
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     if isinstance(exc, known):
         return text
@@ -315,6 +317,33 @@ def cmd_leaderboard(argv: list[str]) -> int:
         if args.plots:
             for path in write_plots(plots, Path(args.plots)):
                 print(f"wrote {path}", file=sys.stderr)
+        if args.out:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(text)
+            print(f"wrote {args.out}", file=sys.stderr)
+        else:
+            print(text)
+        return 0
+
+    return guarded(args.debug, go)
+
+
+def cmd_compare(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="harness compare", description="Two runs side by side: the same methods, and "
+                                "which figures moved beyond their intervals.")  # fmt: skip
+    p.add_argument("run_a", help="run directory A (e.g. the eager run)")
+    p.add_argument("run_b", help="run directory B (e.g. the compiled run)")
+    p.add_argument("--format", default="markdown", choices=["markdown", "html"])
+    p.add_argument("--out", help="write to this file instead of stdout")
+    p.add_argument("--debug", action="store_true")
+    args = p.parse_args(argv)
+
+    def go() -> int:
+        from pathlib import Path
+
+        from harness.compare import compare_dirs
+
+        text = compare_dirs(args.run_a, args.run_b, args.format)
         if args.out:
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
             Path(args.out).write_text(text)
@@ -394,7 +423,7 @@ def cmd_list() -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    commands = "run, list, leaderboard, baseline, check, profile, train, zoo, datastore"
+    commands = "run, list, leaderboard, compare, baseline, check, profile, train, zoo, datastore"
     if not argv or argv[0] in ("-h", "--help"):
         print(f"usage: harness {{{commands}}} ...  (harness run --help for the benchmark options)")
         return 0 if argv else 2
@@ -407,6 +436,8 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_profile(rest)
     if command == "leaderboard":
         return cmd_leaderboard(rest)
+    if command == "compare":
+        return cmd_compare(rest)
     if command == "baseline":
         return cmd_baseline(rest)
     if command == "check":

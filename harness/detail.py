@@ -109,17 +109,25 @@ def accepted_means(g: pd.DataFrame) -> tuple[float, float]:
     return tokens / steps, float(np.mean(per_request))
 
 
-def latencies_ms(g: pd.DataFrame) -> tuple[float, list[float]]:
-    """(median TTFT, [p50, p90, p99] of per-token latency) in ms; NaN without ``first_token_s``."""
-    if "first_token_s" not in g.columns or g.first_token_s.isna().all():
-        return NAN, [NAN, NAN, NAN]
+def request_latencies_ms(g: pd.DataFrame) -> tuple[pd.Series, pd.Series]:
+    """(TTFT, per-token latency) of each request in ms; empty without ``first_token_s``; a request
+    of one token has no per-token latency."""
+    if "first_token_s" not in g.columns:
+        return pd.Series(dtype=float), pd.Series(dtype=float)
     timed = g[g.first_token_s.notna()]
     n = timed.tokens.map(len)
     tpot = ((timed.wall_time_s - timed.first_token_s) / (n - 1))[n > 1]
-    ttft = float(timed.first_token_s.median() * 1000)
+    return timed.first_token_s.astype(float) * 1000, tpot.astype(float) * 1000
+
+
+def latencies_ms(g: pd.DataFrame) -> tuple[float, list[float]]:
+    """(median TTFT, [p50, p90, p99] of per-token latency) in ms; NaN without ``first_token_s``."""
+    ttft, tpot = request_latencies_ms(g)
+    if ttft.empty:
+        return NAN, [NAN, NAN, NAN]
     if tpot.empty:
-        return ttft, [NAN, NAN, NAN]
-    return ttft, [float(np.percentile(tpot, q) * 1000) for q in (50, 90, 99)]
+        return float(ttft.median()), [NAN, NAN, NAN]
+    return float(ttft.median()), [float(np.percentile(tpot, q)) for q in (50, 90, 99)]
 
 
 def step_costs(g: pd.DataFrame) -> StepCosts:

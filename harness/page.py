@@ -228,7 +228,7 @@ def per_sample_figure(figs: Figures, samples: pd.DataFrame) -> str:
         marker_color=[GAIN if s >= 1 else LOSS for s in samples.speedup],
         hovertemplate="%{x}: %{y:.2f}×<extra></extra>"))  # fmt: skip
     fig.add_hline(y=1.0, line_dash="dash", line_color="#9ca3af")
-    fig.update_layout(title="Speedup per sample (green gains, red loses)", yaxis_title="speedup (×)",
+    fig.update_layout(title="Speedup per sample (green: gains, red: loses)", yaxis_title="speedup (×)",
                       xaxis=dict(type="category", showticklabels=len(samples) <= 24, tickangle=-45))  # fmt: skip
     return figs.div(fig, 300)
 
@@ -374,7 +374,7 @@ tr.lossy{background:#fff7ed} .ci{color:#6b7280;font-size:12px} td a{color:inheri
 border:1px solid #e5e7eb;border-radius:6px;padding:4px;min-width:0}
 .panel{background:#fff;border:1px solid #e5e7eb;border-radius:8px;padding:14px;margin:0 0 18px;
 border-top:4px solid #2563eb} .panel.copy-based{border-top-color:#7c3aed} .panel.lossy{border-top-color:#ea580c}
-.panel .grid{grid-template-columns:repeat(4,minmax(0,1fr))} .panel .plot{border:none}
+.panel .plot{border:none}
 .facts{font-weight:400;color:#4b5563;font-size:13px;margin-left:8px}
 .viewer{margin-top:10px;border-top:1px solid #e5e7eb;padding-top:8px} .cols{display:grid;
 grid-template-columns:minmax(0,2fr) minmax(0,3fr);gap:12px} pre{white-space:pre-wrap;overflow-wrap:anywhere;
@@ -383,7 +383,6 @@ font:12px/1.5 ui-monospace,SFMono-Regular,Menlo,monospace} select{font:inherit;m
 .seg.s0{background:#dbeafe} .seg.s1{background:#fef3c7} .own{border-bottom:2px solid #2563eb}
 .diverged{background:#fee2e2} .legend{font-size:12px;color:#4b5563;margin:6px 0} .legend span{padding:0 4px}
 details{margin-top:8px} summary{cursor:pointer;color:#374151}
-@media (max-width:1300px){.panel .grid{grid-template-columns:repeat(2,minmax(0,1fr))}}
 """
 
 # sorting the leaderboard, and the sample viewers: a step's tokens share a background; the last
