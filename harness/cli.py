@@ -67,6 +67,7 @@ def run_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="append to a run directory made with another config")
     p.add_argument("--drop-corrupt", action="store_true", help="move corrupt samples.jsonl lines aside on resume")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
+    p.add_argument("--quiet", action="store_true", help="no progress bar (also off when stderr is not a terminal)")
     p.add_argument("-m", "--multirun", action="store_true",
                    help="sweep: key=a,b overrides expand into one job (and run directory under --out) per combination")
     p.add_argument("--launcher", help="with -m: basic (default, sequential) | joblib | ray | submitit_local | "
@@ -127,6 +128,8 @@ def flag_overrides(args: argparse.Namespace, methods: list[str]) -> list[str]:
         overrides.append("run.force=true")
     if args.drop_corrupt:
         overrides.append("run.drop_corrupt=true")
+    if args.quiet:
+        overrides.append("run.progress=false")
     return overrides
 
 
@@ -246,8 +249,11 @@ def cmd_run_args(args: argparse.Namespace) -> int:
             raise
         print(f"error: {one_line(exc)}", file=sys.stderr)
         return 2
+    from harness.leaderboard import brief
+
     print((result.path / "leaderboard.md").read_text())
-    print(f"run directory: {result.path}")
+    print(brief(result.table))
+    print(f"run directory: {result.path} (report: harness leaderboard {result.path} --format html --out report.html)")
     return 0
 
 

@@ -75,6 +75,17 @@ def render(runs: Runs, table: pd.DataFrame, fmt: str, by: Optional[str] = None) 
     raise ValueError(f"unknown format '{fmt}'; use markdown, csv, html or json")
 
 
+def brief(table: pd.DataFrame) -> str:
+    """One line per method of a run's summary: what to read first, on one screen."""
+    lines = []
+    for r in table.to_dict("records"):
+        setting = r.get("best_setting")
+        best = f", best {setting} (ran {r['setting_run']})" if isinstance(setting, str) and setting else ""
+        lines.append(f"{r['method']:>18}  {r['speedup']:.2f}x  {r.get('accepted_pooled', float('nan')):.2f} tokens/step  "
+                     f"exact {r['exact_match']:.0%}  limit {r.get('limit_speedup', float('nan')):.2f}x{best}")  # fmt: skip
+    return "\n".join(lines)
+
+
 def make_plots(runs: Runs, table: pd.DataFrame, by: Optional[str] = None) -> dict[str, bytes]:
     """PNG bytes by name: speedup with intervals, accepted tokens vs speedup, acceptance by position,
     and speedup per language or category."""

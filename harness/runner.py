@@ -205,7 +205,10 @@ def run(exp: Experiment, log: Callable[[str], None] = print) -> RunResult:
 
     if pending:
         warm_up(engine, methods, samples[0], settings, log)
-    bar = tqdm(total=pending, desc="decoding", unit="gen", disable=not settings.progress, dynamic_ncols=True)
+    # a bar with the method and sample in flight and an ETA; off with run.progress=false (--quiet) and
+    # when stderr is not a terminal (CI logs): tqdm's disable=None
+    bar = tqdm(total=pending, desc="decoding", unit="gen", disable=None if settings.progress else True,
+               dynamic_ncols=True)  # fmt: skip
     for index, sample in enumerate(samples):
         order = rotate(list(methods), index)  # the reference rotates with the others
         reference_ids = encode_reference(engine, sample)

@@ -286,3 +286,10 @@ def test_profile_reports_phases_and_forward_counts(model_dir, prompts, capsys):
     assert "harness/engine.py" in out and "methods/autoregressive.py" in out
     assert main(["profile", "--model", str(model_dir), "--methods", "autoregressive,hf-generate"]) == 2
     assert "one method at a time" in capsys.readouterr().err
+
+
+def test_quiet_turns_the_progress_bar_off():
+    from harness.cli import flag_overrides, run_parser
+
+    assert "run.progress=false" in flag_overrides(run_parser().parse_args(["--quiet"]), [])
+    assert "run.progress=false" not in flag_overrides(run_parser().parse_args([]), [])
