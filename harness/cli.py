@@ -296,6 +296,19 @@ def guarded(debug: bool, fn) -> int:
         return 2
 
 
+def write_or_print(text: str, out: str | None) -> int:
+    """Write ``text`` to ``out`` (creating its folder) or print it; 0, the exit status."""
+    from pathlib import Path
+
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(text)
+        print(f"wrote {out}", file=sys.stderr)
+    else:
+        print(text)
+    return 0
+
+
 def cmd_leaderboard(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="harness leaderboard", description="Tables and plots from run directories.")
     p.add_argument("runs", nargs="+", help="run directories (several are merged: machines, shards, tasks)")
@@ -323,13 +336,7 @@ def cmd_leaderboard(argv: list[str]) -> int:
         if args.plots:
             for path in write_plots(plots, Path(args.plots)):
                 print(f"wrote {path}", file=sys.stderr)
-        if args.out:
-            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.out).write_text(text)
-            print(f"wrote {args.out}", file=sys.stderr)
-        else:
-            print(text)
-        return 0
+        return write_or_print(text, args.out)
 
     return guarded(args.debug, go)
 
@@ -345,18 +352,10 @@ def cmd_compare(argv: list[str]) -> int:
     args = p.parse_args(argv)
 
     def go() -> int:
-        from pathlib import Path
-
         from harness.compare import compare_dirs
 
         text = compare_dirs(args.run_a, args.run_b, args.format)
-        if args.out:
-            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.out).write_text(text)
-            print(f"wrote {args.out}", file=sys.stderr)
-        else:
-            print(text)
-        return 0
+        return write_or_print(text, args.out)
 
     return guarded(args.debug, go)
 

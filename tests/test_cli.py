@@ -14,6 +14,7 @@ import pandas as pd
 import pytest
 
 from harness.cli import main
+from harness.detail import DETAIL_COLUMNS
 from harness.results import SUMMARY_COLUMNS
 
 PROMPTS = ["def add(a, b):", "for i in range", "class Foo:", "int main() {", "function f(x) {", "x = 1"]
@@ -40,13 +41,13 @@ def test_run_writes_all_outputs(model_dir, prompts, tmp_path, capsys):
     assert main(base_args(model_dir, prompts, out) + ["--methods", "autoregressive,hf-generate"]) == 0
     printed = capsys.readouterr().out
     assert "| autoregressive" in printed and "| hf-generate" in printed
-    for name in ("manifest.json", "samples.jsonl", "summary.csv", "leaderboard.md"):
+    for name in ("manifest.json", "samples.jsonl", "summary.csv", "summary.json", "leaderboard.md", "texts.jsonl"):
         assert (out / name).exists(), name
     records = read_records(out)
     assert len(records) == 2 * len(PROMPTS)
     assert all(r["status"] == "exact" for r in records)  # hf-generate agrees with the baseline
     summary = pd.read_csv(out / "summary.csv")
-    assert list(summary.columns) == SUMMARY_COLUMNS
+    assert list(summary.columns) == SUMMARY_COLUMNS + DETAIL_COLUMNS
     ar = summary[summary.method == "autoregressive"].iloc[0]
     assert ar.speedup == 1.0 and ar.mean_accepted_tokens == 1.0 and ar.exact_match == 1.0
     manifest = json.loads((out / "manifest.json").read_text())
