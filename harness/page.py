@@ -288,8 +288,10 @@ def anchor(row: dict) -> str:
     return "-".join(str(row.get(k, "")) for k in ("method", "task", "_group")).strip("-").replace(" ", "_")
 
 
-def panel_html(figs: Figures, runs: Runs, row: dict, reference: Optional[dict]) -> str:
+def panel_html(figs: Figures, runs: Runs, row: dict, reference: Optional[dict], by: Optional[str]) -> str:
     samples = per_sample(runs, row["method"], row["task"])
+    if by:  # the panel of one language / category / run directory
+        samples = samples[samples[by].astype(str) == row["_group"]]
     k = kind(row)
     facts = (f"speedup {fmt(row['speedup'], 2, '×')}, limit {fmt(row.get('limit_speedup'), 2, '×')}, "
              f"{fmt(row.get('accepted_pooled'))} tokens per step, exact match {fmt(row['exact_match'] * 100, 0, '%')}")
@@ -303,7 +305,7 @@ def panel_html(figs: Figures, runs: Runs, row: dict, reference: Optional[dict]) 
     grid = "".join(f'<div class="plot">{p}</div>' for p in plots)
     data = json.dumps(viewer_data(runs, samples), default=str).replace("</", "<\\/")
     return f"""<article class="panel {k}" id="m-{anchor(row)}">
-<h3>{html.escape(row['method'])} <span class="badge {k}">{k}</span> <span class="facts">{html.escape(facts)}</span></h3>
+<h3>{html.escape(row['method'] + (f" · {row['_group']}" if row["_group"] else ""))} <span class="badge {k}">{k}</span> <span class="facts">{html.escape(facts)}</span></h3>
 <div class="grid">{grid}</div>
 <div class="viewer"><label>Sample <select class="pick"></select></label>
 <p class="legend">One shade per decode step: <span class="seg s0">a step's tokens</span><span class="seg s1">the
@@ -326,7 +328,7 @@ def render_page(runs: Runs, table: pd.DataFrame, by: Optional[str], title: str, 
     if methods:
         overview = (f'<div class="grid two"><div class="plot">{speedup_figure(figs, methods)}</div>'
                     f'<div class="plot">{accepted_figure(figs, methods)}</div></div>')  # fmt: skip
-    panels = "\n".join(panel_html(figs, runs, r, reference.get((r["task"], r["_group"]))) for r in methods)
+    panels = "\n".join(panel_html(figs, runs, r, reference.get((r["task"], r["_group"])), by) for r in methods)
     prov = provenance(runs)
     chips = "".join(f"<span>{html.escape(part)}</span>" for part in header(runs).split(" | "))
     stamp = f"generated {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC"

@@ -19,19 +19,23 @@ CHROMIUM = find_chromium()
 needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="no chromium on this machine (apt-get install chromium)")
 
 
-def write_page(tmp_path: Path) -> Path:
+def write_page(tmp_path: Path, by: str | None = None) -> Path:
     run = synthetic_run(tmp_path / "run")
+    rows = [json.loads(line) for line in (run / "samples.jsonl").read_text().splitlines()]
+    for r in rows:
+        r["category"] = {"a": "short", "b": "long"}[r["sample_id"]]
+    (run / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     texts = [{"sample_id": s, "turn": 0, "prompt": f"def {s}():", "pieces": [f"<t{t}>" for t in range(n)]}
              for s, n in (("a", 5), ("b", 8))]  # fmt: skip
     (run / "texts.jsonl").write_text("".join(json.dumps(t) + "\n" for t in texts))
     runs = load_runs([run])
     page = tmp_path / "report.html"
-    page.write_text(render_page(runs, metrics(runs), None, title(runs), NOTE))
+    page.write_text(render_page(runs, metrics(runs, by=by), by, title(runs), NOTE))
     return page
 
 
-def viewer(page: str, method: str) -> list[dict]:
-    panel = page[page.index(f'id="m-{method}-jsonl"') :]
+def viewer(page: str, method: str, group: str = "") -> list[dict]:
+    panel = page[page.index(f'id="m-{method}-jsonl' + (f"-{group}" if group else "") + '"') :]
     found = re.search(r'<script type="application/json" class="data">(.*?)</script>', panel, re.S)
     return json.loads(found.group(1))
 
@@ -61,6 +65,13 @@ def test_page_content(tmp_path):
     assert samples["a"]["steps"] == [1, 3, 1] and samples["a"]["prompt"] == "def a():"
     assert samples["a"]["speedup"] == pytest.approx((5 / 0.062) / (5 / 0.060))
     assert samples["b"]["pieces"] == [f"<t{t}>" for t in range(8)]
+
+
+def test_panels_by_category(tmp_path):
+    page = write_page(tmp_path, by="category").read_text()
+    assert [s["label"] for s in viewer(page, "speculative", "short")] == ["a"]
+    assert [s["label"] for s in viewer(page, "speculative", "long")] == ["b"]
+    assert "speculative · long" in page
 
 
 def test_kinds():
