@@ -22,7 +22,7 @@ from harness.results import REPETITION_NOTE, STOP_NOTE, pass_at_1_label
 
 SHOWN = [
     "method", "task", "samples", "exact_match", "ties", "mismatches", "mean_accepted_tokens", "tokens_per_s",
-    "speedup", "speedup_ci", "efficiency", "step_cost", "repetition", "stop_reasons", "latency_p50_s", "latency_p90_s", "prefill_ms",
+    "speedup", "speedup_ci", "efficiency", "step_cost", "limit_speedup", "best_setting", "repetition", "stop_reasons", "latency_p50_s", "latency_p90_s", "prefill_ms",
     "peak_memory_mb",
 ]  # fmt: skip
 NOTE = (
@@ -32,6 +32,9 @@ NOTE = (
     "efficiency: speedup / (accepted tokens per step x t(1-token forward) / t(step forwards)), i.e. how much of "
     "what the acceptance allows on this machine the implementation delivers; step_cost: t(step forwards) / "
     "t(1-token forward), what one decoding step's forwards (tree, chunk, draft + verify) cost against one plain step; "
+    "limit_speedup: the speedup the measured acceptance allows at the measured forward costs (Leviathan et al. for a "
+    "chain with a gamma, tokens per step / step_cost otherwise; harness/detail.py); best_setting: the gamma those "
+    "figures imply (the one that ran: the run_dir or the config); "
     + REPETITION_NOTE
     + " " + STOP_NOTE
 )
