@@ -28,7 +28,8 @@ from harness.results import REPETITION_NOTE, STOP_NOTE, RunDir, pass_at_1_label
 # methods whose drafts copy text already seen (the prompt, the output, a corpus or the reference):
 # their speedup grows with the repetition column, not with how well anything predicts new text
 COPY_BASED = {"prompt-lookup", "hf-prompt-lookup", "reference-lookup", "suffix", "rest"}
-COLOURS = {"reference": "#6b7280", "lossless": "#2563eb", "copy-based": "#7c3aed", "lossy": "#ea580c"}
+COLOURS = {"reference": "#6b7280", "lossless": "#2563eb", "copy-based": "#7c3aed", "lossy": "#ea580c",
+           "unchecked": "#0d9488"}
 GAIN, LOSS = "#16a34a", "#dc2626"
 PLOT_CONFIG = {"displayModeBar": False, "responsive": True}  # drag to zoom, double-click to reset; no toolbar over titles
 FONT = "system-ui, -apple-system, Segoe UI, Roboto, sans-serif"
@@ -56,11 +57,13 @@ def fmt(value, digits: int = 2, suffix: str = "") -> str:
 
 
 def kind(row: dict) -> str:
-    """reference | lossy | copy-based | lossless: how a method's row is marked."""
+    """reference | lossy | unchecked | copy-based | lossless: how a method's row is marked."""
     if row["method"] == REFERENCE:
         return "reference"
     if row.get("lossless") == "lossy mode" or row.get("mismatches", 0) > 0:
         return "lossy"
+    if row.get("lossless") == "not checked":  # sampling: outputs are not compared token for token
+        return "unchecked"
     return "copy-based" if row["method"] in COPY_BASED else "lossless"
 
 
@@ -343,7 +346,8 @@ decoding of the same model, on the same samples, in the same run.</p>{warn}
 <section><h2>Leaderboard</h2>
 <p class="keys"><span class="badge lossless">lossless</span> output checked equal to greedy decoding
 <span class="badge copy-based">copy-based</span> drafts copy text already seen: gains grow with repetition
-<span class="badge lossy">lossy</span> a lossy mode or a mismatch <span class="badge reference">reference</span>
+<span class="badge lossy">lossy</span> a lossy mode or a mismatch <span class="badge unchecked">unchecked</span>
+sampled, not compared token for token <span class="badge reference">reference</span>
 autoregressive. Click a header to sort; hover it for its meaning.</p>
 {leaderboard_html(rows, by)}
 <details><summary>How these figures are computed</summary><p class="note">{html.escape(note)}</p></details>
@@ -371,7 +375,8 @@ tr.lossy td:first-child{border-left:4px solid #ea580c} tr.reference td:first-chi
 tr.lossy{background:#fff7ed} .ci{color:#6b7280;font-size:12px} td a{color:inherit;font-weight:600}
 .badge{font-size:11px;border-radius:3px;padding:1px 5px;color:#fff;white-space:nowrap;font-weight:500}
 .badge.lossless{background:#2563eb} .badge.copy-based{background:#7c3aed} .badge.lossy{background:#ea580c}
-.badge.reference{background:#6b7280} .keys{font-size:13px;color:#374151} .note{font-size:13px;color:#4b5563}
+.badge.reference{background:#6b7280} .badge.unchecked{background:#0d9488}
+tr.unchecked td:first-child{border-left:4px solid #0d9488} .panel.unchecked{border-top-color:#0d9488} .keys{font-size:13px;color:#374151} .note{font-size:13px;color:#4b5563}
 .grid{display:grid;grid-template-columns:repeat(2,minmax(0,1fr));gap:12px} .plot{background:#fff;
 border:1px solid #e5e7eb;border-radius:6px;padding:4px;min-width:0}
 .panel{background:#fff;border:1px solid #e5e7eb;border-radius:8px;padding:14px;margin:0 0 18px;

@@ -46,6 +46,12 @@ def test_run_writes_all_outputs(model_dir, prompts, tmp_path, capsys):
     records = read_records(out)
     assert len(records) == 2 * len(PROMPTS)
     assert all(r["status"] == "exact" for r in records)  # hf-generate agrees with the baseline
+    # time to first token: from the generation's start to the end of the prompt's forward (the forward timer)
+    assert all(r["prefill_time_s"] <= r["first_token_s"] <= r["wall_time_s"] for r in records)
+    texts = [json.loads(line) for line in (out / "texts.jsonl").read_text().splitlines()]
+    assert sorted(t["sample_id"] for t in texts) == sorted(f"p{i}" for i in range(len(PROMPTS)))
+    reference = {r["sample_id"]: r for r in records if r["method"] == "autoregressive"}
+    assert all(len(t["pieces"]) == len(reference[t["sample_id"]]["tokens"]) for t in texts)
     summary = pd.read_csv(out / "summary.csv")
     assert list(summary.columns) == SUMMARY_COLUMNS + DETAIL_COLUMNS
     ar = summary[summary.method == "autoregressive"].iloc[0]

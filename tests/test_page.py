@@ -80,6 +80,7 @@ def test_kinds():
     assert kind({"method": "prompt-lookup", "lossless": "checked", "mismatches": 0}) == "copy-based"
     assert kind({"method": "speculative", "lossless": "lossy mode", "mismatches": 0}) == "lossy"
     assert kind({"method": "medusa", "lossless": "checked", "mismatches": 2}) == "lossy"
+    assert kind({"method": "speculative", "lossless": "not checked", "mismatches": 0}) == "unchecked"
 
 
 @needs_chromium
