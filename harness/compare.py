@@ -129,7 +129,7 @@ NOTE = ("Each run's speedups are paired within that run. A figure with a 95% int
 
 def render_markdown(a: Runs, b: Runs, figures: list[Figure]) -> str:
     moved = [f for f in figures if f.verdict in MARK]
-    table = tabulate(pd.DataFrame(rows(figures)), headers="keys", tablefmt="github", showindex=False)
+    table = tabulate(pd.DataFrame(rows(figures)), headers="keys", tablefmt="github", showindex=False, disable_numparse=True)
     return (f"# Run A against run B\n\nrun A: {a.paths[0]} | {header(a)}\n\nrun B: {b.paths[0]} | {header(b)}\n\n"
             f"{len(moved)} of {len(figures)} figures moved or changed. {NOTE}\n\n{table}\n")  # fmt: skip
 
@@ -148,11 +148,12 @@ def render_html(a: Runs, b: Runs, figures: list[Figure]) -> str:
                   for v, f in zip(x, speed)]  # fmt: skip
             hi = [max(getattr(f, interval)[1] - v, 0) if getattr(f, interval)[1] == getattr(f, interval)[1] else 0
                   for v, f in zip(x, speed)]  # fmt: skip
-            fig.add_scatter(x=x, y=[f.method for f in speed], mode="markers", name=run, marker_size=12,
+            fig.add_scatter(x=x, y=[f.method for f in speed], mode="markers", name=run, marker_size=12, orientation="h",
                             error_x=dict(type="data", symmetric=False, array=hi, arrayminus=lo))  # fmt: skip
         fig.add_vline(x=1.0, line_dash="dash", line_color="#9ca3af")
         fig.update_layout(title="Speedup in each run, with its 95% interval", xaxis_title="speedup (×)",
-                          legend=dict(orientation="h", yanchor="bottom", y=1.0, xanchor="right", x=1.0), margin_t=70)
+                          legend=dict(orientation="h", yanchor="bottom", y=1.0, xanchor="right", x=1.0), margin_t=70,
+                          scattermode="group", scattergap=0.4)  # A above B on each method's row
         plot = f'<div class="plot">{figs.div(fig, max(260, 120 + 40 * len(speed)))}</div>'
     body = "".join(
         f'<tr class="{"lossy" if r["verdict"] in MARK.values() else ""}">'
@@ -165,7 +166,7 @@ def render_html(a: Runs, b: Runs, figures: list[Figure]) -> str:
                     for name, r in (("run A", a), ("run B", b)))  # fmt: skip
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>spec-harness: run A against run B</title><style>{CSS}
-td{{text-align:left}} tr.lossy td{{font-weight:600}}</style></head><body><main>
+td,th{{text-align:left}} tr.lossy td{{font-weight:600}}</style></head><body><main>
 <header><h1>Run A against run B</h1>{chips}<div class="chips"><span>{stamp}</span></div></header>
 <p class="note">{html.escape(NOTE)}</p>{plot}
 <table><thead><tr>{heads}</tr></thead><tbody>{body}</tbody></table></main></body></html>
