@@ -70,13 +70,14 @@ leaderboard: setup datastore
 	$(MAKE) bench OUT=results/runs/zoo BENCH_METHODS=$(LEADERBOARD_METHODS)
 	.venv/bin/harness leaderboard results/runs/zoo --out results/leaderboard.md
 	.venv/bin/harness leaderboard results/runs/zoo --format html --out results/report.html
-	$(MAKE) report-check
 	.venv/bin/harness leaderboard results/runs/zoo-space --out results/leaderboard-space.md
 	.venv/bin/harness leaderboard results/runs/zoo-space --format html --out results/report-space.html
+	$(MAKE) report-check
 	rm -rf results/runs/zoo-compiled
 	$(RUN) model.compile=true task.split=$(SPLIT) --methods $(COMPILED_METHODS) method.speculative.gamma=$(GAMMA) --out results/runs/zoo-compiled $(ARGS)
 	.venv/bin/harness leaderboard results/runs/zoo-compiled --out results/leaderboard-compiled.md
 	.venv/bin/harness compare results/runs/zoo results/runs/zoo-compiled --out results/compare-eager-compiled.md
+	.venv/bin/harness compare results/runs/zoo results/runs/zoo-compiled --format html --out results/compare-eager-compiled.html
 	$(MAKE) leaderboard-docs
 
 # the published report in headless Chromium (Debian's chromium; harness/browser.py): no horizontal overflow at
@@ -84,6 +85,7 @@ leaderboard: setup datastore
 report-check:
 	.venv/bin/python -m harness.browser check results/report.html --width 1280
 	.venv/bin/python -m harness.browser check results/report.html --width 1440
+	.venv/bin/python -m harness.browser check results/report-space.html --width 1280
 	.venv/bin/python -m harness.browser screenshot results/report.html results/report.png --width 1400
 
 # Spec-Bench's document tasks (rag, summarization; report split) with the prompt as the reference text:

@@ -95,7 +95,7 @@ COLUMNS = [
     Column("Best setting", "the setting the measured acceptance and costs imply (Leviathan et al.), beside the one "
            "that ran", lambda r: best_setting(r), lambda r: r.get("best_setting") or ""),
     Column("Tokens / step", "new tokens per decode step: pooled over all steps / mean of each request's own",
-           lambda r: f'{fmt(r.get("accepted_pooled"))} <span class="ci">/ {fmt(r.get("accepted_per_request"))}</span>',
+           lambda r: nowrap(f'{fmt(r.get("accepted_pooled"))} <span class="ci">/ {fmt(r.get("accepted_per_request"))}</span>'),
            num("accepted_pooled")),
     Column("TTFT ms", "time to first token, median", lambda r: fmt(r.get("ttft_ms"), 1), num("ttft_ms")),
     Column("ms / token p50 · p90 · p99", "per-token latency after the first, percentiles over requests",
