@@ -46,7 +46,7 @@ DRAFT_ARGS = $(if $(call benched,speculative),method.speculative.gamma=$(GAMMA))
 BENCH_METHODS ?= $(if $(filter compiled,$(MODE)),$(COMPILED_METHODS),$(METHODS))
 RUN := .venv/bin/harness run --task humaneval --limit $(LIMIT) --max-new-tokens 128 run.threads=1 $(MODE_ARGS)
 
-.PHONY: setup bench test leaderboard leaderboard-docs tables readme datastore $(TABLES)
+.PHONY: setup bench test leaderboard leaderboard-docs report-check tables readme datastore $(TABLES)
 setup:
 	bash scripts/setup.sh
 
@@ -72,10 +72,21 @@ leaderboard: setup datastore
 	.venv/bin/harness leaderboard results/runs/zoo --format html --out results/report.html
 	.venv/bin/harness leaderboard results/runs/zoo-space --out results/leaderboard-space.md
 	.venv/bin/harness leaderboard results/runs/zoo-space --format html --out results/report-space.html
+	$(MAKE) report-check
 	rm -rf results/runs/zoo-compiled
 	$(RUN) model.compile=true task.split=$(SPLIT) --methods $(COMPILED_METHODS) method.speculative.gamma=$(GAMMA) --out results/runs/zoo-compiled $(ARGS)
 	.venv/bin/harness leaderboard results/runs/zoo-compiled --out results/leaderboard-compiled.md
+	.venv/bin/harness compare results/runs/zoo results/runs/zoo-compiled --out results/compare-eager-compiled.md
+	.venv/bin/harness compare results/runs/zoo results/runs/zoo-compiled --format html --out results/compare-eager-compiled.html
 	$(MAKE) leaderboard-docs
+
+# the published report in headless Chromium (Debian's chromium; harness/browser.py): no horizontal overflow at
+# 1280 or 1440 px, every plot drawn with a size, no console errors; then its screenshot, linked from the README
+report-check:
+	.venv/bin/python -m harness.browser check results/report.html --width 1280
+	.venv/bin/python -m harness.browser check results/report.html --width 1440
+	.venv/bin/python -m harness.browser check results/report-space.html --width 1280
+	.venv/bin/python -m harness.browser screenshot results/report.html results/report.png --width 1400
 
 # Spec-Bench's document tasks (rag, summarization; report split) with the prompt as the reference text:
 # the methods that draft from text beside prompt lookup, one row per category. Documents longer than the

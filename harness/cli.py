@@ -67,6 +67,7 @@ def run_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="append to a run directory made with another config")
     p.add_argument("--drop-corrupt", action="store_true", help="move corrupt samples.jsonl lines aside on resume")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
+    p.add_argument("--quiet", action="store_true", help="no progress bar (also off when stderr is not a terminal)")
     p.add_argument("-m", "--multirun", action="store_true",
                    help="sweep: key=a,b overrides expand into one job (and run directory under --out) per combination")
     p.add_argument("--launcher", help="with -m: basic (default, sequential) | joblib | ray | submitit_local | "
@@ -127,6 +128,8 @@ def flag_overrides(args: argparse.Namespace, methods: list[str]) -> list[str]:
         overrides.append("run.force=true")
     if args.drop_corrupt:
         overrides.append("run.drop_corrupt=true")
+    if args.quiet:
+        overrides.append("run.progress=false")
     return overrides
 
 
@@ -246,8 +249,11 @@ def cmd_run_args(args: argparse.Namespace) -> int:
             raise
         print(f"error: {one_line(exc)}", file=sys.stderr)
         return 2
+    from harness.leaderboard import brief
+
     print((result.path / "leaderboard.md").read_text())
-    print(f"run directory: {result.path}")
+    print(brief(result.table))
+    print(f"run directory: {result.path} (report: harness leaderboard {result.path} --format html --out report.html)")
     return 0
 
 
@@ -259,13 +265,15 @@ def quiet_transformers() -> None:
 
 
 def one_line(exc: BaseException) -> str:
+    from harness.browser import BrowserError
     from harness.engine import ModelLoadError
+    from harness.page import PageError
     from harness.results import RunDirError
     from harness.runner import HarnessError
     from harness.sweep import SweepError
     from tasks.base import TaskDataError
 
-    known = (HarnessError, ModelLoadError, RunDirError, TaskDataError, UnknownName, SweepError)
+    known = (HarnessError, ModelLoadError, RunDirError, TaskDataError, UnknownName, SweepError, PageError, BrowserError)
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     if isinstance(exc, known):
         return text
@@ -286,6 +294,19 @@ def guarded(debug: bool, fn) -> int:
             raise
         print(f"error: {one_line(exc)}", file=sys.stderr)
         return 2
+
+
+def write_or_print(text: str, out: str | None) -> int:
+    """Write ``text`` to ``out`` (creating its folder) or print it; 0, the exit status."""
+    from pathlib import Path
+
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(text)
+        print(f"wrote {out}", file=sys.stderr)
+    else:
+        print(text)
+    return 0
 
 
 def cmd_leaderboard(argv: list[str]) -> int:
@@ -310,18 +331,31 @@ def cmd_leaderboard(argv: list[str]) -> int:
         for notice in runs.notices:
             print(f"note: {notice}", file=sys.stderr)
         table = metrics(runs, by=args.by)
-        plots = make_plots(runs, table, by=args.by) if (args.plots or args.format == "html") else {}
-        text = render(runs, table, args.format, by=args.by, plots=plots)
+        plots = make_plots(runs, table, by=args.by) if args.plots else {}
+        text = render(runs, table, args.format, by=args.by)
         if args.plots:
             for path in write_plots(plots, Path(args.plots)):
                 print(f"wrote {path}", file=sys.stderr)
-        if args.out:
-            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.out).write_text(text)
-            print(f"wrote {args.out}", file=sys.stderr)
-        else:
-            print(text)
-        return 0
+        return write_or_print(text, args.out)
+
+    return guarded(args.debug, go)
+
+
+def cmd_compare(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="harness compare", description="Two runs side by side: the same methods, and "
+                                "which figures moved beyond their intervals.")  # fmt: skip
+    p.add_argument("run_a", help="run directory A (e.g. the eager run)")
+    p.add_argument("run_b", help="run directory B (e.g. the compiled run)")
+    p.add_argument("--format", default="markdown", choices=["markdown", "html"])
+    p.add_argument("--out", help="write to this file instead of stdout")
+    p.add_argument("--debug", action="store_true")
+    args = p.parse_args(argv)
+
+    def go() -> int:
+        from harness.compare import compare_dirs
+
+        text = compare_dirs(args.run_a, args.run_b, args.format)
+        return write_or_print(text, args.out)
 
     return guarded(args.debug, go)
 
@@ -394,7 +428,7 @@ def cmd_list() -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    commands = "run, list, leaderboard, baseline, check, profile, train, zoo, datastore"
+    commands = "run, list, leaderboard, compare, baseline, check, profile, train, zoo, datastore"
     if not argv or argv[0] in ("-h", "--help"):
         print(f"usage: harness {{{commands}}} ...  (harness run --help for the benchmark options)")
         return 0 if argv else 2
@@ -407,6 +441,8 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_profile(rest)
     if command == "leaderboard":
         return cmd_leaderboard(rest)
+    if command == "compare":
+        return cmd_compare(rest)
     if command == "baseline":
         return cmd_baseline(rest)
     if command == "check":

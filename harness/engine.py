@@ -130,6 +130,7 @@ class ForwardTimer:
         self.cuda = device.type == "cuda"
         self.device = device
         self.marks: list[tuple[int, Any, Any]] = []  # (new tokens, start, end) per forward
+        self.origin = self.begin()  # when timing started: end_offsets() are measured from here
 
     def begin(self) -> Any:
         if not self.cuda:
@@ -152,6 +153,13 @@ class ForwardTimer:
             return [(n, end - start) for n, start, end in self.marks]
         torch.cuda.synchronize(self.device)
         return [(n, start.elapsed_time(end) / 1000) for n, start, end in self.marks]
+
+    def end_offsets(self) -> list[float]:
+        """Seconds from the start of timing to the end of each forward, in order (after ``read``
+        on CUDA, which synchronised once); the first is the time to the first token."""
+        if not self.cuda:
+            return [end - self.origin for _, _, end in self.marks]
+        return [self.origin.elapsed_time(end) / 1000 for _, _, end in self.marks]
 
 
 LAYER_TYPES = ("full_attention", "sliding_attention")  # the attention layer types custom masks support
@@ -189,6 +197,7 @@ class Engine:
         self.config = model.config
         self.forwards = 0  # forwards since creation; methods count their own per sample
         self.timer: Optional[ForwardTimer] = None  # per-forward times, between start_timing() and stop_timing()
+        self.last_timer: Optional[ForwardTimer] = None  # the timer stop_timing() last read (its end_offsets)
         self.sliding_window, self.layer_types = attention_layout(model.config)
         # model.compile=true: static KV cache + torch.compile'd forwards (harness/compiled.py);
         # None = eager. Imported here: harness.compiled builds on this module's KVCache.
@@ -454,6 +463,7 @@ class Engine:
     def stop_timing(self) -> list[tuple[int, float]]:
         """Stop recording; (new tokens, seconds) per forward since start_timing() (synchronises on CUDA)."""
         timer, self.timer = self.timer, None
+        self.last_timer = timer
         return timer.read() if timer is not None else []
 
     @contextmanager

@@ -3,13 +3,12 @@
     harness leaderboard RUN_DIR... [--format markdown|csv|html|json] [--by language|category]
                                    [--out FILE] [--plots DIR] [--allow-mixed]
 
-The HTML report is one self-contained file: tables plus the plots embedded as PNG.
+The HTML report (harness/page.py) is one self-contained page with interactive plots;
+``--plots DIR`` also writes static PNG plots.
 """
 
 from __future__ import annotations
 
-import base64
-import html
 import io
 import json
 from pathlib import Path
@@ -23,7 +22,7 @@ from harness.results import REPETITION_NOTE, STOP_NOTE, pass_at_1_label
 
 SHOWN = [
     "method", "task", "samples", "exact_match", "ties", "mismatches", "mean_accepted_tokens", "tokens_per_s",
-    "speedup", "speedup_ci", "efficiency", "step_cost", "repetition", "stop_reasons", "latency_p50_s", "latency_p90_s", "prefill_ms",
+    "speedup", "speedup_ci", "efficiency", "step_cost", "limit_speedup", "best_setting", "repetition", "stop_reasons", "latency_p50_s", "latency_p90_s", "prefill_ms",
     "peak_memory_mb",
 ]  # fmt: skip
 NOTE = (
@@ -33,6 +32,9 @@ NOTE = (
     "efficiency: speedup / (accepted tokens per step x t(1-token forward) / t(step forwards)), i.e. how much of "
     "what the acceptance allows on this machine the implementation delivers; step_cost: t(step forwards) / "
     "t(1-token forward), what one decoding step's forwards (tree, chunk, draft + verify) cost against one plain step; "
+    "limit_speedup: the speedup the measured acceptance allows at the measured forward costs (Leviathan et al. for a "
+    "chain with a gamma, tokens per step / step_cost otherwise; harness/detail.py); best_setting: the gamma those "
+    "figures imply (the one that ran: the run_dir or the config); "
     + REPETITION_NOTE
     + " " + STOP_NOTE
 )
@@ -56,7 +58,7 @@ def title(runs: Runs) -> str:
     return f"Leaderboard ({tree} tree: these figures cannot be reproduced from the commit alone)"
 
 
-def render(runs: Runs, table: pd.DataFrame, fmt: str, by: Optional[str] = None, plots: Optional[dict] = None) -> str:
+def render(runs: Runs, table: pd.DataFrame, fmt: str, by: Optional[str] = None) -> str:
     """The table in one format; every format carries the commit and the tree's state (provenance):
     markdown and html in the header, json as ``provenance``, csv as ``commit`` and ``tree`` columns."""
     if fmt == "json":
@@ -70,29 +72,21 @@ def render(runs: Runs, table: pd.DataFrame, fmt: str, by: Optional[str] = None, 
         body = tabulate(shown, headers="keys", tablefmt="github", showindex=False, floatfmt=".3f")
         return f"# {title(runs)}\n\n{header(runs)}\n\n{NOTE}\n\n{body}\n"
     if fmt == "html":
-        return render_html(runs, shown, plots or {})
+        from harness.page import render_page  # noqa: PLC0415 (plotly: the `plots` extra, only for html)
+
+        return render_page(runs, table, by, title(runs), NOTE)
     raise ValueError(f"unknown format '{fmt}'; use markdown, csv, html or json")
 
 
-def render_html(runs: Runs, shown: pd.DataFrame, plots: dict[str, bytes]) -> str:
-    images = "\n".join(
-        f'<figure><img alt="{html.escape(name)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
-        f"<figcaption>{html.escape(name)}</figcaption></figure>"
-        for name, png in plots.items()
-    )
-    table = shown.to_html(index=False, float_format=lambda x: f"{x:.3f}", border=0)
-    return f"""<!doctype html>
-<html><head><meta charset="utf-8"><title>spec-harness report</title>
-<style>body{{font-family:sans-serif;margin:2em;max-width:1200px}} table{{border-collapse:collapse;font-size:13px}}
-td,th{{padding:3px 8px;border-bottom:1px solid #ddd;text-align:right}} figure{{display:inline-block;margin:1em}}
-img{{max-width:560px}} .note{{color:#555;font-size:13px}}</style></head>
-<body><h1>spec-harness report: {html.escape(title(runs))}</h1><p>{html.escape(header(runs))}</p>
-<p class="note">{html.escape(NOTE)}</p>
-{table}
-<h2>Plots</h2>
-{images}
-</body></html>
-"""
+def brief(table: pd.DataFrame) -> str:
+    """One line per method of a run's summary: what to read first, on one screen."""
+    lines = []
+    for r in table.to_dict("records"):
+        setting = r.get("best_setting")
+        best = f", best {setting} (ran {r['setting_run']})" if isinstance(setting, str) and setting else ""
+        lines.append(f"{r['method']:>18}  {r['speedup']:.2f}x  {r.get('accepted_pooled', float('nan')):.2f} tokens/step  "
+                     f"exact {r['exact_match']:.0%}  limit {r.get('limit_speedup', float('nan')):.2f}x{best}")  # fmt: skip
+    return "\n".join(lines)
 
 
 def make_plots(runs: Runs, table: pd.DataFrame, by: Optional[str] = None) -> dict[str, bytes]:

@@ -17,6 +17,7 @@ from typing import Optional
 import numpy as np
 import pandas as pd
 
+from harness.detail import as_row, detail
 from harness.results import RunDir, RunDirError, commit_of, pass_at_1, resume_key
 
 REFERENCE = "autoregressive"
@@ -224,6 +225,7 @@ def metrics(runs: Runs, by: Optional[str] = None) -> pd.DataFrame:
                 "forward_share": float(g.forward_time_s.sum()) / wall if wall else float("nan"),
                 "model": g.model.iloc[0],
                 "tokens_hash": tokens_hash(g),
+                **as_row(detail(g, sub, speedup, runs.manifests[int(g.run.iloc[0])])),
             }
         )
     table = pd.DataFrame(rows)

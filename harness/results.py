@@ -22,10 +22,13 @@ from typing import Any, Optional
 import pandas as pd
 from tabulate import tabulate
 
+from harness.detail import DETAIL_COLUMNS, csv_cell
 from harness.paths import REPO_ROOT
 
 MANIFEST, SAMPLES, SUMMARY, LEADERBOARD = "manifest.json", "samples.jsonl", "summary.csv", "leaderboard.md"
+SUMMARY_JSON = "summary.json"  # summary.csv's rows as JSON, lists and dicts as they are
 EXECUTION = "execution.jsonl"  # sandboxed test results per record (opt-in: run.execute=true)
+TEXTS = "texts.jsonl"  # per (sample, turn): the prompt and the reference's output token by token, for viewers
 DROPPED = "dropped.jsonl"  # prompts left out because they do not fit the context (task.too_long=drop)
 # with execution: pass@1, completions judged, completions skipped (toolchain missing: not judged),
 # isolation of the sandbox (full | weak | unrecorded, see harness/execution/__init__.py)
@@ -97,6 +100,9 @@ class Record:
     # place of this method in the sample's run order (0 = ran first; the order rotates from
     # sample to sample, the reference included); None for a record written before it existed
     run_order: Optional[int] = None
+    # seconds from the start of the generation to the end of the first target forward (the prompt's,
+    # which yields the first token): time to first token; None for a record written before it existed
+    first_token_s: Optional[float] = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -272,6 +278,25 @@ class RunDir:
         with open(self.path / DROPPED, "a", encoding="utf-8") as f:
             f.write(json.dumps(entry) + "\n")
 
+    def append_text(self, entry: dict) -> None:
+        """One (sample, turn)'s prompt and reference pieces (``runner.sample_text``) for the report."""
+        with open(self.path / TEXTS, "a", encoding="utf-8") as f:
+            f.write(json.dumps(entry) + "\n")
+
+    def texts(self) -> dict[tuple[str, int], dict]:
+        """The entries of texts.jsonl by (sample_id, turn); empty for a run made before it existed."""
+        path = self.path / TEXTS
+        if not path.exists():
+            return {}
+        entries = {}
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:  # a torn last line: the viewer only loses that sample's text
+                continue
+            entries[(str(row["sample_id"]), int(row["turn"]))] = row
+        return entries
+
     def dropped(self) -> list[dict]:
         path = self.path / DROPPED
         if not path.exists():
@@ -285,9 +310,12 @@ class RunDir:
         return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
     def write_summary(self, table: pd.DataFrame) -> pd.DataFrame:
-        """Write summary.csv (the ``SUMMARY_COLUMNS`` of ``report.metrics``) and leaderboard.md."""
-        table = table.reindex(columns=SUMMARY_COLUMNS + [c for c in PASS_AT_1_COLUMNS if c in table.columns])
-        table.to_csv(self.path / SUMMARY, index=False)
+        """Write summary.csv and summary.json (the ``SUMMARY_COLUMNS`` and ``DETAIL_COLUMNS`` of
+        ``report.metrics``) and leaderboard.md."""
+        columns = SUMMARY_COLUMNS + [c for c in PASS_AT_1_COLUMNS if c in table.columns]
+        table = table.reindex(columns=columns + [c for c in DETAIL_COLUMNS if c in table.columns])
+        table.map(csv_cell).to_csv(self.path / SUMMARY, index=False)
+        self._write_atomic(SUMMARY_JSON, table.to_json(orient="records", indent=2))
         self._write_atomic(LEADERBOARD, render_leaderboard(table, self.manifest(), self.dropped()))
         return table
 

@@ -205,7 +205,10 @@ def run(exp: Experiment, log: Callable[[str], None] = print) -> RunResult:
 
     if pending:
         warm_up(engine, methods, samples[0], settings, log)
-    bar = tqdm(total=pending, desc="decoding", unit="gen", disable=not settings.progress, dynamic_ncols=True)
+    # a bar with the method and sample in flight and an ETA; off with run.progress=false (--quiet) and
+    # when stderr is not a terminal (CI logs): tqdm's disable=None
+    bar = tqdm(total=pending, desc="decoding", unit="gen", disable=None if settings.progress else True,
+               dynamic_ncols=True)  # fmt: skip
     for index, sample in enumerate(samples):
         order = rotate(list(methods), index)  # the reference rotates with the others
         reference_ids = encode_reference(engine, sample)
@@ -228,6 +231,7 @@ def run(exp: Experiment, log: Callable[[str], None] = print) -> RunResult:
             for position, name in enumerate(order):
                 if (name, task_name, sample.id, turn) in done:
                     continue
+                bar.set_postfix_str(f"{name} on {sample.id}" + (f" turn {turn}" if turn else ""), refresh=False)
                 graphs = compile_count() if engine.compiled is not None else 0
                 record = run_one(exp, engine, methods[name], name, sample, turn, prompt_ids, stop, seed, position,
                                  reference_ids)  # fmt: skip
@@ -237,6 +241,7 @@ def run(exp: Experiment, log: Callable[[str], None] = print) -> RunResult:
                 bar.update(1)
                 if name == REFERENCE:
                     reference = record
+                    rundir.append_text(sample_text(engine, sample.id, turn, prompt_ids, record.tokens))
                     waiting.insert(0, record)  # written first, so a record never precedes its reference
                 else:
                     waiting.append(record)
@@ -378,6 +383,14 @@ def fit_static_caches(engine: Engine, methods: dict[str, Method], samples: list[
         e.compiled.reserve(longest + new_tokens)
 
 
+def sample_text(engine: Engine, sample_id: str, turn: int, prompt_ids: list[int], tokens: list[int]) -> dict:
+    """What a report's sample viewer shows for one turn: the prompt as the model saw it and the
+    reference's output one token per piece (a method's accepted steps are drawn over them)."""
+    decode = engine.tokenizer.decode
+    return {"sample_id": sample_id, "turn": turn, "prompt": decode(prompt_ids, skip_special_tokens=True),
+            "pieces": [decode([t], skip_special_tokens=False) for t in tokens]}  # fmt: skip
+
+
 def run_one(
     exp: Experiment,
     engine: Engine,
@@ -407,6 +420,7 @@ def run_one(
     finally:
         target_log, *draft_logs = [e.stop_timing() for e in engines]
     peak = engine.peak_memory_bytes()
+    ends = engine.last_timer.end_offsets() if target_log else []  # from the same timer, no extra sync
     draft_log = [entry for log in draft_logs for entry in log]
     return Record(
         method=name,
@@ -420,6 +434,7 @@ def run_one(
         wall_time_s=wall,
         forward_time_s=sum(t for _, t in target_log) + sum(t for _, t in draft_log),
         prefill_time_s=target_log[0][1] if target_log else None,
+        first_token_s=ends[0] if ends else None,
         draft_forward_time_s=sum(t for _, t in draft_log),
         verify_tokens=sum(n for n, _ in target_log[1:]),
         peak_memory_bytes=peak,

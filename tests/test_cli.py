@@ -14,6 +14,7 @@ import pandas as pd
 import pytest
 
 from harness.cli import main
+from harness.detail import DETAIL_COLUMNS
 from harness.results import SUMMARY_COLUMNS
 
 PROMPTS = ["def add(a, b):", "for i in range", "class Foo:", "int main() {", "function f(x) {", "x = 1"]
@@ -40,13 +41,19 @@ def test_run_writes_all_outputs(model_dir, prompts, tmp_path, capsys):
     assert main(base_args(model_dir, prompts, out) + ["--methods", "autoregressive,hf-generate"]) == 0
     printed = capsys.readouterr().out
     assert "| autoregressive" in printed and "| hf-generate" in printed
-    for name in ("manifest.json", "samples.jsonl", "summary.csv", "leaderboard.md"):
+    for name in ("manifest.json", "samples.jsonl", "summary.csv", "summary.json", "leaderboard.md", "texts.jsonl"):
         assert (out / name).exists(), name
     records = read_records(out)
     assert len(records) == 2 * len(PROMPTS)
     assert all(r["status"] == "exact" for r in records)  # hf-generate agrees with the baseline
+    # time to first token: from the generation's start to the end of the prompt's forward (the forward timer)
+    assert all(r["prefill_time_s"] <= r["first_token_s"] <= r["wall_time_s"] for r in records)
+    texts = [json.loads(line) for line in (out / "texts.jsonl").read_text().splitlines()]
+    assert sorted(t["sample_id"] for t in texts) == sorted(f"p{i}" for i in range(len(PROMPTS)))
+    reference = {r["sample_id"]: r for r in records if r["method"] == "autoregressive"}
+    assert all(len(t["pieces"]) == len(reference[t["sample_id"]]["tokens"]) for t in texts)
     summary = pd.read_csv(out / "summary.csv")
-    assert list(summary.columns) == SUMMARY_COLUMNS
+    assert list(summary.columns) == SUMMARY_COLUMNS + DETAIL_COLUMNS
     ar = summary[summary.method == "autoregressive"].iloc[0]
     assert ar.speedup == 1.0 and ar.mean_accepted_tokens == 1.0 and ar.exact_match == 1.0
     manifest = json.loads((out / "manifest.json").read_text())
@@ -286,3 +293,10 @@ def test_profile_reports_phases_and_forward_counts(model_dir, prompts, capsys):
     assert "harness/engine.py" in out and "methods/autoregressive.py" in out
     assert main(["profile", "--model", str(model_dir), "--methods", "autoregressive,hf-generate"]) == 2
     assert "one method at a time" in capsys.readouterr().err
+
+
+def test_quiet_turns_the_progress_bar_off():
+    from harness.cli import flag_overrides, run_parser
+
+    assert "run.progress=false" in flag_overrides(run_parser().parse_args(["--quiet"]), [])
+    assert "run.progress=false" not in flag_overrides(run_parser().parse_args([]), [])
