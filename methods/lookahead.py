@@ -63,6 +63,9 @@ class LookaheadConfig(MethodConfig):
     candidates: int = 2  # G: pool n-grams verified per step at most; also the pool's capacity per first token (0: none)
     context_pool: bool = True  # also seed the pool with the prompt's n-grams and add the committed output's
 
+    def check(self) -> None:
+        check_config(self)
+
 
 class LookaheadError(ValueError):
     """Settings lookahead cannot run with; the message names the field and the fix."""
