@@ -46,7 +46,7 @@ from typing import Optional
 
 import torch
 
-from harness.config import MethodConfig, SamplingConfig
+from harness.config import ConfigValueError, MethodConfig, SamplingConfig
 from harness.engine import Engine, KVCache
 from methods.base import Committer, Generation, Method, StopRule, make_generator, next_token, probabilities
 
@@ -67,7 +67,7 @@ class LookaheadConfig(MethodConfig):
         check_config(self)
 
 
-class LookaheadError(ValueError):
+class LookaheadError(ConfigValueError):
     """Settings lookahead cannot run with; the message names the field and the fix."""
 
 
