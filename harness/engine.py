@@ -180,19 +180,20 @@ def select_device(name: str) -> torch.device:
 
 
 def check_model_files(directory: Path) -> None:
-    """A local model directory's files, checked before transformers reads them: ``config.json``
-    a JSON object, and every ``*.safetensors`` whole (its header parses and the tensors it
-    lists fit in the file). ModelLoadError names the file, the problem and the fix."""
+    """A local model directory's files, checked before transformers reads them: every ``*.json``
+    (config, tokenizer, generation config) valid JSON, ``config.json`` an object, and every ``*.safetensors`` whole (its
+    header parses and the tensors it lists fit in the file). ModelLoadError names the file, the
+    problem and the fix."""
     fix = "restore the file (copy or download the model again, or rebuild it: `harness zoo build`)"
     if not directory.is_dir():
         return
-    if (directory / "config.json").exists():
+    for path in sorted(directory.glob("*.json")):
         try:
-            config = json.loads((directory / "config.json").read_bytes().decode("utf-8"))
+            data = json.loads(path.read_bytes().decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ModelLoadError(f"model file {directory / 'config.json'} is not valid JSON ({exc}); {fix}") from None
-        if not isinstance(config, dict):
-            raise ModelLoadError(f"model file {directory / 'config.json'} is not a JSON object; {fix}")
+            raise ModelLoadError(f"model file {path} is not valid JSON ({exc}); {fix}") from None
+        if path.name == "config.json" and not isinstance(data, dict):
+            raise ModelLoadError(f"model file {path} is not a JSON object; {fix}")
     for weights in sorted(directory.glob("*.safetensors")):
         problem = safetensors_problem(weights)
         if problem:

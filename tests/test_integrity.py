@@ -315,6 +315,10 @@ def damage(kind: str, tmp_path: Path, finished: Path, model_dir: Path, prompts: 
     if kind == "model config not JSON":
         (model / "config.json").write_text("{\"model_type\": ")
         return run_args(model, prompts, tmp_path / "new"), f"model file {model / 'config.json'} is not valid JSON"
+    if kind == "tokenizer file truncated":
+        tokenizer = model / "tokenizer.json"
+        tokenizer.write_text(tokenizer.read_text()[:100])
+        return run_args(model, prompts, tmp_path / "new"), f"model file {tokenizer} is not valid JSON"
     raise AssertionError(kind)
 
 
@@ -323,7 +327,7 @@ FILE_CASES = [
     "baseline row without figures", "baseline bad tolerances", "manifest truncated", "manifest a list",
     "manifest without config", "manifest on resume", "not a run directory", "corrupt middle record",
     "execution results corrupt", "--out is a file", "--out below a file", "model weights truncated",
-    "model weights header garbage", "model config not JSON",
+    "model weights header garbage", "model config not JSON", "tokenizer file truncated",
 ]  # fmt: skip
 
 
