@@ -343,3 +343,28 @@ def test_damaged_file(model_dir, prompts, finished, tmp_path, capsys, kind):
 
 def test_the_matrix_is_at_least_40_cases():
     assert len(RUN_CASES) + len(FILE_CASES) >= 40
+
+
+@pytest.mark.parametrize("kind", ["manifest truncated", "manifest a list", "tokens truncated", "arrays disagree"])
+def test_damaged_datastore_is_named(tmp_path, kind):
+    from harness.datastore import FORMAT, Datastore, DatastoreError
+
+    store = tmp_path / "store"
+    Datastore.from_tokens([3, 1, 4, 1, 5, 9, 2, 6], {"format": FORMAT}).save(store)
+    assert len(Datastore.load(store)) == 8  # the control: whole, it loads
+    if kind == "manifest truncated":
+        (store / "manifest.json").write_text('{"format": ')
+        message = f"datastore manifest {store / 'manifest.json'} is not valid JSON"
+    elif kind == "manifest a list":
+        (store / "manifest.json").write_text("[]")
+        message = f"datastore manifest {store / 'manifest.json'} holds a JSON list, not a dict"
+    elif kind == "tokens truncated":
+        (store / "tokens.npy").write_bytes((store / "tokens.npy").read_bytes()[:90])
+        message = f"datastore file {store / 'tokens.npy'} cannot be read"
+    else:
+        Datastore.from_tokens([3, 1, 4], {"format": FORMAT}).save(tmp_path / "small")
+        shutil.copy(tmp_path / "small" / "sa.npy", store / "sa.npy")
+        message = f"datastore {store}: sa.npy has 3 entries for 8 tokens"
+    with pytest.raises(DatastoreError) as err:
+        Datastore.load(store)
+    assert str(err.value).startswith(message) and "harness datastore build force=true" in str(err.value)
