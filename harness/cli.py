@@ -187,8 +187,9 @@ def check_string_lists(obj: Any, overrides: list[str]) -> None:
         lists = [hint] + list(typing.get_args(hint))  # Optional[list[str]] holds list[str]
         if any(typing.get_origin(h) is list and typing.get_args(h) == (str,) for h in lists):
             bad = next(v for v in value if not isinstance(v, str))
+            quoted = "[" + ",".join(f"'{v}'" for v in value) + "]"
             raise ConfigValueError(f"{override.key_or_group}={value!r} must be a list of strings, but {bad!r} is of type "
-                                   f"{type(bad).__name__}; quote each item: {override.key_or_group}=['1','2']")
+                                   f"{type(bad).__name__}; quote each item: {override.key_or_group}={quoted}")
 
 
 def to_experiment(cfg, OmegaConf):

@@ -178,7 +178,7 @@ RUN_CASES = [
     (["sampling.do_sample=maybe"], "bad config override"),
     (["run.threads=-1"], "run.threads=-1 is not valid: must be >= 1 (or 0 = torch's default)"),
     (["run.threads=two"], "bad config override"),
-    (["task.stop=[1,2]"], "task.stop=[1, 2] must be a list of strings, but 1 is of type int"),
+    (["task.stop=[1,2]"], "task.stop=[1, 2] must be a list of strings, but 1 is of type int; quote each item: task.stop=['1','2']"),
     (["task.stop=[ok,3.5]"], "task.stop=['ok', 3.5] must be a list of strings, but 3.5 is of type float"),
     (["task.stop=['']"], "task.stop=[''] holds an empty string"),
     (["model.device=cuda"], "model.device='cuda' is not valid: this machine has no CUDA device; use model.device=cpu|auto"),

@@ -3,9 +3,10 @@
 ``run_program(program, limits)`` builds and runs a ``Program`` (``programs.py``) in a fresh
 sandbox and says how it went as an ``ExecResult``:
 
-* python: ``python3 -I -B harness_main.py`` (``main.py`` for a bare program) under an interpreter the sandbox can run (``sys.executable``
-  when it lies inside the sandbox's view and the sandbox uid may execute it, else ``python3``
-  on the sandbox ``PATH``; ``Limits.python`` overrides).
+* python: ``python3 -I -B harness_main.py`` (``main.py`` for a bare program) under an
+  interpreter the sandbox can run (``sys.executable`` when it lies inside the sandbox's view
+  and the sandbox uid may execute it, else ``python3`` on the sandbox ``PATH``;
+  ``Limits.python`` overrides).
 * cpp: ``g++ -std=c++17 -o main *.cpp -lcrypto`` (one test uses ``openssl/md5.h``; two use
   ``boost/any.hpp``), then ``./main``. ``harness_std.h`` is precompiled once and kept.
 * java: ``javac`` on every ``.java`` file, then ``java -ea HarnessMain`` (``Main`` for a bare
@@ -356,9 +357,10 @@ def _judge_build(step: Step, limits: Limits, what: str) -> Optional[ExecResult]:
 def run_program(program: Program, limits: Optional[Limits] = None, iso: Optional[Isolation] = None) -> ExecResult:
     """Build and run ``program`` in a fresh sandbox (``iso``: the probed isolation by default).
 
-    Python runs ``main.py``; C++ compiles the ``.cpp`` files; Java compiles every ``.java``
-    file and runs ``HarnessMain`` (or ``Main``); JS runs ``main.js``; Go builds the package
-    (``go test -c``) and runs its tests. A missing toolchain gives ``skipped``.
+    Python runs ``harness_main.py`` (or ``main.py``); C++ compiles the ``.cpp`` files; Java
+    compiles every ``.java`` file and runs ``HarnessMain`` (or ``Main``); JS runs
+    ``harness_main.js`` (or ``main.js``); Go builds the package (``go test -c``) and runs its
+    tests. A missing toolchain gives ``skipped``.
     """
     limits = limits or Limits()
     iso = iso or isolation()
