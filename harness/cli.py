@@ -188,8 +188,8 @@ def check_string_lists(obj: Any, overrides: list[str]) -> None:
         if any(typing.get_origin(h) is list and typing.get_args(h) == (str,) for h in lists):
             bad = next(v for v in value if not isinstance(v, str))
             quoted = "[" + ",".join(f"'{v}'" for v in value) + "]"
-            raise ConfigValueError(f"{override.key_or_group}={value!r} must be a list of strings, but {bad!r} is of type "
-                                   f"{type(bad).__name__}; quote each item: {override.key_or_group}={quoted}")
+            raise ConfigValueError(f"{override.key_or_group}={value!r} must be a list of strings, but {bad!r} is of "
+                                   f"type {type(bad).__name__}; quote each item: {override.key_or_group}={quoted}")
 
 
 def to_experiment(cfg, OmegaConf):

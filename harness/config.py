@@ -32,7 +32,8 @@ def check_device(name: str, key: str = "model.device") -> None:
     if kind == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         require(count > 0, key, name, f"this machine has no CUDA device; use {key}=cpu|auto")
-        require(int(index or 0) < count, key, name, f"this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
+        require(int(index or 0) < count, key, name,
+                f"this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")  # fmt: skip
 
 
 @dataclass
@@ -60,12 +61,14 @@ class ModelConfig:
 
     def check(self) -> None:
         """Every value in its range (and the device present), before anything loads."""
-        require(self.dtype in ("float32", "bfloat16", "float16"), "model.dtype", self.dtype, "must be float32 or bfloat16 or float16")
+        require(self.dtype in ("float32", "bfloat16", "float16"), "model.dtype", self.dtype,
+                "must be float32 or bfloat16 or float16")  # fmt: skip
         require(self.attn_implementation in ("sdpa", "eager"), "model.attn_implementation", self.attn_implementation,
                 "must be sdpa or eager")  # fmt: skip
         require(all(b >= 1 for b in self.compile_buckets), "model.compile_buckets", self.compile_buckets,
                 "must be sizes >= 1")  # fmt: skip
-        require(self.compile_cache_len >= 0, "model.compile_cache_len", self.compile_cache_len, "must be >= 0 (0 = fitted)")
+        require(self.compile_cache_len >= 0, "model.compile_cache_len", self.compile_cache_len,
+                "must be >= 0 (0 = fitted)")  # fmt: skip
         check_device(self.device)
 
 
@@ -90,7 +93,7 @@ class SamplingConfig:
         """Every value in its range: a sampling run never quietly turns greedy or unfiltered."""
         if self.do_sample:
             require(self.temperature > 0, "sampling.temperature", self.temperature,
-                    "must be > 0 when sampling.do_sample=true (for greedy decoding set sampling.do_sample=false)")  # fmt: skip
+                    "must be > 0 when sampling.do_sample=true (greedy decoding: sampling.do_sample=false)")
         require(0 < self.top_p <= 1, "sampling.top_p", self.top_p, "must be 0 < top_p <= 1 (1 = off)")
         require(self.top_k >= 0, "sampling.top_k", self.top_k, "must be >= 0 (0 = off)")
 

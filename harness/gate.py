@@ -93,7 +93,8 @@ def load_baseline(path: str | Path) -> Baseline:
     need(isinstance(data["tolerances"], dict) and set(data["tolerances"]) <= {f.name for f in fields(Tolerances)},
          f"has bad tolerances {data['tolerances']!r}")  # fmt: skip
     need(isinstance(data["machine"], dict), "has no `machine` object")
-    need(isinstance(data["rows"], list) and all(isinstance(r, dict) for r in data["rows"]), "has no list of `rows` objects")
+    rows = data["rows"]
+    need(isinstance(rows, list) and all(isinstance(r, dict) for r in rows), "has no list of `rows` objects")
     for number, row in enumerate(data["rows"]):
         missing = [k for k in FIGURES if k not in ("checked", "mismatches") and k not in row]
         need(not missing, f"row {number} lacks {', '.join(missing)}")

@@ -310,7 +310,8 @@ class RunDir:
                     open(self.path / name, "a").close()
         except OSError as exc:
             where = exc.filename or probe
-            raise RunDirError(f"cannot write to {where} ({exc.strerror}); make it writable or give another --out") from None
+            message = f"cannot write to {where} ({exc.strerror}); make it writable or give another --out"
+            raise RunDirError(message) from None
 
     def create(self, manifest: dict, resume_key: str) -> None:
         self.path.mkdir(parents=True, exist_ok=True)

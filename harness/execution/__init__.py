@@ -16,8 +16,9 @@ code ran to its end -- the harness's own code around the tests prints a random p
 marker after them, read from standard input before the completion's code runs and never written
 to a file the program can read (see ``programs``) -- and it exited with status 0. A Python
 entry point's results must be plain data (an object whose ``__eq__`` always answers True
-fails); a failed JS ``console.assert`` throws, and ``console`` and ``assert`` cannot be replaced. An early ``exit(0)`` / ``sys.exit(0)`` /
-``os._exit(0)`` / ``System.exit(0)`` / ``process.exit(0)``, or killing a parent, therefore fails.
+fails); a failed JS ``console.assert`` throws, and ``console`` and ``assert`` cannot be
+replaced. An early ``exit(0)`` / ``sys.exit(0)`` / ``os._exit(0)`` / ``System.exit(0)`` /
+``process.exit(0)``, or killing a parent, therefore fails.
 Statuses: ``passed``, ``failed``, ``timeout``, ``error``, ``skipped`` (see ``ExecResult``); only
 ``passed`` counts as correct; ``skipped`` (toolchain missing) is not judged and is reported
 beside pass@k as such, never counted in its denominator.
@@ -68,7 +69,8 @@ manifest (``execution_isolation``), to every ``execution.jsonl`` record (``isola
 
 Not covered: disk use without bubblewrap (weak isolation: only the size of each file is capped),
 code written to forge a pass from inside the program's own process (a Python completion can
-walk the interpreter's frames to the marker, a C++ or Go one can scan its own memory), memory summed over a program's processes (rlimits are per process; no cgroups), CPU share.
+walk the interpreter's frames to the marker, a C++ or Go one can scan its own memory), memory
+summed over a program's processes (rlimits are per process; no cgroups), CPU share.
 
 Overhead per step (``/bin/true``, median of 30, interleaved, on a shared 2-core CPU under load
 ~6): 84-88 ms for ``prlimit`` + ``bwrap`` + seccomp against 178 ms for the hand-written Python

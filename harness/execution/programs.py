@@ -184,7 +184,8 @@ def _cpp(sample: "Sample", prompt: str, completion: str, test: str) -> dict[str,
     if end < 0:
         raise ValueError(f"{sample.id}: the tests have no complete `int main() {{...}}` to end with the marker")
     # the test's main becomes a function (returning 0 at its end, as main would), called by ours
-    test = test[: found.start()] + "int harness_tests_main() {" + test[found.end() : end - 1] + "    return 0;\n" + test[end - 1 :] + CPP_MAIN
+    body = test[found.end() : end - 1] + "    return 0;\n"
+    test = test[: found.start()] + "int harness_tests_main() {" + body + test[end - 1 :] + CPP_MAIN
     text = f'#include "{CPP_HEADER_FILE}"\n' + CPP_MARKER_READ + prompt + completion + "\n" + test + "\n"
     return {CPP_HEADER_FILE: CPP_HEADER_TEXT, MAIN_FILE["cpp"]: text}
 
@@ -275,7 +276,8 @@ def _go(sample: "Sample", prompt: str, completion: str, test: str) -> dict[str, 
     extra = [p for p in candidates if p not in have and re.search(r"\b" + re.escape(p.rsplit("/", 1)[-1]) + r"\.", visible)]
     # "os" under its own name: the completion may import or use "os" too (Go allows both)
     imports = "import (\n" + "".join(f'    "{p}"\n' for p in extra) + '    harness_io "io"\n    harness_os "os"\n)\n'
-    return {MAIN_FILE["go"]: setup + "\n" + imports + "\n" + GO_MARKER_READ + code + "\n\n" + test + "\n\n" + GO_TEST_MAIN}
+    text = setup + "\n" + imports + "\n" + GO_MARKER_READ + code + "\n\n" + test + "\n\n" + GO_TEST_MAIN
+    return {MAIN_FILE["go"]: text}
 
 
 _ASSEMBLE = {"python": _python, "cpp": _cpp, "java": _java, "js": _js, "go": _go}
