@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import signal
 import sys
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +23,19 @@ from harness.paths import resolve_repo_path
 from harness.registry import METHODS, MODELS, TASKS, UnknownName
 
 ROOT = "harness_run"
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised where the process is, as Ctrl-C raises KeyboardInterrupt: a run stops
+    between two statements and everything already appended stays saved."""
+
+
+def raise_terminated(signum, frame) -> None:
+    raise Terminated()
+
+
+# exit status of a run stopped by a signal: 128 + the signal's number, as a shell reports it
+INTERRUPT_STATUS = {KeyboardInterrupt: 128 + signal.SIGINT, Terminated: 128 + signal.SIGTERM}
 
 
 @dataclass
@@ -150,7 +165,34 @@ def compose(args: argparse.Namespace):
     register_configs()
     with initialize(version_base=None, config_path=None):
         cfg = hydra_compose(config_name=ROOT, overrides=overrides)
+    check_string_lists(OmegaConf.to_object(cfg), args.overrides)
     return cfg, OmegaConf
+
+
+def check_string_lists(obj: Any, overrides: list[str]) -> None:
+    """A list override whose field holds strings (``task.stop``) must give strings: OmegaConf
+    would turn ``[1,2]`` into ``["1", "2"]`` silently."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from harness.config import ConfigValueError
+
+    for override in OverridesParser.create().parse_overrides(overrides):
+        value = override.value()
+        if not isinstance(value, list) or all(isinstance(v, str) for v in value):
+            continue
+        *parents, name = override.key_or_group.split(".")
+        owner = obj
+        for part in parents:
+            owner = owner.get(part) if isinstance(owner, dict) else getattr(owner, part, None)
+        if not dataclasses.is_dataclass(owner) or name not in typing.get_type_hints(type(owner)):
+            continue
+        hint = typing.get_type_hints(type(owner))[name]
+        lists = [hint] + list(typing.get_args(hint))  # Optional[list[str]] holds list[str]
+        if any(typing.get_origin(h) is list and typing.get_args(h) == (str,) for h in lists):
+            bad = next(v for v in value if not isinstance(v, str))
+            quoted = "[" + ",".join(f"'{v}'" for v in value) + "]"
+            raise ConfigValueError(f"{override.key_or_group}={value!r} must be a list of strings, but {bad!r} is of "
+                                   f"type {type(bad).__name__}; quote each item: {override.key_or_group}={quoted}")
 
 
 def to_experiment(cfg, OmegaConf):
@@ -237,13 +279,20 @@ def cmd_run(argv: list[str]) -> int:
 
 
 def cmd_run_args(args: argparse.Namespace) -> int:
+    exp = None
     try:
         from harness import runner
 
         quiet_transformers()
         cfg, OmegaConf = compose(args)
         exp = to_experiment(cfg, OmegaConf)
+        exp.run.out = str(runner.out_dir(exp.run))  # named now, so an interrupt can say where the records are
         result = runner.run(exp)
+    except (KeyboardInterrupt, Terminated) as stop:
+        if args.debug:
+            raise
+        print(f"interrupted: {saved_records(exp.run.out if exp else None)}", file=sys.stderr)
+        return INTERRUPT_STATUS[type(stop)]
     except Exception as exc:  # noqa: BLE001 - every failure becomes one line unless --debug
         if args.debug:
             raise
@@ -257,6 +306,21 @@ def cmd_run_args(args: argparse.Namespace) -> int:
     return 0
 
 
+def saved_records(out: str | None) -> str:
+    """What an interrupted run left: its records and how to resume them."""
+    from pathlib import Path
+
+    from harness.results import RunDir
+
+    if out is None or not (Path(out) / "samples.jsonl").exists():
+        return "nothing was saved (no record finished)" + (f"; rerun with --out {out} to start it" if out else "")
+    try:
+        count = len(RunDir(out).records()[0])
+    except Exception:  # noqa: BLE001 - a summary line; the records themselves are untouched
+        count = "the finished"
+    return f"{count} records saved in {out}; rerun the same command (same --out) to resume"
+
+
 def quiet_transformers() -> None:
     import transformers
 
@@ -266,22 +330,23 @@ def quiet_transformers() -> None:
 
 def one_line(exc: BaseException) -> str:
     from harness.browser import BrowserError
+    from harness.config import ConfigValueError
     from harness.engine import ModelLoadError
+    from harness.gate import BaselineError
     from harness.page import PageError
     from harness.results import RunDirError
     from harness.runner import HarnessError
     from harness.sweep import SweepError
     from tasks.base import TaskDataError
 
-    known = (HarnessError, ModelLoadError, RunDirError, TaskDataError, UnknownName, SweepError, PageError, BrowserError)
+    known = (HarnessError, ModelLoadError, RunDirError, TaskDataError, UnknownName, SweepError, ConfigValueError,
+             BaselineError, PageError, BrowserError)  # fmt: skip
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     if isinstance(exc, known):
         return text
     name = type(exc).__name__
     if "ConfigComposition" in name or "OverrideParse" in name or "ConfigKey" in name or "Validation" in name:
         return f"bad config override: {text} (see `harness run --help` for the valid keys)"
-    if isinstance(exc, KeyboardInterrupt):
-        return "interrupted; finished records are saved, rerun with the same --out to resume"
     return f"{name}: {text} (rerun with --debug for the traceback)"
 
 
@@ -427,7 +492,21 @@ def cmd_list() -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Every command; Ctrl-C or SIGTERM outside a run's own handling ends in one line too."""
     argv = sys.argv[1:] if argv is None else argv
+    previous = signal.signal(signal.SIGTERM, raise_terminated)
+    try:
+        return dispatch(argv)
+    except (KeyboardInterrupt, Terminated) as stop:
+        if "--debug" in argv:
+            raise
+        print("interrupted: the command stopped before it finished; run it again to complete it", file=sys.stderr)
+        return INTERRUPT_STATUS[type(stop)]
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def dispatch(argv: list[str]) -> int:
     commands = "run, list, leaderboard, compare, baseline, check, profile, train, zoo, datastore"
     if not argv or argv[0] in ("-h", "--help"):
         print(f"usage: harness {{{commands}}} ...  (harness run --help for the benchmark options)")

@@ -9,7 +9,31 @@ tasks/base.py.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
+
+
+class ConfigValueError(ValueError):
+    """A config value outside its allowed range; the message names the key, the range and the fix."""
+
+
+def require(ok: bool, key: str, value: Any, allowed: str) -> None:
+    """Raise ConfigValueError naming ``key``, its ``value`` and the ``allowed`` range unless ``ok``."""
+    if not ok:
+        raise ConfigValueError(f"{key}={value!r} is not valid: {allowed}")
+
+
+def check_device(name: str, key: str = "model.device") -> None:
+    """The device must exist on this machine: ``auto``, ``cpu``, or ``cuda``/``cuda:N`` with CUDA present."""
+    import torch  # noqa: PLC0415 (this module is plain dataclasses; only the device check needs torch)
+
+    kind, _, index = name.partition(":")
+    require(name == "auto" or name == "cpu" or (kind == "cuda" and (not index or index.isdigit())), key, name,
+            "must be auto, cpu, cuda or cuda:N")  # fmt: skip
+    if kind == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        require(count > 0, key, name, f"this machine has no CUDA device; use {key}=cpu|auto")
+        require(int(index or 0) < count, key, name,
+                f"this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")  # fmt: skip
 
 
 @dataclass
@@ -35,12 +59,27 @@ class ModelConfig:
     compile_buckets: list[int] = field(default_factory=lambda: [1, 2, 4, 16, 64])
     compile_cache_len: int = 0  # static KV cache entries; 0 = fitted by the runner (longest prompt + max_new_tokens + padding)
 
+    def check(self) -> None:
+        """Every value in its range (and the device present), before anything loads."""
+        require(self.dtype in ("float32", "bfloat16", "float16"), "model.dtype", self.dtype,
+                "must be float32 or bfloat16 or float16")  # fmt: skip
+        require(self.attn_implementation in ("sdpa", "eager"), "model.attn_implementation", self.attn_implementation,
+                "must be sdpa or eager")  # fmt: skip
+        require(all(b >= 1 for b in self.compile_buckets), "model.compile_buckets", self.compile_buckets,
+                "must be sizes >= 1")  # fmt: skip
+        require(self.compile_cache_len >= 0, "model.compile_cache_len", self.compile_cache_len,
+                "must be >= 0 (0 = fitted)")  # fmt: skip
+        check_device(self.device)
+
 
 @dataclass
 class MethodConfig:
     """Base of every method's config; subclasses add their own fields."""
 
     name: str = "?"  # registry name
+
+    def check(self) -> None:
+        """Values in range, before anything loads; methods with bounded fields override it."""
 
 
 @dataclass
@@ -49,6 +88,14 @@ class SamplingConfig:
     temperature: float = 1.0  # applied to p (and to q, for draft methods)
     top_k: int = 0  # 0 = off
     top_p: float = 1.0  # 1.0 = off
+
+    def check(self) -> None:
+        """Every value in its range: a sampling run never quietly turns greedy or unfiltered."""
+        if self.do_sample:
+            require(self.temperature > 0, "sampling.temperature", self.temperature,
+                    "must be > 0 when sampling.do_sample=true (greedy decoding: sampling.do_sample=false)")
+        require(0 < self.top_p <= 1, "sampling.top_p", self.top_p, "must be 0 < top_p <= 1 (1 = off)")
+        require(self.top_k >= 0, "sampling.top_k", self.top_k, "must be >= 0 (0 = off)")
 
 
 @dataclass
@@ -69,6 +116,17 @@ class RunSettings:
     # (harness/execution/__init__.py); "weak": run with what this machine has, recorded as weak
     # in the manifest, execution.jsonl, summary.csv and the leaderboards' pass@1 column
     execute_isolation: str = "full"
+
+    def check(self) -> None:
+        """Every value in its range (the run directory itself is checked by ``RunDir``)."""
+        require(self.max_new_tokens >= 1, "run.max_new_tokens", self.max_new_tokens, "must be >= 1 (--max-new-tokens N)")
+        require(self.warmup >= 0, "run.warmup", self.warmup, "must be >= 0")
+        require(self.warmup_tokens >= 1, "run.warmup_tokens", self.warmup_tokens, "must be >= 1")
+        require(self.threads >= 0, "run.threads", self.threads, "must be >= 1 (or 0 = torch's default)")
+        require(self.tie_margin >= 0, "run.tie_margin", self.tie_margin, "must be >= 0")
+        require(self.execute_workers >= 1, "run.execute_workers", self.execute_workers, "must be >= 1")
+        require(self.execute_isolation in ("full", "weak"), "run.execute_isolation", self.execute_isolation,
+                "must be full or weak")  # fmt: skip
 
 
 @dataclass

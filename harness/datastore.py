@@ -34,6 +34,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from harness.results import load_json_file
 from harness.runner import HarnessError
 
 FORMAT = 1
@@ -140,14 +141,23 @@ class Datastore:
                 f"no REST datastore at {d}; build one with `harness datastore build` "
                 "(or point method.rest.datastore=<dir> at one)"
             )
-        manifest = json.loads((d / MANIFEST_FILE).read_text())
+        fix = "rebuild it with `harness datastore build force=true`"
+        manifest = load_json_file(d / MANIFEST_FILE, "datastore manifest", fix, error=DatastoreError)
         if manifest.get("format") != FORMAT:
             raise DatastoreError(f"datastore {d} has format {manifest.get('format')}, this harness reads {FORMAT}; "
                                  "rebuild it with `harness datastore build force=true`")  # fmt: skip
         # read into memory: a binary search touches random pages, and page faults on a memory
         # map made lookups about twice as slow (132 MiB for the zoo corpus)
-        tokens = np.load(d / TOKENS_FILE)
-        sa = np.load(d / SA_FILE)
+        arrays = []
+        for name in (TOKENS_FILE, SA_FILE):
+            try:
+                arrays.append(np.load(d / name))
+            except (OSError, ValueError, EOFError) as exc:
+                raise DatastoreError(f"datastore file {d / name} cannot be read ({type(exc).__name__}: "
+                                     f"{str(exc).splitlines()[0] if str(exc) else 'damaged'}); {fix}") from None
+        tokens, sa = arrays
+        if sa.shape != tokens.shape:
+            raise DatastoreError(f"datastore {d}: {SA_FILE} has {sa.size} entries for {tokens.size} tokens; {fix}")
         return cls(tokens, sa, manifest)
 
     def save(self, path: str | os.PathLike) -> None:

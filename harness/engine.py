@@ -21,9 +21,11 @@ monotonic clock on CPU, CUDA events on a GPU, read after the generation).
 from __future__ import annotations
 
 import copy
+import json
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Iterator, Optional
 
 import torch
@@ -185,6 +187,51 @@ def select_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def check_model_files(directory: Path) -> None:
+    """A local model directory's files, checked before transformers reads them: every ``*.json``
+    (config, tokenizer, generation config) valid JSON, ``config.json`` an object, and every ``*.safetensors`` whole (its
+    header parses and the tensors it lists fit in the file). ModelLoadError names the file, the
+    problem and the fix."""
+    fix = "restore the file (copy or download the model again, or rebuild it: `harness zoo build`)"
+    if not directory.is_dir():
+        return
+    for path in sorted(directory.glob("*.json")):
+        try:
+            data = json.loads(path.read_bytes().decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ModelLoadError(f"model file {path} is not valid JSON ({exc}); {fix}") from None
+        if path.name == "config.json" and not isinstance(data, dict):
+            raise ModelLoadError(f"model file {path} is not a JSON object; {fix}")
+    for weights in sorted(directory.glob("*.safetensors")):
+        problem = safetensors_problem(weights)
+        if problem:
+            raise ModelLoadError(f"model file {weights} is damaged: {problem}; {fix}")
+
+
+def safetensors_problem(path: Path) -> Optional[str]:
+    """What is wrong with a safetensors file, or None: 8 bytes of header length (little endian),
+    a JSON header, then the tensors' bytes, the last ending where the file ends."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            return f"{size} bytes, shorter than a safetensors header"
+        length = int.from_bytes(head, "little")
+        if 8 + length > size:
+            return f"its header claims {length} bytes but the file has {size} (truncated)"
+        try:
+            header = json.loads(f.read(length).decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            return "its header is not valid JSON"
+    if not isinstance(header, dict):
+        return "its header is not a JSON object"
+    ends = [t["data_offsets"][1] for k, t in header.items() if k != "__metadata__" and isinstance(t, dict)
+            and isinstance(t.get("data_offsets"), list) and len(t["data_offsets"]) == 2]  # fmt: skip
+    if 8 + length + max(ends, default=0) > size:
+        return f"its tensors need {8 + length + max(ends)} bytes but the file has {size} (truncated)"
+    return None
+
+
 class Engine:
     """One loaded model (and its tokenizer) on one device, with timing helpers."""
 
@@ -222,6 +269,8 @@ class Engine:
                 f"model path '{cfg.path}' does not exist; give an existing directory, a hub id as owner/name, "
                 f"or a preset: {', '.join(MODELS.names())} (--model NAME, model.draft=NAME, method.<name>.draft=NAME)"
             )
+        if is_path_like(cfg.path):
+            check_model_files(resolve_repo_path(cfg.path))
         common = dict(revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
         try:
             tokenizer = AutoTokenizer.from_pretrained(str(resolve_repo_path(cfg.tokenizer or source)), **common)

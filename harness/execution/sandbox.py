@@ -71,6 +71,9 @@ class Limits:
     max_processes: int = 128  # RLIMIT_NPROC: tasks (processes and threads) of the sandbox uid
     max_file_mb: int = 64  # RLIMIT_FSIZE: largest file a step may write (stdout/stderr too)
     max_open_files: int = 1024  # RLIMIT_NOFILE
+    # size of a run step's working directory, a tmpfs (under bubblewrap): all a program may write
+    # there, its files together (it sees the built program's files read-only inside)
+    work_dir_mb: int = 64
     output_chars: int = 1500  # how much of the output's tail goes into ``detail``
     python: Optional[str] = None  # interpreter for Python programs; default: one the sandbox can run
     cpp_std: str = "c++17"
@@ -201,8 +204,10 @@ def _seccomp_program() -> tuple[Optional[bytes], str]:
         lib.seccomp_release(ctx)
 
 
-def _bwrap_args(work: str) -> list[str]:
-    """bubblewrap's options for a step whose working directory is ``work`` (same path inside)."""
+def _bwrap_args(work: str, capped_mb: Optional[int] = None) -> list[str]:
+    """bubblewrap's options for a step whose working directory is ``work`` (same path inside).
+    ``capped_mb``: the directory inside is a tmpfs of that size holding every entry of ``work``
+    bound read-only (a run step); None: ``work`` itself, writable (a build step)."""
     args = ["--unshare-all", "--unshare-user", "--disable-userns", "--die-with-parent", "--new-session",
             "--hostname", "sandbox", "--tmpfs", "/"]  # fmt: skip
     for d in READ_ONLY_DIRS:
@@ -213,9 +218,14 @@ def _bwrap_args(work: str) -> list[str]:
     for pattern in READ_ONLY_ETC:
         for path in sorted(glob.glob(os.path.join("/etc", pattern))):
             args += ["--ro-bind", path, path]
-    args += ["--proc", "/proc", "--dev", "/dev", "--bind", work, work, "--chdir", work,
-             "--remount-ro", "/dev", "--remount-ro", "/"]  # fmt: skip
-    return args
+    args += ["--proc", "/proc", "--dev", "/dev"]
+    if capped_mb is None:
+        args += ["--bind", work, work]
+    else:
+        args += ["--size", str(capped_mb * 1024 * 1024), "--tmpfs", work]
+        for entry in sorted(os.listdir(work)):
+            args += ["--ro-bind", os.path.join(work, entry), os.path.join(work, entry)]
+    return args + ["--chdir", work, "--remount-ro", "/dev", "--remount-ro", "/"]
 
 
 # --------------------------------------------------------------------------- uids
@@ -401,10 +411,12 @@ class Sandbox:
         return want
 
     def run(self, argv: list[str], timeout: float, memory_mb: int, address_space: bool,
-            env: Optional[dict[str, str]] = None) -> Step:  # fmt: skip
+            env: Optional[dict[str, str]] = None, stdin: bytes = b"", capped_work: bool = False) -> Step:  # fmt: skip
         """Run ``argv`` in the working directory: ``memory_mb`` is RLIMIT_DATA (and RLIMIT_AS
         with ``address_space``), ``timeout`` the wall-clock limit; ``env`` adds to the cleared
-        environment (PATH, HOME, TMPDIR, LANG)."""
+        environment (PATH, HOME, TMPDIR, LANG); ``stdin`` is all its standard input (a pipe);
+        ``capped_work``: the working directory is a tmpfs of ``Limits.work_dir_mb`` over the
+        files already there, read-only (under bubblewrap; a run step)."""
         assert self.base is not None and self.work is not None
         self._steps += 1
         out_path = self.base / f"step{self._steps}.out"
@@ -421,7 +433,8 @@ class Sandbox:
             if self.iso.bwrap:
                 status_r, status_w = os.pipe()
                 fds.append(status_w)
-                cmd += [self.iso.bwrap, *_bwrap_args(work), "--json-status-fd", str(status_w)]
+                capped = self.limits.work_dir_mb if capped_work else None
+                cmd += [self.iso.bwrap, *_bwrap_args(work, capped), "--json-status-fd", str(status_w)]
                 if self.iso.seccomp:
                     program, why = _seccomp_program_cached()
                     if program is None:
@@ -436,9 +449,18 @@ class Sandbox:
             user: dict[str, Any] = {"user": self.uid, "group": self.uid, "extra_groups": []} if self.uid is not None else {}
             t0 = time.monotonic()
             timed_out = False
-            with open(out_path, "wb") as fo, open(err_path, "wb") as fe:
-                proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=fo, stderr=fe, cwd=work, env=full_env,
-                                        start_new_session=True, close_fds=True, pass_fds=fds, **user)  # fmt: skip
+            stdin_r = subprocess.DEVNULL
+            if stdin:  # a pipe holding all of it (and closed), so the program reads it once, to its end
+                stdin_r, stdin_w = os.pipe()
+                os.write(stdin_w, stdin)
+                os.close(stdin_w)
+            try:
+                with open(out_path, "wb") as fo, open(err_path, "wb") as fe:
+                    proc = subprocess.Popen(cmd, stdin=stdin_r, stdout=fo, stderr=fe, cwd=work, env=full_env,
+                                            start_new_session=True, close_fds=True, pass_fds=fds, **user)  # fmt: skip
+            finally:
+                if stdin:
+                    os.close(stdin_r)
             for fd in fds:
                 os.close(fd)
             fds = []

@@ -3,15 +3,16 @@
 ``run_program(program, limits)`` builds and runs a ``Program`` (``programs.py``) in a fresh
 sandbox and says how it went as an ``ExecResult``:
 
-* python: ``python3 -I -B main.py`` under an interpreter the sandbox can run (``sys.executable``
-  when it lies inside the sandbox's view and the sandbox uid may execute it, else ``python3``
-  on the sandbox ``PATH``; ``Limits.python`` overrides).
+* python: ``python3 -I -B harness_main.py`` (``main.py`` for a bare program) under an
+  interpreter the sandbox can run (``sys.executable`` when it lies inside the sandbox's view
+  and the sandbox uid may execute it, else ``python3`` on the sandbox ``PATH``;
+  ``Limits.python`` overrides).
 * cpp: ``g++ -std=c++17 -o main *.cpp -lcrypto`` (one test uses ``openssl/md5.h``; two use
   ``boost/any.hpp``), then ``./main``. ``harness_std.h`` is precompiled once and kept.
 * java: ``javac`` on every ``.java`` file, then ``java -ea HarnessMain`` (``Main`` for a bare
   program).
-* js: ``node`` with a preloaded hook that makes a failed ``console.assert`` (which Node only
-  prints) set a non-zero exit status.
+* js: ``node harness_main.js`` (``main.js`` for a bare program), which makes a failed
+  ``console.assert`` (which Node only prints) throw before it runs ``main.js``.
 * go: ``go test -c`` then the test binary. Go runs offline in GOPATH mode (``GO111MODULE=off``,
   ``GOPATH=/usr/share/gocode`` where Debian's ``golang-github-stretchr-testify-dev`` puts
   testify, ``GOPROXY=off``), with a per-run ``GOCACHE`` seeded by hard links from a cache
@@ -27,6 +28,11 @@ even start under an ``RLIMIT_AS`` of 1 GiB (measured); V8 and the Go runtime als
 address space they do not use: Java, JS and Go get only ``RLIMIT_DATA`` plus their own heap
 caps (``-Xmx``, ``--max-old-space-size`` = half of ``memory_mb``). Build steps get
 ``RLIMIT_DATA`` = ``compile_memory_mb``.
+
+Run steps get the marker on standard input and their working directory as a tmpfs of
+``Limits.work_dir_mb`` (the built files inside, read-only); build steps write into the
+sandbox's directory on the host (only the toolchain's outputs, each file capped by
+``RLIMIT_FSIZE``).
 """
 
 from __future__ import annotations
@@ -45,7 +51,8 @@ from pathlib import Path
 from typing import Optional
 
 from harness.execution.languages import INSTALL_HINT, LANGUAGES, MAIN_FILE, normalise_language
-from harness.execution.programs import CPP_HEADER_FILE, CPP_HEADER_TEXT, JAVA_WRAPPER, Program, marker_seen, without_marker
+from harness.execution.programs import (CPP_HEADER_FILE, CPP_HEADER_TEXT, JAVA_WRAPPER, JS_RUNNER, PY_RUNNER, Program,
+                                        marker_seen, without_marker)
 from harness.execution.sandbox import Isolation, Limits, Sandbox, Step, _state_dir, can_run, isolation, which
 
 STATUSES = ("passed", "failed", "timeout", "error", "skipped")
@@ -57,7 +64,7 @@ class ExecResult:
     """How a program went. ``status``:
 
     * ``passed``  -- built, ran to the end of its tests (the completion marker is the last line
-      of its output) and exited 0; for JS also no failed ``console.assert``. A bare program
+      of its output) and exited 0; for JS also no ``Assertion failed`` on stderr. A bare program
       (no marker) passes on exit status 0.
     * ``failed``  -- the completion is wrong: it does not compile, a test assertion fails, an
       exception escapes, the program crashes, exits non-zero, or exits 0 before its tests ended.
@@ -347,23 +354,13 @@ def _judge_build(step: Step, limits: Limits, what: str) -> Optional[ExecResult]:
 
 # --------------------------------------------------------------------------- running
 
-_JS_HOOK = """'use strict';
-// Node's console.assert only prints; make a failed assertion fail the run.
-console.assert = function (condition, ...data) {
-  if (!condition) {
-    process.exitCode = 1;
-    process.stderr.write('Assertion failed' + (data.length ? ': ' + data.join(' ') : '') + '\\n');
-  }
-};
-"""
-
-
 def run_program(program: Program, limits: Optional[Limits] = None, iso: Optional[Isolation] = None) -> ExecResult:
     """Build and run ``program`` in a fresh sandbox (``iso``: the probed isolation by default).
 
-    Python runs ``main.py``; C++ compiles the ``.cpp`` files; Java compiles every ``.java``
-    file and runs ``HarnessMain`` (or ``Main``); JS runs ``main.js``; Go builds the package
-    (``go test -c``) and runs its tests. A missing toolchain gives ``skipped``.
+    Python runs ``harness_main.py`` (or ``main.py``); C++ compiles the ``.cpp`` files; Java
+    compiles every ``.java`` file and runs ``HarnessMain`` (or ``Main``); JS runs
+    ``harness_main.js`` (or ``main.js``); Go builds the package (``go test -c``) and runs its
+    tests. A missing toolchain gives ``skipped``.
     """
     limits = limits or Limits()
     iso = iso or isolation()
@@ -395,12 +392,16 @@ def run_program(program: Program, limits: Optional[Limits] = None, iso: Optional
                 step = sb.run(argv, limits.compile_timeout_s, cmem, address_space=False, env=env)
                 return _judge_build(step, limits, what)
 
+            marker = f"{program.marker}\n".encode() if program.marker else b""  # on stdin, never in a file
+
             def execute(argv: list[str], address_space: bool, env: Optional[dict[str, str]] = None) -> ExecResult:
-                step = sb.run(argv, limits.timeout_s, mem, address_space=address_space, env=env)
+                step = sb.run(argv, limits.timeout_s, mem, address_space=address_space, env=env, stdin=marker,
+                              capped_work=True)  # fmt: skip
                 return finish(_judge_run(step, limits, program))
 
             if language == "python":
-                return execute([tools["python"], "-I", "-B", main], address_space=True)
+                entry = PY_RUNNER if PY_RUNNER in files else main
+                return execute([tools["python"], "-I", "-B", entry], address_space=True)
             if language == "cpp":
                 if files.get(CPP_HEADER_FILE) == CPP_HEADER_TEXT:
                     pch = _cpp_pch(tools, limits)
@@ -420,8 +421,8 @@ def run_program(program: Program, limits: Optional[Limits] = None, iso: Optional
                 java = [tools["java"], "-ea", *jvm, f"-Xmx{max(64, mem // 2)}m", f"-Djava.io.tmpdir={sb.work}", "-cp", "."]
                 return execute([*java, entry], address_space=False)
             if language == "js":
-                sb.write("assert_hook.js", _JS_HOOK)
-                node = [tools["node"], f"--max-old-space-size={max(64, mem // 2)}", "--require", "./assert_hook.js", main]
+                entry = JS_RUNNER if JS_RUNNER in files else main
+                node = [tools["node"], f"--max-old-space-size={max(64, mem // 2)}", entry]
                 return execute(node, address_space=False)
             if language == "go":
                 if seed is not None:
