@@ -43,8 +43,6 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, field
-from typing import Optional
-
 import torch
 
 from harness.config import MethodConfig, SamplingConfig

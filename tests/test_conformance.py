@@ -191,16 +191,28 @@ def same(gen: Generation, ref: Generation) -> bool:
     return gen.tokens == ref.tokens and gen.stop_reason == ref.stop_reason
 
 
-def inside_a_block(gen: Generation) -> Optional[int]:
-    """Index of the first output token that is not the last of the block its step committed
-    and whose token has not occurred before (an EOS there ends generation there), or None."""
-    start = gen.accepted_per_step[0] if gen.accepted_per_step else 0
-    for n in gen.accepted_per_step[1:]:
+@dataclass
+class Cut:
+    """Where a stop is put: output token ``at``, inside the block of ``size`` tokens that one
+    step committed from token ``start`` on (``size`` 1: a plain position)."""
+
+    at: int
+    start: int
+    size: int
+
+
+def cut_point(gen: Generation) -> Optional[Cut]:
+    """The first output token that is not the last of its step's block and whose token has not
+    occurred before (an EOS there ends generation there); else the first new token after the
+    first; None when every token repeats an earlier one."""
+    tokens, start = gen.tokens, 0
+    for n in gen.accepted_per_step:
         for i in range(start, start + n - 1):
-            if gen.tokens[i] not in gen.tokens[:i]:
-                return i
+            if tokens[i] not in tokens[:i]:
+                return Cut(i, start, n)
         start += n
-    return None
+    at = next((i for i in range(1, len(tokens)) if tokens[i] not in tokens[:i]), None)
+    return None if at is None else Cut(at, at, 1)
 
 
 def check_contract(target: Target, name: str) -> list[str]:
@@ -214,23 +226,27 @@ def check_contract(target: Target, name: str) -> list[str]:
         stop = StopRule(NEW_TOKENS, eos)
         if not same(method.generate(prompt, stop), greedy(engine, prompt, stop)):
             problems.append(f"prompt {i}: not token-exact")
-    # 2. stops inside a committed block (else at a plain position)
+    # 2. stops inside a committed block (else at a plain position); reset() first, so every run
+    #    makes the same proposals until the stop
     prompt = target.prompts[0]
+    method.reset()
     free = method.generate(prompt, StopRule(NEW_TOKENS))
-    at = inside_a_block(free)
-    if at is None:
-        at = next((i for i in range(1, len(free.tokens)) if free.tokens[i] not in free.tokens[:i]), None)
-    if at is not None:
-        text = token_text(free.tokens[max(0, at - 1) : at + 1])
+    cut = cut_point(free)
+    if cut is not None:
+        text = token_text(free.tokens[max(0, cut.at - 1) : cut.at + 1])
         rules = {
-            "eos": StopRule(NEW_TOKENS, frozenset({free.tokens[at]})),
-            "max_new_tokens": StopRule(at + 1),
+            "eos": StopRule(NEW_TOKENS, frozenset({free.tokens[cut.at]})),
             "stop string": StopRule(NEW_TOKENS, strings=StopStrings([text], token_text)),
+            "max_new_tokens": StopRule(cut.at + 1),  # fewer tokens allowed: proposals may be shorter
         }
         for kind, stop in rules.items():
+            method.reset()
             gen, ref = method.generate(prompt, stop), greedy(engine, prompt, stop)
-            if not same(gen, ref) or len(gen.tokens) > at + 1:
-                problems.append(f"{kind} at token {at}: {gen.tokens} ({gen.stop_reason}), reference {ref.tokens}")
+            if not same(gen, ref) or len(gen.tokens) != cut.at + 1:
+                problems.append(f"{kind} at token {cut.at}: {gen.tokens} ({gen.stop_reason}), reference {ref.tokens}")
+            elif kind != "max_new_tokens" and free.accepted_per_step and gen.accepted_per_step[-1] != cut.at + 1 - cut.start:
+                problems.append(f"{kind} at token {cut.at}: the last step committed {gen.accepted_per_step[-1]} tokens, "
+                                f"not the {cut.at + 1 - cut.start} of its block up to the stop")  # fmt: skip
     # 3. resumes: after reset(), the same Generation as a fresh object
     stop = StopRule(NEW_TOKENS, eos)
     fresh = target.method(name, fresh=True).generate(target.prompts[1], stop)

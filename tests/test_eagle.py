@@ -432,18 +432,6 @@ def sampling_head(engine: Engine) -> EagleHead:
     return head
 
 
-def test_sampled_children_match_the_target_distribution_over_several_steps():
-    """``eagle`` with children drawn from the head's q (SpecInfer's rule): the law of the first
-    five tokens (tests/sampling_law.py). The tree is 2 deep, so a step commits at most three
-    tokens and the five always take two or more tree steps (the head's rollback and the target
-    cache compaction after a sampled walk are under test)."""
-    engine, prompt = peaked_engine(), [0, 3, 5, 7]
-    method = Eagle(EagleConfig(choices=[[0], [1], [0, 0]], candidates="sampled"), engine, SAMPLING,
-                   head=sampling_head(engine))  # fmt: skip
-    pvalue, multi_step = sampled_pvalue(method, engine, SHARED_RULE_RUNS, length=5, prompt=prompt)
-    assert pvalue > PVALUE_FLOOR and multi_step == 1.0
-
-
 def test_dynamic_tree_sampling_matches_the_target_distribution_with_a_failing_control():
     """``eagle2``'s top-k candidates (the one-hot multi-candidate rule), as above; the negative
     control (after every child is rejected, the token is drawn from p itself instead of what is
