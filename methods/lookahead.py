@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, field
+
 import torch
 
 from harness.config import MethodConfig, SamplingConfig

@@ -27,7 +27,6 @@ import torch
 
 from harness.config import MethodConfig, SamplingConfig
 from harness.datastore import Datastore
-from harness.drafters.eagle import EagleHead, EagleHeadConfig
 from harness.engine import Engine
 from harness.models import ZOO_DRAFT, ZOO_SPACE, ZOO_TARGET
 from harness.registry import METHODS, Registry, RegistryError
@@ -35,12 +34,12 @@ from methods.acceptance import ChainVerifier
 from methods.autoregressive import Autoregressive, AutoregressiveConfig
 from methods.base import (DATASTORE, DRAFT_MODEL, EAGLE_HEAD, MASK_FINETUNE, MEDUSA_HEADS, Generation, Method,
                           StopRule, StopStrings, check_method)  # fmt: skip
-from methods.medusa_heads import MedusaHeads, MedusaHeadsConfig
 from tasks.humaneval import HumanEval, HumanEvalConfig
 from tests.conftest import tiny_model
 from tests.sampling_law import (PVALUE_FLOOR, SAMPLE_PROMPT, SAMPLING, SHARED_RULE_CONTROL_RUNS, SHARED_RULE_RUNS, SMALL,
                                 V, sampled_pvalue)  # fmt: skip
-from tests.test_model_families import build
+from tests.test_model_families import build, random_eagle_head, random_heads
+from tests.test_space import UpstreamRule
 
 GREEDY = SamplingConfig()
 NEW_TOKENS = 24  # per generation: several verify steps, a few seconds per method on 2 cores
@@ -57,9 +56,10 @@ class ToyRepeatLast(Method):
     """Drafts the last committed token ``copies`` times and verifies it with the chain verifier."""
 
     config_class = ToyConfig
+    verifier_class = ChainVerifier
 
     def generate(self, prompt_ids: list[int], stop: StopRule, seed: int = 0) -> Generation:
-        chain = ChainVerifier(self.engine, self.sampling, stop, prompt_ids, seed)
+        chain = self.verifier_class(self.engine, self.sampling, stop, prompt_ids, seed)
         chain.prefill()
         while not chain.done:
             chain.verify([chain.seq[-1]] * min(self.cfg.copies, chain.room()))
@@ -120,30 +120,18 @@ class Target:
         return self.cache[key]
 
 
-def random_heads(engine: Engine) -> MedusaHeads:
+def seeded(make: Callable, *args):
+    """``make(*args)`` after seeding torch: the same random weights every time."""
     torch.manual_seed(0)
-    lm_head = engine.model.get_output_embeddings().weight
-    heads = MedusaHeads(MedusaHeadsConfig(3, 1, lm_head.shape[1], lm_head.shape[0]))
-    heads.init_from_lm_head(lm_head)
-    return heads.eval()
-
-
-def random_eagle_head(engine: Engine, version: int) -> EagleHead:
-    """A random EAGLE head for ``engine`` (v3: a draft vocabulary of the first half of the target's)."""
-    torch.manual_seed(0)
-    draft_vocab = engine.config.vocab_size // 2
-    head = EagleHead(EagleHeadConfig.from_target(engine.config, version, draft_vocab_size=draft_vocab)).eval()
-    if head.config.maps_vocab:
-        head.set_vocab_map(torch.arange(draft_vocab))
-    return head
+    return make(*args)
 
 
 def random_needs(engine: Engine, draft: Engine, corpus: list[int], mask_id: int) -> dict[str, Callable[[type], Given]]:
     """Tiny random things of every kind for a random target."""
     return {
         DRAFT_MODEL: lambda cls: Given({"draft": draft}),
-        MEDUSA_HEADS: lambda cls: Given({"heads": random_heads(engine)}),
-        EAGLE_HEAD: lambda cls: Given({"head": random_eagle_head(engine, cls.head_version)}),
+        MEDUSA_HEADS: lambda cls: Given({"heads": seeded(random_heads, engine)}),
+        EAGLE_HEAD: lambda cls: Given({"head": random_eagle_head(engine, cls.head_version, engine.config.vocab_size // 2)}),
         MASK_FINETUNE: lambda cls: Given(settings={"k": 2, "mask_id": mask_id}),
         DATASTORE: lambda cls: Given({"datastore": Datastore.from_tokens(corpus)}),
     }
@@ -302,23 +290,10 @@ class RepeatWithoutVerifying(ToyRepeatLast):
         return chain.result()
 
 
-class SampleFromAllOfP(ChainVerifier):
-    """Broken: after a rejection the token comes from p itself, the rejected draft included."""
-
-    def sample(self, draft, p, q):
-        d = torch.as_tensor(draft, dtype=torch.long)
-        u = torch.rand(d.numel(), generator=self.gen)
-        a = int((u < p[torch.arange(d.numel()), d]).cumprod(0).sum())
-        return d[:a].tolist() + [int(torch.multinomial(p[a], 1, generator=self.gen))]
-
-
 class ToyWithBrokenSampling(ToyRepeatLast):
-    def generate(self, prompt_ids: list[int], stop: StopRule, seed: int = 0) -> Generation:
-        chain = SampleFromAllOfP(self.engine, self.sampling, stop, prompt_ids, seed)
-        chain.prefill()
-        while not chain.done:
-            chain.verify([chain.seq[-1]] * min(self.cfg.copies, chain.room()))
-        return chain.result()
+    """Broken: SPACE upstream's rule (after a rejection, the token comes from all of p)."""
+
+    verifier_class = UpstreamRule
 
 
 def test_broken_methods_fail_the_contract(monkeypatch):
