@@ -36,8 +36,8 @@ from methods.base import (DATASTORE, DRAFT_MODEL, EAGLE_HEAD, MASK_FINETUNE, MED
                           StopRule, StopStrings, check_method)  # fmt: skip
 from tasks.humaneval import HumanEval, HumanEvalConfig
 from tests.conftest import tiny_model
-from tests.sampling_law import (PVALUE_FLOOR, SAMPLE_PROMPT, SAMPLING, SHARED_RULE_CONTROL_RUNS, SHARED_RULE_RUNS, SMALL,
-                                V, sampled_pvalue)  # fmt: skip
+from tests.sampling_law import (METHOD_RUNS, PVALUE_FLOOR, SAMPLE_PROMPT, SAMPLING, SMALL, V,
+                                sampled_pvalue)  # fmt: skip
 from tests.test_model_families import build, random_eagle_head, random_heads
 from tests.test_space import UpstreamRule
 
@@ -255,10 +255,10 @@ def law_target() -> Target:
     return Target(engine, [SAMPLE_PROMPT], random_needs(engine, draft, SAMPLE_PROMPT * 3, mask_id=7))
 
 
-def sampling_pvalue(name: str, runs: int = SHARED_RULE_RUNS) -> float:
+def sampling_pvalue(name: str) -> float:
     """p-value of ``name``'s samples against the exact law of the target's first tokens."""
     method = law_target().method(name, SAMPLING)
-    return sampled_pvalue(method, method.engine, runs)[0]
+    return sampled_pvalue(method, method.engine, METHOD_RUNS)[0]
 
 
 # ---- the tests ------------------------------------------------------------------------------------
@@ -300,7 +300,7 @@ def test_broken_methods_fail_the_contract(monkeypatch):
     for broken in (RepeatWithoutVerifying, ToyWithBrokenSampling):
         monkeypatch.setattr(METHODS, "_targets", {**METHODS._targets, broken.__name__: broken})
     assert check_contract(qwen2(), "RepeatWithoutVerifying") != []
-    assert sampling_pvalue("ToyWithBrokenSampling", SHARED_RULE_CONTROL_RUNS) < PVALUE_FLOOR
+    assert sampling_pvalue("ToyWithBrokenSampling") < PVALUE_FLOOR
 
 
 def test_the_toy_registered_here_is_among_the_cases():
