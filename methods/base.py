@@ -128,7 +128,9 @@ NEEDS = (DRAFT_MODEL, MEDUSA_HEADS, EAGLE_HEAD, MASK_FINETUNE, DATASTORE)
 
 class Method:
     """Base class. Subclasses set ``config_class`` and implement ``generate``
-    (``check_method`` says what a registered class must have)."""
+    (``check_method`` says what a registered class must have). Every registered method is
+    held to one contract, tests/test_conformance.py: token-exact, stop rules, reset, and the
+    sampling law, built from what ``needs`` declares."""
 
     config_class: type[MethodConfig] = MethodConfig
     # what it needs besides the target (kinds from NEEDS); () = nothing
