@@ -181,12 +181,11 @@ def same(gen: Generation, ref: Generation) -> bool:
 
 @dataclass
 class Cut:
-    """Where a stop is put: output token ``at``, inside the block of ``size`` tokens that one
-    step committed from token ``start`` on (``size`` 1: a plain position)."""
+    """Where a stop is put: output token ``at``, inside the block that one step committed from
+    token ``start`` on (``start == at``: a plain position)."""
 
     at: int
     start: int
-    size: int
 
 
 def cut_point(gen: Generation) -> Optional[Cut]:
@@ -197,10 +196,10 @@ def cut_point(gen: Generation) -> Optional[Cut]:
     for n in gen.accepted_per_step:
         for i in range(start, start + n - 1):
             if tokens[i] not in tokens[:i]:
-                return Cut(i, start, n)
+                return Cut(i, start)
         start += n
     at = next((i for i in range(1, len(tokens)) if tokens[i] not in tokens[:i]), None)
-    return None if at is None else Cut(at, at, 1)
+    return None if at is None else Cut(at, at)
 
 
 def check_contract(target: Target, name: str) -> list[str]:
