@@ -4,6 +4,8 @@ Adding one is one line: ``METHODS.add("name", "package.module:Attr")``. Entries 
 imported lazily, so listing names costs nothing. Out-of-tree packages register through
 the entry-point groups ``harness.methods``, ``harness.tasks`` and ``harness.models``
 (see pyproject.toml); the entry point's value uses the same ``module:attr`` form.
+A name registered twice is refused, and so is a method class that does not implement the
+interface (``methods.base.check_method``, run when the class is first resolved).
 """
 
 from __future__ import annotations
@@ -20,25 +22,50 @@ class UnknownName(KeyError):
         return str(self.args[0])
 
 
+class RegistryError(TypeError):
+    """A registration the registry refuses (a name taken twice, a class that does not fit)."""
+
+
+def _load(target: str) -> object:
+    module, _, attr = target.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
 @dataclass
 class Registry:
     kind: str  # "method", "task" or "model": used in messages
     group: str  # entry-point group for plugins
+    # "module:attr" of a function (name, implementation) that raises when the implementation
+    # does not fit the interface; run when an entry is first resolved ("": no check)
+    check: str = ""
 
     def __post_init__(self) -> None:
         self._targets: dict[str, object] = {}
         self._plugins_loaded = False
 
     def add(self, name: str, target: object) -> None:
-        """Register ``target`` (an object, or a lazy ``"module:attr"`` string) as ``name``."""
+        """Register ``target`` (an object, or a lazy ``"module:attr"`` string) as ``name``;
+        a name already taken is refused."""
+        if name in self._targets:
+            raise RegistryError(f"{self.kind} '{name}' is already registered ({self._targets[name]!r}); "
+                                f"register {target!r} under another name")  # fmt: skip
+        if self.check and not isinstance(target, str):
+            _load(self.check)(name, target)
         self._targets[name] = target
+
+    def remove(self, name: str) -> None:
+        """Forget ``name`` (a test that registered a toy cleans up with it)."""
+        self._targets.pop(name, None)
 
     def _load_plugins(self) -> None:
         if self._plugins_loaded:
             return
         self._plugins_loaded = True
         for ep in entry_points(group=self.group):
-            self._targets.setdefault(ep.name, ep.value)
+            if self._targets.get(ep.name, ep.value) != ep.value:
+                raise RegistryError(f"plugin {self.kind} '{ep.name}' ({ep.value}) takes a name already registered "
+                                    f"({self._targets[ep.name]!r}); rename its entry point")  # fmt: skip
+            self._targets[ep.name] = ep.value
 
     def names(self) -> list[str]:
         self._load_plugins()
@@ -51,13 +78,14 @@ class Registry:
             raise UnknownName(f"unknown {self.kind} '{name}'; valid {self.kind}s: {valid}")
         target = self._targets[name]
         if isinstance(target, str):
-            module, _, attr = target.partition(":")
-            target = getattr(importlib.import_module(module), attr)
+            target = _load(target)
             self._targets[name] = target
+        if self.check:
+            _load(self.check)(name, target)
         return target
 
 
-METHODS = Registry("method", "harness.methods")
+METHODS = Registry("method", "harness.methods", check="methods.base:check_method")
 TASKS = Registry("task", "harness.tasks")
 MODELS = Registry("model", "harness.models")
 

@@ -8,9 +8,9 @@ Pure helpers (later methods reuse them on their own candidates):
   NgramIndex / ngram_lookup           latest earlier match of the last n tokens
   ReferenceIndex                      match of the last n tokens in another sequence (a reference)
 
-``ChainVerifier`` holds the target cache, the committed tokens and the per-sample
-counts, and verifies ``[last committed token, d_1..d_g]`` in one forward; a method
-only has to propose.
+``ChainVerifier`` (a ``methods.verifier.Verifier``) holds the target cache, the committed
+tokens and the per-sample counts, and verifies ``[last committed token, d_1..d_g]`` in one
+forward; a method only has to propose.
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ import torch
 
 from harness.config import SamplingConfig
 from harness.engine import Engine
-from methods.base import Committer, Generation, StopRule, make_generator, next_token, probabilities
+from methods.base import Generation, StopRule, probabilities
+from methods.verifier import Verifier, mean
 
 Draft = Sequence[int] | torch.Tensor  # proposed tokens d_1..d_g (a list, or a 1-D tensor on any device)
 
@@ -190,48 +191,22 @@ class ReferenceIndex:
 
 
 # ---- the verify step -------------------------------------------------------------------
-def _bump(counts: list[int], n: int, width: int) -> None:
-    """Add 1 to counts[0:n], first growing the list to ``width`` entries."""
-    if len(counts) < width:
-        counts.extend([0] * (width - len(counts)))
-    for i in range(n):
-        counts[i] += 1
-
-
-class ChainVerifier:
+class ChainVerifier(Verifier):
     """The target side of a chain draft-and-verify loop, for one prompt.
 
-    Invariant between steps: ``cache`` holds ``seq[:-1]`` (prompt + committed tokens but
-    the last) and ``seq[-1]``, the last committed token, is fed with the next proposal.
+    ``verify`` runs the target over ``[seq[-1], d_1..d_g]`` itself; a method whose forward
+    holds more than the chain (SPACE's mask groups) runs it, hands the chain's rows to
+    ``accept`` and keeps what it needs of the cache itself.
     After generation ``len(cache) == len(prompt) + len(tokens) - 1``.
     """
 
     def __init__(self, engine: Engine, sampling: SamplingConfig, stop: StopRule, prompt_ids: list[int], seed: int):
-        self.engine = engine
-        self.sampling = sampling
-        self.out = Committer(stop)
-        self.seq = list(prompt_ids)  # prompt + committed tokens
-        self.cache = engine.new_cache()
-        self.gen = make_generator(seed, engine.device) if sampling.do_sample else None
-        self.forwards = 0
-        self.per_step: list[int] = []  # tokens committed per target forward (prefill included)
-        self.proposed: list[int] = []  # per draft position
-        self.accepted: list[int] = []
+        super().__init__(engine, sampling, stop, prompt_ids, seed)
         self.proposal_lengths: list[int] = []  # g of every verify step
-
-    @property
-    def done(self) -> bool:
-        return self.out.done
-
-    def room(self) -> int:
-        """How many draft tokens one step may still propose: the step adds one more itself."""
-        return self.out.stop.max_new_tokens - len(self.out.tokens) - 1
 
     def prefill(self) -> None:
         """Run the prompt; its last row gives the first token."""
-        logits = self.engine.forward(self.seq, self.cache, last_only=True).logits[-1]
-        self.forwards += 1
-        self._commit([next_token(logits, self.sampling, self.gen)])
+        self.first_token(self.engine.forward(self.seq, self.cache, last_only=True).logits[-1])
 
     def verify(self, draft: Draft, q: Optional[torch.Tensor] = None) -> int:
         """One target forward on ``[seq[-1], *draft]``; commits the accepted prefix and one
@@ -239,41 +214,34 @@ class ChainVerifier:
 
         q [g, vocab]: the draft's sampling distributions (sampling mode; None = one-hot draft).
         """
-        g = len(draft)
         if isinstance(draft, torch.Tensor):
             ids = torch.cat((draft.new_tensor([self.seq[-1]]), draft))
         else:
             ids = [self.seq[-1], *draft]
-        logits = self.engine.forward(ids, self.cache, last_only=g == 0).logits
-        self.forwards += 1
+        logits = self.engine.forward(ids, self.cache, last_only=len(draft) == 0).logits
+        accepted = self.accept(draft, logits, q)
+        self.cache.truncate(len(self.seq) - 1)
+        return accepted
+
+    def accept(self, draft: Draft, logits: torch.Tensor, q: Optional[torch.Tensor] = None) -> int:
+        """Acceptance on rows the caller's forward gave: ``logits`` [g+1, vocab] are the target's
+        rows for ``[seq[-1], d_1..d_g]``. Commits the accepted prefix and one target token
+        (stop rules applied) and returns how many draft tokens were committed; the cache is
+        the caller's to roll back."""
         if self.sampling.do_sample:
-            tokens = sample_accept(draft, probabilities(logits, self.sampling), q, self.gen)
+            tokens = self.sample(draft, probabilities(logits, self.sampling), q)
         else:
             tokens = greedy_accept(draft, logits)
         accepted = min(self._commit(tokens), len(tokens) - 1)
+        g = len(draft)
         self.proposal_lengths.append(g)
-        _bump(self.proposed, g, g)
-        _bump(self.accepted, accepted, len(self.proposed))
+        self._count(g, accepted)
         return accepted
 
-    def _commit(self, tokens: list[int]) -> int:
-        count = self.out.add(tokens)
-        self.seq.extend(tokens[:count])
-        self.per_step.append(count)
-        self.cache.truncate(len(self.seq) - 1)
-        return count
+    def sample(self, draft: Draft, p: torch.Tensor, q: Optional[torch.Tensor]) -> list[int]:
+        """The sampling rule (speculative sampling; a test swaps in a broken one as a control)."""
+        return sample_accept(draft, p, q, self.gen)
 
     def result(self, draft_forwards: int = 0, extra: Optional[dict] = None) -> Generation:
-        lengths = self.proposal_lengths
         # mean draft tokens per verify step (speculative: the mean of the gamma history)
-        stats = {"mean_proposal": sum(lengths) / len(lengths) if lengths else 0.0}
-        return Generation(
-            tokens=self.out.tokens,
-            target_forwards=self.forwards,
-            draft_forwards=draft_forwards,
-            accepted_per_step=self.per_step,
-            proposed_per_position=self.proposed,
-            accepted_per_position=self.accepted,
-            extra={**stats, **(extra or {})},
-            stop_reason=self.out.reason,
-        )
+        return self._generation(draft_forwards, False, {"mean_proposal": mean(self.proposal_lengths), **(extra or {})})

@@ -115,10 +115,32 @@ class Generation:
     stop_reason: Optional[str] = None  # what ended it: eos | stop:<string> | max_new_tokens (Committer.reason)
 
 
+# What a method needs besides the target model (``Method.needs``). Each is handed to the
+# constructor under the keyword named here (or, the fine-tune, read from the target and the
+# method config), so a test can build a tiny one of each kind and a catalogue can say what to get.
+DRAFT_MODEL = "draft"  # a smaller model sharing the target's tokenizer: keyword draft= (an Engine)
+MEDUSA_HEADS = "heads"  # trained Medusa heads: keyword heads= (methods.medusa_heads.MedusaHeads)
+EAGLE_HEAD = "head"  # a trained EAGLE head of the class's ``head_version``: keyword head=
+MASK_FINETUNE = "mask-finetune"  # the target fine-tuned to guess at mask tokens (SPACE; config k, mask_id)
+DATASTORE = "datastore"  # a token datastore to copy drafts from: keyword datastore= (harness.datastore)
+NEEDS = (DRAFT_MODEL, MEDUSA_HEADS, EAGLE_HEAD, MASK_FINETUNE, DATASTORE)
+
+
 class Method:
-    """Base class. Subclasses set ``config_class`` and implement ``generate``."""
+    """Base class. Subclasses set ``config_class`` and implement ``generate``
+    (``check_method`` says what a registered class must have). Every registered method is
+    held to one contract, tests/test_conformance.py: token-exact, stop rules, reset, and the
+    sampling law, built from what ``needs`` declares."""
 
     config_class: type[MethodConfig] = MethodConfig
+    # what it needs besides the target (kinds from NEEDS); () = nothing
+    needs: tuple[str, ...] = ()
+    # True: greedy decoding only (a sampling config is refused); False: sampling keeps the
+    # target's distribution exactly, or the result says ``lossy``
+    greedy_only: bool = False
+    # method-config settings under which sampling is lossless, where the defaults are not
+    # (Medusa's default acceptance is greedy-only)
+    lossless_sampling: dict = {}
     # "greedy-lossless": output must equal greedy autoregressive decoding token for token.
     # "reference": an independent implementation, also compared token for token.
     family: str = "greedy-lossless"
@@ -161,6 +183,21 @@ class Method:
                 f"positions for {self.cfg.name}'s steps exceed the model's context of {self.engine.max_length}; "
                 "lower max_new_tokens"
             )
+
+
+def check_method(name: str, cls: object) -> None:
+    """Refuse (TypeError, one line naming the method) a class registered as a method that
+    does not implement the interface: a ``Method`` subclass with its own ``generate``, a
+    ``MethodConfig`` dataclass as ``config_class`` and known ``needs``."""
+    if not (isinstance(cls, type) and issubclass(cls, Method)):
+        raise TypeError(f"method '{name}' is registered as {cls!r}, which is not a subclass of methods.base.Method")
+    if cls.generate is Method.generate:
+        raise TypeError(f"method '{name}' ({cls.__name__}) does not implement generate(prompt_ids, stop, seed)")
+    if not (isinstance(cls.config_class, type) and issubclass(cls.config_class, MethodConfig)):
+        raise TypeError(f"method '{name}' ({cls.__name__}) has config_class {cls.config_class!r}, not a MethodConfig dataclass")
+    unknown = [n for n in cls.needs if n not in NEEDS]
+    if unknown:
+        raise TypeError(f"method '{name}' ({cls.__name__}) needs {unknown}, not among {list(NEEDS)}")
 
 
 class Committer:

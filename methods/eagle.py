@@ -35,7 +35,7 @@ import torch
 from harness.config import MethodConfig, SamplingConfig
 from harness.drafters.eagle import EagleHead, EagleHeadError, HeadCache, load_head
 from harness.engine import Engine, ForwardOutput
-from methods.base import Generation, Method, StopRule, make_generator, next_token, probabilities
+from methods.base import EAGLE_HEAD, Generation, Method, StopRule, make_generator, probabilities
 from methods.tree import DraftTree, TreeError, TreeVerifier
 
 TREES: dict[str, list[tuple[int, ...]]] = {
@@ -76,7 +76,7 @@ class EagleVerifier(TreeVerifier):
 
     def prefill(self) -> ForwardOutput:
         res = self.engine.forward(self.seq, self.cache, hidden=self.hidden, last_only=True, hidden_all=True)
-        self._commit([next_token(res.logits[-1], self.sampling, self.gen)])
+        self.first_token(res.logits[-1])
         return res
 
 
@@ -202,6 +202,7 @@ def load_method_head(path: str, engine: Engine, version: int, method: str) -> Ea
 
 class Eagle(Method):
     config_class = EagleConfig
+    needs = (EAGLE_HEAD,)
     verifier_class = EagleVerifier  # the shared tree step (a test swaps in a broken one as its negative control)
     head_version = 1  # the head this method reads (EAGLE-1/2 heads: the target's last hidden state)
 

@@ -20,7 +20,7 @@ from transformers import GenerationConfig
 
 from harness.config import MethodConfig, SamplingConfig
 from harness.engine import Engine
-from methods.base import Generation, Method, StopRule
+from methods.base import DRAFT_MODEL, Generation, Method, StopRule
 from methods.hf_generate import counting_calls, hf_generate, require_greedy
 from methods.speculative import load_draft
 
@@ -36,6 +36,8 @@ class HFAssistedConfig(MethodConfig):
 
 class HFAssisted(Method):
     config_class = HFAssistedConfig
+    needs = (DRAFT_MODEL,)
+    greedy_only = True
 
     def __init__(
         self, cfg: HFAssistedConfig, engine: Engine, sampling: SamplingConfig, draft: Optional[Engine] = None

@@ -112,6 +112,7 @@ def require_greedy(name: str, sampling: SamplingConfig) -> None:
 
 class HFGenerate(Method):
     config_class = HFGenerateConfig
+    greedy_only = True
     family = "reference"
 
     def generate(self, prompt_ids: list[int], stop: StopRule, seed: int = 0) -> Generation:

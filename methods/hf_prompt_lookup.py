@@ -26,6 +26,7 @@ class HFPromptLookupConfig(MethodConfig):
 
 class HFPromptLookup(Method):
     config_class = HFPromptLookupConfig
+    greedy_only = True
 
     def __init__(self, cfg: HFPromptLookupConfig, engine: Engine, sampling: SamplingConfig):
         super().__init__(cfg, engine, sampling)

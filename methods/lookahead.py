@@ -24,10 +24,11 @@ From the forward:
      pool-from-prompt option) the prompt's n-grams and every committed one go in too;
   2. verification: the candidates are merged into a trie rooted at x, together with level 0
      (a causal chain right after x, so it is verified for free: with N = 2 the method is
-     plain Jacobi decoding); greedy takes the longest root path whose tokens are the target's
-     argmax, plus one more token (the bonus); sampling walks the trie with the one-hot
-     multi-candidate rule (children in order, p without the rejected ones), exactly the
-     target's distribution;
+     plain Jacobi decoding), and the shared tree step (methods/tree.py ``TreeVerifier.accept``,
+     given each node's row) verifies it: greedy takes the longest root path whose tokens are
+     the target's argmax, plus one more token (the bonus); sampling walks the trie with the
+     one-hot multi-candidate rule (children in order, p without the rejected ones), exactly
+     the target's distribution;
   3. commit (stop rules cut inside the path); the cache keeps prefix + x + the accepted nodes
      but the last (``KVCache.keep``); the window moves on by the committed tokens (columns that
      fall off the front are dropped, new ones at the end are filled from the prompt, cyclically,
@@ -42,13 +43,13 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, field
-from typing import Optional
 
 import torch
 
 from harness.config import ConfigValueError, MethodConfig, SamplingConfig
 from harness.engine import Engine, KVCache
-from methods.base import Committer, Generation, Method, StopRule, make_generator, next_token, probabilities
+from methods.base import Generation, Method, StopRule
+from methods.tree import DraftTree, TreeVerifier
 
 
 # Defaults chosen by make tables on HumanEval's tuning split (results/lookahead-wng.md, 20 problems, 2-core
@@ -161,13 +162,14 @@ class Trie:
     candidate that reached it (same tokens at the same positions: the same context)."""
 
     tokens: list[int]  # token of each node
+    parents: list[int]  # parent node of each node (-1 for x)
     rows: list[int]  # its row in the step's forward
     from_pool: list[bool] = field(default_factory=list)  # made by a pool candidate (else: by window level 0)
     children: list[dict[int, int]] = field(default_factory=list)  # token -> child node
 
     @classmethod
     def rooted(cls, token: int) -> "Trie":
-        return cls([token], [0], [False], [{}])
+        return cls([token], [-1], [0], [False], [{}])
 
     def add(self, tokens: list[int], rows: list[int], from_pool: bool) -> None:
         node = 0
@@ -176,24 +178,22 @@ class Trie:
             if child is None:
                 child = len(self.tokens)
                 self.tokens.append(token)
+                self.parents.append(node)
                 self.rows.append(row)
                 self.from_pool.append(from_pool)
                 self.children.append({})
                 self.children[node][token] = child
             node = child
 
-    def depth(self) -> int:
-        depth, frontier = 0, [0]
-        while True:
-            frontier = [c for node in frontier for c in self.children[node].values()]
-            if not frontier:
-                return depth
-            depth += 1
+    def tree(self) -> DraftTree:
+        """The trie as the shared verifier's token tree (children in the order added)."""
+        return DraftTree(self.tokens, tuple(self.parents))
 
 
 # ---- the method ---------------------------------------------------------------------------
 class Lookahead(Method):
     config_class = LookaheadConfig
+    verifier_class = TreeVerifier  # the shared tree step (a test swaps in a broken one as its negative control)
 
     def __init__(self, cfg: LookaheadConfig, engine: Engine, sampling: SamplingConfig):
         super().__init__(cfg, engine, sampling)
@@ -211,26 +211,19 @@ class Lookahead(Method):
     def decode(self, prompt_ids: list[int], stop: StopRule, seed: int = 0) -> tuple[Generation, KVCache]:
         """The loop; also returns the cache, which then holds prompt + tokens but the last."""
         self.check_context(len(prompt_ids), stop)
-        cfg, engine, out = self.cfg, self.engine, Committer(stop)
+        cfg, engine = self.cfg, self.engine
         W, N = cfg.window, cfg.ngram
-        gen = make_generator(seed, engine.device) if self.sampling.do_sample else None
-        cache = engine.new_cache()
-        seq = list(prompt_ids)  # prompt + committed tokens
+        verifier = self.verifier_class(engine, self.sampling, stop, prompt_ids, seed)
         pool = NgramPool(cfg.candidates)
         fill = Filler(prompt_ids, start=len(prompt_ids) - W)
         levels = [fill.take(W)]  # the Jacobi window, oldest level first
-        per_step: list[int] = []
-        proposed_at: list[int] = []
-        accepted_at: list[int] = []
         step_tokens, verified, from_pool, from_window = 0, 0, 0, 0
         # 1. prefill: the prompt's last row gives the first token
-        first = engine.forward(seq, cache, last_only=True)
-        per_step.append(out.add([next_token(first.logits[-1], self.sampling, gen)]))
-        seq.extend(out.tokens)
+        verifier.prefill()
         if cfg.context_pool:
-            pool.add_from(seq, N)  # the prompt's n-grams and the one the first token ends
-        while not out.done:
-            x, past = seq[-1], len(cache)
+            pool.add_from(verifier.seq, N)  # the prompt's n-grams and the one the first token ends
+        while not verifier.done:
+            x, past = verifier.seq[-1], len(verifier.cache)
             # 2. the step's rows: x, the window's levels, the pool's n-grams that start with x
             guesses = pool.get(x)[: cfg.candidates]
             layout = step_layout(W, len(levels), len(guesses), N)
@@ -244,89 +237,31 @@ class Lookahead(Method):
             # 3. one target forward; the cache now holds prefix + all rows
             device_mask = layout.mask.to(engine.device)
             mask = torch.cat((torch.ones(layout.size, past, dtype=torch.bool, device=engine.device), device_mask), 1)
-            logits = engine.forward(ids, cache, positions=layout.offsets + past, mask=mask).logits
-            best = logits.argmax(dim=-1).tolist()  # one host transfer
-            # 4. accepted nodes (x first) and the tokens they commit
-            nodes, new = self.greedy(trie, best) if gen is None else self.rejection(trie, logits, gen)
-            committed = out.add(new)
-            per_step.append(committed)
-            drafted = min(committed, len(new) - 1)
-            bump(proposed_at, trie.depth())
-            bump(accepted_at, drafted)
+            output = engine.forward(ids, verifier.cache, positions=layout.offsets + past, mask=mask)
+            # 4. the shared tree step on the trie's rows: acceptance, commit (stop rules cut inside
+            #    the path), the cache kept to prefix + x + the nodes before each committed token
+            step = verifier.accept(trie.tree(), output, trie.rows)
+            committed = len(step.tokens)
             step_tokens += layout.size
             verified += len(guesses)
-            pooled = sum(trie.from_pool[n] for n in nodes[1 : drafted + 1])
-            from_pool, from_window = from_pool + pooled, from_window + drafted - pooled
-            # 5. keep prefix + x + the nodes before each committed token
-            cache.keep(list(range(past)) + [past + trie.rows[n] for n in nodes[:committed]])
-            seq.extend(new[:committed])
-            # 6. the Jacobi update: n-grams into the pool, the window moves on
-            newest = [best[1 + (len(levels) - 1) * W + col] for col in range(W)]
+            pooled = sum(trie.from_pool[n] for n in step.accepted)
+            from_pool, from_window = from_pool + pooled, from_window + len(step.accepted) - pooled
+            # 5. the Jacobi update: n-grams into the pool, the window moves on
+            newest_rows = output.logits[guess_row - W : guess_row]  # the newest level's outputs
+            newest = newest_rows.argmax(dim=-1).tolist()
             if len(levels) == N - 1:
                 for col in range(W):
                     pool.add(levels[0][col], tuple(level[col] for level in levels[1:]) + (newest[col],))
             levels = advance(levels + [newest], N - 1, committed, fill)
             if cfg.context_pool:
-                pool.add_from(seq, N, since=len(seq) - committed)
-        steps = len(per_step) - 1
-        result = Generation(
-            tokens=out.tokens,
-            target_forwards=len(per_step),
-            accepted_per_step=per_step,
-            proposed_per_position=proposed_at,
-            accepted_per_position=accepted_at + [0] * (len(proposed_at) - len(accepted_at)),
-            extra={"window": W, "ngram": N, "candidates": cfg.candidates, "context_pool": cfg.context_pool,
-                   "acceptance": "greedy" if gen is None else "rejection",
-                   "mean_step_tokens": step_tokens / steps if steps else 0.0,  # rows per lookahead forward
-                   "mean_verified": verified / steps if steps else 0.0,  # pool n-grams verified per step
-                   "accepted_from_pool": from_pool, "accepted_from_window": from_window},  # fmt: skip
-            stop_reason=out.reason,
-        )
-        return result, cache
-
-    # ---- verification ----------------------------------------------------------------------
-    @staticmethod
-    def greedy(trie: Trie, best: list[int]) -> tuple[list[int], list[int]]:
-        """Longest root path whose tokens are the target's argmax after their parent, plus the
-        argmax after its last node (the bonus)."""
-        node, nodes = 0, [0]
-        while (child := trie.children[node].get(best[trie.rows[node]])) is not None:
-            node = child
-            nodes.append(node)
-        return nodes, [trie.tokens[n] for n in nodes[1:]] + [best[trie.rows[node]]]
-
-    def rejection(self, trie: Trie, logits: torch.Tensor, gen) -> tuple[list[int], list[int]]:
-        """Walk down the trie: at each node try its children in order, accepting child c with
-        probability q(c) / sum(q), where q is p with the rejected siblings removed; if all are
-        rejected (or at a leaf) draw from q. Exactly the target's distribution (one-hot drafts)."""
-        p = probabilities(logits, self.sampling)
-        node, nodes, new = 0, [0], []
-        while True:
-            p_node = p[trie.rows[node]]
-            q = p_node.clone()
-            accepted = None
-            for token, child in trie.children[node].items():
-                mass = float(q.sum())
-                if mass <= 0:
-                    break
-                u = float(torch.rand(1, generator=gen, device=q.device))
-                if u * mass < float(q[token]):
-                    accepted = child
-                    break
-                q[token] = 0
-            if accepted is None:
-                new.append(self.residual_token(q, p_node, gen))
-                return nodes, new
-            nodes.append(accepted)
-            new.append(trie.tokens[accepted])
-            node = accepted
-
-    @staticmethod
-    def residual_token(q: torch.Tensor, p_node: torch.Tensor, gen) -> int:
-        """The token after every child of a node was rejected: drawn from q (p without the
-        rejected children), or from p itself when nothing is left of q."""
-        weights = q if float(q.sum()) > 0 else p_node
-        return int(torch.multinomial(weights, 1, generator=gen))
+                pool.add_from(verifier.seq, N, since=len(verifier.seq) - committed)
+        steps = len(verifier.per_step) - 1
+        extra = {"window": W, "ngram": N, "candidates": cfg.candidates, "context_pool": cfg.context_pool,
+                 "acceptance": "greedy" if verifier.gen is None else "rejection",
+                 "mean_step_tokens": step_tokens / steps if steps else 0.0,  # rows per lookahead forward
+                 "mean_verified": verified / steps if steps else 0.0,  # pool n-grams verified per step
+                 "accepted_from_pool": from_pool, "accepted_from_window": from_window}  # fmt: skip
+        return verifier.result(extra=extra), verifier.cache
 
 
 class Filler:
@@ -359,10 +294,3 @@ def advance(levels: list[list[int]], keep: int, committed: int, fill: Filler) ->
         moved.append(kept + fill.take(width - len(kept)))
     return moved
 
-
-def bump(counts: list[int], n: int) -> None:
-    """Add 1 to counts[0:n], growing the list as needed."""
-    if len(counts) < n:
-        counts.extend([0] * (n - len(counts)))
-    for i in range(n):
-        counts[i] += 1

@@ -32,7 +32,7 @@ import torch
 from harness.config import MethodConfig, SamplingConfig
 from harness.engine import Engine, KVCache
 from harness.paths import resolve_repo_path
-from methods.base import Generation, Method, StopRule, probabilities
+from methods.base import MEDUSA_HEADS, Generation, Method, StopRule, probabilities
 from methods.tree import DraftTree, TreeError, TreeShape, TreeVerifier, tree_shape
 
 Choices = tuple[tuple[int, ...], ...]
@@ -121,6 +121,8 @@ def build_tree(choices: Choices, device: str = "cpu") -> MedusaTree:
 
 class Medusa(Method):
     config_class = MedusaConfig
+    needs = (MEDUSA_HEADS,)
+    lossless_sampling = {"acceptance": "rejection"}
     verifier_class = TreeVerifier  # the shared tree step (a test swaps in a broken one as its negative control)
 
     def __init__(self, cfg: MedusaConfig, engine: Engine, sampling: SamplingConfig, heads: Optional[torch.nn.Module] = None):

@@ -34,7 +34,7 @@ from harness.config import MethodConfig, SamplingConfig
 from harness.datastore import Datastore, DatastoreError, default_datastore_dir, tokenizer_fingerprint
 from harness.engine import Engine, KVCache
 from harness.paths import resolve_repo_path
-from methods.base import Generation, Method, StopRule
+from methods.base import DATASTORE, Generation, Method, StopRule
 from methods.tree import DraftTree, TreeVerifier
 
 EDGE = 1 << 32  # trie edge key = parent * EDGE + token (token ids < 2^32)
@@ -95,6 +95,7 @@ class RestStats:
 
 class Rest(Method):
     config_class = RestConfig
+    needs = (DATASTORE,)
     cfg: RestConfig
     verifier_class = TreeVerifier  # the shared tree step (a test swaps in a broken one as its negative control)
 

@@ -12,9 +12,9 @@ Every step feeds the chunk (layout built once per k, see :func:`chunk_layout`)::
 ``c_0..c_{j-1}`` and the earlier masks of its own group (every mask group is hidden
 from all later rows). ``c_i`` sits at position n+i, mask m of ``G_j`` at n+j+m.
 
-1. Verify: the rows of ``x_{n-1}, c_0, .., c_{k-1}`` verify ``c_0, .., c_{k-1}`` like a
-   chain draft (greedy: argmax match; sampling: the one-hot-draft rule of
-   ``methods.acceptance``, exact because argmax candidates are a deterministic draft).
+1. Verify: the rows of ``x_{n-1}, c_0, .., c_{k-1}`` go to the shared chain acceptance
+   (``ChainVerifier.accept``: greedy: argmax match; sampling: the one-hot-draft rule, exact
+   because argmax candidates are a deterministic draft).
    The accepted prefix ``c_0..c_{a-1}`` and one target token (the bonus) are committed.
 2. Guess: the argmax of the k mask rows of ``G_a`` (the group that saw exactly the
    accepted prefix) become the next candidates; they guess the k tokens after the bonus.
@@ -37,14 +37,14 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 
 from harness.config import MethodConfig
 from harness.engine import Engine
-from methods.acceptance import greedy_accept, one_hot_accept
-from methods.base import Committer, Generation, Method, StopRule, make_generator, next_token, probabilities
+from methods.acceptance import ChainVerifier
+from methods.base import MASK_FINETUNE, Generation, Method, StopRule
 
 
 @dataclass
@@ -144,8 +144,10 @@ def resolve_k_and_mask(cfg: SpaceConfig, engine: Engine) -> tuple[int, int]:
 
 class Space(Method):
     config_class = SpaceConfig
-    # the sampling-mode rule; the one-hot-draft rule keeps the target distribution exactly
-    sample_rule: Callable = staticmethod(one_hot_accept)
+    needs = (MASK_FINETUNE,)
+    # the shared chain acceptance (greedy; sampling: the one-hot-draft rule, exactly the target's
+    # distribution); a test swaps in a broken one as its negative control
+    verifier_class = ChainVerifier
 
     def __init__(self, cfg: SpaceConfig, engine: Engine, sampling):
         super().__init__(cfg, engine, sampling)
@@ -164,58 +166,32 @@ class Space(Method):
     def generate(self, prompt_ids: list[int], stop: StopRule, seed: int = 0) -> Generation:
         self.check_context(len(prompt_ids), stop)
         engine, k, mask_id = self.engine, self.k, self.mask_id
-        do_sample = self.sampling.do_sample
-        gen = make_generator(seed, engine.device) if do_sample else None
-        out = Committer(stop)
-        seq = list(prompt_ids)
-        cache = engine.new_cache()
-        per_step: list[int] = []
-        proposed, accepted = [0] * k, [0] * k
+        chain = self.verifier_class(engine, self.sampling, stop, prompt_ids, seed)
+        cache = chain.cache
 
         # 1. prefill prompt + G_0: the last prompt row gives the first token, G_0 the first candidates
-        logits = engine.forward(seq + [mask_id] * k, cache, keep_last=k + 1).logits  # rows: last prompt token, G_0
-        first = next_token(logits[0], self.sampling, gen)
-        per_step.append(out.add([first]))
-        seq.append(first)
-        cands = self.propose(logits[1:], seq)
-        cache.truncate(len(seq) - 1)
+        logits = engine.forward(chain.seq + [mask_id] * k, cache, keep_last=k + 1).logits  # rows: last prompt token, G_0
+        chain.first_token(logits[0])
+        cands = self.propose(logits[1:], chain.seq)
+        cache.truncate(len(chain.seq) - 1)
 
-        while not out.done:
+        while not chain.done:
             # 2. one forward over the chunk: [x_{n-1}] G_0 c_0 G_1 ... c_{k-1} G_k
-            n = len(seq)
-            ids, positions, mask = self._chunk(seq[-1], cands, n, len(cache))
+            n = len(chain.seq)
+            ids, positions, mask = self._chunk(chain.seq[-1], cands, n, len(cache))
             logits = engine.forward(ids, cache, positions=positions, mask=mask).logits
-            # 3. verify the candidates: accepted prefix + one target token
-            rows = logits.index_select(0, self._verify_rows)
-            if do_sample:
-                tokens = self.sample_rule(cands, probabilities(rows, self.sampling), gen)
-            else:
-                tokens = greedy_accept(cands, rows)
-            a = len(tokens) - 1
-            count = out.add(tokens)
-            per_step.append(count)
-            for i in range(k):
-                proposed[i] += 1
-                accepted[i] += int(i < min(a, count))
-            if out.done:
+            # 3. the shared chain acceptance on the rows of x_{n-1}, c_0..c_{k-1}: accepted prefix + one target token
+            a = chain.accept(cands, logits.index_select(0, self._verify_rows))
+            if chain.done:
                 break
-            seq.extend(tokens)
             # 4. new candidates from G_a; keep prefix, x_{n-1} and the accepted candidates' KV
-            cands = self.propose(logits.index_select(0, self._groups[a]), seq)
+            cands = self.propose(logits.index_select(0, self._groups[a]), chain.seq)
             if a:
                 cache.keep(list(range(n)) + [n - 1 + r for r in self.layout.cand_rows[:a]])
             else:
                 cache.truncate(n)  # only x_{n-1} stays: nothing to move
 
-        return Generation(
-            tokens=out.tokens,
-            target_forwards=len(per_step),
-            accepted_per_step=per_step,
-            proposed_per_position=proposed,
-            accepted_per_position=accepted,
-            extra={"k": k, "mask_id": mask_id, "chunk_tokens": self.layout.length},
-            stop_reason=out.reason,
-        )
+        return chain.result(extra={"k": k, "mask_id": mask_id, "chunk_tokens": self.layout.length})
 
     def propose(self, group_logits: torch.Tensor, seq: list[int]) -> torch.Tensor:
         """The k candidates that guess the tokens after ``seq`` (prompt + committed tokens):

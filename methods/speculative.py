@@ -25,7 +25,7 @@ from harness.config import MethodConfig, ModelConfig, SamplingConfig
 from harness.engine import Engine, ModelLoadError
 from harness.registry import MODELS
 from methods.acceptance import ChainVerifier
-from methods.base import Generation, Method, StopRule, probabilities
+from methods.base import DRAFT_MODEL, Generation, Method, StopRule, probabilities
 
 SCHEDULES = ("constant", "heuristic")
 
@@ -81,6 +81,8 @@ def load_draft(cfg, target: Engine, draft: Optional[Engine] = None) -> Engine:
 class DraftModelMethod(Method):
     """A method that drafts with a second model, ``cfg.draft`` (``speculative``,
     ``speculative-tree``): loads and checks it (``load_draft``) and lists it for timing."""
+
+    needs = (DRAFT_MODEL,)
 
     def __init__(self, cfg, engine: Engine, sampling: SamplingConfig, draft: Optional[Engine] = None):
         super().__init__(cfg, engine, sampling)

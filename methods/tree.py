@@ -8,7 +8,9 @@ how they *propose* a tree; verifying it is the same everywhere, so it lives here
   TreeVerifier   one target forward over all nodes with the tree mask (a node sees the
                  committed prefix, its ancestors and itself; position = n - 1 + depth),
                  acceptance, commit through the stop rules, cache compaction to prefix +
-                 accepted nodes, and the per-depth counts of a Generation
+                 accepted nodes, and the per-depth counts of a Generation; ``accept``
+                 does the same for a forward the method ran itself, given each node's row
+                 (lookahead: the tree shares its forward with the Jacobi window)
 
 Acceptance:
   greedy       the longest root path whose every node is the target's argmax after its
@@ -34,7 +36,8 @@ import torch
 
 from harness.config import SamplingConfig
 from harness.engine import Engine, ForwardOutput
-from methods.base import Committer, Generation, StopRule, make_generator, next_token, probabilities
+from methods.base import Generation, StopRule, probabilities
+from methods.verifier import Verifier, mean
 
 
 # (tree, shape, logits [T, vocab], sampling generator) -> (accepted nodes root first, tokens to commit)
@@ -136,47 +139,36 @@ class TreeStep:
 
     nodes: list[int]  # the accepted root path (root first) whose tokens are now in the cache
     tokens: list[int]  # tokens committed: the accepted nodes' after the root, then one target token
-    output: ForwardOutput  # the tree forward (logits; hidden states when asked for)
+    output: ForwardOutput  # the step's forward (logits; hidden states when asked for)
+    accepted: list[int]  # the nodes whose draft tokens were committed (root not included)
+    rows: Optional[list[int]] = None  # each node's row in ``output`` (None: node i is row i)
 
     @property
     def hidden(self) -> torch.Tensor:
         """Target hidden states of the kept nodes, root first: [len(nodes), hidden]."""
-        return self.output.hidden[self.nodes]
+        kept = self.nodes if self.rows is None else [self.rows[n] for n in self.nodes]
+        return self.output.hidden[kept]
 
 
-class TreeVerifier:
+class TreeVerifier(Verifier):
     """The target side of a tree draft-and-verify loop, for one prompt.
 
-    Invariant between steps (as ``ChainVerifier``'s): ``cache`` holds ``seq[:-1]`` and
-    ``seq[-1]``, the last committed token, is the root of the next tree.
+    ``verify`` runs the target over the tree itself; a method whose forward holds more than
+    the tree (lookahead's Jacobi window) runs it, hands the output and each node's row to
+    ``accept`` and gets the same acceptance, commit and cache compaction. Invariant between
+    steps (``Verifier``'s): ``seq[-1]``, the last committed token, is the root of the next tree.
     """
 
     def __init__(self, engine: Engine, sampling: SamplingConfig, stop: StopRule, prompt_ids: list[int],
                  seed: int, hidden: bool = False):  # fmt: skip
-        self.engine = engine
-        self.sampling = sampling
+        super().__init__(engine, sampling, stop, prompt_ids, seed)
         self.hidden = hidden  # also return the target's hidden states (heads that read them)
-        self.out = Committer(stop)
-        self.seq = list(prompt_ids)  # prompt + committed tokens
-        self.cache = engine.new_cache()
-        self.gen = make_generator(seed, engine.device) if sampling.do_sample else None
-        self.per_step: list[int] = []  # tokens committed per target forward (prefill included)
-        self.proposed: list[int] = []  # per depth: steps whose tree reached it
-        self.accepted: list[int] = []  # per depth: steps that committed a node there
         self.tree_sizes: list[int] = []  # nodes per verified tree, root included
-
-    @property
-    def done(self) -> bool:
-        return self.out.done
-
-    def room(self) -> int:
-        """How deep a tree may still usefully go: a step commits at most depth + 1 tokens."""
-        return self.out.stop.max_new_tokens - len(self.out.tokens) - 1
 
     def prefill(self) -> ForwardOutput:
         """Run the prompt; its last row gives the first token (and the heads' first input)."""
         res = self.engine.forward(self.seq, self.cache, hidden=self.hidden, last_only=True)
-        self._commit([next_token(res.logits[-1], self.sampling, self.gen)])
+        self.first_token(res.logits[-1])
         return res
 
     def verify(self, tree: DraftTree, accept: Optional[Acceptance] = None) -> TreeStep:
@@ -188,19 +180,32 @@ class TreeVerifier:
         prefix = torch.ones(shape.size, past, dtype=torch.bool, device=shape.mask.device)
         res = self.engine.forward(tree.tokens, self.cache, positions=shape.depth + past,
                                   mask=torch.cat((prefix, shape.mask), dim=1), hidden=self.hidden)  # fmt: skip
+        return self.accept(tree, res, accept=accept)
+
+    def accept(self, tree: DraftTree, output: ForwardOutput, rows: Optional[Sequence[int]] = None,
+               accept: Optional[Acceptance] = None) -> TreeStep:  # fmt: skip
+        """Acceptance, commit and cache compaction for a tree the caller's forward ran: the
+        cache holds ``seq[:-1]`` and then every row of ``output``; node i's row is ``rows[i]``
+        (None: row i). Keeps prefix + the accepted nodes' rows in the cache."""
+        shape = tree_shape(tuple(tree.parents), str(self.engine.device))
+        past = len(self.seq) - 1
+        logits = output.logits
+        if rows is not None:
+            logits = logits.index_select(0, torch.as_tensor(rows, device=logits.device))
         if accept is not None:
-            nodes, new = accept(tree, shape, res.logits, self.gen)
+            nodes, new = accept(tree, shape, logits, self.gen)
         elif self.sampling.do_sample:
-            nodes, new = self._sample_walk(tree, shape, probabilities(res.logits, self.sampling))
+            nodes, new = self._sample_walk(tree, shape, probabilities(logits, self.sampling))
         else:
-            nodes, new = self._greedy_walk(tree, shape, res.logits)
+            nodes, new = self._greedy_walk(tree, shape, logits)
         committed = self._commit(new)  # a stop inside the path cuts it
-        nodes = nodes[:committed]  # the nodes before each committed token
-        self.cache.keep(torch.cat((torch.arange(past), torch.tensor(nodes) + past)))
+        drafted = min(committed, len(new) - 1)
+        kept = nodes[:committed]  # the nodes before each committed token
+        kept_rows = kept if rows is None else [rows[n] for n in kept]
+        self.cache.keep(torch.cat((torch.arange(past), torch.tensor(kept_rows, dtype=torch.long) + past)))
         self.tree_sizes.append(shape.size)
-        _count(self.proposed, shape.max_depth, shape.max_depth)
-        _count(self.accepted, min(committed, len(new) - 1), len(self.proposed))
-        return TreeStep(nodes, new[:committed], res)
+        self._count(shape.max_depth, drafted)
+        return TreeStep(kept, new[:committed], output, nodes[1 : drafted + 1], None if rows is None else list(rows))
 
     # ---- acceptance --------------------------------------------------------------------
     @staticmethod
@@ -253,30 +258,5 @@ class TreeVerifier:
         return int(torch.multinomial(weights, 1, generator=self.gen))
 
     # ---- bookkeeping ---------------------------------------------------------------------
-    def _commit(self, tokens: list[int]) -> int:
-        count = self.out.add(tokens)
-        self.seq.extend(tokens[:count])
-        self.per_step.append(count)
-        return count
-
     def result(self, draft_forwards: int = 0, lossy: bool = False, extra: Optional[dict] = None) -> Generation:
-        sizes = self.tree_sizes
-        stats = {"mean_tree_size": sum(sizes) / len(sizes) if sizes else 0.0}
-        return Generation(
-            tokens=self.out.tokens,
-            target_forwards=len(self.per_step),
-            draft_forwards=draft_forwards,
-            accepted_per_step=self.per_step,
-            proposed_per_position=self.proposed,
-            accepted_per_position=self.accepted,
-            lossy=lossy,
-            extra={**stats, **(extra or {})},
-            stop_reason=self.out.reason,
-        )
-
-
-def _count(counts: list[int], n: int, width: int) -> None:
-    """counts[i] += 1 for i < n, the list grown to at least ``width`` entries."""
-    counts.extend([0] * (width - len(counts)))
-    for i in range(n):
-        counts[i] += 1
+        return self._generation(draft_forwards, lossy, {"mean_tree_size": mean(self.tree_sizes), **(extra or {})})

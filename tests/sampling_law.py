@@ -1,5 +1,6 @@
 """The sampling tests' shared yardstick: the exact law of a tiny model's first tokens and a
-chi-square test of a method's samples against it (speculative, prompt lookup, Medusa, SPACE).
+chi-square test of a method's samples against it (the verifiers' tests, and every method's in
+tests/test_conformance.py).
 
 Every method's first ``length`` tokens over ``runs`` seeds are compared with the law of
 plain autoregressive sampling, computed exactly by enumerating every prefix. Each test picks
@@ -32,12 +33,11 @@ LENGTH = 4  # tokens counted per run: with one- or two-token proposals, at least
 RUNS = 1500  # seeds 0..RUNS-1: deterministic
 CONTROL_RUNS = 800  # the negative controls fail with fewer
 PVALUE_FLOOR = 1e-3
-# Methods whose acceptance is a shared rule already tested at full strength (methods/acceptance.py's
-# chain rules in test_speculative / test_prompt_lookup, methods/tree.py's walk in test_tree /
-# test_medusa) check only their own part (proposals, cache compaction after a sampled rejection)
-# end to end, with fewer runs: CI time. Their negative controls still fail at these counts.
-SHARED_RULE_RUNS = 600
-SHARED_RULE_CONTROL_RUNS = 400
+# Each verifier's rules are tested at full strength, with failing controls (ChainVerifier:
+# test_speculative, test_space; TreeVerifier: test_tree, test_lookahead). Every method then
+# checks only its own part (proposals, the cache after a sampled rejection) end to end, with
+# fewer runs (tests/test_conformance.py): CI time. A wrong rule still fails at this count.
+METHOD_RUNS = 400
 
 
 def small_engine(seed: int) -> Engine:

@@ -1,7 +1,8 @@
 """EAGLE, EAGLE-2, EAGLE-3: the heads' released formats loaded strictly, the head's cache and tree
 masks against a from-scratch forward, equality with greedy autoregressive decoding (random and
 oracle heads; HumanEval-X-like prompts), EOS / max_new_tokens inside an accepted block, stats,
-and sampling against the exact law with negative controls."""
+and EAGLE-3's sampling mode seeded and labelled lossless (the sampling law every method keeps:
+tests/test_conformance.py)."""
 
 from __future__ import annotations
 
@@ -16,13 +17,10 @@ from harness.drafters.eagle import (EagleHead, EagleHeadConfig, EagleHeadError, 
 from harness.engine import Engine
 from methods.autoregressive import Autoregressive, AutoregressiveConfig
 from methods.base import StopRule
-from methods.eagle import TREES, Eagle, EagleConfig, EagleVerifier, HeadDrafter
+from methods.eagle import TREES, Eagle, EagleConfig, HeadDrafter
 from methods.eagle2 import Eagle2, Eagle2Config
 from methods.eagle3 import Eagle3, Eagle3Config
 from methods.tree import TreeError
-from tests.conftest import tiny_model
-from tests.sampling_law import CONTROL_RUNS, PVALUE_FLOOR, SAMPLING, SHARED_RULE_RUNS, sampled_pvalue
-from tests.test_tree import ResampleFromP
 
 GREEDY = SamplingConfig()
 PROMPTS = [[0, 17, 42, 99, 5, 23], [0, 200, 11, 11, 64, 150, 7, 9, 250, 33], [0, 3]]
@@ -408,57 +406,6 @@ def test_bad_settings_are_refused(engine):
 
 
 # ---- sampling --------------------------------------------------------------------------------------
-class WrongResidual(ResampleFromP, EagleVerifier):
-    """The negative control: EAGLE's verifier with the resample-from-p residual."""
-
-
-def peaked_engine() -> Engine:
-    model = tiny_model(8, seed=3, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                       num_attention_heads=2, num_key_value_heads=1)  # fmt: skip
-    with torch.no_grad():
-        model.lm_head.weight.mul_(30)  # peaked distributions: acceptance matters
-    return Engine.from_model(model, None)
-
-
-def controlled(method):
-    method.verifier_class = WrongResidual
-    return method
-
-
-def sampling_head(engine: Engine) -> EagleHead:
-    head = random_head(engine, 1, seed=4)
-    with torch.no_grad():
-        head.fc.weight.mul_(8)  # a head far from uniform, so the draft's q matters
-    return head
-
-
-def test_sampled_children_match_the_target_distribution_over_several_steps():
-    """``eagle`` with children drawn from the head's q (SpecInfer's rule): the law of the first
-    five tokens (tests/sampling_law.py). The tree is 2 deep, so a step commits at most three
-    tokens and the five always take two or more tree steps (the head's rollback and the target
-    cache compaction after a sampled walk are under test)."""
-    engine, prompt = peaked_engine(), [0, 3, 5, 7]
-    method = Eagle(EagleConfig(choices=[[0], [1], [0, 0]], candidates="sampled"), engine, SAMPLING,
-                   head=sampling_head(engine))  # fmt: skip
-    pvalue, multi_step = sampled_pvalue(method, engine, SHARED_RULE_RUNS, length=5, prompt=prompt)
-    assert pvalue > PVALUE_FLOOR and multi_step == 1.0
-
-
-def test_dynamic_tree_sampling_matches_the_target_distribution_with_a_failing_control():
-    """``eagle2``'s top-k candidates (the one-hot multi-candidate rule), as above; the negative
-    control (after every child is rejected, the token is drawn from p itself instead of what is
-    left of it) fails the same test."""
-    engine, prompt = peaked_engine(), [0, 3, 5, 7]
-    head = sampling_head(engine)
-
-    def make():
-        return Eagle2(Eagle2Config(top_k=2, depth=2, total_tokens=3), engine, SAMPLING, head=head)
-
-    pvalue, multi_step = sampled_pvalue(make(), engine, SHARED_RULE_RUNS, length=5, prompt=prompt)
-    assert pvalue > PVALUE_FLOOR and multi_step == 1.0
-    assert sampled_pvalue(controlled(make()), engine, CONTROL_RUNS, length=5, prompt=prompt)[0] < PVALUE_FLOOR
-
-
 def test_eagle3_sampling_runs_seeded_and_lossless_label(engine):
     sampling = SamplingConfig(do_sample=True, temperature=0.8)
     method = Eagle3(Eagle3Config(), engine, sampling, head=random_head(engine, 3, draft_vocab_size=150))

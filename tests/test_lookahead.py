@@ -20,6 +20,7 @@ from tests.conftest import tiny_model
 from tests.sampling_law import CONTROL_RUNS, PVALUE_FLOOR, RUNS, SAMPLING, sampled_pvalue
 from tests.test_medusa import check_cache
 from tests.test_model_families import build
+from tests.test_tree import ResampleFromP as WrongResidualVerifier
 
 GREEDY = SamplingConfig()
 PROMPTS = [[0, 17, 42, 99, 5, 23], [0, 200, 11, 11, 64, 150, 7, 9, 250, 33], [0, 5, 6, 7, 8, 5, 6, 7, 8, 5, 6]]
@@ -226,12 +227,10 @@ def test_context_limit_counts_the_window(engine):
 
 # ---- sampling --------------------------------------------------------------------------------
 class ResampleFromP(Lookahead):
-    """The negative control, implemented here only: when every child of a node is rejected,
-    the token is drawn from p itself instead of p without the rejected children."""
+    """The negative control: the shared tree step with the rule broken (when every child of a
+    node is rejected, the token is drawn from p itself instead of p without those children)."""
 
-    @staticmethod
-    def residual_token(q, p_node, gen):
-        return int(torch.multinomial(p_node, 1, generator=gen))  # the mistake: p, not q
+    verifier_class = WrongResidualVerifier
 
 
 def test_sampling_matches_the_target_distribution_over_several_steps():

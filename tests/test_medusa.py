@@ -1,6 +1,6 @@
 """Medusa: tree buffers, equality with greedy AR, oracle / wrong heads, stop rules, the
-heads' file formats (ours and upstream's), rejection sampling end to end (with a negative control;
-the walk itself is tested in tests/test_tree.py), and head training."""
+heads' file formats (ours and upstream's), the sampling modes' labels, and head training (the
+sampling law every method keeps: tests/test_conformance.py; the walk: tests/test_tree.py)."""
 
 from __future__ import annotations
 
@@ -16,10 +16,7 @@ from methods.autoregressive import Autoregressive, AutoregressiveConfig
 from methods.base import StopRule
 from methods.medusa import Medusa, MedusaConfig, TreeError, build_tree
 from methods.medusa_heads import MedusaHeads, MedusaHeadsConfig, MedusaHeadsError, load_heads, save_heads
-from tests.conftest import tiny_model
-from tests.test_tree import ResampleFromP as WrongResidualVerifier
 from tests.test_tree import check_cache
-from tests.sampling_law import CONTROL_RUNS, PVALUE_FLOOR, RUNS, SAMPLING, sampled_pvalue
 
 GREEDY = SamplingConfig()
 PROMPTS = [[0, 17, 42, 99, 5, 23], [0, 200, 11, 11, 64, 150, 7, 9, 250, 33]]
@@ -175,33 +172,6 @@ def test_stops_inside_an_accepted_path(engine):
 
 
 # ---- sampling modes -----------------------------------------------------------------------
-class ResampleFromP(Medusa):
-    """The negative control: Medusa on the tree step whose last rule is wrong (when every
-    child of a node is rejected the token is drawn from p itself, tests/test_tree.py)."""
-
-    verifier_class = WrongResidualVerifier
-
-
-def test_rejection_sampling_matches_the_target_distribution_over_several_steps():
-    """End to end on an 8-token model with peaked distributions: the law of the first five
-    tokens (tests/sampling_law.py). A depth-2 tree commits at most three tokens a step, so they
-    always take two or more tree steps: the cache compacted after a sampled walk is under test.
-    Calibrated: p = 0.029 and 0.90 for seeds 0-1499 and 5000-6499; the resample-from-p rule
-    gives p = 2e-18 at 800 runs."""
-    model = tiny_model(8, seed=3, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                       num_attention_heads=2, num_key_value_heads=1)  # fmt: skip
-    with torch.no_grad():
-        model.lm_head.weight.mul_(30)  # peaked distributions: acceptance matters
-    engine, prompt = Engine.from_model(model, None), [0, 3, 5, 7]
-    heads = random_heads(engine)
-    cfg = MedusaConfig(choices=[[0], [1], [0, 0]], acceptance="rejection")
-    method = Medusa(cfg, engine, SAMPLING, heads=heads)
-    pvalue, multi_step = sampled_pvalue(method, engine, RUNS, length=5, prompt=prompt)
-    assert pvalue > PVALUE_FLOOR and multi_step == 1.0
-    control = ResampleFromP(cfg, engine, SAMPLING, heads=heads)
-    assert sampled_pvalue(control, engine, CONTROL_RUNS, length=5, prompt=prompt)[0] < PVALUE_FLOOR
-
-
 def test_sampling_modes_run_and_are_labelled(engine):
     sampling = SamplingConfig(do_sample=True, temperature=0.8)
     heads = random_heads(engine)

@@ -76,12 +76,13 @@ def random_heads(engine: Engine) -> MedusaHeads:
     return heads.eval()
 
 
-def random_eagle_head(engine: Engine, version: int) -> EagleHead:
-    """A random EAGLE head (v3: fused layers of this family's hidden states, a 48-token draft vocabulary)."""
+def random_eagle_head(engine: Engine, version: int, draft_vocab: int = 48) -> EagleHead:
+    """A random EAGLE head (v3: fused layers of this family's hidden states, a draft vocabulary
+    of the first ``draft_vocab`` tokens)."""
     torch.manual_seed(0)
-    head = EagleHead(EagleHeadConfig.from_target(engine.config, version, draft_vocab_size=48)).eval()
+    head = EagleHead(EagleHeadConfig.from_target(engine.config, version, draft_vocab_size=draft_vocab)).eval()
     if head.config.maps_vocab:
-        head.set_vocab_map(torch.arange(48))
+        head.set_vocab_map(torch.arange(draft_vocab))
     return head
 
 

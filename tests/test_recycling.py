@@ -1,18 +1,16 @@
 """Token recycling: the template, the adjacency table (refresh and expansion, hand-checked and
 from a real run), equality with greedy autoregressive decoding for tables that hold the right
 token at a given rank / never / as the run fills them, EOS and max_new_tokens inside an accepted
-path, the table's persistence setting, and sampling over several steps (with a negative
-control; the walk itself is tested in tests/test_tree.py)."""
+path, and the table's persistence setting (the sampling law every method keeps:
+tests/test_conformance.py; the walk: tests/test_tree.py)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 from conftest import tiny_model
-from sampling_law import PVALUE_FLOOR, SAMPLING, SHARED_RULE_CONTROL_RUNS, SHARED_RULE_RUNS, sampled_pvalue
 from test_model_families import PositionLog
 from test_speculative import autoregressive
-from test_tree import ResampleFromP as WrongResidualVerifier
 
 from harness.config import SamplingConfig
 from harness.engine import Engine
@@ -214,26 +212,3 @@ def test_persistence(engine):
 
 
 # ---- sampling -------------------------------------------------------------------------------------
-class ResampleFromP(Recycling):
-    """The negative control: recycling on the tree step whose last rule is wrong (tests/test_tree.py)."""
-
-    verifier_class = WrongResidualVerifier
-
-
-def test_sampling_matches_the_target_distribution_over_several_steps():
-    """The law of the first five tokens (tests/sampling_law.py) on Medusa's peaked 8-token model.
-    A depth-2 template commits at most three tokens a step, so the five take two or more tree
-    steps. persist=true: each run starts from the table the runs before it left (any table
-    keeps the law)."""
-    model = tiny_model(8, seed=3, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                       num_attention_heads=2, num_key_value_heads=1)  # fmt: skip
-    with torch.no_grad():
-        model.lm_head.weight.mul_(30)  # peaked distributions: acceptance matters
-    engine, prompt = Engine.from_model(model, None), [0, 3, 5, 7]
-    cfg = RecyclingConfig(choices=[[0], [1], [2], [0, 0], [1, 0]], k=3)
-    method = Recycling(cfg, engine, SAMPLING)
-    pvalue, multi_step = sampled_pvalue(method, engine, SHARED_RULE_RUNS, length=5, prompt=prompt)
-    assert pvalue > PVALUE_FLOOR and multi_step == 1.0
-    assert method.table.known() > 1
-    control = ResampleFromP(cfg, engine, SAMPLING)
-    assert sampled_pvalue(control, engine, SHARED_RULE_CONTROL_RUNS, length=5, prompt=prompt)[0] < PVALUE_FLOOR

@@ -1,8 +1,8 @@
 """REST: the suffix array and its searches against brute force, the frequency trie and its
 pruning, greedy output equal to autoregressive with a datastore that holds the exact
-continuation / an unrelated one / the right one for j tokens, EOS and max_new_tokens inside
-an accepted path, stats, the datastore build command and its manifest, the missing
-datastore error, and the sampling distribution (with a negative control)."""
+continuation / an unrelated one / the right one for j tokens, max_new_tokens inside an
+accepted path, stats, the datastore build command and its manifest, and the missing
+datastore error (stop rules and the sampling law every method keeps: tests/test_conformance.py)."""
 
 from __future__ import annotations
 
@@ -12,9 +12,7 @@ import random
 
 import numpy as np
 import pytest
-from sampling_law import PVALUE_FLOOR, SAMPLE_PROMPT, SAMPLING, SHARED_RULE_CONTROL_RUNS, SHARED_RULE_RUNS, sampled_pvalue, small_engine
 from test_speculative import autoregressive
-from test_tree import ResampleFromP as WrongResidualVerifier
 from test_tree import check_cache
 
 from harness.cli import main
@@ -227,44 +225,4 @@ def test_max_new_tokens_inside_an_accepted_path(engine, limit):
     check_cache(engine, cache, prompt + ref[: limit - 1])
 
 
-def test_eos_inside_an_accepted_path(engine):
-    found = 0
-    for prompt in PROMPTS:
-        ref = autoregressive(engine, prompt, n=N)
-        method = rest(engine, Datastore.from_tokens(prompt + ref))
-        steps = method.generate(prompt, StopRule(N, frozenset())).accepted_per_step
-        ends = [sum(steps[: i + 1]) for i in range(len(steps))]
-        for start, end in zip(ends, ends[1:]):
-            k = next((i for i in range(start + 1, end - 1) if ref[i] not in ref[:i]), None)
-            if k is None:
-                continue
-            eos = frozenset({ref[k]})
-            gen = method.generate(prompt, StopRule(N, eos))
-            assert gen.tokens == ref[: k + 1] == autoregressive(engine, prompt, n=N, eos=eos)
-            assert gen.stop_reason == "eos" and gen.accepted_per_step[-1] == k + 1 - start
-            found += 1
-            break
-    assert found >= 3
-
-
 # ---- sampling ----------------------------------------------------------------------------------
-class WrongResidual(Rest):
-    """The negative control: REST on the tree step whose last rule is wrong (tests/test_tree.py)."""
-
-    verifier_class = WrongResidualVerifier
-
-
-def test_sampling_keeps_the_target_distribution():
-    """A datastore over the 8-token vocabulary with every bigram, several continuations each:
-    every step proposes a small tree (depth 1: the first tokens take several steps)."""
-    target = small_engine(0)
-    rng = random.Random(4)
-    store = Datastore.from_tokens([rng.randrange(8) for _ in range(400)])
-    cfg = RestConfig(min_suffix=1, max_suffix=2, copy_tokens=1, max_nodes=3)
-    method = Rest(cfg, target, SAMPLING, datastore=store)
-    gen = method.generate(SAMPLE_PROMPT, StopRule(6, frozenset()), seed=0)
-    assert gen.extra["hits"] == gen.extra["lookups"] >= gen.target_forwards - 2 and gen.extra["mean_tree_size"] > 2
-    pvalue, multi_step = sampled_pvalue(method, target, SHARED_RULE_RUNS)
-    assert pvalue > PVALUE_FLOOR and multi_step == 1.0
-    control = WrongResidual(cfg, target, SAMPLING, datastore=store)
-    assert sampled_pvalue(control, target, SHARED_RULE_CONTROL_RUNS)[0] < PVALUE_FLOOR

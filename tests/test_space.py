@@ -28,6 +28,7 @@ from harness.train.space import (
     run_space_training,
     space_losses,
 )
+from methods.acceptance import ChainVerifier
 from methods.autoregressive import Autoregressive, AutoregressiveConfig
 from methods.base import StopRule
 from methods.space import Space, SpaceConfig, SpaceSetupError, chunk_layout
@@ -173,16 +174,17 @@ def test_k_and_mask_id_come_from_config_checkpoint_or_tokenizer(tokenizer):
 
 
 # ---- sampling: the output distribution is the target's -----------------------------------
-def upstream_rule(draft, p, gen):
-    """cteant/SPACE's rule: accept c with probability p(c), on rejection sample from all of p."""
-    d = torch.as_tensor(draft, dtype=torch.long)
-    u = torch.rand(d.numel(), generator=gen)
-    a = int((u < p[torch.arange(d.numel()), d]).cumprod(0).sum())
-    return d[:a].tolist() + [int(torch.multinomial(p[a], 1, generator=gen))]
+class UpstreamRule(ChainVerifier):
+    def sample(self, draft, p, q):
+        """cteant/SPACE's rule: accept c with probability p(c), on rejection sample from all of p."""
+        d = torch.as_tensor(draft, dtype=torch.long)
+        u = torch.rand(d.numel(), generator=self.gen)
+        a = int((u < p[torch.arange(d.numel()), d]).cumprod(0).sum())
+        return d[:a].tolist() + [int(torch.multinomial(p[a], 1, generator=self.gen))]
 
 
 class UpstreamSpace(Space):
-    sample_rule = staticmethod(upstream_rule)
+    verifier_class = UpstreamRule
 
 
 def test_sampling_matches_the_target_distribution_and_catches_upstreams_rule():

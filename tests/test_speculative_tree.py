@@ -2,17 +2,15 @@
 right (the target itself), right only at rank 1 (a chain accepts nothing, a tree does), never
 right, right for j tokens, and an independent random model; the tree chosen within the budget;
 EOS and max_new_tokens inside an accepted path; the draft cache kept to the accepted path; stats;
-the sampling distribution over several steps (with a negative control); refusals."""
+refusals (the sampling law every method keeps: tests/test_conformance.py)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 from conftest import tiny_model
-from sampling_law import PVALUE_FLOOR, SAMPLING, SHARED_RULE_CONTROL_RUNS, SHARED_RULE_RUNS, sampled_pvalue, small_engine
 from test_model_families import PositionLog
 from test_speculative import autoregressive
-from test_tree import ResampleFromP as WrongResidualVerifier
 from test_tree import check_cache
 
 from harness.config import SamplingConfig
@@ -187,13 +185,6 @@ def test_stops_inside_an_accepted_path(engine):
     assert gen.accepted_per_step == [1, 5, at + 1 - 6] and gen.stop_reason == "eos"
 
 
-@pytest.mark.parametrize("limit", [1, 2, 5, 6, 7])
-def test_max_new_tokens_is_never_overshot(engine, limit):
-    prompt = PROMPTS[0]
-    gen = tree_method(engine, engine, branching=[2, 2, 2, 2], max_nodes=6).generate(prompt, StopRule(limit))
-    assert gen.tokens == autoregressive(engine, prompt)[:limit] and sum(gen.accepted_per_step) == limit
-
-
 def test_steps_stay_inside_the_context(tokenizer):
     """Trees are never deeper than the tokens still allowed: with prompt + max_new_tokens equal
     to the context, no forward of the target or the draft passes its last position."""
@@ -217,20 +208,3 @@ def test_bad_settings_are_refused(engine):
 
 
 # ---- sampling ----------------------------------------------------------------------------------------
-class ResampleFromP(SpeculativeTree):
-    """The negative control: the tree step whose last rule is wrong (tests/test_tree.py)."""
-
-    verifier_class = WrongResidualVerifier
-
-
-def test_sampling_keeps_the_target_distribution_over_several_steps():
-    """Deterministic top-k children and the one-hot multi-candidate rule: three children of the
-    root from an independent draft; a step commits at most two tokens, so the first four take
-    two or more tree steps (tests/sampling_law.py). The control gives p ~ 1e-22 at 800 runs."""
-    target, draft = small_engine(0), small_engine(1)
-    cfg = SpeculativeTreeConfig(branching=[3], max_nodes=3)
-    method = SpeculativeTree(cfg, target, SAMPLING, draft=draft)
-    pvalue, multi_step = sampled_pvalue(method, target, SHARED_RULE_RUNS)
-    assert pvalue > PVALUE_FLOOR and multi_step == 1.0
-    control = ResampleFromP(cfg, target, SAMPLING, draft=draft)
-    assert sampled_pvalue(control, target, SHARED_RULE_CONTROL_RUNS)[0] < PVALUE_FLOOR

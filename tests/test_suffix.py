@@ -1,8 +1,8 @@
 """Suffix decoding: the bounded-depth suffix trie against brute-force substring counts
 (adding, removing, the global FIFO bound), matching, the greedy speculation tree, greedy
 output equal to autoregressive (repetitive prompts: local hits; a repeated request: global
-hits), EOS and max_new_tokens inside an accepted path, stats, determinism for a sample
-order, and the sampling distribution (with a negative control)."""
+hits), max_new_tokens inside an accepted path, stats, and determinism for a sample order
+(stop rules and the sampling law every method keeps: tests/test_conformance.py)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,7 @@ import random
 from collections import Counter
 
 import pytest
-from sampling_law import PVALUE_FLOOR, SAMPLING, SHARED_RULE_CONTROL_RUNS, SHARED_RULE_RUNS, sampled_pvalue, small_engine
 from test_speculative import autoregressive
-from test_tree import ResampleFromP as WrongResidualVerifier
 from test_tree import check_cache
 
 from harness.config import SamplingConfig
@@ -185,27 +183,6 @@ def test_max_new_tokens_inside_an_accepted_path(engine, limit):
     check_cache(engine, cache, prompt + ref[: limit - 1])
 
 
-def test_eos_inside_an_accepted_path(engine):
-    found = 0
-    for start_prompt in PROMPTS:
-        prompt = repetitive(engine, start_prompt)
-        ref = autoregressive(engine, prompt, n=N)
-        method = suffix(engine, global_max_tokens=0)  # the same trees every time
-        steps = method.generate(prompt, StopRule(N, frozenset())).accepted_per_step
-        ends = [sum(steps[: i + 1]) for i in range(len(steps))]
-        for start, end in zip(ends, ends[1:]):
-            k = next((i for i in range(start + 1, end - 1) if ref[i] not in ref[:i]), None)
-            if k is None:
-                continue
-            eos = frozenset({ref[k]})
-            gen = method.generate(prompt, StopRule(N, eos))
-            assert gen.tokens == ref[: k + 1] == autoregressive(engine, prompt, n=N, eos=eos)
-            assert gen.stop_reason == "eos" and gen.accepted_per_step[-1] == k + 1 - start
-            found += 1
-            break
-    assert found >= 2
-
-
 # ---- the global trie ---------------------------------------------------------------------------
 def test_global_trie_is_a_bounded_fifo(engine):
     bound = 100
@@ -233,22 +210,3 @@ def test_deterministic_for_a_sample_order(engine):
 
 
 # ---- sampling ----------------------------------------------------------------------------------
-class WrongResidual(Suffix):
-    """The negative control: suffix decoding on the tree step whose last rule is wrong (tests/test_tree.py)."""
-
-    verifier_class = WrongResidualVerifier
-
-
-def test_sampling_keeps_the_target_distribution():
-    """The repetitive 8-token prompt gives local matches from the first step; the global trie
-    fills with the earlier seeds' outputs. One-token budgets (max_spec_factor * match length,
-    match length 1) keep the first tokens spread over several steps."""
-    target = small_engine(0)
-    cfg = SuffixConfig(max_depth=2, min_token_prob=0.0, max_nodes=3, max_spec_factor=3.0)
-    method = Suffix(cfg, target, SAMPLING)
-    pvalue, multi_step = sampled_pvalue(method, target, SHARED_RULE_RUNS)
-    assert pvalue > PVALUE_FLOOR and multi_step == 1.0
-    gen = method.generate([0, 3, 5, 3, 5, 7, 3, 5], StopRule(6, frozenset()), seed=0)
-    assert gen.extra["local_trees"] + gen.extra["global_trees"] >= 1 and gen.extra["mean_tree_size"] > 1
-    control = WrongResidual(cfg, target, SAMPLING)
-    assert sampled_pvalue(control, target, SHARED_RULE_CONTROL_RUNS)[0] < PVALUE_FLOOR
