@@ -132,7 +132,7 @@ def test_the_readme_method_example_is_a_working_lossless_method(model_dir, tmp_p
                    if r["method"] == "repeat-last"]  # fmt: skip
         assert len(records) == 2 and all(r["status"] == "exact" for r in records)
     finally:
-        METHODS._targets.pop("repeat-last", None)
+        METHODS.remove("repeat-last")
 
 
 # The README's commands as a test runs them: a hub id or a placeholder path becomes a tiny local
