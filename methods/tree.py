@@ -33,7 +33,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from harness.config import SamplingConfig
-from harness.engine import Engine, ForwardOutput
+from harness.engine import Engine, ForwardOutput, Injection
 from methods.base import Committer, Generation, StopRule, make_generator, next_token, probabilities
 
 
@@ -173,21 +173,25 @@ class TreeVerifier:
         """How deep a tree may still usefully go: a step commits at most depth + 1 tokens."""
         return self.out.stop.max_new_tokens - len(self.out.tokens) - 1
 
-    def prefill(self) -> ForwardOutput:
-        """Run the prompt; its last row gives the first token (and the heads' first input)."""
-        res = self.engine.forward(self.seq, self.cache, hidden=self.hidden, last_only=True)
+    def prefill(self, inject: Optional[Injection] = None) -> ForwardOutput:
+        """Run the prompt; its last row gives the first token (and the heads' first input).
+        ``inject``: rows that join the forward (``Engine.forward``), never kept in the cache."""
+        res = self.engine.forward(self.seq, self.cache, hidden=self.hidden, last_only=True, inject=inject)
+        if inject is not None:
+            self.cache.truncate(len(self.seq))  # drop the rows' entries (upper layers only)
         self._commit([next_token(res.logits[-1], self.sampling, self.gen)])
         return res
 
-    def verify(self, tree: DraftTree, accept: Optional[Acceptance] = None) -> TreeStep:
+    def verify(self, tree: DraftTree, accept: Optional[Acceptance] = None, inject: Optional[Injection] = None) -> TreeStep:
         """One target forward over ``tree``; commits the accepted path and one target token,
         keeps prefix + accepted nodes in the cache. ``accept`` replaces the lossless rules
-        (a method's own lossy mode, e.g. Medusa's typical acceptance)."""
+        (a method's own lossy mode, e.g. Medusa's typical acceptance). ``inject``: rows that
+        join the forward (built for this cache length and tree; never kept in the cache)."""
         shape = tree_shape(tuple(tree.parents), str(self.engine.device))
         past = len(self.cache)
         prefix = torch.ones(shape.size, past, dtype=torch.bool, device=shape.mask.device)
         res = self.engine.forward(tree.tokens, self.cache, positions=shape.depth + past,
-                                  mask=torch.cat((prefix, shape.mask), dim=1), hidden=self.hidden)  # fmt: skip
+                                  mask=torch.cat((prefix, shape.mask), dim=1), hidden=self.hidden, inject=inject)  # fmt: skip
         if accept is not None:
             nodes, new = accept(tree, shape, res.logits, self.gen)
         elif self.sampling.do_sample:
