@@ -231,3 +231,68 @@ def test_saved_transfer_loads_in_fp16_and_decodes_exactly(engine, tmp_path):
     m = HiddenTransfer(HiddenTransferConfig(transfer=str(tmp_path)), engine, GREEDY)
     stop = StopRule(max_new_tokens=10)
     assert m.generate(PROMPTS[0], stop).tokens == ar(engine, PROMPTS[0], stop)
+
+
+# ---- training -----------------------------------------------------------------------------------
+class Repeat:
+    def __init__(self, batch):
+        self.batch = batch
+
+    def __next__(self):
+        return self.batch
+
+    def state_dict(self):
+        return {}
+
+    def load_state_dict(self, state):
+        pass
+
+
+def test_training_reduces_loss_resumes_and_exports(model_dir, tmp_path):
+    import numpy as np
+
+    from harness.train.hidden_transfer import (TransferTrainConfig, load_target, new_layers, run_transfer_training,
+                                               transfer_loss_fn)  # fmt: skip
+    from harness.train.loop import TrainLoopConfig, train
+
+    cfg = TransferTrainConfig(preset="firp", base=str(model_dir), layer=1, k=2)
+    engine = load_target(cfg.base)
+    layers = new_layers(engine, cfg)
+    assert layers.config.attend_rows
+    loss_fn = transfer_loss_fn(engine, [1.0, 0.8], count=8)
+    torch.manual_seed(0)
+    batch = torch.randint(3, 250, (2, 24))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        before, labels = loss_fn(layers, batch)
+    assert labels == 2 * 8 * 2  # rows x anchors x k
+    loop = TrainLoopConfig(lr=2e-2, warmup_steps=0, max_steps=30, progress=False, weight_decay=0.0)
+    train(layers, loss_fn, Repeat(batch), loop, tmp_path / "fit", log=lambda s: None)
+    torch.manual_seed(0)
+    assert float(loss_fn(layers, batch)[0].detach()) < 0.9 * float(before)
+    assert all(not p.requires_grad for p in engine.model.parameters())  # the target stays frozen
+
+    data = tmp_path / "data"
+    data.mkdir()
+    np.save(data / "train.npy", np.random.default_rng(0).integers(3, 250, 3000).astype(np.uint16))
+    cfg = TransferTrainConfig(preset="hidden-transfer", base=str(model_dir), data="corpus", data_dir=str(data),
+                              out_dir=str(tmp_path / "ckpt"), export_dir=str(tmp_path / "export"), layer=1, k=2,
+                              batch_size=2, seq_len=32, anchors=4, max_steps=3, max_minutes=0, warmup_steps=1,
+                              progress=False, eval_problems=2, eval_tokens=6)  # fmt: skip
+    first, _ = run_transfer_training(cfg, log=lambda s: None)
+    cfg.max_steps = 5
+    second, summary = run_transfer_training(cfg, log=lambda s: None)
+    assert (first.step, second.resumed_from, second.step) == (3, 3, 5)
+    acc = summary["export"]["acceptance"]
+    assert acc["problems"] == 2 and len(acc["chain_acceptance"]) == 2 and acc["anchors"] > 0
+    assert acc["chain_acceptance"][1] <= acc["chain_acceptance"][0] and acc["chain_acceptance"][1] <= acc["top1"][1]
+    shipped = load_transfer(tmp_path / "export", hidden_size=64, num_layers=2)
+    assert (shipped.config.layer, shipped.config.k, shipped.config.attend_rows) == (1, 2, False)
+    assert "row 2 (t+3)" in (tmp_path / "export" / "README.md").read_text()
+    # a checkpoint of other maps is refused, naming the fix
+    cfg.k = 3
+    with pytest.raises(ValueError, match="use another out_dir"):
+        run_transfer_training(cfg, log=lambda s: None)
+    cfg.preset = "medusa"
+    with pytest.raises(ValueError, match="unknown preset 'medusa'"):
+        run_transfer_training(cfg, log=lambda s: None)
