@@ -17,6 +17,7 @@ from methods.tree import TreeError
 from tests.conftest import tiny_model
 from tests.sampling_law import CONTROL_RUNS, PVALUE_FLOOR, RUNS, SAMPLING, sampled_pvalue
 from tests.test_tree import ResampleFromP as WrongResidualVerifier
+from tests.test_train_eagle import Repeat
 from tests.test_tree import check_cache
 
 GREEDY = SamplingConfig()
@@ -234,20 +235,6 @@ def test_saved_transfer_loads_in_fp16_and_decodes_exactly(engine, tmp_path):
 
 
 # ---- training -----------------------------------------------------------------------------------
-class Repeat:
-    def __init__(self, batch):
-        self.batch = batch
-
-    def __next__(self):
-        return self.batch
-
-    def state_dict(self):
-        return {}
-
-    def load_state_dict(self, state):
-        pass
-
-
 def test_training_reduces_loss_resumes_and_exports(model_dir, tmp_path):
     import numpy as np
 

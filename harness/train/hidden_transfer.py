@@ -164,9 +164,7 @@ def run_transfer_training(cfg: TransferTrainConfig, log: Callable[[str], None] |
     loop = TrainLoopConfig(**{k: getattr(cfg, k) for k in TrainLoopConfig.__dataclass_fields__})
     result = train(layers, transfer_loss_fn(engine, weights, cfg.anchors), data.batches, loop, out_dir,
                    extra_state=extra, desc=f"train {cfg.preset}", log=log)  # fmt: skip
-    summary: dict[str, Any] = {"step": result.step, "tokens": result.tokens, "epochs": round(data.batches.epochs_done, 3),
-                               "elapsed_min": round(result.elapsed_s / 60, 2), "finished": result.finished,
-                               "last_loss": result.last_loss}  # fmt: skip
+    summary = result.summary(data.batches.epochs_done)
     if result.finished and cfg.export_at_end:
         summary["export"] = export_transfer(cfg, engine=engine, log=log)
     return result, summary

@@ -222,9 +222,7 @@ def run_medusa_training(cfg: MedusaTrainConfig, log: Callable[[str], None] | Non
     loop = TrainLoopConfig(**{k: getattr(cfg, k) for k in TrainLoopConfig.__dataclass_fields__})
     result = train(heads, medusa_loss_fn(base, weights, cfg.loss, continuation_only=cfg.greedy_only), batches, loop, out_dir, extra_state=extra,
                    desc="train medusa", log=log)  # fmt: skip
-    summary: dict[str, Any] = {"step": result.step, "tokens": result.tokens, "epochs": round(batches.epochs_done, 3),
-                               "elapsed_min": round(result.elapsed_s / 60, 2), "finished": result.finished,
-                               "last_loss": result.last_loss}  # fmt: skip
+    summary = result.summary(batches.epochs_done)
     if result.finished and cfg.export_at_end:
         summary["export"] = export_medusa(cfg, base=base, log=log)
     return result, summary
