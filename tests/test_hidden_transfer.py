@@ -280,6 +280,8 @@ def test_training_reduces_loss_resumes_and_exports(model_dir, tmp_path):
     cfg.k = 3
     with pytest.raises(ValueError, match="use another out_dir"):
         run_transfer_training(cfg, log=lambda s: None)
+    with pytest.raises(ValueError, match="labels='x': choose argmax"):
+        transfer_loss_fn(engine, [1.0], 2, labels="x")
     cfg.preset = "medusa"
     with pytest.raises(ValueError, match="unknown preset 'medusa'"):
         run_transfer_training(cfg, log=lambda s: None)

@@ -10,7 +10,9 @@ frozen target over the row (``Engine.injected_forward``) carries the k pseudo ro
 anchor, made from its hidden state entering ``layer`` by the maps: row j at position s + j sees
 tokens 0..s, itself and (``firp``) the anchor's rows before it, exactly as in decoding
 (``harness.drafters.transfer.pseudo_rows``). Loss = sum over j of ``position_decay ** (j-1)`` *
-CE(row j's logits, token s + j + 1), each the mean over the anchors. Gradients flow through the
+CE(row j's logits, label), each the mean over the anchors; the label is the target's own argmax at
+s + j (``labels=argmax``, the token greedy decoding accepts there, teacher-forced on the row) or
+the row's token s + j + 1 (``labels=tokens``). Gradients flow through the
 frozen upper layers into the maps only.
 
 The export (``transfer.safetensors`` in fp16, config.json, training.json, a README.md card) measures
@@ -59,6 +61,9 @@ class TransferTrainConfig(TrainLoopConfig):
     k: int = 3  # pseudo rows per position: the tokens 2..k+1 ahead
     anchors: int = 32  # anchor positions drawn per row
     position_decay: float = 0.8  # loss weight of row j = position_decay ** (j - 1)
+    # what row j learns: "argmax" = the target's own choice at s + j (teacher-forced on the row's tokens: the
+    # token greedy decoding accepts there) | "tokens" = the row's token s + j + 1 (the same on greedy records)
+    labels: str = "argmax"
     batch_size: int = 4  # rows per step
     seq_len: int = 384  # corpus window length; longer records are cut to it
     greedy_only: bool = False  # self-distilled records: the greedy ones only
@@ -103,8 +108,12 @@ def anchor_rows(layers: TransferLayers, ids: torch.Tensor, anchors: torch.Tensor
     return pseudo_rows(layers, sees, anchors, anchors)
 
 
-def transfer_loss_fn(engine: Engine, weights: list[float], count: int) -> Callable[[torch.nn.Module, Any], tuple[torch.Tensor, int]]:
-    """``loss_fn(layers, batch)`` for the training loop (module doc); ``count`` anchors per row."""
+def transfer_loss_fn(engine: Engine, weights: list[float], count: int, labels: str = "argmax",
+                     ) -> Callable[[torch.nn.Module, Any], tuple[torch.Tensor, int]]:  # fmt: skip
+    """``loss_fn(layers, batch)`` for the training loop (module doc); ``count`` anchors per row,
+    ``labels``: argmax | tokens (``TransferTrainConfig.labels``)."""
+    if labels not in ("argmax", "tokens"):
+        raise ValueError(f"labels={labels!r}: choose argmax (the target's own choices) or tokens (the data's)")
 
     def loss_fn(layers: torch.nn.Module, batch: Any) -> tuple[torch.Tensor, int]:
         batch = as_padded(batch)
@@ -121,10 +130,10 @@ def transfer_loss_fn(engine: Engine, weights: list[float], count: int) -> Callab
             if candidates.numel() == 0:
                 continue
             anchors = candidates[torch.randperm(candidates.numel())[:count]].sort().values.to(engine.device)
-            seen = ids[: int(anchors[-1]) + 1]  # tokens after the last anchor are only labels
-            out = engine.injected_forward(seen, anchor_rows(layers, seen, anchors))
+            out = engine.injected_forward(ids, anchor_rows(layers, ids, anchors))
             logits = out.injected.view(anchors.numel(), k, -1)
-            target = ids[anchors.view(-1, 1) + 1 + torch.arange(1, k + 1, device=ids.device)]  # [A, k]
+            at = anchors.view(-1, 1) + torch.arange(1, k + 1, device=ids.device)  # [A, k]: row j's position s + j
+            target = out.logits.detach().argmax(-1)[at] if labels == "argmax" else ids[at + 1]
             loss = sum(w * F.cross_entropy(logits[:, j], target[:, j]) for j, w in enumerate(weights))
             total = loss if total is None else total + loss
             rows += 1
@@ -160,9 +169,9 @@ def run_transfer_training(cfg: TransferTrainConfig, log: Callable[[str], None] |
         f"data ({data.rows:,} rows, {data.tokens:,} tokens from {data.path}), out_dir {out_dir}")
     extra = {"transfer": asdict(layers.config), "preset": cfg.preset, "base": cfg.base, "data": data.describe(),
              "batch_size": cfg.batch_size, "seq_len": cfg.seq_len, "anchors": cfg.anchors, "n_params": n_params,
-             "position_weights": weights}  # fmt: skip
+             "position_weights": weights, "labels": cfg.labels}  # fmt: skip
     loop = TrainLoopConfig(**{k: getattr(cfg, k) for k in TrainLoopConfig.__dataclass_fields__})
-    result = train(layers, transfer_loss_fn(engine, weights, cfg.anchors), data.batches, loop, out_dir,
+    result = train(layers, transfer_loss_fn(engine, weights, cfg.anchors, cfg.labels), data.batches, loop, out_dir,
                    extra_state=extra, desc=f"train {cfg.preset}", log=log)  # fmt: skip
     summary = result.summary(data.batches.epochs_done)
     if result.finished and cfg.export_at_end:
@@ -227,7 +236,7 @@ def export_transfer(cfg: TransferTrainConfig, engine: Engine | None = None, log:
     log(f"[train {cfg.preset}] held-out chain acceptance {acc['chain_acceptance']} in {time.time() - t0:.0f} s")
     info = {"preset": extra.get("preset", cfg.preset), "base_model": extra.get("base", cfg.base),
             "transfer": extra["transfer"], "parameters": extra.get("n_params"), "anchors_per_row": extra.get("anchors"),
-            "position_weights": extra.get("position_weights"), "data": extra.get("data"), **run_record(ckpt),
+            "position_weights": extra.get("position_weights"), "labels": extra.get("labels", "tokens"), "data": extra.get("data"), **run_record(ckpt),
             "heldout_acceptance": acc, "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}  # fmt: skip
     write_component(final, lambda d: save_transfer(layers, d, dtype=torch.float16), info, transfer_card(info))
     log(f"[train {cfg.preset}] exported step {info['step']} -> {final}")
@@ -252,7 +261,8 @@ token's hidden state entering decoder layer {t['layer']} to pseudo hidden states
 
 ## Training
 Data: {data.get('source', '?')} ({data.get('rows', 0):,} rows, {data.get('tokens', 0):,} tokens, `{data.get('path')}`);
-{info['anchors_per_row']} anchors per row whose next token is the target's own, loss = sum_j w_j * CE(row j, token s+j+1),
+{info['anchors_per_row']} anchors per row (on self-distilled records: whose next token is the target's own), loss =
+sum_j w_j * CE(row j, {'the target' + chr(39) + 's argmax at s+j' if info['labels'] == 'argmax' else 'token s+j+1'}),
 w = {[round(w, 3) for w in info['position_weights'] or []]}; {info['step']:,} steps{'' if done else ' (schedule NOT complete)'}
 of {info['batch_size']} rows ({info['training_tokens']:,} labels), {info['wall_time_min']} min on CPU; final loss (EMA)
 {info['loss_ema_at_export'] or float('nan'):.4f}.
