@@ -285,3 +285,29 @@ def test_training_reduces_loss_resumes_and_exports(model_dir, tmp_path):
     cfg.preset = "medusa"
     with pytest.raises(ValueError, match="unknown preset 'medusa'"):
         run_transfer_training(cfg, log=lambda s: None)
+
+
+def test_steps_stay_inside_the_context(tokenizer):
+    """With prompt + max_new_tokens + headroom equal to the context, the last step's deepest pseudo
+    row sits at its last position (a 3-deep chain, k = 3: headroom 5)."""
+
+    class PositionLog(Engine):
+        highest = -1
+
+        def forward(self, ids, cache, positions=None, mask=None, inject=None, **kw):
+            pos = [len(cache) + torch.as_tensor(ids).numel() - 1] if positions is None else torch.as_tensor(positions).tolist()
+            rows = inject.positions.tolist() if inject is not None else []
+            self.highest = max(self.highest, *pos, *rows)
+            return super().forward(ids, cache, positions=positions, mask=mask, inject=inject, **kw)
+
+    prompt, n = PROMPTS[0], 20
+    context = len(prompt) + n + 5
+    model = tiny_model(len(tokenizer), max_position_embeddings=context)
+    engine = PositionLog(model, tokenizer, Engine.from_model(model, tokenizer).cfg, torch.device("cpu"))
+    m = method(engine, random_transfer(engine, False), tree="chain")
+    assert m.headroom() == 5
+    gen = m.generate(prompt, StopRule(n))
+    assert len(gen.tokens) == n and gen.accepted_per_step[-1] == 1  # the last step started one token short
+    assert engine.highest == context - 1
+    with pytest.raises(ValueError, match="5 positions for hidden-transfer's steps exceed the model's context"):
+        m.generate(prompt, StopRule(n + 1))
