@@ -38,7 +38,7 @@ from harness.engine import Engine, LayerSkip
 from harness.paths import REPO_ROOT, write_component
 from harness.train.data import as_padded, check_data_choice, data_spec, load_training_data
 from harness.train.lm import default_cache_dir
-from harness.train.loop import TrainLoopConfig, TrainResult, load_checkpoint, run_record, train
+from harness.train.loop import TrainLoopConfig, TrainResult, load_checkpoint, require_checkpoint, run_record, train
 
 PRESETS = {"hidden-transfer": False, "firp": True}  # preset -> attend_rows
 
@@ -223,9 +223,7 @@ def export_transfer(cfg: TransferTrainConfig, engine: Engine | None = None, log:
     """Write the latest checkpoint's maps to the export dir (fp16) with their card."""
     log = log or (lambda s: print(s, file=sys.stderr, flush=True))
     out_dir, final = cache_paths(cfg)
-    ckpt = load_checkpoint(out_dir)
-    if ckpt is None:
-        raise FileNotFoundError(f"no {cfg.preset} checkpoint in {out_dir}: run the training first")
+    ckpt = require_checkpoint(out_dir, cfg.preset)
     extra = ckpt.get("extra", {})
     engine = engine if engine is not None else load_target(extra.get("base", cfg.base), cfg.device)
     layers = TransferLayers(TransferConfig(**extra["transfer"]))

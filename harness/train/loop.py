@@ -157,6 +157,14 @@ def load_checkpoint(out_dir: str | os.PathLike) -> dict | None:
     return torch.load(p, map_location="cpu", weights_only=False)
 
 
+def require_checkpoint(out_dir: str | os.PathLike, what: str) -> dict:
+    """The checkpoint in ``out_dir`` (an export needs one); FileNotFoundError naming the fix otherwise."""
+    ckpt = load_checkpoint(out_dir)
+    if ckpt is None:
+        raise FileNotFoundError(f"no {what} checkpoint in {out_dir}: run the training first")
+    return ckpt
+
+
 def run_record(ckpt: dict) -> dict[str, Any]:
     """What an exported component's training.json says of the run behind a checkpoint: steps,
     tokens, minutes, the batch shape (from its extra state), the loss at export and the loop settings."""

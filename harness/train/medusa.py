@@ -54,7 +54,7 @@ from harness.paths import resolve_repo_path, write_component
 from harness.train.data import as_padded, check_data_choice, data_spec, load_training_data, tokens_dir
 from harness.train.distill import check_loss, per_token_loss
 from harness.train.lm import default_cache_dir
-from harness.train.loop import TrainLoopConfig, TrainResult, load_checkpoint, run_record, train
+from harness.train.loop import TrainLoopConfig, TrainResult, load_checkpoint, require_checkpoint, run_record, train
 from methods.medusa_heads import MedusaHeads, MedusaHeadsConfig, load_heads, save_heads
 
 
@@ -303,9 +303,7 @@ def export_medusa(cfg: MedusaTrainConfig, base: torch.nn.Module | None = None, l
 
     log = log or (lambda s: print(s, file=sys.stderr, flush=True))
     data_dir, out_dir = cache_paths(cfg)
-    ckpt = load_checkpoint(out_dir)
-    if ckpt is None:
-        raise FileNotFoundError(f"no Medusa checkpoint in {out_dir}: run the training first")
+    ckpt = require_checkpoint(out_dir, "Medusa")
     extra = ckpt.get("extra", {})
     base = base if base is not None else load_base(extra.get("base", cfg.base), cfg.device)
     heads = MedusaHeads(MedusaHeadsConfig(**extra["heads"]))
