@@ -29,7 +29,7 @@ ALLOW_DIRTY ?=
 MODE ?= eager
 MODE_ARGS := $(if $(filter compiled,$(MODE)),model.compile=true,$(if $(filter eager,$(MODE)),,$(error MODE must be eager or compiled, got '$(MODE)')))
 OUT ?= results/runs/bench$(if $(filter compiled,$(MODE)),-compiled,)
-METHODS := autoregressive,hf-generate,speculative,speculative-tree,prompt-lookup,reference-lookup,suffix,recycling,lookahead,swift,medusa,eagle,eagle2,eagle3,hf-assisted,hf-prompt-lookup
+METHODS := autoregressive,hf-generate,speculative,speculative-tree,prompt-lookup,reference-lookup,suffix,recycling,lookahead,swift,medusa,eagle,eagle2,eagle3,hf-assisted,hf-prompt-lookup,hidden-transfer,firp
 # make leaderboard adds rest, which needs its datastore (make datastore: the zoo corpus's tokens, built once
 # into $HARNESS_CACHE; on a machine without the zoo corpus, `harness zoo prepare` builds it first)
 LEADERBOARD_METHODS := $(METHODS),rest
@@ -42,7 +42,7 @@ comma := ,
 benched = $(filter $(1),$(subst $(comma), ,$(BENCH_METHODS)))
 DRAFT_ARGS = $(if $(call benched,speculative),method.speculative.gamma=$(GAMMA)) \
   $(if $(call benched,hf-assisted),method.hf-assisted.num_assistant_tokens=$(GAMMA))
-# MODE=compiled benches the methods that run compiled (COMPILED_METHODS: swift and eagle3 refuse model.compile=true)
+# MODE=compiled benches the methods that run compiled (COMPILED_METHODS: swift, eagle3, hidden-transfer and firp refuse model.compile=true)
 BENCH_METHODS ?= $(if $(filter compiled,$(MODE)),$(COMPILED_METHODS),$(METHODS))
 RUN := .venv/bin/harness run --task humaneval --limit $(LIMIT) --max-new-tokens 128 run.threads=1 $(MODE_ARGS)
 
@@ -104,7 +104,7 @@ leaderboard-docs: setup datastore
 # and draft-tree budget, each with its own autoregressive reference, on the tuning split; --by run_dir
 # gives one row per job, step_cost is t(one step's forwards) / t(1-token forward). Each sweep is its own
 # target (make tables-lookahead ...); make tables runs them all.
-TABLES := tables-gamma tables-medusa tables-space tables-lookahead tables-eagle2 tables-spec-tree tables-buckets
+TABLES := tables-gamma tables-medusa tables-space tables-lookahead tables-eagle2 tables-spec-tree tables-buckets tables-transfer tables-llmcad
 TUNE := $(RUN) task.split=tune
 tables: setup
 	ALLOW_DIRTY=$(ALLOW_DIRTY) .venv/bin/python -m harness.publish clean-tree
@@ -147,6 +147,23 @@ tables-spec-tree:
 	for b in $(SPEC_TREE_BUDGETS); do $(TUNE) --methods autoregressive,speculative,speculative-tree \
 	  method.speculative.gamma=$$b method.speculative-tree.max_nodes=$$b --out results/runs/speculative-tree/draft_tokens-$$b $(ARGS) || exit 1; done
 	.venv/bin/harness leaderboard results/runs/speculative-tree/*/ --by run_dir --allow-mixed --out results/speculative-tree.md
+
+# Hidden Transfer and FIRP beside Medusa, the same tree for all three in each job
+TRANSFER_TREES := chain small
+tables-transfer:
+	rm -rf results/runs/transfer-trees
+	for t in $(TRANSFER_TREES); do $(TUNE) --methods autoregressive,medusa,hidden-transfer,firp method.medusa.tree=$$t \
+	  method.hidden-transfer.tree=$$t method.firp.tree=$$t --out results/runs/transfer-trees/tree-$$t $(ARGS) || exit 1; done
+	.venv/bin/harness leaderboard results/runs/transfer-trees/*/ --by run_dir --allow-mixed --out results/transfer-trees.md
+
+# LLMCad's confidence threshold on the draft tree (0 = off: always as deep as the branching allows)
+LLMCAD_CONFIDENCE := 0 0.2 0.4 0.6
+LLMCAD_TREE := method.speculative-tree.branching=[4,2,2,1,1,1,1,1] method.speculative-tree.max_nodes=8
+tables-llmcad:
+	rm -rf results/runs/llmcad
+	for c in $(LLMCAD_CONFIDENCE); do $(TUNE) --methods autoregressive,speculative-tree $(LLMCAD_TREE) \
+	  method.speculative-tree.confidence=$$c --out results/runs/llmcad/confidence-$$c $(ARGS) || exit 1; done
+	.venv/bin/harness leaderboard results/runs/llmcad/*/ --by run_dir --allow-mixed --out results/llmcad-confidence.md
 
 # compiled execution's forward sizes (model.compile_buckets): the default against it without the 2-token
 # bucket and with an 8-token one, each job compiled and timed against its own compiled autoregressive

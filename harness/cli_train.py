@@ -5,6 +5,7 @@ Examples::
     harness train lm model=draft train.max_minutes=40 train.threads=1
     harness train lm model=target train.max_minutes=120 train.threads=1
     harness train eagle version=3 max_minutes=45 threads=1   # an EAGLE-3 head on zoo/target
+    harness train hidden-transfer preset=firp max_minutes=30 threads=1   # FIRP's transfer maps on zoo/target
     harness train lm --help          # print the composed configuration
 
 Running the same command again continues from the checkpoint in ``out_dir``
@@ -21,7 +22,8 @@ from harness.train.lm import DRAFT, TARGET, LMTrainConfig, ModelConfig
 from harness.zoo.build import ZooDataConfig
 
 USAGE = (
-    "usage: harness train {lm model=target|draft | medusa | space | eagle version=1|3} [key=value ...]   "
+    "usage: harness train {lm model=target|draft | medusa | space | eagle version=1|3 | hidden-transfer "
+    "preset=hidden-transfer|firp} [key=value ...]   "
     "(harness train <job> --help shows all keys)"
 )
 
@@ -52,6 +54,9 @@ def register_configs() -> None:
     from harness.train.eagle import EagleTrainConfig  # noqa: PLC0415
 
     cs.store(name="train_eagle", node=EagleTrainConfig)
+    from harness.train.hidden_transfer import TransferTrainConfig  # noqa: PLC0415
+
+    cs.store(name="train_hidden-transfer", node=TransferTrainConfig)
 
 
 def compose_config(config_name: str, overrides: list[str]):
@@ -105,7 +110,8 @@ def dispatch(argv: list[str], usage: str, runners: dict, config_name, noun: str,
 
 
 def main(argv: list[str]) -> int:
-    runners = {"lm": run_train_lm, "medusa": run_train_medusa, "space": run_train_space, "eagle": run_train_eagle}
+    runners = {"lm": run_train_lm, "medusa": run_train_medusa, "space": run_train_space, "eagle": run_train_eagle,
+               "hidden-transfer": run_train_transfer}  # fmt: skip
     return dispatch(argv, USAGE, runners, lambda what: f"train_{what}", "training job")
 
 
@@ -146,6 +152,15 @@ def run_train_eagle(cfg) -> int:
 
     _result, summary = run_eagle_training(cfg)
     print(f"[train eagle] done: {summary}")
+    return 0
+
+
+def run_train_transfer(cfg) -> int:
+    """Hidden-transfer (preset=hidden-transfer) or FIRP (preset=firp) maps on a frozen target (resumable); exports at the end."""
+    from harness.train.hidden_transfer import run_transfer_training  # noqa: PLC0415
+
+    _result, summary = run_transfer_training(cfg)
+    print(f"[train {cfg.preset}] done: {summary}")
     return 0
 
 

@@ -9,7 +9,8 @@
   (``draft_distill``: next-token CE on its outputs; ``draft_top1``: then CE against its argmax, the target run
   on each batch; each re-exported as zoo/draft with new figures, zoo/target untouched), then train and export the
   target's Medusa heads (on the self-distilled data; ``medusa_greedy``: then on its greedy records only), its SPACE fine-tune and its EAGLE-1/2 and EAGLE-3 heads (``eagle``,
-  ``eagle3``, on the self-distilled data). ``stages=[...]``
+  ``eagle3``, on the self-distilled data), and its Hidden Transfer and FIRP maps (``hidden_transfer``,
+  ``firp``, on the self-distilled data). ``stages=[...]``
   runs a subset (a finished stage is skipped on a re-run: its checkpoint says so);
   ``clean=true`` first deletes the cached data and checkpoints.
 - ``export``: export the latest checkpoints (fp16 safetensors + tokenizer + manifest) to
@@ -30,13 +31,14 @@ from harness.train.lm import DRAFT, TARGET, LMTrainConfig, ModelConfig
 from harness.train.medusa import MedusaTrainConfig
 from harness.train.distill import DraftDistillConfig
 from harness.train.eagle import EagleTrainConfig
+from harness.train.hidden_transfer import TransferTrainConfig
 from harness.train.space import SpaceTrainConfig
 from harness.train.unlikelihood import UnlikelihoodTrainConfig
 from harness.zoo.build import ExportConfig, ZooDataConfig
 from harness.zoo.selfdistill import SelfDistillConfig
 
 STAGES = ("draft", "target", "target_functions", "target_unlikelihood", "export", "selfdistill", "draft_distill", "draft_top1",
-          "medusa", "medusa_greedy", "space", "eagle", "eagle3")
+          "medusa", "medusa_greedy", "space", "eagle", "eagle3", "hidden_transfer", "firp")
 FUNCTIONS_CHECKPOINT = "target-functions"  # <train_root>/<this>: the target_functions stage's checkpoint
 UNLIKELIHOOD_CHECKPOINT = "target-unlikelihood"  # <train_root>/<this>: the target_unlikelihood stage's checkpoint
 DISTILL_CHECKPOINT = "draft-distill"  # <train_root>/<this>: the draft_distill stage's checkpoint
@@ -89,6 +91,9 @@ class ZooCommand:
     # EAGLE heads on the exported target, trained on its self-distilled data (corpus windows if there is none)
     eagle: EagleTrainConfig = field(default_factory=lambda: EagleTrainConfig(version=1, max_minutes=30))
     eagle3: EagleTrainConfig = field(default_factory=lambda: EagleTrainConfig(version=3, max_minutes=25))
+    # Hidden Transfer's and FIRP's maps on the exported target (frozen), on its self-distilled data, one thread
+    hidden_transfer: TransferTrainConfig = field(default_factory=lambda: TransferTrainConfig(preset="hidden-transfer"))
+    firp: TransferTrainConfig = field(default_factory=lambda: TransferTrainConfig(preset="firp"))
     stages: list[str] = field(default_factory=lambda: list(STAGES))  # build only: which stages run, in this order
     train_root: str = ""  # checkpoint root ("" = <cache>/train; models in <train_root>/<name>)
     clean: bool = False  # build only: delete cached data and these checkpoints first
@@ -134,7 +139,8 @@ def _build(cmd: ZooCommand) -> int:
         for d in (paths.corpus, paths.tokenizer, paths.tokens, root / cmd.draft.name, root / cmd.target.name,
                   root / cmd.export.sources.get(cmd.target.name, cmd.target.name),
                   root / FUNCTIONS_CHECKPOINT, root / UNLIKELIHOOD_CHECKPOINT, root / DISTILL_CHECKPOINT, root / TOP1_CHECKPOINT,
-                  root / "medusa", root / "medusa-greedy", root / "space", root / "eagle", root / "eagle3", paths.root / "zoo-data" / "selfdistill"):  # fmt: skip
+                  root / "medusa", root / "medusa-greedy", root / "space", root / "eagle", root / "eagle3",
+                  root / "hidden-transfer", root / "firp", paths.root / "zoo-data" / "selfdistill"):  # fmt: skip
             if d.exists():
                 shutil.rmtree(d)
                 print(f"[zoo] removed {d}")
@@ -186,7 +192,8 @@ def _build(cmd: ZooCommand) -> int:
             return 1
     # the heads and fine-tunes read this build's token data and self-distilled records (its data.cache_dir)
     for job, export_name in ((cmd.medusa, "target-medusa"), (cmd.medusa_greedy, "target-medusa"), (cmd.space, "target-space"),
-                             (cmd.eagle, "target-eagle"), (cmd.eagle3, "target-eagle3")):  # fmt: skip
+                             (cmd.eagle, "target-eagle"), (cmd.eagle3, "target-eagle3"),
+                             (cmd.hidden_transfer, "target-hidden-transfer"), (cmd.firp, "target-firp")):  # fmt: skip
         job.data_dir = job.data_dir or str(paths.tokens)
         job.selfdistill_dir = job.selfdistill_dir or cmd.selfdistill.out_dir or str(
             paths.root / "zoo-data" / "selfdistill" / cmd.target.name)
@@ -221,6 +228,15 @@ def _build(cmd: ZooCommand) -> int:
             _restart_if_base_changed(Path(job.out_dir), job.base)
             _res, summary = run_eagle_training(job)  # exports to the job's export_dir at the end
             print(f"[zoo] trained {stage} head: {summary}")
+    for stage in ("hidden_transfer", "firp"):
+        if stage in cmd.stages:
+            from harness.train.hidden_transfer import run_transfer_training  # noqa: PLC0415
+
+            job = getattr(cmd, stage)
+            job.out_dir = job.out_dir or str(root / job.preset)
+            _restart_if_base_changed(Path(job.out_dir), job.base)
+            _res, summary = run_transfer_training(job)  # exports to the job's export_dir at the end
+            print(f"[zoo] trained {job.preset} maps: {summary}")
     if zoo.exists():
         write_zoo_index(zoo)
     return 0

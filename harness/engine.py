@@ -10,8 +10,9 @@ custom attention mask is passed as the 4-D float mask transformers accepts
 position ids, which is how trees and SPACE chunks are verified in one forward.
 Sliding-window layers get the window added to that mask (one mask per layer type), and
 their cache keeps every entry so it can roll back (see ``KVCache``, ``_attention_mask``).
-A ``LayerSkip`` forward (self-speculation, ``swift``) leaves sublayers out by calling the
-model's own modules one by one (``_skip_forward``), Llama-family decoders only.
+A ``LayerSkip`` forward (self-speculation, ``swift``) leaves sublayers out, and an ``Injection``
+forward (``hidden-transfer``, ``firp``) adds rows of hidden states at one decoder layer; both call
+the model's own modules one by one (``_layerwise_forward``), Llama-family decoders only.
 
 Timing: between ``start_timing()`` and ``stop_timing()`` every forward's duration is
 recorded without synchronising the device inside a generation (``ForwardTimer``: the
@@ -26,7 +27,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, DynamicCache
@@ -46,6 +47,7 @@ class ModelLoadError(Exception):
 class ForwardOutput:
     logits: torch.Tensor  # [new_tokens, vocab], float32
     hidden: Optional[torch.Tensor] = None  # [new_tokens, hidden] last hidden state, if asked
+    injected: Optional[torch.Tensor] = None  # [rows, vocab] logits of an Injection's rows, if one was given
 
 
 @dataclass(frozen=True)
@@ -63,6 +65,25 @@ class LayerSkip:
 
     def __len__(self) -> int:
         return len(self.attn) + len(self.mlp)
+
+
+@dataclass(frozen=True)
+class Injection:
+    """Rows of hidden states that join a forward at one decoder layer (Hidden Transfer, FIRP).
+
+    The forward's tokens run through every layer as usual. Entering decoder layer ``layer``,
+    ``make`` turns their hidden states there (``[new, hidden]``, what that layer reads) into
+    ``m`` extra rows, which then run through layers ``layer``.. beside the tokens, attend as
+    ``mask`` says, and come out through the final norm and the LM head as
+    ``ForwardOutput.injected``. The tokens never see the rows. The rows' keys and values are
+    appended to the cache of those layers only, so the cache is ragged afterwards:
+    ``KVCache.truncate`` or ``keep`` down to at most the tokens' entries before the next forward.
+    """
+
+    layer: int  # first decoder layer (0-based) the rows pass through; 1 <= layer < number of layers
+    make: Callable[[torch.Tensor], torch.Tensor]  # tokens' hidden states entering `layer` [new, H] -> rows [m, H]
+    positions: torch.Tensor  # [m] position id of each row
+    mask: torch.Tensor  # bool [m, past + new + m]: row may attend to column (cache, tokens, rows)
 
 
 # model_type of the decoders whose layers are ``h += attn(norm(h)); h += mlp(norm(h))`` and whose
@@ -92,15 +113,13 @@ class KVCache:
         return self.inner.get_seq_length()
 
     def truncate(self, length: int) -> None:
-        extra = len(self) - length
-        if extra < 0:
+        if len(self) < length:
             raise ValueError(f"cannot truncate a cache of {len(self)} entries to {length}")
-        if extra > 0:
-            # per layer, to an absolute length: after a LayerSkip forward the layers differ
-            for layer in self.inner.layers:
-                surplus = layer.get_seq_length() - length
-                if surplus > 0:
-                    layer.crop(-surplus)
+        # per layer, to an absolute length: after a LayerSkip or Injection forward the layers differ
+        for layer in self.inner.layers:
+            surplus = layer.get_seq_length() - length
+            if surplus > 0:
+                layer.crop(-surplus)
 
     @torch.inference_mode()
     def keep(self, indices: list[int] | torch.Tensor) -> None:
@@ -348,6 +367,7 @@ class Engine:
         keep_last: int = 0,
         skip: Optional[LayerSkip] = None,
         hidden_all: bool = False,
+        inject: Optional[Injection] = None,
     ) -> ForwardOutput:
         """Run ``ids`` after the ``len(cache)`` cached entries and append them to the cache.
 
@@ -361,6 +381,7 @@ class Engine:
         skip: leave these sublayers out (see ``LayerSkip``; eager Llama-family models only).
         hidden_all: the hidden state of every new token even when fewer logits are kept (EAGLE's
             prefill: its head reads the whole prompt's features).
+        inject: rows added at one decoder layer (see ``Injection``; eager Llama-family models only).
         """
         ids_t = torch.as_tensor(ids, dtype=torch.long, device=self.device).view(1, -1)
         past = len(cache)
@@ -369,24 +390,24 @@ class Engine:
             pos_t = torch.arange(past, past + new, device=self.device).view(1, -1)
         else:
             pos_t = torch.as_tensor(positions, dtype=torch.long, device=self.device).view(1, -1)
-        if skip is not None:
-            self.check_skip(skip)
+        layerwise = skip is not None or inject is not None
+        if layerwise:
+            self.check_layerwise(skip or LayerSkip(), inject.layer if inject is not None else None)
             if mask is None:  # the model's own causal mask is not built on this path
                 mask = torch.ones((new, past + new), dtype=torch.bool).tril(past)
-        attn = None
-        if mask is not None:
-            if tuple(mask.shape) != (new, past + new):
-                raise ValueError(f"mask must be [{new}, {past + new}], got {list(mask.shape)}")
-            attn = self._attention_mask(mask.to(self.device), pos_t[0], past)
+        if mask is not None and tuple(mask.shape) != (new, past + new):
+            raise ValueError(f"mask must be [{new}, {past + new}], got {list(mask.shape)}")
         self.forwards += 1
         timer = self.timer
         start = timer.begin() if timer is not None else None
         keep = 1 if last_only else keep_last
-        if skip is not None:
+        if layerwise:
             if not isinstance(hidden, bool) or hidden_all:
-                raise ValueError("layer skipping returns the last hidden state of the kept rows only")
-            out = self._skip_forward(ids_t, pos_t, attn, cache, skip, hidden, keep)
+                raise ValueError("layer skipping and injected rows return the last hidden state of the kept rows only")
+            out = self._layerwise_forward(ids_t, pos_t, mask.to(self.device), past, cache, skip or LayerSkip(),
+                                          inject, hidden, keep)  # fmt: skip
         else:
+            attn = self._attention_mask(mask.to(self.device), pos_t[0], past) if mask is not None else None
             out = self._forward(ids_t, pos_t, attn, cache, hidden, keep, hidden_all)
         if timer is not None:
             timer.end(start, new)
@@ -468,41 +489,74 @@ class Engine:
         h = caught[-1][0]
         return ForwardOutput(logits=logits, hidden=h[-keep:] if keep and not hidden_all else h)
 
-    def check_skip(self, skip: LayerSkip) -> None:
-        """ValueError (one line: what and what to do) unless this engine can run ``skip``."""
+    def check_layerwise(self, skip: LayerSkip, inject_layer: Optional[int] = None) -> None:
+        """ValueError (one line: what and what to do) unless this engine can run ``skip`` and rows
+        injected at decoder layer ``inject_layer`` (None: none)."""
         kind = getattr(self.config.get_text_config(), "model_type", "?")
+        what = "layer skipping" if inject_layer is None else "injected hidden states"
         if kind not in SKIPPABLE:
-            raise ValueError(f"layer skipping supports {', '.join(SKIPPABLE)} models, not '{kind}'; "
+            raise ValueError(f"{what} supports {', '.join(SKIPPABLE)} models, not '{kind}'; "
                              "run another method on this model")  # fmt: skip
         if self.compiled is not None:
-            raise ValueError("layer skipping runs eager forwards only; set model.compile=false")
+            raise ValueError(f"{what} runs eager forwards only; set model.compile=false")
         layers = self.config.get_text_config().num_hidden_layers
         if any(not 0 <= i < layers for i in skip.attn | skip.mlp):
             raise ValueError(f"skipped layers {sorted(skip.attn | skip.mlp)} outside the model's 0..{layers - 1}")
+        if inject_layer is not None and not 1 <= inject_layer < layers:
+            raise ValueError(f"rows can join at decoder layer 1..{layers - 1} of this model, not {inject_layer}")
 
-    def _skip_forward(self, ids_t, pos_t, attn, cache: KVCache, skip: LayerSkip, hidden: bool, keep: int):
-        """The model's forward with some sublayers left out, run by calling its own modules:
-        embedding, then per decoder layer ``h += self_attn(input_layernorm(h))`` and
-        ``h += mlp(post_attention_layernorm(h))`` unless skipped, final norm, head. ``attn`` is
-        always a custom mask here (one per layer type when the model has several)."""
+    def injected_forward(self, ids: list[int] | torch.Tensor, inject: Injection) -> ForwardOutput:
+        """The tokens ``ids`` (causal, no cache) with ``inject``'s rows, autograd on: training
+        what makes the rows (the model's own weights stay as they are). Logits of every token."""
+        ids_t = torch.as_tensor(ids, dtype=torch.long, device=self.device).view(1, -1)
+        new = ids_t.shape[1]
+        self.check_layerwise(LayerSkip(), inject.layer)
+        causal = torch.ones((new, new), dtype=torch.bool, device=self.device).tril()
+        pos_t = torch.arange(new, device=self.device).view(1, -1)
+        return self._layerwise_forward(ids_t, pos_t, causal, 0, None, LayerSkip(), inject, False, 0)
+
+    def _layerwise_forward(self, ids_t, pos_t, allowed: torch.Tensor, past: int, cache: Optional[KVCache],
+                           skip: LayerSkip, inject: Optional[Injection], hidden: bool, keep: int) -> ForwardOutput:  # fmt: skip
+        """The model's forward run by calling its own modules: embedding, then per decoder layer
+        ``h += self_attn(input_layernorm(h))`` and ``h += mlp(post_attention_layernorm(h))`` unless
+        ``skip`` leaves them out, final norm, head. Entering layer ``inject.layer`` the injected rows
+        are appended to ``h`` (their positions and mask rows with them). ``allowed`` is the tokens'
+        boolean mask ``[new, past + new]``; ``cache`` None runs without one."""
         decoder = self.model.get_decoder()
+        new = ids_t.shape[1]
         h = decoder.embed_tokens(ids_t)
+        attn = self._attention_mask(allowed, pos_t[0], past)
         rotary = decoder.rotary_emb(h, pos_t)
         for i, layer in enumerate(decoder.layers[: self.config.get_text_config().num_hidden_layers]):
+            if inject is not None and i == inject.layer:
+                rows = inject.make(h[0]).to(h.dtype)
+                m = rows.shape[0]
+                if tuple(inject.mask.shape) != (m, past + new + m) or inject.positions.numel() != m:
+                    raise ValueError(f"{m} injected rows need positions [{m}] and a mask [{m}, {past + new + m}], got "
+                                     f"{list(inject.positions.shape)} and {list(inject.mask.shape)}")  # fmt: skip
+                h = torch.cat((h, rows.unsqueeze(0)), dim=1)
+                pos_t = torch.cat((pos_t, inject.positions.to(pos_t.device).view(1, -1)), dim=1)
+                hidden_from_rows = torch.zeros((new, m), dtype=torch.bool, device=allowed.device)
+                allowed = torch.cat((torch.cat((allowed, hidden_from_rows), dim=1), inject.mask.to(allowed.device)))
+                attn = self._attention_mask(allowed, pos_t[0], past)
+                rotary = decoder.rotary_emb(h, pos_t)
             if i not in skip.attn:
                 layer_mask = attn[self.layer_types[i]] if isinstance(attn, dict) else attn
                 out, _ = layer.self_attn(
                     hidden_states=layer.input_layernorm(h), attention_mask=layer_mask, position_ids=pos_t,
-                    cache=cache.inner, use_cache=True, position_embeddings=rotary,
+                    cache=cache.inner if cache is not None else None, use_cache=cache is not None,
+                    position_embeddings=rotary,
                 )  # fmt: skip
                 h = h + out
             if i not in skip.mlp:
                 h = h + layer.mlp(layer.post_attention_layernorm(h))
         h = decoder.norm(h)[0]
+        head = self.model.get_output_embeddings()
+        injected = head(h[new:]).float() if inject is not None else None
+        h = h[:new]
         if keep:
             h = h[-keep:]
-        logits = self.model.get_output_embeddings()(h).float()
-        return ForwardOutput(logits=logits, hidden=h if hidden else None)
+        return ForwardOutput(logits=head(h).float(), hidden=h if hidden else None, injected=injected)
 
     # ---- timing (the runner's) ---------------------------------------------------------------
     def start_timing(self) -> None:

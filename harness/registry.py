@@ -108,6 +108,8 @@ METHODS.add("recycling", "methods.recycling:Recycling")
 METHODS.add("rest", "methods.rest:Rest")
 METHODS.add("suffix", "methods.suffix:Suffix")
 METHODS.add("speculative-tree", "methods.speculative_tree:SpeculativeTree")
+METHODS.add("hidden-transfer", "methods.hidden_transfer:HiddenTransfer")
+METHODS.add("firp", "methods.hidden_transfer:Firp")
 
 # --- tasks: one file each under tasks/ ---
 TASKS.add("humaneval", "tasks.humaneval:HumanEval")

@@ -119,6 +119,13 @@ def build_tree(choices: Choices, device: str = "cpu") -> MedusaTree:
     return MedusaTree(tuple(nodes), tree_shape(parents, device), gather, top_k)
 
 
+def node_tokens(tree: MedusaTree, root: int, logits: torch.Tensor) -> torch.Tensor:
+    """Token of every node of ``tree``: the root, then for the node of choice (r_1..r_d) the
+    r_d-th best token of ``logits[d - 1]`` ([depths, vocab], one row per depth)."""
+    top = torch.topk(logits[: tree.max_depth], tree.top_k, dim=-1).indices.flatten()
+    return torch.cat((top.new_tensor([root]), top[tree.gather]))
+
+
 class Medusa(Method):
     config_class = MedusaConfig
     needs = (MEDUSA_HEADS,)
@@ -177,10 +184,7 @@ class Medusa(Method):
     # ---- the phases of a step --------------------------------------------------------
     def candidates(self, root: int, hidden: torch.Tensor) -> torch.Tensor:
         """Token of every tree node: [root, then heads' top-k picked by (depth, rank)]."""
-        tree = self.tree
-        logits = self.heads(hidden)[:, -1]  # [K, V]
-        top = torch.topk(logits[: tree.max_depth], tree.top_k, dim=-1).indices.flatten()
-        return torch.cat((top.new_tensor([root]), top[tree.gather]))
+        return node_tokens(self.tree, root, self.heads(hidden)[:, -1])
 
     def typical(self, tree: DraftTree, shape: TreeShape, logits: torch.Tensor, gen) -> tuple[list[int], list[int]]:
         """Upstream's typical acceptance (lossy): accept a node when its probability under

@@ -26,6 +26,11 @@ One step:
   4. the draft cache keeps the prefix and the accepted nodes it was fed (``KVCache.keep``):
      every accepted node but possibly the last had children, so was fed.
 
+LLMCad's option (``confidence`` > 0): step 2 stops going deeper as soon as no node of the depth
+just drafted has a path probability under the draft (temperature 1) of at least ``confidence``, so
+the target verifies early where the draft is unsure and late where it is sure (LLMCad also
+overlaps drafting with verifying, which one CPU thread cannot: not done here).
+
 The tree never goes deeper than the tokens still allowed (``TreeVerifier.room``), so no step
 uses a position past prompt + max_new_tokens.
 
@@ -42,6 +47,7 @@ when p is spread out (p(c) instead of min(1, p(c)/q(c))).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -67,6 +73,11 @@ class SpeculativeTreeConfig(MethodConfig):
     # < 1 favours depth. Of 1, 0.5, 0.3, 0.15 on 8 HumanEval tuning problems (zoo, greedy), 0.5 was best at
     # 3-4 draft tokens and within 0.03 accepted tokens of the best (0.3) at 6
     score_temperature: float = 0.5
+    # LLMCad's confidence-driven verification (Xu et al. 2023): drafting goes one depth deeper only while
+    # the best node of the last depth has a path probability under the draft (temperature 1) of at least
+    # this, then the target verifies; 0 = off (always as deep as `branching`). The tree is still the best
+    # `max_nodes` drafted nodes
+    confidence: float = 0.0
 
 
 class SpeculativeTreeError(ValueError):
@@ -96,6 +107,8 @@ class SpeculativeTree(DraftModelMethod):
             raise SpeculativeTreeError(f"method.{cfg.name}.max_nodes must be >= 1, got {cfg.max_nodes}")
         if cfg.score_temperature <= 0:
             raise SpeculativeTreeError(f"method.{cfg.name}.score_temperature must be > 0, got {cfg.score_temperature}")
+        if not 0 <= cfg.confidence < 1:
+            raise SpeculativeTreeError(f"method.{cfg.name}.confidence must be in [0, 1) (0 = off), got {cfg.confidence}")
         super().__init__(cfg, engine, sampling, draft)
         self.branching = [int(b) for b in cfg.branching]
 
@@ -119,7 +132,7 @@ class SpeculativeTree(DraftModelMethod):
             if drafted.fed:
                 kept = [drafted.base + drafted.fed[n] for n in step.nodes[1:] if n in drafted.fed]
                 cache.keep(list(range(drafted.base)) + kept)
-        extra = {"branching": list(self.branching), "max_nodes": self.cfg.max_nodes}
+        extra = {"branching": list(self.branching), "max_nodes": self.cfg.max_nodes, "confidence": self.cfg.confidence}
         return verifier.result(draft_forwards=forwards, extra=extra), cache
 
     def draft_tree(self, cache: KVCache, seq: list[int], room: int) -> DraftedTree:
@@ -129,6 +142,8 @@ class SpeculativeTree(DraftModelMethod):
         if depth_limit <= 0:
             return DraftedTree(DraftTree([root], (-1,)), len(cache), {}, 0)
         tokens, parents, score = [root], [-1], [0.0]  # score: the draft's log-probability of the node's path
+        sure = [0.0]  # the same at temperature 1 (LLMCad's confidence)
+        floor = math.log(self.cfg.confidence) if self.cfg.confidence > 0 else -math.inf
         # 1. catch up: the last row is the draft's distribution after the root
         logits = self.draft.forward(seq[len(cache) :], cache, last_only=True).logits
         forwards, base = 1, len(cache)
@@ -139,16 +154,18 @@ class SpeculativeTree(DraftModelMethod):
             # 2a. the frontier's top-k children, scored by their path's draft log-probability
             scores = torch.log_softmax(logits.float() / self.cfg.score_temperature, dim=-1)
             logp, kids = scores.topk(self.branching[d], dim=-1)
-            host = torch.stack((kids.double(), logp.double())).tolist()  # one transfer per depth (ids exact)
+            raw = torch.log_softmax(logits.float(), dim=-1).gather(-1, kids)
+            host = torch.stack((kids.double(), logp.double(), raw.double())).tolist()  # one transfer per depth (ids exact)
             level = []
             for row, node in enumerate(frontier):
-                for token, lp in zip(host[0][row], host[1][row]):
+                for token, lp, rp in zip(host[0][row], host[1][row], host[2][row]):
                     level.append(len(tokens))
                     tokens.append(int(token))
                     parents.append(node)
                     score.append(score[node] + lp)
-            if d + 1 == depth_limit:
-                break
+                    sure.append(sure[node] + rp)
+            if d + 1 == depth_limit or max(sure[n] for n in level) < floor:
+                break  # as deep as allowed, or the draft is no longer confident: the target verifies
             # 2b. the new nodes still among the best `budget` get children: one draft forward
             best = set(_best(score, budget))
             frontier = [n for n in level if n in best]

@@ -105,7 +105,7 @@ class Swift(Method):
             raise ValueError(f"need 1 <= search_random <= search_budget, got {cfg.search_random} and {cfg.search_budget}")
         if cfg.search_window < 1 or cfg.max_draft < 1:
             raise ValueError(f"search_window and max_draft must be >= 1, got {cfg.search_window} and {cfg.max_draft}")
-        engine.check_skip(as_skip(frozenset(self.units[: self.skip_count])))  # refuse other families now
+        engine.check_layerwise(as_skip(frozenset(self.units[: self.skip_count])))  # refuse other families now
         self.drafter = engine.sibling()  # the same model; its forwards are timed as draft forwards
 
     def draft_engines(self) -> list[Engine]:

@@ -35,7 +35,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from harness.config import SamplingConfig
-from harness.engine import Engine, ForwardOutput
+from harness.engine import Engine, ForwardOutput, Injection
 from methods.base import Generation, StopRule, probabilities
 from methods.verifier import Verifier, mean
 
@@ -165,21 +165,25 @@ class TreeVerifier(Verifier):
         self.hidden = hidden  # also return the target's hidden states (heads that read them)
         self.tree_sizes: list[int] = []  # nodes per verified tree, root included
 
-    def prefill(self) -> ForwardOutput:
-        """Run the prompt; its last row gives the first token (and the heads' first input)."""
-        res = self.engine.forward(self.seq, self.cache, hidden=self.hidden, last_only=True)
+    def prefill(self, inject: Optional[Injection] = None) -> ForwardOutput:
+        """Run the prompt; its last row gives the first token (and the heads' first input).
+        ``inject``: rows that join the forward (``Engine.forward``), never kept in the cache."""
+        res = self.engine.forward(self.seq, self.cache, hidden=self.hidden, last_only=True, inject=inject)
+        if inject is not None:
+            self.cache.truncate(len(self.seq))  # drop the rows' entries (upper layers only)
         self.first_token(res.logits[-1])
         return res
 
-    def verify(self, tree: DraftTree, accept: Optional[Acceptance] = None) -> TreeStep:
+    def verify(self, tree: DraftTree, accept: Optional[Acceptance] = None, inject: Optional[Injection] = None) -> TreeStep:
         """One target forward over ``tree``; commits the accepted path and one target token,
         keeps prefix + accepted nodes in the cache. ``accept`` replaces the lossless rules
-        (a method's own lossy mode, e.g. Medusa's typical acceptance)."""
+        (a method's own lossy mode, e.g. Medusa's typical acceptance). ``inject``: rows that
+        join the forward (built for this cache length and tree; never kept in the cache)."""
         shape = tree_shape(tuple(tree.parents), str(self.engine.device))
         past = len(self.cache)
         prefix = torch.ones(shape.size, past, dtype=torch.bool, device=shape.mask.device)
         res = self.engine.forward(tree.tokens, self.cache, positions=shape.depth + past,
-                                  mask=torch.cat((prefix, shape.mask), dim=1), hidden=self.hidden)  # fmt: skip
+                                  mask=torch.cat((prefix, shape.mask), dim=1), hidden=self.hidden, inject=inject)  # fmt: skip
         return self.accept(tree, res, accept=accept)
 
     def accept(self, tree: DraftTree, output: ForwardOutput, rows: Optional[Sequence[int]] = None,

@@ -12,6 +12,7 @@ runner refuses such a run before it starts.
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 
 import pytest
 import torch
@@ -29,12 +30,14 @@ from transformers import (
 
 from harness.config import SamplingConfig
 from harness.drafters.eagle import EagleHead, EagleHeadConfig
-from harness.engine import Engine
+from harness.drafters.transfer import TransferConfig, TransferLayers
+from harness.engine import SKIPPABLE, Engine
 from harness.runner import HarnessError, check_length
 from methods.autoregressive import Autoregressive, AutoregressiveConfig
 from methods.base import StopRule
 from methods.eagle import Eagle, EagleConfig
 from methods.eagle3 import Eagle3, Eagle3Config
+from methods.hidden_transfer import Firp, FirpConfig, HiddenTransfer, HiddenTransferConfig
 from methods.medusa import Medusa, MedusaConfig
 from methods.medusa_heads import MedusaHeads, MedusaHeadsConfig
 from methods.prompt_lookup import PromptLookup, PromptLookupConfig
@@ -86,6 +89,16 @@ def random_eagle_head(engine: Engine, version: int, draft_vocab: int = 48) -> Ea
     return head
 
 
+def random_transfer(engine: Engine, attend_rows: bool) -> TransferLayers:
+    """Random transfer maps (3 rows, joining at decoder layer 1) for this family's hidden size."""
+    torch.manual_seed(0)
+    layers = TransferLayers(TransferConfig(layer=1, k=3, attend_rows=attend_rows, hidden_size=engine.config.hidden_size))
+    with torch.no_grad():
+        for p in layers.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    return layers.eval()
+
+
 def outputs(engine: Engine, draft: Engine) -> dict[str, list[int]]:
     stop = StopRule(N)
     tree_config = SpeculativeTreeConfig(branching=[3, 2, 2, 1], max_nodes=8)
@@ -101,7 +114,12 @@ def outputs(engine: Engine, draft: Engine) -> dict[str, list[int]]:
         "recycling": Recycling(RecyclingConfig(tree="large"), engine, GREEDY),
         "speculative-tree": SpeculativeTree(tree_config, engine, GREEDY, draft=draft),  # the other random model
         "speculative-tree (self-draft)": SpeculativeTree(tree_config, engine, GREEDY, draft=engine),  # always right
+        "speculative-tree (LLMCad)": SpeculativeTree(replace(tree_config, confidence=0.3), engine, GREEDY, draft=draft),
     }
+    if engine.config.model_type in SKIPPABLE:  # the families whose layers the engine can run one by one
+        methods["hidden-transfer"] = HiddenTransfer(HiddenTransferConfig(tree="small"), engine, GREEDY,
+                                                    transfer=random_transfer(engine, False))  # fmt: skip
+        methods["firp"] = Firp(FirpConfig(tree="small"), engine, GREEDY, transfer=random_transfer(engine, True))
     return {name: m.generate(PROMPT, stop).tokens for name, m in methods.items()}
 
 

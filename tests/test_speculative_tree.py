@@ -168,6 +168,44 @@ def test_the_tree_is_the_best_scored_nodes(engine):
     assert len(first.tokens) - 1 - len(depth1) > 0  # and deeper nodes where they score higher
 
 
+@pytest.mark.parametrize("confidence", [0.0, 0.2, 0.6])
+def test_llmcad_confidence_stops_drafting_where_the_draft_is_unsure(engine, confidence):
+    """The target as its own draft (every drafted token is accepted), a chain up to 6 deep: each
+    step drafts until the path probability of its tokens under the draft falls below
+    ``confidence`` (that depth still drafted), so it commits that depth + 1 tokens."""
+    import math
+
+    prompt = PROMPTS[0]
+    ref = prompt + autoregressive(engine, prompt)
+    top = torch.softmax(engine.forward(ref, engine.new_cache()).logits, dim=-1).max(dim=-1).values.tolist()
+    expected, length = [1], len(prompt) + 1  # the prefill commits one token
+    while length < len(ref):
+        room = min(6, len(ref) - length - 1)
+        depth, logp = 0, 0.0
+        while depth < room:
+            logp += math.log(top[length - 1 + depth])
+            depth += 1
+            if confidence and logp < math.log(confidence):
+                break
+        expected.append(depth + 1)
+        length += depth + 1
+    gen = tree_method(engine, engine, branching=[1] * 6, max_nodes=6, confidence=confidence).generate(prompt, StopRule(N))
+    assert gen.tokens == ref[len(prompt) :]
+    assert gen.accepted_per_step == expected and gen.extra["confidence"] == confidence
+    if confidence == 0.6:
+        assert min(expected[1:-1]) < 7  # the threshold did stop some steps early
+
+
+def test_llmcad_confidence_with_an_independent_draft_equals_autoregressive(engine, tokenizer):
+    other = Engine.from_model(tiny_model(len(tokenizer), seed=1), tokenizer)
+    for prompt in PROMPTS:
+        for confidence in (0.05, 0.5):
+            method = tree_method(engine, other, branching=[2, 2, 1, 1, 1, 1], max_nodes=8, confidence=confidence)
+            gen, cache = method.decode(prompt, StopRule(N))
+            assert gen.tokens == autoregressive(engine, prompt)
+            check_cache(other, cache, (prompt + gen.tokens)[: len(cache)])
+
+
 # ---- stops and limits ----------------------------------------------------------------------------------
 def test_stops_inside_an_accepted_path(engine):
     prompt = PROMPTS[2]
@@ -205,6 +243,8 @@ def test_bad_settings_are_refused(engine):
         tree_method(engine, engine, max_nodes=0)
     with pytest.raises(SpeculativeTreeError, match="score_temperature must be > 0"):
         tree_method(engine, engine, score_temperature=0)
+    with pytest.raises(SpeculativeTreeError, match=r"confidence must be in \[0, 1\) \(0 = off\), got 1.5"):
+        tree_method(engine, engine, confidence=1.5)
 
 
 # ---- sampling ----------------------------------------------------------------------------------------

@@ -61,6 +61,9 @@ def test_zoo_method_equals_greedy(engines, prompts, name, model, options):
 SECOND_WAVE = [
     ("eagle", {}), ("eagle2", {}), ("eagle3", {}), ("speculative-tree", {"draft": str(ZOO_DIR / "draft")}),
     ("swift", {}), ("lookahead", {}), ("reference-lookup", {}), ("rest", {}), ("suffix", {}), ("recycling", {}),
+    ("hidden-transfer", {"tree": "small"}), ("firp", {"tree": "small"}),
+    ("speculative-tree", {"draft": str(ZOO_DIR / "draft"), "branching": [4, 2, 2, 1, 1, 1, 1, 1], "max_nodes": 8,
+                          "confidence": 0.4}),  # LLMCad's option
 ]  # fmt: skip
 
 

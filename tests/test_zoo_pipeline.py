@@ -329,6 +329,9 @@ def test_cli_zoo_build_micro(tmp_path):
         "draft_top1.progress=false",
         "medusa_greedy.max_steps=2", "medusa_greedy.max_minutes=0", "medusa_greedy.batch_size=2", "medusa_greedy.seq_len=32",
         "medusa_greedy.eval_tokens=200", "medusa_greedy.progress=false",
+        *(f"{v}.{k}" for v in ("hidden_transfer", "firp")
+          for k in ("max_steps=2", "batch_size=2", "seq_len=32", "layer=1", "k=2", "anchors=4", "eval_problems=1",
+                    "eval_tokens=4", "progress=false")),
     ]
     assert cli_zoo.main(args) == 0
     # zoo/draft: the draft distilled from the target (draft_distill, then draft_top1); zoo/target: the unlikelihood fine-tune
@@ -361,6 +364,10 @@ def test_cli_zoo_build_micro(tmp_path):
     assert "greedy self-distilled continuations only" in medusa_card and "results/drafter-figures.json" in medusa_card
     for head in ("target-eagle", "target-eagle3"):  # the EAGLE heads of that target
         assert json.loads((tmp_path / "zoo" / head / "training.json").read_text())["step"] == 2
+    for maps, attend_rows in (("target-hidden-transfer", False), ("target-firp", True)):  # Hidden Transfer, FIRP
+        maps_info = json.loads((tmp_path / "zoo" / maps / "training.json").read_text())
+        assert maps_info["step"] == 2 and maps_info["transfer"]["attend_rows"] is attend_rows
+        assert maps_info["data"]["source"] == "selfdistill" and maps_info["heldout_acceptance"]["problems"] == 1
     sd = json.loads((tmp_path / "cache" / "zoo-data" / "selfdistill" / "target" / "manifest.json").read_text())
     assert sd["prompts"] == 4 and sd["model"] == str(tmp_path / "zoo" / "target")
     space_cfg = json.loads((tmp_path / "zoo" / "target-space" / "config.json").read_text())

@@ -199,7 +199,5 @@ def run_draft_distill(cfg: DraftDistillConfig, log: Callable[[str], None] | None
     loop = TrainLoopConfig(**{k: getattr(cfg, k) for k in TrainLoopConfig.__dataclass_fields__})
     result = train(model, distill_loss_fn(cfg.prompt_weight, teacher, cfg.loss), batches, loop, Path(cfg.out_dir), extra_state=extra,
                    desc=f"train {name}", log=log)  # fmt: skip
-    summary: dict[str, Any] = {"step": result.step, "tokens": result.tokens, "epochs": round(batches.epochs_done, 3),
-                               "elapsed_min": round(result.elapsed_s / 60, 2), "finished": result.finished,
-                               "last_loss": result.last_loss}  # fmt: skip
+    summary = result.summary(batches.epochs_done)
     return result, summary

@@ -272,9 +272,7 @@ def run_eagle_training(cfg: EagleTrainConfig, log: Callable[[str], None] | None 
     loop = TrainLoopConfig(**{k: getattr(cfg, k) for k in TrainLoopConfig.__dataclass_fields__})
     result = train(head, eagle_loss_fn(base, cfg), data.batches, loop, out_dir, extra_state=extra,
                    desc=f"train eagle{'' if cfg.version == 1 else '3'}", log=log)  # fmt: skip
-    summary: dict[str, Any] = {"step": result.step, "tokens": result.tokens, "epochs": round(data.batches.epochs_done, 3),
-                               "elapsed_min": round(result.elapsed_s / 60, 2), "finished": result.finished,
-                               "last_loss": result.last_loss}  # fmt: skip
+    summary = result.summary(data.batches.epochs_done)
     if result.finished and cfg.export_at_end:
         summary["export"] = export_eagle(cfg, base=base, log=log)
     return result, summary

@@ -96,6 +96,11 @@ class TrainResult:
     resumed_from: int  # step the run started at (0 = fresh)
     history: list = field(default_factory=list)  # (step, loss, elapsed_s, tokens) samples
 
+    def summary(self, epochs: float) -> dict[str, Any]:
+        """What a trainer prints when it stops (``epochs``: of its data, from the batches)."""
+        return {"step": self.step, "tokens": self.tokens, "epochs": round(epochs, 3),
+                "elapsed_min": round(self.elapsed_s / 60, 2), "finished": self.finished, "last_loss": self.last_loss}  # fmt: skip
+
 
 def lr_multiplier(step: int, warmup: int, planned: int, min_ratio: float) -> float:
     """Linear warm-up to 1, then cosine to ``min_ratio`` at ``planned`` steps."""
@@ -150,6 +155,14 @@ def load_checkpoint(out_dir: str | os.PathLike) -> dict | None:
     if not p.exists():
         return None
     return torch.load(p, map_location="cpu", weights_only=False)
+
+
+def require_checkpoint(out_dir: str | os.PathLike, what: str) -> dict:
+    """The checkpoint in ``out_dir`` (an export needs one); FileNotFoundError naming the fix otherwise."""
+    ckpt = load_checkpoint(out_dir)
+    if ckpt is None:
+        raise FileNotFoundError(f"no {what} checkpoint in {out_dir}: run the training first")
+    return ckpt
 
 
 def run_record(ckpt: dict) -> dict[str, Any]:

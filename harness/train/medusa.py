@@ -54,7 +54,7 @@ from harness.paths import resolve_repo_path, write_component
 from harness.train.data import as_padded, check_data_choice, data_spec, load_training_data, tokens_dir
 from harness.train.distill import check_loss, per_token_loss
 from harness.train.lm import default_cache_dir
-from harness.train.loop import TrainLoopConfig, TrainResult, load_checkpoint, run_record, train
+from harness.train.loop import TrainLoopConfig, TrainResult, load_checkpoint, require_checkpoint, run_record, train
 from methods.medusa_heads import MedusaHeads, MedusaHeadsConfig, load_heads, save_heads
 
 
@@ -222,9 +222,7 @@ def run_medusa_training(cfg: MedusaTrainConfig, log: Callable[[str], None] | Non
     loop = TrainLoopConfig(**{k: getattr(cfg, k) for k in TrainLoopConfig.__dataclass_fields__})
     result = train(heads, medusa_loss_fn(base, weights, cfg.loss, continuation_only=cfg.greedy_only), batches, loop, out_dir, extra_state=extra,
                    desc="train medusa", log=log)  # fmt: skip
-    summary: dict[str, Any] = {"step": result.step, "tokens": result.tokens, "epochs": round(batches.epochs_done, 3),
-                               "elapsed_min": round(result.elapsed_s / 60, 2), "finished": result.finished,
-                               "last_loss": result.last_loss}  # fmt: skip
+    summary = result.summary(batches.epochs_done)
     if result.finished and cfg.export_at_end:
         summary["export"] = export_medusa(cfg, base=base, log=log)
     return result, summary
@@ -305,9 +303,7 @@ def export_medusa(cfg: MedusaTrainConfig, base: torch.nn.Module | None = None, l
 
     log = log or (lambda s: print(s, file=sys.stderr, flush=True))
     data_dir, out_dir = cache_paths(cfg)
-    ckpt = load_checkpoint(out_dir)
-    if ckpt is None:
-        raise FileNotFoundError(f"no Medusa checkpoint in {out_dir}: run the training first")
+    ckpt = require_checkpoint(out_dir, "Medusa")
     extra = ckpt.get("extra", {})
     base = base if base is not None else load_base(extra.get("base", cfg.base), cfg.device)
     heads = MedusaHeads(MedusaHeadsConfig(**extra["heads"]))

@@ -738,6 +738,11 @@ def write_zoo_index(zoo_dir: Path) -> None:
             desc = (f"EAGLE-{info['version']} draft head (hidden {hc.get('hidden_size')}) for `{info.get('base_model', 'zoo/target')}`, "
                     f"{_fmt_int(info.get('parameters'))} params, {_fmt_int(info.get('training_tokens'))} training tokens, "
                     f"{info.get('wall_time_min')} min")
+        elif info and "transfer" in info:  # Hidden Transfer / FIRP maps
+            t, acc = info["transfer"], info.get("heldout_acceptance", {})
+            desc = (f"{info['preset']} maps ({t['k']} rows at layer {t['layer']}) for `{info['base_model']}`, "
+                    f"{_fmt_int(info.get('parameters'))} params, {info['wall_time_min']} min; held-out chain "
+                    f"acceptance {acc.get('chain_acceptance')}")
         elif info and "k" in info:  # SPACE fine-tune
             ppl = q.get("space", {}).get("heldout", {}).get("ppl", "n/a")
             source = (info.get("data") or {}).get("source", "corpus")
@@ -775,7 +780,7 @@ def write_zoo_index(zoo_dir: Path) -> None:
         "continued on the file + function-level mix (`target_functions`) -> its unlikelihood fine-tune against "
         "its own greedy loops (`target_unlikelihood`; `export.sources` picks which is exported as `target`) -> export -> "
         "quality -> cards -> the target's self-distillation data (`selfdistill`) -> the draft fine-tuned on it "
-        "(`draft_distill`, then `draft_top1` against the target's argmax, each re-exported as `draft`), then the target's Medusa heads, SPACE fine-tune and EAGLE heads; `stages=[...]` runs some of them, `clean=true` drops "
+        "(`draft_distill`, then `draft_top1` against the target's argmax, each re-exported as `draft`), then the target's Medusa heads, SPACE fine-tune, EAGLE heads and Hidden Transfer / FIRP maps; `stages=[...]` runs some of them, `clean=true` drops "
         "cached data and checkpoints first. Every stage resumes from its last checkpoint when re-run. "
         "Intermediate files and checkpoints live in `$HARNESS_CACHE` (default `~/.cache/harness`).",
         "- `harness train lm model=target train.max_steps=8400 train.threads=2` trains (or resumes) one "
