@@ -386,10 +386,23 @@ def cmd_profile(argv: list[str]) -> int:
     return guarded(args.debug, go)
 
 
-def cmd_list() -> int:
-    for title, reg in (("methods", METHODS), ("tasks", TASKS), ("models", MODELS)):
-        print(f"{title}: {', '.join(reg.names())}")
-    return 0
+def cmd_list(argv: list[str]) -> int:
+    from harness.catalogue import KINDS, catalogue
+
+    p = argparse.ArgumentParser(prog="harness list", description="What the registry holds: methods, tasks, models.")
+    p.add_argument("kinds", nargs="*", metavar="KIND", help=f"only these ({', '.join(KINDS)}); naming one shows every setting")
+    p.add_argument("--verbose", "-v", action="store_true", help="every config field and its default")
+    p.add_argument("--debug", action="store_true")
+    args = p.parse_args(argv)
+    kinds = tuple(args.kinds) or KINDS
+
+    def go() -> int:
+        if unknown := [k for k in kinds if k not in KINDS]:
+            raise UnknownName(f"harness list {' '.join(unknown)}: list one of {', '.join(KINDS)} (or nothing for all)")
+        print(catalogue(kinds, verbose=args.verbose or bool(args.kinds)))
+        return 0
+
+    return guarded(args.debug, go)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -402,7 +415,7 @@ def main(argv: list[str] | None = None) -> int:
     if command == "run":
         return cmd_run(rest)
     if command == "list":
-        return cmd_list()
+        return cmd_list(rest)
     if command == "profile":
         return cmd_profile(rest)
     if command == "leaderboard":

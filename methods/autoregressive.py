@@ -19,6 +19,8 @@ class AutoregressiveConfig(MethodConfig):
 
 
 class Autoregressive(Method):
+    """Plain autoregressive decoding, one target forward per token: the baseline every method is measured against."""
+
     config_class = AutoregressiveConfig
 
     def generate(self, prompt_ids: list[int], stop: StopRule, seed: int = 0) -> Generation:

@@ -119,9 +119,13 @@ class Method:
     """Base class. Subclasses set ``config_class`` and implement ``generate``."""
 
     config_class: type[MethodConfig] = MethodConfig
-    # "greedy-lossless": output must equal greedy autoregressive decoding token for token.
-    # "reference": an independent implementation, also compared token for token.
-    family: str = "greedy-lossless"
+    # `harness list` describes a method from these and its class docstring's first sentence:
+    # what a run needs besides the target model ("nothing", "a draft model", "trained Medusa heads", ...)
+    needs: str = "nothing"
+    # the settings under which its output may differ from the target model's ("" = none: lossless)
+    lossy_when: str = ""
+    # config fields shown on its one line (`harness list methods` shows every field)
+    main_settings: tuple[str, ...] = ()
     # True: ``generate`` also takes ``reference_ids``, the sample's reference text tokenised
     # (None when the sample has none); the runner passes it to these methods only
     uses_reference: bool = False

@@ -201,7 +201,11 @@ def load_method_head(path: str, engine: Engine, version: int, method: str) -> Ea
 
 
 class Eagle(Method):
+    """EAGLE: a one-layer draft head over the target's features drafts a static token tree."""
+
     config_class = EagleConfig
+    needs = "a trained EAGLE head"
+    main_settings = ("tree",)
     verifier_class = EagleVerifier  # the shared tree step (a test swaps in a broken one as its negative control)
     head_version = 1  # the head this method reads (EAGLE-1/2 heads: the target's last hidden state)
 

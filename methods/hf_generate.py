@@ -111,8 +111,9 @@ def require_greedy(name: str, sampling: SamplingConfig) -> None:
 
 
 class HFGenerate(Method):
+    """transformers' own `generate` (greedy): an independent reference implementation."""
+
     config_class = HFGenerateConfig
-    family = "reference"
 
     def generate(self, prompt_ids: list[int], stop: StopRule, seed: int = 0) -> Generation:
         require_greedy(self.cfg.name, self.sampling)

@@ -25,7 +25,10 @@ class HFPromptLookupConfig(MethodConfig):
 
 
 class HFPromptLookup(Method):
+    """transformers' prompt lookup decoding (greedy)."""
+
     config_class = HFPromptLookupConfig
+    main_settings = ("prompt_lookup_num_tokens", "max_matching_ngram_size")
 
     def __init__(self, cfg: HFPromptLookupConfig, engine: Engine, sampling: SamplingConfig):
         super().__init__(cfg, engine, sampling)

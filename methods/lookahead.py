@@ -58,8 +58,9 @@ from methods.base import Committer, Generation, Method, StopRule, make_generator
 @dataclass
 class LookaheadConfig(MethodConfig):
     name: str = "lookahead"
+    # (W, N, G): the fastest point on HumanEval's tuning split in results/lookahead-wng.md (make tables-lookahead)
     window: int = 2  # W: columns of the Jacobi window (future positions guessed per level)
-    ngram: int = 3  # N: n-gram size (3: fastest on the tuning split, results/lookahead-wng.md); the window keeps N-1 Jacobi levels and a candidate is N-1 tokens (2: plain Jacobi)
+    ngram: int = 3  # N: n-gram size; the window keeps N-1 Jacobi levels and a candidate is N-1 tokens (2: plain Jacobi)
     candidates: int = 2  # G: pool n-grams verified per step at most; also the pool's capacity per first token (0: none)
     context_pool: bool = True  # also seed the pool with the prompt's n-grams and add the committed output's
 
@@ -190,7 +191,10 @@ class Trie:
 
 # ---- the method ---------------------------------------------------------------------------
 class Lookahead(Method):
+    """Lookahead decoding: Jacobi iterations and n-gram verification in one forward."""
+
     config_class = LookaheadConfig
+    main_settings = ("window", "ngram", "candidates")
 
     def __init__(self, cfg: LookaheadConfig, engine: Engine, sampling: SamplingConfig):
         super().__init__(cfg, engine, sampling)

@@ -59,9 +59,8 @@ ACCEPTANCE = ("greedy", "typical", "rejection")
 class MedusaConfig(MethodConfig):
     name: str = "medusa"
     heads: str = "zoo/target-medusa"  # directory (or weights file) of the heads; ours or upstream's format
-    # chain | small | large (see methods.medusa.TREES; compared on the tuning split by make tables:
-    # results/medusa-trees.md: chain 0.89x, small 0.88x, large 0.71x on 2 Intel Xeon cores, one thread;
-    # chain and small within noise, chain the faster); ignored when `choices` is set
+    # chain | small | large (see methods.medusa.TREES): the fastest on HumanEval's tuning split in
+    # results/medusa-trees.md (make tables-medusa); ignored when `choices` is set
     tree: str = "chain"
     choices: Optional[list[list[int]]] = None  # explicit tree, e.g. [[0],[1],[0,0]]
     acceptance: str = "greedy"  # sampling rule: greedy | rejection (lossless) | typical (lossy); greedy decoding always uses greedy
@@ -120,7 +119,12 @@ def build_tree(choices: Choices, device: str = "cpu") -> MedusaTree:
 
 
 class Medusa(Method):
+    """Medusa: extra decoding heads propose a token tree, one target forward verifies it."""
+
     config_class = MedusaConfig
+    needs = "trained Medusa heads"
+    lossy_when = "acceptance=typical"
+    main_settings = ("tree", "acceptance")
     verifier_class = TreeVerifier  # the shared tree step (a test swaps in a broken one as its negative control)
 
     def __init__(self, cfg: MedusaConfig, engine: Engine, sampling: SamplingConfig, heads: Optional[torch.nn.Module] = None):

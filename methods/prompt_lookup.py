@@ -25,7 +25,10 @@ class PromptLookupConfig(MethodConfig):
 
 
 class PromptLookup(Method):
+    """Prompt lookup: drafts copied from where the context's last n-gram occurred before."""
+
     config_class = PromptLookupConfig
+    main_settings = ("num_tokens", "max_ngram")
 
     def generate(self, prompt_ids: list[int], stop: StopRule, seed: int = 0) -> Generation:
         return self.decode(prompt_ids, stop, seed).result()

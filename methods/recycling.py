@@ -172,7 +172,10 @@ class AdjacencyTable:
 
 
 class Recycling(Method):
+    """Token Recycling: a tree drafted from the candidates earlier target forwards computed."""
+
     config_class = RecyclingConfig
+    main_settings = ("tree", "k")
     verifier_class = TreeVerifier  # the shared tree step (a test swaps in a broken one as its negative control)
 
     def __init__(self, cfg: RecyclingConfig, engine: Engine, sampling: SamplingConfig):

@@ -38,7 +38,10 @@ class ReferenceLookupConfig(MethodConfig):
 
 
 class ReferenceLookup(Method):
+    """Reference lookup (LLMA): drafts copied from a reference text, the sample's when it has one, else the prompt."""
+
     config_class = ReferenceLookupConfig
+    main_settings = ("copy_tokens", "source")
     cfg: ReferenceLookupConfig
     uses_reference = True
 

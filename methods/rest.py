@@ -94,7 +94,11 @@ class RestStats:
 
 
 class Rest(Method):
+    """REST: drafts retrieved from a token datastore, verified as a tree."""
+
     config_class = RestConfig
+    needs = "a datastore (harness datastore build)"
+    main_settings = ("max_nodes", "copy_tokens")
     cfg: RestConfig
     verifier_class = TreeVerifier  # the shared tree step (a test swaps in a broken one as its negative control)
 

@@ -50,7 +50,9 @@ from methods.base import Committer, Generation, Method, StopRule, make_generator
 @dataclass
 class SpaceConfig(MethodConfig):
     name: str = "space"
-    k: Optional[int] = None  # mask tokens per group = candidates per step; None = checkpoint's config.space_k
+    # mask tokens per group = candidates per step (at most the checkpoint's config.space_k); the fastest on
+    # HumanEval's tuning split in results/space-k.md (make tables-space); None = the checkpoint's space_k
+    k: Optional[int] = 1
     mask_id: Optional[int] = None  # the [M] id; None = config.space_mask_token_id, else the tokenizer's mask token
 
 
@@ -143,7 +145,11 @@ def resolve_k_and_mask(cfg: SpaceConfig, engine: Engine) -> tuple[int, int]:
 
 
 class Space(Method):
+    """SPACE: a fine-tuned model fills mask tokens with candidates and verifies earlier ones in the same forward."""
+
     config_class = SpaceConfig
+    needs = "a SPACE fine-tune of the target (--model zoo-space)"
+    main_settings = ("k",)
     # the sampling-mode rule; the one-hot-draft rule keeps the target distribution exactly
     sample_rule: Callable = staticmethod(one_hot_accept)
 

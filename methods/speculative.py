@@ -34,9 +34,9 @@ SCHEDULES = ("constant", "heuristic")
 class SpeculativeConfig(MethodConfig):
     name: str = "speculative"
     draft: Optional[str] = None  # draft model: registry name or hub id / local path; None = the target's `draft`
-    # draft tokens per step (start value under `heuristic`); on the zoo on 2 CPU cores gamma 1 measured fastest on
-    # HumanEval's tuning split (make tables: results/speculative-gamma.md), which make bench passes (GAMMA)
-    gamma: int = 2
+    # draft tokens per step (start value under `heuristic`); the fastest on HumanEval's tuning split in
+    # results/speculative-gamma.md (make tables-gamma; tests/test_defaults.py holds the two together)
+    gamma: int = 1
     schedule: str = "constant"  # constant | heuristic (+2 after a fully accepted block, -1 otherwise)
     max_gamma: int = 16  # upper bound for the heuristic schedule
 
@@ -91,7 +91,11 @@ class DraftModelMethod(Method):
 
 
 class Speculative(DraftModelMethod):
+    """Speculative decoding: a small draft model proposes gamma tokens, one target forward verifies them."""
+
     config_class = SpeculativeConfig
+    needs = "a draft model"
+    main_settings = ("gamma", "schedule")
 
     def __init__(
         self, cfg: SpeculativeConfig, engine: Engine, sampling: SamplingConfig, draft: Optional[Engine] = None

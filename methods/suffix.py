@@ -238,7 +238,10 @@ class SuffixStats:
 
 
 class Suffix(Method):
+    """Suffix decoding: a tree drafted from suffix statistics of the request and of the run's earlier outputs."""
+
     config_class = SuffixConfig
+    main_settings = ("max_depth", "max_spec_factor")
     cfg: SuffixConfig
     verifier_class = TreeVerifier  # the shared tree step (a test swaps in a broken one as its negative control)
 

@@ -89,7 +89,10 @@ def as_skip(units: frozenset[Sublayer]) -> LayerSkip:
 
 
 class Swift(Method):
+    """SWIFT: the target drafts for itself with some sublayers skipped, then verifies with all of them."""
+
     config_class = SwiftConfig
+    main_settings = ("skip_ratio", "max_draft")
 
     def __init__(self, cfg: SwiftConfig, engine: Engine, sampling: SamplingConfig):
         super().__init__(cfg, engine, sampling)
