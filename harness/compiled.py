@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache, StaticCache
 
-from harness.engine import KVCache
+from harness.kvcache import KVCache
 
 # dynamo keeps at most this many graphs per compiled function (all engines of the process
 # share one function): enough for every bucket of a target, its drafts and a cache regrowth

@@ -34,7 +34,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from harness.runner import HarnessError
+from harness.errors import HarnessError
+from harness.paths import default_cache_dir, replace_dir
 
 FORMAT = 1
 TOKENS_FILE, SA_FILE, MANIFEST_FILE = "tokens.npy", "sa.npy", "manifest.json"
@@ -47,8 +48,6 @@ class DatastoreError(HarnessError):
 
 def default_datastore_dir(name: str = "zoo") -> Path:
     """``$HARNESS_CACHE/datastore/<name>`` (``$HARNESS_CACHE`` defaults to ``~/.cache/harness``)."""
-    from harness.train.lm import default_cache_dir  # noqa: PLC0415
-
     return default_cache_dir() / "datastore" / name
 
 
@@ -228,7 +227,6 @@ class Datastore:
 
 def build(tokens: np.ndarray, sources: list[dict], tokenizer: dict, out: Path, log=print) -> Datastore:
     """Suffix array of ``tokens`` and the manifest, written to ``out`` (replacing it)."""
-    from harness.paths import replace_dir  # noqa: PLC0415
 
     arr = np.asarray(tokens, dtype=np.int64)
     if arr.size == 0:

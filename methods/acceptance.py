@@ -23,7 +23,8 @@ import torch
 
 from harness.config import SamplingConfig
 from harness.engine import Engine
-from methods.base import Committer, Generation, StopRule, make_generator, next_token, probabilities
+from harness.stops import Committer, StopRule
+from methods.base import Generation, make_generator, next_token, probabilities
 
 Draft = Sequence[int] | torch.Tensor  # proposed tokens d_1..d_g (a list, or a 1-D tensor on any device)
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from harness.config import MethodConfig
-from methods.base import Committer, Generation, Method, StopRule, make_generator, next_token
+from harness.stops import Committer, StopRule
+from methods.base import Generation, Method, make_generator, next_token
 
 
 @dataclass

@@ -35,7 +35,8 @@ import torch
 from harness.config import MethodConfig, SamplingConfig
 from harness.drafters.eagle import EagleHead, EagleHeadError, HeadCache, load_head
 from harness.engine import Engine, ForwardOutput
-from methods.base import Generation, Method, StopRule, make_generator, next_token, probabilities
+from harness.stops import StopRule
+from methods.base import Generation, Method, make_generator, next_token, probabilities
 from methods.tree import DraftTree, TreeError, TreeVerifier
 
 TREES: dict[str, list[tuple[int, ...]]] = {

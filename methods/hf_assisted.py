@@ -20,7 +20,8 @@ from transformers import GenerationConfig
 
 from harness.config import MethodConfig, SamplingConfig
 from harness.engine import Engine
-from methods.base import Generation, Method, StopRule
+from harness.stops import StopRule
+from methods.base import Generation, Method
 from methods.hf_generate import counting_calls, hf_generate, require_greedy
 from methods.speculative import SpeculativeConfig, load_draft
 

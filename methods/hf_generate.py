@@ -25,7 +25,8 @@ from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaLis
 
 from harness.config import MethodConfig, SamplingConfig
 from harness.engine import Engine
-from methods.base import Committer, Generation, Method, StopRule, StopStrings
+from harness.stops import Committer, StopRule, StopStrings
+from methods.base import Generation, Method
 
 
 @dataclass

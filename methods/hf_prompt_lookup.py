@@ -13,7 +13,8 @@ from dataclasses import dataclass
 
 from harness.config import MethodConfig, SamplingConfig
 from harness.engine import Engine
-from methods.base import Generation, Method, StopRule
+from harness.stops import StopRule
+from methods.base import Generation, Method
 from methods.hf_generate import counting_calls, hf_generate, require_greedy
 
 

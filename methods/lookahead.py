@@ -47,8 +47,10 @@ from typing import Optional
 import torch
 
 from harness.config import MethodConfig, SamplingConfig
-from harness.engine import Engine, KVCache
-from methods.base import Committer, Generation, Method, StopRule, make_generator, next_token, probabilities
+from harness.engine import Engine
+from harness.kvcache import KVCache
+from harness.stops import Committer, StopRule
+from methods.base import Generation, Method, make_generator, next_token, probabilities
 
 
 # Defaults chosen by make tables on HumanEval's tuning split (results/lookahead-wng.md, 20 problems, 2-core

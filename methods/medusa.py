@@ -30,9 +30,11 @@ from typing import Optional
 import torch
 
 from harness.config import MethodConfig, SamplingConfig
-from harness.engine import Engine, KVCache
+from harness.engine import Engine
+from harness.kvcache import KVCache
 from harness.paths import resolve_repo_path
-from methods.base import Generation, Method, StopRule, probabilities
+from harness.stops import StopRule
+from methods.base import Generation, Method, probabilities
 from methods.tree import DraftTree, TreeError, TreeShape, TreeVerifier, tree_shape
 
 Choices = tuple[tuple[int, ...], ...]
@@ -134,7 +136,7 @@ class Medusa(Method):
         if sampling.do_sample and cfg.acceptance == "greedy":
             raise ValueError("method.medusa.acceptance=greedy cannot sample; use rejection (lossless) or typical (lossy)")
         if heads is None:
-            from methods.medusa_heads import load_heads  # noqa: PLC0415
+            from harness.drafters.medusa import load_heads  # noqa: PLC0415
 
             lm_head = engine.model.get_output_embeddings().weight
             heads = load_heads(resolve_repo_path(cfg.heads), hidden_size=lm_head.shape[1], vocab_size=lm_head.shape[0])

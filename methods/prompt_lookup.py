@@ -12,8 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from harness.config import MethodConfig
+from harness.stops import StopRule
 from methods.acceptance import ChainVerifier, NgramIndex
-from methods.base import Generation, Method, StopRule
+from methods.base import Generation, Method
 
 
 @dataclass

@@ -40,7 +40,8 @@ import torch
 
 from harness.config import MethodConfig, SamplingConfig
 from harness.engine import Engine
-from methods.base import Generation, Method, StopRule
+from harness.stops import StopRule
+from methods.base import Generation, Method
 from methods.tree import DraftTree, TreeError, TreeVerifier, tree_shape
 
 Choices = tuple[tuple[int, ...], ...]

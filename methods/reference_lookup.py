@@ -22,8 +22,9 @@ from typing import Optional
 
 from harness.config import MethodConfig, SamplingConfig
 from harness.engine import Engine
+from harness.stops import StopRule
 from methods.acceptance import ChainVerifier, ReferenceIndex
-from methods.base import Generation, Method, StopRule
+from methods.base import Generation, Method
 
 SOURCES = ("auto", "prompt", "sample")
 

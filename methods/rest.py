@@ -32,9 +32,11 @@ from typing import Optional, Sequence
 
 from harness.config import MethodConfig, SamplingConfig
 from harness.datastore import Datastore, DatastoreError, default_datastore_dir, tokenizer_fingerprint
-from harness.engine import Engine, KVCache
+from harness.engine import Engine
+from harness.kvcache import KVCache
 from harness.paths import resolve_repo_path
-from methods.base import Generation, Method, StopRule
+from harness.stops import StopRule
+from methods.base import Generation, Method
 from methods.tree import DraftTree, TreeVerifier
 
 EDGE = 1 << 32  # trie edge key = parent * EDGE + token (token ids < 2^32)

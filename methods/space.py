@@ -43,8 +43,9 @@ import torch
 
 from harness.config import MethodConfig
 from harness.engine import Engine
+from harness.stops import Committer, StopRule
 from methods.acceptance import greedy_accept, one_hot_accept
-from methods.base import Committer, Generation, Method, StopRule, make_generator, next_token, probabilities
+from methods.base import Generation, Method, make_generator, next_token, probabilities
 
 
 @dataclass

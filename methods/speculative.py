@@ -24,8 +24,9 @@ import torch
 from harness.config import MethodConfig, ModelConfig, SamplingConfig
 from harness.engine import Engine, ModelLoadError
 from harness.registry import MODELS
+from harness.stops import StopRule
 from methods.acceptance import ChainVerifier
-from methods.base import Generation, Method, StopRule, probabilities
+from methods.base import Generation, Method, probabilities
 
 SCHEDULES = ("constant", "heuristic")
 

@@ -48,8 +48,10 @@ from typing import Optional
 import torch
 
 from harness.config import MethodConfig, SamplingConfig
-from harness.engine import Engine, KVCache
-from methods.base import Generation, StopRule
+from harness.engine import Engine
+from harness.kvcache import KVCache
+from harness.stops import StopRule
+from methods.base import Generation
 from methods.speculative import DraftModelMethod
 from methods.tree import DraftTree, TreeVerifier
 

@@ -40,8 +40,10 @@ from dataclasses import dataclass
 from typing import Optional, Sequence
 
 from harness.config import MethodConfig, SamplingConfig
-from harness.engine import Engine, KVCache
-from methods.base import Generation, Method, StopRule
+from harness.engine import Engine
+from harness.kvcache import KVCache
+from harness.stops import StopRule
+from methods.base import Generation, Method
 from methods.tree import DraftTree, TreeVerifier
 
 

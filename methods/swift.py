@@ -44,8 +44,9 @@ import torch
 
 from harness.config import MethodConfig, SamplingConfig
 from harness.engine import Engine, LayerSkip
+from harness.stops import StopRule
 from methods.acceptance import ChainVerifier
-from methods.base import Generation, Method, StopRule, probabilities
+from methods.base import Generation, Method, probabilities
 
 Sublayer = tuple[str, int]  # ("attn" | "mlp", decoder layer index)
 

@@ -34,7 +34,8 @@ import torch
 
 from harness.config import SamplingConfig
 from harness.engine import Engine, ForwardOutput
-from methods.base import Committer, Generation, StopRule, make_generator, next_token, probabilities
+from harness.stops import Committer, StopRule
+from methods.base import Generation, make_generator, next_token, probabilities
 
 
 # (tree, shape, logits [T, vocab], sampling generator) -> (accepted nodes root first, tokens to commit)

@@ -20,8 +20,8 @@ from harness.engine import Engine
 from harness.lossless import EXACT, MISMATCH, compare
 from harness.report import load_runs
 from harness.results import RunDirError
+from harness.stops import StopRule
 from methods.autoregressive import Autoregressive, AutoregressiveConfig
-from methods.base import StopRule
 from methods.lookahead import Lookahead, LookaheadConfig
 from methods.medusa import Medusa, MedusaConfig
 from methods.prompt_lookup import PromptLookup, PromptLookupConfig

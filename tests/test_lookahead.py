@@ -12,8 +12,9 @@ import torch
 from harness.config import ModelConfig, SamplingConfig
 from harness.engine import Engine
 from harness.paths import ZOO_DIR
+from harness.stops import StopRule, StopStrings
 from methods.autoregressive import Autoregressive, AutoregressiveConfig
-from methods.base import Generation, StopRule, StopStrings
+from methods.base import Generation
 from methods.lookahead import Filler, Lookahead, LookaheadConfig, LookaheadError, NgramPool, advance, step_layout
 from tasks.humaneval_x import HumanEvalX, HumanEvalXConfig
 from tests.conftest import tiny_model

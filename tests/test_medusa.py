@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from harness.config import SamplingConfig
+from harness.drafters.medusa import MedusaHeads, MedusaHeadsConfig, MedusaHeadsError, load_heads, save_heads
 from harness.engine import Engine
+from harness.stops import StopRule
 from methods.autoregressive import Autoregressive, AutoregressiveConfig
-from methods.base import StopRule
 from methods.medusa import Medusa, MedusaConfig, TreeError, build_tree
-from methods.medusa_heads import MedusaHeads, MedusaHeadsConfig, MedusaHeadsError, load_heads, save_heads
 from tests.conftest import tiny_model
 from tests.test_tree import ResampleFromP as WrongResidualVerifier
 from tests.test_tree import check_cache

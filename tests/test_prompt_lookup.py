@@ -11,8 +11,8 @@ from sampling_law import CONTROL_RUNS, PVALUE_FLOOR, RUNS, SAMPLING, sampled_pva
 from test_speculative import autoregressive, resample_from_p
 
 from harness.config import SamplingConfig
+from harness.stops import StopRule
 from methods.acceptance import NgramIndex, ngram_lookup
-from methods.base import StopRule
 from methods.hf_prompt_lookup import HFPromptLookup, HFPromptLookupConfig
 from methods.prompt_lookup import PromptLookup, PromptLookupConfig
 

@@ -17,8 +17,8 @@ from test_speculative import autoregressive, resample_from_p
 from harness.cli import main
 from harness.config import SamplingConfig
 from harness.registry import METHODS
+from harness.stops import StopRule
 from methods.acceptance import ReferenceIndex
-from methods.base import StopRule
 from methods.reference_lookup import ReferenceLookup, ReferenceLookupConfig
 
 PROMPTS = [[0, 17, 42, 99, 5], [0, 3], [0, 250, 251, 252, 253, 254, 255, 10, 11], [0, 5, 6, 7, 8, 5, 6, 7, 8, 5, 6]]

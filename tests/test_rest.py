@@ -21,7 +21,7 @@ from harness.cli import main
 from harness.config import SamplingConfig
 from harness.datastore import Datastore, DatastoreError, suffix_array
 from harness.registry import METHODS
-from methods.base import StopRule
+from harness.stops import StopRule
 from methods.rest import Rest, RestConfig, frequency_tree
 
 PROMPTS = [[0, 17, 42, 99, 5], [0, 3], [0, 250, 251, 252, 253, 254, 255, 10, 11], [0, 5, 6, 7, 8, 5, 6, 7, 8, 5, 6]]

@@ -17,19 +17,12 @@ from transformers import PreTrainedTokenizerFast
 
 from harness.config import ModelConfig, SamplingConfig
 from harness.engine import Engine
+from harness.stops import StopRule
 from harness.train.data import PaddedBatch
 from harness.train.loop import load_checkpoint
-from harness.train.space import (
-    SpaceTrainConfig,
-    ensure_mask_token,
-    export,
-    pack_space_batch,
-    packed_logits,
-    run_space_training,
-    space_losses,
-)
+from harness.train.space import SpaceTrainConfig, ensure_mask_token, export, run_space_training, space_losses
+from harness.train.space_batch import pack_space_batch, packed_logits
 from methods.autoregressive import Autoregressive, AutoregressiveConfig
-from methods.base import StopRule
 from methods.space import Space, SpaceConfig, SpaceSetupError, chunk_layout
 
 PROMPTS = [[0, 17, 42, 99, 5], [0, 3], [0, 250, 251, 252, 253, 254, 255, 10, 11]]

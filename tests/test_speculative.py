@@ -15,9 +15,9 @@ from sampling_law import CONTROL_RUNS, PVALUE_FLOOR, RUNS, SAMPLING, sampled_pva
 from harness.cli import main
 from harness.config import SamplingConfig
 from harness.engine import Engine, ForwardOutput, ModelLoadError
+from harness.stops import StopRule
 from methods.acceptance import ChainVerifier, greedy_accept, residual, sample_accept
 from methods.autoregressive import Autoregressive, AutoregressiveConfig
-from methods.base import StopRule
 from methods.hf_assisted import HFAssisted, HFAssistedConfig
 from methods.speculative import DraftMismatchError, Speculative, SpeculativeConfig
 

@@ -17,7 +17,7 @@ from test_tree import check_cache
 
 from harness.config import SamplingConfig
 from harness.engine import Engine, ForwardOutput
-from methods.base import StopRule
+from harness.stops import StopRule
 from methods.speculative import Speculative, SpeculativeConfig
 from methods.speculative_tree import SpeculativeTree, SpeculativeTreeConfig, SpeculativeTreeError
 

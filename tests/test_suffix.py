@@ -17,7 +17,7 @@ from test_tree import check_cache
 
 from harness.config import SamplingConfig
 from harness.registry import METHODS
-from methods.base import StopRule
+from harness.stops import StopRule
 from methods.suffix import ROOT, Suffix, SuffixConfig, SuffixTrie, grow
 
 PROMPTS = [[0, 17, 42, 99, 5], [0, 3], [0, 250, 251, 252, 253, 254, 255, 10, 11], [0, 5, 6, 7, 8, 5, 6, 7, 8, 5, 6]]

@@ -10,7 +10,7 @@ from harness.config import ModelConfig, SamplingConfig
 from harness.engine import Engine
 from harness.paths import ZOO_DIR
 from harness.registry import METHODS
-from methods.base import StopRule
+from harness.stops import StopRule
 from tasks.humaneval import HumanEval, HumanEvalConfig
 
 NEW_TOKENS = 48
@@ -69,7 +69,7 @@ def humaneval_x():
     """One Python, C++ and Go HumanEval-X problem each, as (prompt ids, stop rule with the
     language's stop strings and EOS), and a datastore for rest: the other problems' prompts."""
     from harness.datastore import Datastore  # noqa: PLC0415
-    from methods.base import StopStrings  # noqa: PLC0415
+    from harness.stops import StopStrings  # noqa: PLC0415
     from tasks.humaneval_x import HumanEvalX, HumanEvalXConfig  # noqa: PLC0415
 
     engine = Engine.load(ModelConfig(name="zoo-target", path=str(ZOO_DIR / "target")))

@@ -22,7 +22,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from harness.paths import REPO_ROOT, replace_dir, resolve_repo_path
+from harness.paths import REPO_ROOT, default_cache_dir, replace_dir, resolve_repo_path
 from harness.zoo.corpus import CorpusConfig, build_corpus, load_corpus, save_corpus, write_json
 from harness.zoo.functions import FUNCTIONS_META, FunctionSamplesConfig, encode_function_samples
 from harness.zoo.tokenizer import TokenizerConfig, check_tokenizer, load_tokenizer, train_tokenizer
@@ -53,8 +53,6 @@ class DataPaths:
 
 
 def data_paths(cfg: ZooDataConfig) -> DataPaths:
-    from harness.train.lm import default_cache_dir  # noqa: PLC0415
-
     root = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
     d = root / "zoo-data"
     return DataPaths(root, d / "corpus", d / "tokenizer", d / "tokens")
