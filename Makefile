@@ -23,7 +23,7 @@ SPACE_K ?=
 # README.md): the tables could not be reproduced from their commit. ALLOW_DIRTY=1 publishes
 # anyway, and every table then says "DIRTY tree" (each run's manifest records the flag).
 ALLOW_DIRTY ?=
-# MODE=compiled: the baseline and every method on the compiled execution layer (model.compile=true:
+# MODE=compiled: the baseline and every method in the compiled mode (model.compile=true:
 # static KV cache + torch.compile, harness/compiled.py; compiling happens in the untimed warm-up);
 # its runs go to their own directories (OUT gets a -compiled suffix): leaderboards keep modes apart
 MODE ?= eager
@@ -138,7 +138,7 @@ tables-spec-tree:
 	  method.speculative.gamma=$$b method.speculative-tree.max_nodes=$$b --out results/runs/speculative-tree/draft_tokens-$$b $(ARGS) || exit 1; done
 	.venv/bin/harness leaderboard results/runs/speculative-tree/*/ --by run_dir --allow-mixed --out results/speculative-tree.md
 
-# compiled execution's forward sizes (model.compile_buckets): the default against it without the 2-token
+# the compiled mode's forward sizes (model.compile_buckets): the default against it without the 2-token
 # bucket and with an 8-token one, each job compiled and timed against its own compiled autoregressive
 BUCKET_SETS := '[1,4,16,64]','[1,2,4,16,64]','[1,2,4,8,16,64]'
 tables-buckets:

@@ -1,4 +1,4 @@
-"""Compiled execution (``model.compile=true``): a static KV cache and ``torch.compile``.
+"""The compiled mode (``model.compile=true``): a static KV cache and ``torch.compile``.
 
 The engine's interface does not change (``forward`` with explicit positions and custom
 masks, the cache's ``truncate`` / ``keep`` / ``len``), so methods run unmodified. What

@@ -226,7 +226,7 @@ class Engine:
         return self.compiled.new_cache() if self.compiled is not None else KVCache(self.config)
 
     def compile_module(self, module: torch.nn.Module) -> torch.nn.Module:
-        """``module`` run in this engine's execution mode: compiled when model.compile=true (a
+        """``module`` run in this engine's mode: compiled when model.compile=true (a
         method's own model parts, e.g. Medusa heads), else unchanged."""
         return self.compiled.compile_module(module) if self.compiled is not None else module
 

@@ -27,7 +27,7 @@ MANIFEST, SAMPLES, SUMMARY, LEADERBOARD = "manifest.json", "samples.jsonl", "sum
 EXECUTION = "execution.jsonl"  # sandboxed test results per record (opt-in: run.execute=true)
 DROPPED = "dropped.jsonl"  # prompts left out because they do not fit the context (task.too_long=drop)
 # with execution: pass@1, completions judged, completions skipped (toolchain missing: not judged),
-# isolation of the sandbox (full | weak | unrecorded, see harness/execution/__init__.py)
+# isolation of the sandbox (full | weak | unrecorded, see harness/sandbox/__init__.py)
 PASS_AT_1_COLUMNS = ["pass@1", "pass@1_judged", "pass@1_skipped", "pass@1_isolation"]
 SUMMARY_COLUMNS = [
     "method", "task", "samples", "exact_match", "mean_accepted_tokens", "tokens_per_s", "speedup",
@@ -244,7 +244,7 @@ class RunDir:
 
     # ---- derived files ------------------------------------------------------------
     def write_execution(self, results: list[dict], isolation: Optional[dict] = None) -> None:
-        """execution.jsonl, and the sandbox's ``isolation`` (``harness.execution.Isolation.as_dict``)
+        """execution.jsonl, and the sandbox's ``isolation`` (``harness.sandbox.Isolation.as_dict``)
         as the manifest's ``execution_isolation``."""
         self._write_atomic(EXECUTION, "".join(json.dumps(r, default=str) + "\n" for r in results))
         if isolation is not None:

@@ -106,12 +106,13 @@ def make_manifest(exp: Experiment, engine: Engine) -> dict:
         },
         "seed": exp.run.seed,
         "reference": f"greedy {REFERENCE} of the same model ({model_label(engine)})",
-        "execution": execution_mode(engine),
+        "execution": forward_mode(engine),
     }
 
 
-def execution_mode(engine: Engine) -> dict:
-    """How forwards run (model.compile): leaderboards show it and refuse to merge modes."""
+def forward_mode(engine: Engine) -> dict:
+    """How forwards run, eager or compiled (model.compile), for the manifest's ``execution`` record:
+    leaderboards show it and refuse to merge modes."""
     if engine.compiled is None:
         return {"mode": "eager"}
     c = engine.compiled
@@ -256,8 +257,8 @@ def run(exp: Experiment, log: Callable[[str], None] = print) -> RunResult:
 
 
 def execute(rundir: RunDir, samples: list[Sample], records: list[Record], settings: RunSettings, log) -> None:
-    """Judge every completion against its task's tests in the sandbox (harness/execution/)."""
-    from harness.execution import score_records
+    """Judge every completion against its task's tests in the sandbox (harness/sandbox/)."""
+    from harness.sandbox import score_records
 
     if not any("test" in s.meta for s in samples):
         raise HarnessError("run.execute=true needs a task with tests (humaneval, humaneval-x)")
@@ -271,9 +272,9 @@ def execute(rundir: RunDir, samples: list[Sample], records: list[Record], settin
 
 
 def sandbox_isolation(settings: RunSettings):
-    """The sandbox's isolation (``harness.execution.Isolation``) for ``run.execute=true``;
+    """The sandbox's isolation (``harness.sandbox.Isolation``) for ``run.execute=true``;
     below full isolation a HarnessError unless ``run.execute_isolation=weak`` accepts it."""
-    from harness.execution import IsolationError, require_isolation
+    from harness.sandbox import IsolationError, require_isolation
 
     try:
         return require_isolation(settings.execute_isolation)

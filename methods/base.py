@@ -33,7 +33,11 @@ class Generation:
 
 
 class Method:
-    """Base class. Subclasses set ``config_class`` and implement ``generate``."""
+    """Base class. Subclasses set ``config_class`` and implement ``generate``.
+
+    A method whose tests read the state its steps end in (the target cache after compaction,
+    a verifier, the draft cache) runs its steps in ``loop``, which returns that state beside
+    the result; ``generate`` returns the ``Generation`` alone."""
 
     config_class: type[MethodConfig] = MethodConfig
     # `harness list` describes a method from these and its class docstring's first sentence:

@@ -232,15 +232,12 @@ class Eagle(Method):
         self.max_depth = max(len(c) for c in self.choices)
         self.inner_paths = {c[:-1] for c in self.choices if len(c) > 1}  # nodes with children
 
-    def generate(self, prompt_ids: list[int], stop: StopRule, seed: int = 0) -> Generation:
-        return self.decode(prompt_ids, stop, seed)
-
     def headroom(self) -> int:
         """The deepest node of the last step sits max_depth - 1 positions past a full-length output."""
         return self.max_depth - 1
 
     @torch.inference_mode()
-    def decode(self, prompt_ids: list[int], stop: StopRule, seed: int = 0) -> Generation:
+    def generate(self, prompt_ids: list[int], stop: StopRule, seed: int = 0) -> Generation:
         self.check_context(len(prompt_ids), stop)
         verifier = self.verifier_class(self.engine, self.sampling, stop, prompt_ids, seed, hidden=self.features)
         drafter = HeadDrafter(self.head, self.engine)

@@ -53,10 +53,6 @@ from harness.stops import Committer, StopRule
 from methods.base import Generation, Method, make_generator, next_token, probabilities
 
 
-# Defaults chosen by make tables on HumanEval's tuning split (results/lookahead-wng.md, 20 problems, 2-core
-# Intel Xeon, one thread): W=2, N=3, G=2 with the context pool was the fastest setting (1.03x; W=4, G=4 0.98x,
-# overlapping intervals; N=5 accepts more tokens per step but its step costs more); without the prompt's
-# n-grams in the pool lookahead loses here.
 @dataclass
 class LookaheadConfig(MethodConfig):
     name: str = "lookahead"
@@ -208,10 +204,10 @@ class Lookahead(Method):
         return self.cfg.window + self.cfg.ngram - 3
 
     def generate(self, prompt_ids: list[int], stop: StopRule, seed: int = 0) -> Generation:
-        return self.decode(prompt_ids, stop, seed)[0]
+        return self.loop(prompt_ids, stop, seed)[0]
 
     @torch.inference_mode()
-    def decode(self, prompt_ids: list[int], stop: StopRule, seed: int = 0) -> tuple[Generation, KVCache]:
+    def loop(self, prompt_ids: list[int], stop: StopRule, seed: int = 0) -> tuple[Generation, KVCache]:
         """The loop; also returns the cache, which then holds prompt + tokens but the last."""
         self.check_context(len(prompt_ids), stop)
         cfg, engine, out = self.cfg, self.engine, Committer(stop)

@@ -148,7 +148,7 @@ class Medusa(Method):
         self.mode = cfg.acceptance if sampling.do_sample else "greedy"
 
     def generate(self, prompt_ids: list[int], stop: StopRule, seed: int = 0) -> Generation:
-        return self.decode(prompt_ids, stop, seed)[0]
+        return self.loop(prompt_ids, stop, seed)[0]
 
     def headroom(self) -> int:
         """A step's nodes sit up to the tree's depth past the last committed token: the deepest
@@ -156,7 +156,7 @@ class Medusa(Method):
         return self.tree.max_depth - 1
 
     @torch.inference_mode()
-    def decode(self, prompt_ids: list[int], stop: StopRule, seed: int = 0) -> tuple[Generation, KVCache]:
+    def loop(self, prompt_ids: list[int], stop: StopRule, seed: int = 0) -> tuple[Generation, KVCache]:
         """The loop; also returns the cache, which then holds prompt + tokens but the last."""
         self.check_context(len(prompt_ids), stop)
         verifier = self.verifier_class(self.engine, self.sampling, stop, prompt_ids, seed, hidden=True)

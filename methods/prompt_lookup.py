@@ -32,9 +32,9 @@ class PromptLookup(Method):
     main_settings = ("num_tokens", "max_ngram")
 
     def generate(self, prompt_ids: list[int], stop: StopRule, seed: int = 0) -> Generation:
-        return self.decode(prompt_ids, stop, seed).result()
+        return self.loop(prompt_ids, stop, seed).result()
 
-    def decode(self, prompt_ids: list[int], stop: StopRule, seed: int = 0) -> ChainVerifier:
+    def loop(self, prompt_ids: list[int], stop: StopRule, seed: int = 0) -> ChainVerifier:
         cfg = self.cfg
         chain = ChainVerifier(self.engine, self.sampling, stop, prompt_ids, seed)
         index = NgramIndex(cfg.min_ngram, cfg.max_ngram)

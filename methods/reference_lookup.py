@@ -70,11 +70,11 @@ class ReferenceLookup(Method):
         self, prompt_ids: list[int], stop: StopRule, seed: int = 0, reference_ids: Optional[list[int]] = None
     ) -> Generation:
         source = self.source_ids(prompt_ids, reference_ids)
-        chain = self.decode(prompt_ids, stop, source, seed)
+        chain = self.loop(prompt_ids, stop, source, seed)
         from_reference = self.cfg.source != "prompt" and reference_ids is not None  # else the prompt
         return chain.result(extra={"source_tokens": len(source), "from_reference": from_reference})
 
-    def decode(self, prompt_ids: list[int], stop: StopRule, source: list[int], seed: int = 0) -> ChainVerifier:
+    def loop(self, prompt_ids: list[int], stop: StopRule, source: list[int], seed: int = 0) -> ChainVerifier:
         cfg = self.cfg
         index = ReferenceIndex(source, cfg.min_match_tokens, cfg.match_tokens)
         chain = ChainVerifier(self.engine, self.sampling, stop, prompt_ids, seed)

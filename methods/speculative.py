@@ -54,7 +54,7 @@ def draft_model_config(name: Optional[str], target: Engine, method: str = "specu
             f"no draft model for target '{target.cfg.name}'; set method.{method}.draft=<model preset, hub id or path>"
         )
     base = MODELS.get(name) if name in MODELS.names() else ModelConfig(name=name, path=name)
-    # the draft runs like the target: same device, dtype and execution mode (model.compile)
+    # the draft runs like the target: same device, dtype and mode (eager or compiled: model.compile)
     return dataclasses.replace(base, device=str(target.device), dtype=target.cfg.dtype, compile=target.cfg.compile,
                                compile_buckets=list(target.cfg.compile_buckets))  # fmt: skip
 
@@ -108,10 +108,10 @@ class Speculative(DraftModelMethod):
         super().__init__(cfg, engine, sampling, draft)
 
     def generate(self, prompt_ids: list[int], stop: StopRule, seed: int = 0) -> Generation:
-        chain, _ = self.decode(prompt_ids, stop, seed)
+        chain, _ = self.loop(prompt_ids, stop, seed)
         return chain.result(draft_forwards=sum(chain.proposal_lengths))  # g draft forwards per proposal
 
-    def decode(self, prompt_ids: list[int], stop: StopRule, seed: int = 0):
+    def loop(self, prompt_ids: list[int], stop: StopRule, seed: int = 0):
         """The loop; returns the verifier (tokens, target cache, counts) and the draft cache."""
         cfg = self.cfg
         chain = ChainVerifier(self.engine, self.sampling, stop, prompt_ids, seed)

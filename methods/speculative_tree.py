@@ -106,9 +106,9 @@ class SpeculativeTree(DraftModelMethod):
         self.branching = [int(b) for b in cfg.branching]
 
     def generate(self, prompt_ids: list[int], stop: StopRule, seed: int = 0) -> Generation:
-        return self.decode(prompt_ids, stop, seed)[0]
+        return self.loop(prompt_ids, stop, seed)[0]
 
-    def decode(self, prompt_ids: list[int], stop: StopRule, seed: int = 0) -> tuple[Generation, KVCache]:
+    def loop(self, prompt_ids: list[int], stop: StopRule, seed: int = 0) -> tuple[Generation, KVCache]:
         """The loop; also returns the draft cache (a prefix of prompt + tokens, for the tests)."""
         self.check_context(len(prompt_ids), stop)
         verifier = self.verifier_class(self.engine, self.sampling, stop, prompt_ids, seed)

@@ -264,9 +264,9 @@ class Suffix(Method):
         self.global_tokens = 0
 
     def generate(self, prompt_ids: list[int], stop: StopRule, seed: int = 0) -> Generation:
-        return self.decode(prompt_ids, stop, seed)[0]
+        return self.loop(prompt_ids, stop, seed)[0]
 
-    def decode(self, prompt_ids: list[int], stop: StopRule, seed: int = 0) -> tuple[Generation, KVCache]:
+    def loop(self, prompt_ids: list[int], stop: StopRule, seed: int = 0) -> tuple[Generation, KVCache]:
         """The loop (the output then joins the global trie); also returns the cache, which
         then holds prompt + tokens but the last."""
         self.check_context(len(prompt_ids), stop)

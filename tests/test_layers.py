@@ -21,7 +21,7 @@ FLOORS: list[dict[str, tuple[str, ...]]] = [
                     "harness.models", "harness.stops", "harness.devices", "harness.repetition")},
     {"execution layer": ("harness.kvcache", "harness.compiled", "harness.engine", "harness.drafters.*",
                          "harness.lossless")},
-    {"tasks and sandbox": ("tasks.*", "harness.execution.*")},
+    {"tasks and sandbox": ("tasks.*", "harness.sandbox.*")},
     {
         "methods": ("methods.*", "harness.datastore"),
         "training": ("harness.train.*", "harness.zoo.*"),

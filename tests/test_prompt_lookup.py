@@ -106,7 +106,7 @@ def test_eos_inside_an_accepted_block(engine):
 
 def test_cache_is_rolled_back_to_the_committed_length(engine):
     for prompt in PROMPTS:
-        chain = lookup_method(engine).decode(prompt, StopRule(37, frozenset()))
+        chain = lookup_method(engine).loop(prompt, StopRule(37, frozenset()))
         assert chain.out.tokens == autoregressive(engine, prompt, n=37)
         assert len(chain.cache) == len(prompt) + 37 - 1
 

@@ -119,7 +119,7 @@ def test_reference_right_for_j_tokens(engine, j):
     assert gen.tokens == ref
     check_stats(gen, N)
     assert gen.accepted_per_step[1] == j + 1
-    chain = method(engine).decode(prompt, StopRule(N, frozenset()), reference)
+    chain = method(engine).loop(prompt, StopRule(N, frozenset()), reference)
     assert chain.proposal_lengths[0] == j + 1  # j + 1 proposed, j accepted (+ the correction)
 
 
@@ -130,7 +130,7 @@ def test_max_new_tokens_inside_an_accepted_block(engine, limit):
     gen = method(engine, copy_tokens=6).generate(prompt, StopRule(limit, frozenset()), reference_ids=ref)
     assert gen.tokens == ref[:limit] and gen.stop_reason == "max_new_tokens"
     check_stats(gen, limit)
-    chain = method(engine, copy_tokens=6).decode(prompt, StopRule(limit, frozenset()), ref)
+    chain = method(engine, copy_tokens=6).loop(prompt, StopRule(limit, frozenset()), ref)
     committed = [sum(chain.per_step[: i + 1]) for i in range(len(chain.per_step))]
     # each copy fits what is left: g <= min(copy_tokens, limit - committed - 1)
     assert all(g <= min(6, limit - c - 1) for g, c in zip(chain.proposal_lengths, committed))
@@ -161,7 +161,7 @@ def test_cache_is_rolled_back_to_the_committed_length(engine):
         ref = autoregressive(engine, prompt, n=37)
         wrong = absent(engine, prompt, ref)
         half_right = [x for i, t in enumerate(ref) for x in ((t, wrong) if i % 5 == 4 else (t,))]
-        chain = method(engine).decode(prompt, StopRule(37, frozenset()), half_right)
+        chain = method(engine).loop(prompt, StopRule(37, frozenset()), half_right)
         assert chain.out.tokens == ref
         assert len(chain.cache) == len(prompt) + 37 - 1
 
@@ -235,7 +235,7 @@ def test_sampling_keeps_the_target_distribution(monkeypatch):
 
     target = small_engine(0)
     sampler = FixedReference(ReferenceLookupConfig(copy_tokens=1), target, SAMPLING)
-    steps = sampler.decode([0, 3, 5], StopRule(8, frozenset()), reference, seed=0).proposal_lengths
+    steps = sampler.loop([0, 3, 5], StopRule(8, frozenset()), reference, seed=0).proposal_lengths
     assert len(steps) >= 3 and steps[:-1] == [1] * (len(steps) - 1)  # every step with room proposed
     pvalue, multi_step = sampled_pvalue(sampler, target, SHARED_RULE_RUNS)
     assert pvalue > PVALUE_FLOOR and multi_step == 1.0

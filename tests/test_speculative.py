@@ -171,7 +171,7 @@ def test_caches_are_rolled_back_to_the_committed_length(engine, tokenizer, right
     other = Engine.from_model(tiny_model(len(tokenizer), seed=2), tokenizer)
     drafts = [OracleDraft(engine, prompt + ref, right), other]
     for draft in drafts:
-        chain, draft_cache = speculative(engine, draft, gamma=4).decode(prompt, StopRule(23, frozenset()))
+        chain, draft_cache = speculative(engine, draft, gamma=4).loop(prompt, StopRule(23, frozenset()))
         assert chain.out.tokens == ref
         assert len(chain.cache) == len(prompt) + len(ref) - 1  # everything but the last token
         assert len(draft_cache) <= len(prompt) + len(ref) - 1

@@ -151,7 +151,7 @@ def test_equals_greedy_autoregressive(engine, prompt, kind):
         prompt = repetitive(engine, prompt)
     ref = autoregressive(engine, prompt, n=N)
     method = suffix(engine)
-    gen, cache = method.decode(prompt, StopRule(N, frozenset()))
+    gen, cache = method.loop(prompt, StopRule(N, frozenset()))
     assert gen.tokens == ref
     check_stats(gen, N)
     check_cache(engine, cache, prompt + ref[:-1])
@@ -178,7 +178,7 @@ def test_max_new_tokens_inside_an_accepted_path(engine, limit):
     ref = autoregressive(engine, prompt, n=N)
     method = suffix(engine)
     method.generate(prompt, StopRule(N, frozenset()))  # the global trie now holds the whole output
-    gen, cache = method.decode(prompt, StopRule(limit, frozenset()))
+    gen, cache = method.loop(prompt, StopRule(limit, frozenset()))
     assert gen.tokens == ref[:limit] and gen.stop_reason == "max_new_tokens"
     check_stats(gen, limit)
     assert len(gen.proposed_per_position) <= max(limit - 2, 0)  # no tree deeper than what may be committed

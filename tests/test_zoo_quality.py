@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from harness.execution import isolation
+from harness.sandbox import isolation
 from harness.zoo import quality as Q
 from harness.zoo.build import _default_stop_lines
 

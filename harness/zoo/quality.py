@@ -206,13 +206,13 @@ def stop_rule_report(tokenizer, problems: list[dict], completions: list[list[int
 def sandboxed_pass_at_1(problems: list[dict], texts: list[str], iso, workers: int = 1, name: str = "model") -> dict:
     """pass@1 of one greedy completion per HumanEval problem, judged in the sandbox exactly as
     ``harness run`` with ``run.execute=true`` judges a run's records: ``texts`` (raw generated
-    text, stop rules applied) go to ``harness.execution.score_records``, which cuts each at the
+    text, stop rules applied) go to ``harness.sandbox.score_records``, which cuts each at the
     end of the function body, runs the problem's tests at isolation ``iso`` and keeps the
     verdict; ``pass_at_k_table`` gives pass@1 over the judged ones. The problems' tests come
     from the HumanEval task (``tasks/humaneval.py``). Returns ``pass@1``, ``problems``,
     ``judged``, ``passed``, ``skipped`` (not judged), ``isolation`` (``full`` | ``weak``),
     ``isolation_layers``, ``statuses`` (count per verdict) and ``results`` (per problem)."""
-    from harness.execution import pass_at_k_table, score_records  # noqa: PLC0415
+    from harness.sandbox import pass_at_k_table, score_records  # noqa: PLC0415
     from tasks.humaneval import HumanEval, HumanEvalConfig  # noqa: PLC0415
 
     samples = {s.id: s for s in HumanEval(HumanEvalConfig()).load()}

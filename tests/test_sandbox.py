@@ -27,9 +27,9 @@ from pathlib import Path
 
 import pytest
 
-from harness import execution as ex
-from harness.execution import sandbox as sandbox_module
-from harness.execution import toolchains as toolchains_module
+from harness import sandbox as ex
+from harness.sandbox import jail as sandbox_module
+from harness.sandbox import toolchains as toolchains_module
 from harness.paths import REPO_ROOT, default_data_dir
 from tasks.base import Sample, TaskDataError
 
