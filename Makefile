@@ -13,17 +13,17 @@ SHELL := /bin/bash
 LIMIT ?= 20
 SPLIT ?= report
 ARGS ?=
-# Settings chosen on the tuning split by make tables (results/speculative-gamma.md, results/space-k.md, on 2 CPU
-# cores, one thread, zoo v3, the draft after draft_top1): speculative's gamma 1 (1.00x vs 0.94x at gamma 2; hf-assisted
-# gets the same number of draft tokens), SPACE's k 1 (1.03x vs 0.90x at k 2, of the trained 5; AMD EPYC, the SPACE fine-tune on 12,288 records). Elsewhere (a
-# GPU, where a chunk or a draft costs less) run make tables there and pass the best: make bench GAMMA=... SPACE_K=...
-GAMMA ?= 1
-SPACE_K ?= 1
+# Tuned settings (speculative's gamma, SPACE's k, Medusa's tree, ...) are the config defaults in methods/, chosen
+# on the tuning split by make tables (results/*.md; tests/test_defaults.py holds them together): `harness run`
+# and make bench run the same ones. Elsewhere (a GPU, where a chunk or a draft costs less) run make tables there
+# and pass the best: make bench GAMMA=... SPACE_K=... (unset: the config's defaults)
+GAMMA ?=
+SPACE_K ?=
 # make leaderboard / make tables refuse a tree with uncommitted changes (outside results/ and
 # README.md): the tables could not be reproduced from their commit. ALLOW_DIRTY=1 publishes
 # anyway, and every table then says "DIRTY tree" (each run's manifest records the flag).
 ALLOW_DIRTY ?=
-# MODE=compiled: the baseline and every method on the compiled execution layer (model.compile=true:
+# MODE=compiled: the baseline and every method in the compiled mode (model.compile=true:
 # static KV cache + torch.compile, harness/compiled.py; compiling happens in the untimed warm-up);
 # its runs go to their own directories (OUT gets a -compiled suffix): leaderboards keep modes apart
 MODE ?= eager
@@ -37,11 +37,12 @@ LEADERBOARD_METHODS := $(METHODS),rest
 # beyond hf-generate stay eager transformers code, and swift (layer skipping) and eagle3 (chosen layers'
 # hidden states) run eager forwards only, so they are left out there
 COMPILED_METHODS := autoregressive,hf-generate,speculative,speculative-tree,prompt-lookup,reference-lookup,suffix,recycling,lookahead,medusa,eagle,eagle2
-# gamma goes to the draft-model methods that are benched (an override of a method not in the run is refused)
+# GAMMA (when set) goes to the draft-model methods that are benched (an override of a method not in the run is refused)
 comma := ,
 benched = $(filter $(1),$(subst $(comma), ,$(BENCH_METHODS)))
-DRAFT_ARGS = $(if $(call benched,speculative),method.speculative.gamma=$(GAMMA)) \
-  $(if $(call benched,hf-assisted),method.hf-assisted.num_assistant_tokens=$(GAMMA))
+GAMMA_ARG = $(if $(GAMMA),method.speculative.gamma=$(GAMMA))
+DRAFT_ARGS = $(if $(call benched,speculative),$(GAMMA_ARG)) \
+  $(if $(and $(GAMMA),$(call benched,hf-assisted)),method.hf-assisted.num_assistant_tokens=$(GAMMA))
 # MODE=compiled benches the methods that run compiled (COMPILED_METHODS: swift, eagle3, hidden-transfer and firp refuse model.compile=true)
 BENCH_METHODS ?= $(if $(filter compiled,$(MODE)),$(COMPILED_METHODS),$(METHODS))
 RUN := .venv/bin/harness run --task humaneval --limit $(LIMIT) --max-new-tokens 128 run.threads=1 $(MODE_ARGS)
@@ -53,7 +54,7 @@ setup:
 # target + draft + Medusa heads, then SPACE on its own fine-tuned model (its own reference)
 bench: setup
 	$(RUN) task.split=$(SPLIT) --methods $(BENCH_METHODS) $(DRAFT_ARGS) --out $(OUT) $(ARGS)
-	$(RUN) task.split=$(SPLIT) --model zoo-space --methods autoregressive,space method.space.k=$(SPACE_K) --out $(OUT)-space $(ARGS)
+	$(RUN) task.split=$(SPLIT) --model zoo-space --methods autoregressive,space $(if $(SPACE_K),method.space.k=$(SPACE_K)) --out $(OUT)-space $(ARGS)
 
 # the tests also run the cluster launchers (joblib, a local Ray cluster, submitit): their
 # extras are installed, and a missing one fails the tests instead of skipping them
@@ -74,7 +75,7 @@ leaderboard: setup datastore
 	.venv/bin/harness leaderboard results/runs/zoo-space --format html --out results/report-space.html
 	$(MAKE) report-check
 	rm -rf results/runs/zoo-compiled
-	$(RUN) model.compile=true task.split=$(SPLIT) --methods $(COMPILED_METHODS) method.speculative.gamma=$(GAMMA) --out results/runs/zoo-compiled $(ARGS)
+	$(RUN) model.compile=true task.split=$(SPLIT) --methods $(COMPILED_METHODS) $(GAMMA_ARG) --out results/runs/zoo-compiled $(ARGS)
 	.venv/bin/harness leaderboard results/runs/zoo-compiled --out results/leaderboard-compiled.md
 	.venv/bin/harness compare results/runs/zoo results/runs/zoo-compiled --out results/compare-eager-compiled.md
 	.venv/bin/harness compare results/runs/zoo results/runs/zoo-compiled --format html --out results/compare-eager-compiled.html
@@ -165,12 +166,12 @@ tables-llmcad:
 	  method.speculative-tree.confidence=$$c --out results/runs/llmcad/confidence-$$c $(ARGS) || exit 1; done
 	.venv/bin/harness leaderboard results/runs/llmcad/*/ --by run_dir --allow-mixed --out results/llmcad-confidence.md
 
-# compiled execution's forward sizes (model.compile_buckets): the default against it without the 2-token
+# the compiled mode's forward sizes (model.compile_buckets): the default against it without the 2-token
 # bucket and with an 8-token one, each job compiled and timed against its own compiled autoregressive
 BUCKET_SETS := '[1,4,16,64]','[1,2,4,16,64]','[1,2,4,8,16,64]'
 tables-buckets:
 	rm -rf results/runs/compile-buckets
-	$(TUNE) -m model.compile=true --methods autoregressive,speculative,prompt-lookup,medusa method.speculative.gamma=$(GAMMA) \
+	$(TUNE) -m model.compile=true --methods autoregressive,speculative,prompt-lookup,medusa $(GAMMA_ARG) \
 	  model.compile_buckets=$(BUCKET_SETS) --out results/runs/compile-buckets $(ARGS)
 	.venv/bin/harness leaderboard results/runs/compile-buckets/*/ --by run_dir --allow-mixed --out results/compile-buckets.md
 

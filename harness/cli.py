@@ -14,15 +14,13 @@ import argparse
 import dataclasses
 import signal
 import sys
-import typing
-from dataclasses import dataclass, field
 from typing import Any
 
+from harness import hydra_setup
 from harness.config import ModelConfig, RunSettings, SamplingConfig
+from harness.errors import one_line
 from harness.paths import resolve_repo_path
 from harness.registry import METHODS, MODELS, TASKS, UnknownName
-
-ROOT = "harness_run"
 
 
 class Terminated(BaseException):
@@ -36,34 +34,6 @@ def raise_terminated(signum, frame) -> None:
 
 # exit status of a run stopped by a signal: 128 + the signal's number, as a shell reports it
 INTERRUPT_STATUS = {KeyboardInterrupt: 128 + signal.SIGINT, Terminated: 128 + signal.SIGTERM}
-
-
-@dataclass
-class RootConfig:
-    defaults: list[Any] = field(default_factory=lambda: ["_self_", {"task": "humaneval"}, {"model": default_model()}])
-    methods: list[str] = field(default_factory=lambda: ["autoregressive"])  # methods to compare
-    run: RunSettings = field(default_factory=RunSettings)
-    sampling: SamplingConfig = field(default_factory=SamplingConfig)
-    task: Any = None  # filled from the `task` group
-    model: Any = None  # filled from the `model` group
-    method: dict[str, Any] = field(default_factory=dict)  # per-method configs, one entry per requested method
-
-
-def default_model() -> str:
-    return "zoo-target" if (resolve_repo_path("zoo/target") / "config.json").exists() else "random-tiny"
-
-
-def register_configs() -> None:
-    from hydra.core.config_store import ConfigStore
-
-    cs = ConfigStore.instance()
-    cs.store(name=ROOT, node=RootConfig)
-    for name in TASKS.names():
-        cs.store(group="task", name=name, node=TASKS.get(name).config_class(name=name))
-    for name in MODELS.names():
-        cs.store(group="model", name=name, node=MODELS.get(name))
-    for name in METHODS.names():
-        cs.store(group="method", name=name, node=METHODS.get(name).config_class(name=name))
 
 
 def run_parser() -> argparse.ArgumentParser:
@@ -153,88 +123,12 @@ def method_list(text: str | None) -> list[str]:
 
 
 def compose(args: argparse.Namespace):
-    from hydra import compose as hydra_compose
-    from hydra import initialize
-    from omegaconf import OmegaConf
-
+    """The run's configuration: the flags' overrides, then the user's ``key=value`` ones."""
     methods = method_list(args.methods)
     overrides = flag_overrides(args, methods) + [f"methods=[{','.join(methods)}]"]
     if args.out:
         overrides.append(f"run.out={args.out}")
-    overrides += args.overrides
-    register_configs()
-    with initialize(version_base=None, config_path=None):
-        cfg = hydra_compose(config_name=ROOT, overrides=overrides)
-    check_string_lists(OmegaConf.to_object(cfg), args.overrides)
-    return cfg, OmegaConf
-
-
-def check_string_lists(obj: Any, overrides: list[str]) -> None:
-    """A list override whose field holds strings (``task.stop``) must give strings: OmegaConf
-    would turn ``[1,2]`` into ``["1", "2"]`` silently."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    from harness.config import ConfigValueError
-
-    for override in OverridesParser.create().parse_overrides(overrides):
-        value = override.value()
-        if not isinstance(value, list) or all(isinstance(v, str) for v in value):
-            continue
-        *parents, name = override.key_or_group.split(".")
-        owner = obj
-        for part in parents:
-            owner = owner.get(part) if isinstance(owner, dict) else getattr(owner, part, None)
-        if not dataclasses.is_dataclass(owner) or name not in typing.get_type_hints(type(owner)):
-            continue
-        hint = typing.get_type_hints(type(owner))[name]
-        lists = [hint] + list(typing.get_args(hint))  # Optional[list[str]] holds list[str]
-        if any(typing.get_origin(h) is list and typing.get_args(h) == (str,) for h in lists):
-            bad = next(v for v in value if not isinstance(v, str))
-            quoted = "[" + ",".join(f"'{v}'" for v in value) + "]"
-            raise ConfigValueError(f"{override.key_or_group}={value!r} must be a list of strings, but {bad!r} is of "
-                                   f"type {type(bad).__name__}; quote each item: {override.key_or_group}={quoted}")
-
-
-def to_experiment(cfg, OmegaConf):
-    from harness.runner import Experiment
-
-    obj = OmegaConf.to_object(cfg)
-    plain = OmegaConf.to_container(cfg, resolve=True)
-    plain.pop("defaults", None)
-    return Experiment(
-        model=obj.model,
-        task=obj.task,
-        methods={name: obj.method[name] for name in obj.methods},
-        run=obj.run,
-        sampling=obj.sampling,
-        config=plain,
-    )
-
-
-def model_paths_as_presets(override: str) -> str:
-    """``model=zoo-target,Qwen/Qwen2.5-0.5B,/models/x``: a hub id or local path in a model
-    sweep becomes a preset of its own (registered here, named after it), so presets and any
-    causal LM can be swept together."""
-    import re
-
-    from hydra.core.config_store import ConfigStore
-
-    key, _, value = override.partition("=")
-    if key.lstrip("+") != "model" or "," not in value:
-        return override
-    names = []
-    for v in value.split(","):
-        v = v.strip()
-        if v in MODELS.names():
-            names.append(v)
-            continue
-        if "/" not in v and not resolve_repo_path(v).exists():
-            raise UnknownName(f"unknown model '{v}' in the sweep: not a preset ({', '.join(MODELS.names())}) "
-                              "nor a local directory; give a hub id as owner/name or a path")
-        name = re.sub(r"[^A-Za-z0-9_.-]+", "--", v).strip("-")
-        ConfigStore.instance().store(group="model", name=name, node=ModelConfig(name=v, path=v))
-        names.append(name)
-    return f"{key}={','.join(names)}"
+    return hydra_setup.compose(overrides + args.overrides)
 
 
 def cmd_multirun(args: argparse.Namespace) -> int:
@@ -252,7 +146,7 @@ def cmd_multirun(args: argparse.Namespace) -> int:
     if not any(o.split("=", 1)[0] == "methods" for o in args.overrides):
         base.append(f"methods=[{','.join(methods)}]")
     root = Path(args.out or f"results/runs/sweep-{datetime.now():%Y%m%d-%H%M%S}").resolve()
-    user = [model_paths_as_presets(o) for o in args.overrides]
+    user = [hydra_setup.model_paths_as_presets(o) for o in args.overrides]
     launcher = args.launcher or "basic"
     for o in list(user):
         if o.startswith("hydra/launcher="):
@@ -282,10 +176,10 @@ def cmd_run_args(args: argparse.Namespace) -> int:
     exp = None
     try:
         from harness import runner
+        from harness.engine import quiet_transformers
 
         quiet_transformers()
-        cfg, OmegaConf = compose(args)
-        exp = to_experiment(cfg, OmegaConf)
+        exp = hydra_setup.to_experiment(compose(args))
         exp.run.out = str(runner.out_dir(exp.run))  # named now, so an interrupt can say where the records are
         result = runner.run(exp)
     except (KeyboardInterrupt, Terminated) as stop:
@@ -319,35 +213,6 @@ def saved_records(out: str | None) -> str:
     except Exception:  # noqa: BLE001 - a summary line; the records themselves are untouched
         count = "the finished"
     return f"{count} records saved in {out}; rerun the same command (same --out) to resume"
-
-
-def quiet_transformers() -> None:
-    import transformers
-
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-
-
-def one_line(exc: BaseException) -> str:
-    from harness.browser import BrowserError
-    from harness.config import ConfigValueError
-    from harness.engine import ModelLoadError
-    from harness.gate import BaselineError
-    from harness.page import PageError
-    from harness.results import RunDirError
-    from harness.runner import HarnessError
-    from harness.sweep import SweepError
-    from tasks.base import TaskDataError
-
-    known = (HarnessError, ModelLoadError, RunDirError, TaskDataError, UnknownName, SweepError, ConfigValueError,
-             BaselineError, PageError, BrowserError)  # fmt: skip
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    if isinstance(exc, known):
-        return text
-    name = type(exc).__name__
-    if "ConfigComposition" in name or "OverrideParse" in name or "ConfigKey" in name or "Validation" in name:
-        return f"bad config override: {text} (see `harness run --help` for the valid keys)"
-    return f"{name}: {text} (rerun with --debug for the traceback)"
 
 
 def guarded(debug: bool, fn) -> int:
@@ -472,23 +337,36 @@ def cmd_profile(argv: list[str]) -> int:
     args = parser.parse_intermixed_args(argv)
 
     def go() -> int:
+        from harness.engine import quiet_transformers
         from harness.profile import profile
 
         methods = method_list(args.methods)
         if len(methods) != 1:
             raise UnknownName(f"profile one method at a time, got {len(methods)}: --methods NAME")
         quiet_transformers()
-        cfg, OmegaConf = compose(args)
-        print(profile(to_experiment(cfg, OmegaConf), methods[0], top=args.top).table())
+        print(profile(hydra_setup.to_experiment(compose(args)), methods[0], top=args.top).table())
         return 0
 
     return guarded(args.debug, go)
 
 
-def cmd_list() -> int:
-    for title, reg in (("methods", METHODS), ("tasks", TASKS), ("models", MODELS)):
-        print(f"{title}: {', '.join(reg.names())}")
-    return 0
+def cmd_list(argv: list[str]) -> int:
+    from harness.catalogue import KINDS, catalogue
+
+    p = argparse.ArgumentParser(prog="harness list", description="What the registry holds: methods, tasks, models.")
+    p.add_argument("kinds", nargs="*", metavar="KIND", help=f"only these ({', '.join(KINDS)}); naming one shows every setting")
+    p.add_argument("--verbose", "-v", action="store_true", help="every config field and its default")
+    p.add_argument("--debug", action="store_true")
+    args = p.parse_args(argv)
+    kinds = tuple(args.kinds) or KINDS
+
+    def go() -> int:
+        if unknown := [k for k in kinds if k not in KINDS]:
+            raise UnknownName(f"harness list {' '.join(unknown)}: list one of {', '.join(KINDS)} (or nothing for all)")
+        print(catalogue(kinds, verbose=args.verbose or bool(args.kinds)))
+        return 0
+
+    return guarded(args.debug, go)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -515,7 +393,7 @@ def dispatch(argv: list[str]) -> int:
     if command == "run":
         return cmd_run(rest)
     if command == "list":
-        return cmd_list()
+        return cmd_list(rest)
     if command == "profile":
         return cmd_profile(rest)
     if command == "leaderboard":

@@ -1,4 +1,4 @@
-"""Compiled execution (``model.compile=true``): a static KV cache and ``torch.compile``.
+"""The compiled mode (``model.compile=true``): a static KV cache and ``torch.compile``.
 
 The engine's interface does not change (``forward`` with explicit positions and custom
 masks, the cache's ``truncate`` / ``keep`` / ``len``), so methods run unmodified. What
@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache, StaticCache
 
-from harness.engine import KVCache
+from harness.kvcache import KVCache
 
 # dynamo keeps at most this many graphs per compiled function (all engines of the process
 # share one function): enough for every bucket of a target, its drafts and a cache regrowth

@@ -49,7 +49,7 @@ class ModelConfig:
     seed: int = 0  # seed for random_init
     trust_remote_code: bool = False  # only when you trust the model's repository
     draft: Optional[str] = None  # default draft model (registry name or path) for `speculative`
-    # Compiled execution (harness/compiled.py): a static KV cache and torch.compile'd forwards
+    # The compiled mode (harness/compiled.py): a static KV cache and torch.compile'd forwards
     # (CUDA graphs on CUDA) for the baseline and every method; compiling happens in the warm-up
     compile: bool = False  # false = eager transformers forwards over a growing cache
     # forward sizes compiled (tokens): a forward is padded to the next one; a longer one (a prompt) runs eagerly.
@@ -113,7 +113,7 @@ class RunSettings:
     execute: bool = False  # run each completion against the task's tests in a sandbox (pass@1); opt-in
     execute_workers: int = 1  # sandboxed programs run at a time
     # "full": run.execute=true refuses to run unless the sandbox has every isolation layer
-    # (harness/execution/__init__.py); "weak": run with what this machine has, recorded as weak
+    # (harness/sandbox/__init__.py); "weak": run with what this machine has, recorded as weak
     # in the manifest, execution.jsonl, summary.csv and the leaderboards' pass@1 column
     execute_isolation: str = "full"
 
@@ -127,10 +127,3 @@ class RunSettings:
         require(self.execute_workers >= 1, "run.execute_workers", self.execute_workers, "must be >= 1")
         require(self.execute_isolation in ("full", "weak"), "run.execute_isolation", self.execute_isolation,
                 "must be full or weak")  # fmt: skip
-
-
-@dataclass
-class RunConfig:
-    methods: list[str] = field(default_factory=lambda: ["autoregressive"])
-    run: RunSettings = field(default_factory=RunSettings)
-    sampling: SamplingConfig = field(default_factory=SamplingConfig)

@@ -34,8 +34,9 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from harness.errors import HarnessError
+from harness.paths import default_cache_dir, replace_dir
 from harness.results import load_json_file
-from harness.runner import HarnessError
 
 FORMAT = 1
 TOKENS_FILE, SA_FILE, MANIFEST_FILE = "tokens.npy", "sa.npy", "manifest.json"
@@ -48,8 +49,6 @@ class DatastoreError(HarnessError):
 
 def default_datastore_dir(name: str = "zoo") -> Path:
     """``$HARNESS_CACHE/datastore/<name>`` (``$HARNESS_CACHE`` defaults to ``~/.cache/harness``)."""
-    from harness.train.lm import default_cache_dir  # noqa: PLC0415
-
     return default_cache_dir() / "datastore" / name
 
 
@@ -238,7 +237,6 @@ class Datastore:
 
 def build(tokens: np.ndarray, sources: list[dict], tokenizer: dict, out: Path, log=print) -> Datastore:
     """Suffix array of ``tokens`` and the manifest, written to ``out`` (replacing it)."""
-    from harness.paths import replace_dir  # noqa: PLC0415
 
     arr = np.asarray(tokens, dtype=np.int64)
     if arr.size == 0:

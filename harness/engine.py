@@ -9,7 +9,7 @@ custom attention mask is passed as the 4-D float mask transformers accepts
 (``[1, 1, new, cached + new]``, 0 = attend, -inf = blocked) together with explicit
 position ids, which is how trees and SPACE chunks are verified in one forward.
 Sliding-window layers get the window added to that mask (one mask per layer type), and
-their cache keeps every entry so it can roll back (see ``KVCache``, ``_attention_mask``).
+their cache keeps every entry so it can roll back (see harness/kvcache.py, ``_attention_mask``).
 A ``LayerSkip`` forward (self-speculation, ``swift``) leaves sublayers out, and an ``Injection``
 forward (``hidden-transfer``, ``firp``) adds rows of hidden states at one decoder layer; both call
 the model's own modules one by one (``_layerwise_forward``), Llama-family decoders only.
@@ -30,16 +30,19 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, DynamicCache
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+from harness.compiled import CompiledForward
 from harness.config import ModelConfig
+from harness.errors import HarnessError
+from harness.kvcache import KVCache
 from harness.paths import is_path_like, resolve_repo_path
 from harness.registry import MODELS
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-class ModelLoadError(Exception):
+class ModelLoadError(HarnessError):
     """The model or tokenizer could not be loaded; the message says why and what to do."""
 
 
@@ -90,52 +93,6 @@ class Injection:
 # model is ``embed -> layers -> norm -> lm_head``: the ones a LayerSkip forward can run by calling
 # their own modules (tests/test_swift.py checks each against the plain forward)
 SKIPPABLE = ("llama", "mistral", "qwen2")
-
-
-class KVCache:
-    """A transformers ``DynamicCache`` with the two edits speculative methods need.
-
-    ``truncate(n)`` drops everything after the first n entries (rollback).
-    ``keep(indices)`` makes the cache equal to ``cache[indices]`` along the sequence,
-    moving only the entries that are not already in place (tree / SPACE compaction).
-
-    Sliding-window layers (Mistral, Gemma 2/3, Qwen2 with a window) keep every entry here,
-    not only the last window: a window-sized cache cannot roll back past what it dropped.
-    The window is applied by the attention mask instead (``Engine.forward``).
-    """
-
-    def __init__(self, config):
-        self.inner = DynamicCache(config=config)
-        if any(self.inner.is_sliding):
-            self.inner = DynamicCache()  # every layer a full one
-
-    def __len__(self) -> int:
-        return self.inner.get_seq_length()
-
-    def truncate(self, length: int) -> None:
-        if len(self) < length:
-            raise ValueError(f"cannot truncate a cache of {len(self)} entries to {length}")
-        # per layer, to an absolute length: after a LayerSkip or Injection forward the layers differ
-        for layer in self.inner.layers:
-            surplus = layer.get_seq_length() - length
-            if surplus > 0:
-                layer.crop(-surplus)
-
-    @torch.inference_mode()
-    def keep(self, indices: list[int] | torch.Tensor) -> None:
-        idx = torch.as_tensor(indices, dtype=torch.long).flatten()
-        n = len(self)
-        if idx.numel() and (idx.min() < 0 or idx.max() >= n or (idx[1:] <= idx[:-1]).any()):
-            raise ValueError(f"keep() needs strictly increasing indices in [0, {n}), got {idx.tolist()}")
-        target = torch.arange(idx.numel())
-        moved = (idx != target).nonzero().flatten()
-        if moved.numel():
-            start = int(moved[0])  # entries before this one are already in place
-            src = idx[start:]
-            for layer in self.inner.layers:
-                for tensor in (layer.keys, layer.values):
-                    tensor[:, :, start : idx.numel()] = tensor.index_select(2, src.to(tensor.device))
-        self.truncate(idx.numel())
 
 
 class ForwardTimer:
@@ -265,12 +222,9 @@ class Engine:
         self.timer: Optional[ForwardTimer] = None  # per-forward times, between start_timing() and stop_timing()
         self.last_timer: Optional[ForwardTimer] = None  # the timer stop_timing() last read (its end_offsets)
         self.sliding_window, self.layer_types = attention_layout(model.config)
-        # model.compile=true: static KV cache + torch.compile'd forwards (harness/compiled.py);
-        # None = eager. Imported here: harness.compiled builds on this module's KVCache.
+        # model.compile=true: static KV cache + torch.compile'd forwards (harness/compiled.py); None = eager
         self.compiled = None
         if cfg.compile:
-            from harness.compiled import CompiledForward  # noqa: PLC0415
-
             self.compiled = CompiledForward(model, device, self.dtype, cfg.compile_buckets,
                                             cfg.compile_cache_len or min(self.max_length, 2048))  # fmt: skip
 
@@ -351,7 +305,7 @@ class Engine:
         return self.compiled.new_cache() if self.compiled is not None else KVCache(self.config)
 
     def compile_module(self, module: torch.nn.Module) -> torch.nn.Module:
-        """``module`` run in this engine's execution mode: compiled when model.compile=true (a
+        """``module`` run in this engine's mode: compiled when model.compile=true (a
         method's own model parts, e.g. Medusa heads), else unchanged."""
         return self.compiled.compile_module(module) if self.compiled is not None else module
 
@@ -618,6 +572,14 @@ class Engine:
         if self.device.type == "cuda":
             return int(torch.cuda.max_memory_allocated(self.device))
         return peak_rss()
+
+
+def quiet_transformers() -> None:
+    """transformers' warnings and progress bars off (the command line's runs print their own)."""
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
 
 
 def reset_peak_rss() -> None:

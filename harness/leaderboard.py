@@ -11,14 +11,44 @@ from __future__ import annotations
 
 import io
 import json
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Optional
 
 import pandas as pd
 from tabulate import tabulate
 
-from harness.report import REFERENCE, Runs, header, metrics, provenance
-from harness.results import REPETITION_NOTE, STOP_NOTE, pass_at_1_label
+from harness.report import REFERENCE, Runs, dropped_note, header, metrics, provenance
+from harness.results import commit_of
+
+
+# the legend of the `repetition` column, in every table that shows it
+REPETITION_NOTE = (
+    "repetition: mean share of generated tokens inside a 4-gram already seen earlier in the prompt or the output "
+    "(equal across methods whose outputs equal the reference's); where it is high, copy-based methods "
+    "(prompt lookup) gain by copying repeated text or loops, not by predicting new text."
+)
+
+
+# the legend of the `stop_reasons` column
+STOP_NOTE = (
+    "stop_reasons: how the outputs ended (eos = the model's end token, stop = a stop string of the task, "
+    "max = max_new_tokens); every lossless method must show the reference's counts."
+)
+
+
+def pass_at_1_label(row: dict) -> str:
+    """A leaderboard's pass@1 cell: the figure, its denominators, and any isolation below full."""
+    judged, skipped = row.get("pass@1_judged"), row.get("pass@1_skipped")
+    if judged is None or judged != judged:  # no execution results for this row
+        return ""
+    value = row.get("pass@1")
+    text = f"{value:.3f}" if value is not None and value == value else "n/a"
+    text += f" ({int(judged)} judged, {int(skipped)} skipped)"
+    isolation = row.get("pass@1_isolation") or "unrecorded"
+    return text if isolation == "full" or not judged else f"{text}, {isolation.upper()} isolation"
+
+
 
 SHOWN = [
     "method", "task", "samples", "exact_match", "ties", "mismatches", "mean_accepted_tokens", "tokens_per_s",
@@ -164,3 +194,27 @@ def write_plots(plots: dict[str, bytes], directory: Path) -> list[Path]:
         (directory / name).write_bytes(data)
         paths.append(directory / name)
     return paths
+
+
+def run_leaderboard(table: pd.DataFrame, manifest: dict, dropped: Optional[list[dict]] = None) -> str:
+    """A run directory's leaderboard.md: its summary table (``RunDir.write_summary``) with the run's header."""
+    shown = ["method", "task", "samples", "exact_match", "mean_accepted_tokens", "tokens_per_s", "speedup", "ties",
+             "mismatches", "lossless", "repetition", "stop_reasons"] + [c for c in ("pass@1",) if c in table.columns]  # fmt: skip
+    env = manifest.get("environment", {})
+    model = manifest.get("model", {})
+    head = (
+        f"# Leaderboard\n\nmodel: {model.get('label', '?')} | device: {env.get('device', '?')} "
+        f"({env.get('device_name', '?')}) | dtype: {model.get('dtype', '?')} | "
+        f"execution: {(manifest.get('execution') or {}).get('mode', 'eager')} | "  # model.compile (eager before it existed)
+        f"threads: {env.get('threads', '?')} | commit: {commit_of(manifest)} | "
+        f"generated {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC\n\n"
+        "speedup = tokens/s over `autoregressive` in this run; exact_match = share of outputs equal to greedy "
+        "`autoregressive` token for token; mean_accepted_tokens = new tokens per target forward; "
+        f"{REPETITION_NOTE} {STOP_NOTE}\n\n"
+    )
+    if dropped:
+        head += dropped_note(dropped) + " (task.too_long=drop).\n\n"
+    if "pass@1" in table.columns:
+        table = table.assign(**{"pass@1": [pass_at_1_label(r) for r in table.to_dict("records")]})
+    body = tabulate(table[shown], headers="keys", tablefmt="github", showindex=False, floatfmt=".3f")
+    return head + body + "\n"

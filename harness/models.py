@@ -11,6 +11,6 @@ RANDOM_TINY = ModelConfig(name="random-tiny (UNTRAINED)", path="zoo/random-tiny"
 # through the same path as any Hugging Face model.
 ZOO_TARGET = ModelConfig(name="zoo-target", path="zoo/target", draft="zoo-draft")
 ZOO_DRAFT = ModelConfig(name="zoo-draft", path="zoo/draft")
-# Later zoo members: the SPACE fine-tune of the zoo target (decode it with `space`; the
+# Later zoo members: the SPACE fine-tune of the zoo target (generate with `space`; the
 # losslessness reference is then autoregressive decoding of this same fine-tuned model).
 ZOO_SPACE = ModelConfig(name="zoo-space", path="zoo/target-space")

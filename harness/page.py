@@ -23,7 +23,8 @@ from typing import Callable, Optional
 import pandas as pd
 
 from harness.report import REFERENCE, Runs, header, provenance
-from harness.results import REPETITION_NOTE, STOP_NOTE, RunDir, pass_at_1_label
+from harness.leaderboard import REPETITION_NOTE, STOP_NOTE, pass_at_1_label
+from harness.results import RunDir
 
 # methods whose drafts copy text already seen (the prompt, the output, a corpus or the reference):
 # their speedup grows with the repetition column, not with how well anything predicts new text

@@ -1,4 +1,4 @@
-"""Where things live: the repository root, the shipped zoo and the default data directory."""
+"""Where things live: the repository root, the shipped zoo, the data directory and the cache."""
 
 from __future__ import annotations
 
@@ -8,12 +8,19 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 ZOO_DIR = REPO_ROOT / "zoo"
 DATA_ENV = "HARNESS_DATA_DIR"
+CACHE_ENV = "HARNESS_CACHE"
 
 
 def default_data_dir() -> Path:
     """``$HARNESS_DATA_DIR`` if set, else ``../shared/datasets`` beside the repository."""
     env = os.environ.get(DATA_ENV)
     return Path(env) if env else REPO_ROOT.parent / "shared" / "datasets"
+
+
+def default_cache_dir() -> Path:
+    """``$HARNESS_CACHE`` or ``~/.cache/harness`` (checkpoints, datastores and intermediate data live here)."""
+    env = os.environ.get(CACHE_ENV)
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "harness"
 
 
 def resolve_repo_path(path: str | os.PathLike) -> Path:

@@ -57,7 +57,7 @@ def profile(exp, method_name: str, top: int = 15) -> ProfileReport:
     from harness.engine import Engine
     from harness.registry import TASKS
     from harness.runner import build_methods, encode, stop_strings
-    from methods.base import StopRule
+    from harness.stops import StopRule
     from tasks.base import render_prompt
 
     settings = exp.run

@@ -14,8 +14,10 @@ import importlib
 from dataclasses import dataclass
 from importlib.metadata import entry_points
 
+from harness.errors import HarnessError
 
-class UnknownName(KeyError):
+
+class UnknownName(HarnessError, KeyError):
     """An unknown registry name; the message lists the valid ones."""
 
     def __str__(self) -> str:  # KeyError quotes its message; we want plain text

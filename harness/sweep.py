@@ -24,6 +24,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from harness.errors import HarnessError
+
 # launcher name -> (module that provides it, pip extra of this project that installs it)
 LAUNCHERS: dict[str, tuple[str, str]] = {
     "basic": ("hydra._internal.core_plugins.basic_launcher", ""),
@@ -35,7 +37,7 @@ LAUNCHERS: dict[str, tuple[str, str]] = {
 ERROR_FILE = "job_error.txt"  # written into a job's run directory when the job fails
 
 
-class SweepError(RuntimeError):
+class SweepError(HarnessError, RuntimeError):
     pass
 
 
@@ -120,7 +122,7 @@ def launch(sweep: SweepPlan) -> tuple[int, int]:
     """Run the sweep through ``hydra.main``; returns (jobs done, jobs failed)."""
     import hydra
 
-    from harness.cli import ROOT, register_configs
+    from harness.hydra_setup import ROOT, register_configs
 
     register_configs()
     app = hydra.main(version_base=None, config_path=None, config_name=ROOT)(run_job)
@@ -149,8 +151,10 @@ def run_job(cfg) -> dict:
     from omegaconf import open_dict
 
     from harness import runner
-    from harness.cli import one_line, quiet_transformers, to_experiment
     from harness.devices import claim_device
+    from harness.engine import quiet_transformers
+    from harness.errors import one_line
+    from harness.hydra_setup import to_experiment
 
     out = Path(HydraConfig.get().runtime.output_dir)
     err_file = out / ERROR_FILE
@@ -161,9 +165,7 @@ def run_job(cfg) -> dict:
         with claim_device(cfg.model.device) as device:
             with open_dict(cfg):
                 cfg.model.device = device
-            from omegaconf import OmegaConf
-
-            result = runner.run(to_experiment(cfg, OmegaConf))
+            result = runner.run(to_experiment(cfg))
         err_file.unlink(missing_ok=True)
         print(f"[sweep] job done: {result.path}", flush=True)
         return {"status": "ok", "path": str(result.path), "pid": os.getpid()}

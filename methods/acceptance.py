@@ -23,7 +23,8 @@ import torch
 
 from harness.config import SamplingConfig
 from harness.engine import Engine
-from methods.base import Generation, StopRule, probabilities
+from harness.stops import StopRule
+from methods.base import Generation, probabilities
 from methods.verifier import Verifier, mean
 
 Draft = Sequence[int] | torch.Tensor  # proposed tokens d_1..d_g (a list, or a 1-D tensor on any device)

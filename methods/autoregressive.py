@@ -10,7 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from harness.config import MethodConfig
-from methods.base import Committer, Generation, Method, StopRule, make_generator, next_token
+from harness.stops import Committer, StopRule
+from methods.base import Generation, Method, make_generator, next_token
 
 
 @dataclass
@@ -19,6 +20,8 @@ class AutoregressiveConfig(MethodConfig):
 
 
 class Autoregressive(Method):
+    """Plain autoregressive decoding, one target forward per token: the baseline every method is measured against."""
+
     config_class = AutoregressiveConfig
 
     def generate(self, prompt_ids: list[int], stop: StopRule, seed: int = 0) -> Generation:

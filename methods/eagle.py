@@ -35,7 +35,8 @@ import torch
 from harness.config import MethodConfig, SamplingConfig
 from harness.drafters.eagle import EagleHead, EagleHeadError, HeadCache, load_head
 from harness.engine import Engine, ForwardOutput
-from methods.base import EAGLE_HEAD, Generation, Method, StopRule, make_generator, probabilities
+from harness.stops import StopRule
+from methods.base import EAGLE_HEAD, Generation, Method, make_generator, probabilities
 from methods.tree import DraftTree, TreeError, TreeVerifier
 
 TREES: dict[str, list[tuple[int, ...]]] = {
@@ -201,8 +202,11 @@ def load_method_head(path: str, engine: Engine, version: int, method: str) -> Ea
 
 
 class Eagle(Method):
+    """EAGLE: a one-layer draft head over the target's features drafts a static token tree."""
+
     config_class = EagleConfig
     needs = (EAGLE_HEAD,)
+    main_settings = ("tree",)
     verifier_class = EagleVerifier  # the shared tree step (a test swaps in a broken one as its negative control)
     head_version = 1  # the head this method reads (EAGLE-1/2 heads: the target's last hidden state)
 
@@ -228,15 +232,12 @@ class Eagle(Method):
         self.max_depth = max(len(c) for c in self.choices)
         self.inner_paths = {c[:-1] for c in self.choices if len(c) > 1}  # nodes with children
 
-    def generate(self, prompt_ids: list[int], stop: StopRule, seed: int = 0) -> Generation:
-        return self.decode(prompt_ids, stop, seed)
-
     def headroom(self) -> int:
         """The deepest node of the last step sits max_depth - 1 positions past a full-length output."""
         return self.max_depth - 1
 
     @torch.inference_mode()
-    def decode(self, prompt_ids: list[int], stop: StopRule, seed: int = 0) -> Generation:
+    def generate(self, prompt_ids: list[int], stop: StopRule, seed: int = 0) -> Generation:
         self.check_context(len(prompt_ids), stop)
         verifier = self.verifier_class(self.engine, self.sampling, stop, prompt_ids, seed, hidden=self.features)
         drafter = HeadDrafter(self.head, self.engine)

@@ -22,5 +22,7 @@ class Eagle3Config(Eagle2Config):
 
 
 class Eagle3(Eagle2):
+    """EAGLE-3: EAGLE-2's dynamic tree drafted by an EAGLE-3 head (the target's low, middle and high features)."""
+
     config_class = Eagle3Config
     head_version = 3  # fused low / mid / high target features, draft vocabulary

@@ -20,24 +20,28 @@ from transformers import GenerationConfig
 
 from harness.config import MethodConfig, SamplingConfig
 from harness.engine import Engine
-from methods.base import DRAFT_MODEL, Generation, Method, StopRule
+from harness.stops import StopRule
+from methods.base import DRAFT_MODEL, Generation, Method
 from methods.hf_generate import counting_calls, hf_generate, require_greedy
-from methods.speculative import load_draft
+from methods.speculative import SpeculativeConfig, load_draft
 
 
 @dataclass
 class HFAssistedConfig(MethodConfig):
     name: str = "hf-assisted"
     draft: Optional[str] = None  # draft model: registry name or hub id / local path; None = the target's `draft`
-    num_assistant_tokens: int = 2  # draft tokens per step (start value under "heuristic"); same as `speculative`
+    num_assistant_tokens: int = SpeculativeConfig.gamma  # draft tokens per step (start value under "heuristic"): speculative's gamma
     num_assistant_tokens_schedule: str = "constant"  # constant | heuristic | heuristic_transient
     assistant_confidence_threshold: float = 0.0  # 0 = always draft num_assistant_tokens tokens
 
 
 class HFAssisted(Method):
+    """transformers' assisted generation (greedy): a draft model proposes, transformers verifies."""
+
     config_class = HFAssistedConfig
     needs = (DRAFT_MODEL,)
     greedy_only = True
+    main_settings = ("num_assistant_tokens",)
 
     def __init__(
         self, cfg: HFAssistedConfig, engine: Engine, sampling: SamplingConfig, draft: Optional[Engine] = None

@@ -25,7 +25,8 @@ from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaLis
 
 from harness.config import MethodConfig, SamplingConfig
 from harness.engine import Engine
-from methods.base import Committer, Generation, Method, StopRule, StopStrings
+from harness.stops import Committer, StopRule, StopStrings
+from methods.base import Generation, Method
 
 
 @dataclass
@@ -111,9 +112,10 @@ def require_greedy(name: str, sampling: SamplingConfig) -> None:
 
 
 class HFGenerate(Method):
+    """transformers' own `generate` (greedy): an independent reference implementation."""
+
     config_class = HFGenerateConfig
     greedy_only = True
-    family = "reference"
 
     def generate(self, prompt_ids: list[int], stop: StopRule, seed: int = 0) -> Generation:
         require_greedy(self.cfg.name, self.sampling)

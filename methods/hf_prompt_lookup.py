@@ -13,7 +13,8 @@ from dataclasses import dataclass
 
 from harness.config import MethodConfig, SamplingConfig
 from harness.engine import Engine
-from methods.base import Generation, Method, StopRule
+from harness.stops import StopRule
+from methods.base import Generation, Method
 from methods.hf_generate import counting_calls, hf_generate, require_greedy
 
 
@@ -25,8 +26,11 @@ class HFPromptLookupConfig(MethodConfig):
 
 
 class HFPromptLookup(Method):
+    """transformers' prompt lookup decoding (greedy)."""
+
     config_class = HFPromptLookupConfig
     greedy_only = True
+    main_settings = ("prompt_lookup_num_tokens", "max_matching_ngram_size")
 
     def __init__(self, cfg: HFPromptLookupConfig, engine: Engine, sampling: SamplingConfig):
         super().__init__(cfg, engine, sampling)

@@ -47,20 +47,19 @@ from dataclasses import dataclass, field
 import torch
 
 from harness.config import ConfigValueError, MethodConfig, SamplingConfig
-from harness.engine import Engine, KVCache
-from methods.base import Generation, Method, StopRule
+from harness.engine import Engine
+from harness.kvcache import KVCache
+from harness.stops import StopRule
+from methods.base import Generation, Method
 from methods.tree import DraftTree, TreeVerifier
 
 
-# Defaults chosen by make tables on HumanEval's tuning split (results/lookahead-wng.md, 20 problems, 2-core
-# Intel Xeon, one thread): W=2, N=3, G=2 with the context pool was the fastest setting (1.03x; W=4, G=4 0.98x,
-# overlapping intervals; N=5 accepts more tokens per step but its step costs more); without the prompt's
-# n-grams in the pool lookahead loses here.
 @dataclass
 class LookaheadConfig(MethodConfig):
     name: str = "lookahead"
+    # (W, N, G): the fastest point on HumanEval's tuning split in results/lookahead-wng.md (make tables-lookahead)
     window: int = 2  # W: columns of the Jacobi window (future positions guessed per level)
-    ngram: int = 3  # N: n-gram size (3: fastest on the tuning split, results/lookahead-wng.md); the window keeps N-1 Jacobi levels and a candidate is N-1 tokens (2: plain Jacobi)
+    ngram: int = 3  # N: n-gram size; the window keeps N-1 Jacobi levels and a candidate is N-1 tokens (2: plain Jacobi)
     candidates: int = 2  # G: pool n-grams verified per step at most; also the pool's capacity per first token (0: none)
     context_pool: bool = True  # also seed the pool with the prompt's n-grams and add the committed output's
 
@@ -192,8 +191,11 @@ class Trie:
 
 # ---- the method ---------------------------------------------------------------------------
 class Lookahead(Method):
+    """Lookahead decoding: Jacobi iterations and n-gram verification in one forward."""
+
     config_class = LookaheadConfig
     verifier_class = TreeVerifier  # the shared tree step (a test swaps in a broken one as its negative control)
+    main_settings = ("window", "ngram", "candidates")
 
     def __init__(self, cfg: LookaheadConfig, engine: Engine, sampling: SamplingConfig):
         super().__init__(cfg, engine, sampling)
@@ -205,10 +207,10 @@ class Lookahead(Method):
         return self.cfg.window + self.cfg.ngram - 3
 
     def generate(self, prompt_ids: list[int], stop: StopRule, seed: int = 0) -> Generation:
-        return self.decode(prompt_ids, stop, seed)[0]
+        return self.loop(prompt_ids, stop, seed)[0]
 
     @torch.inference_mode()
-    def decode(self, prompt_ids: list[int], stop: StopRule, seed: int = 0) -> tuple[Generation, KVCache]:
+    def loop(self, prompt_ids: list[int], stop: StopRule, seed: int = 0) -> tuple[Generation, KVCache]:
         """The loop; also returns the cache, which then holds prompt + tokens but the last."""
         self.check_context(len(prompt_ids), stop)
         cfg, engine = self.cfg, self.engine

@@ -30,9 +30,11 @@ from typing import Optional
 import torch
 
 from harness.config import MethodConfig, SamplingConfig
-from harness.engine import Engine, KVCache
+from harness.engine import Engine
+from harness.kvcache import KVCache
 from harness.paths import resolve_repo_path
-from methods.base import MEDUSA_HEADS, Generation, Method, StopRule, probabilities
+from harness.stops import StopRule
+from methods.base import MEDUSA_HEADS, Generation, Method, probabilities
 from methods.tree import DraftTree, TreeError, TreeShape, TreeVerifier, tree_shape
 
 Choices = tuple[tuple[int, ...], ...]
@@ -59,9 +61,8 @@ ACCEPTANCE = ("greedy", "typical", "rejection")
 class MedusaConfig(MethodConfig):
     name: str = "medusa"
     heads: str = "zoo/target-medusa"  # directory (or weights file) of the heads; ours or upstream's format
-    # chain | small | large (see methods.medusa.TREES; compared on the tuning split by make tables:
-    # results/medusa-trees.md: chain 0.89x, small 0.88x, large 0.71x on 2 Intel Xeon cores, one thread;
-    # chain and small within noise, chain the faster); ignored when `choices` is set
+    # chain | small | large (see methods.medusa.TREES): the fastest on HumanEval's tuning split in
+    # results/medusa-trees.md (make tables-medusa); ignored when `choices` is set
     tree: str = "chain"
     choices: Optional[list[list[int]]] = None  # explicit tree, e.g. [[0],[1],[0,0]]
     acceptance: str = "greedy"  # sampling rule: greedy | rejection (lossless) | typical (lossy); greedy decoding always uses greedy
@@ -127,9 +128,13 @@ def node_tokens(tree: MedusaTree, root: int, logits: torch.Tensor) -> torch.Tens
 
 
 class Medusa(Method):
+    """Medusa: extra decoding heads propose a token tree, one target forward verifies it."""
+
     config_class = MedusaConfig
     needs = (MEDUSA_HEADS,)
     lossless_sampling = {"acceptance": "rejection"}
+    lossy_when = "acceptance=typical"
+    main_settings = ("tree", "acceptance")
     verifier_class = TreeVerifier  # the shared tree step (a test swaps in a broken one as its negative control)
 
     def __init__(self, cfg: MedusaConfig, engine: Engine, sampling: SamplingConfig, heads: Optional[torch.nn.Module] = None):
@@ -139,7 +144,7 @@ class Medusa(Method):
         if sampling.do_sample and cfg.acceptance == "greedy":
             raise ValueError("method.medusa.acceptance=greedy cannot sample; use rejection (lossless) or typical (lossy)")
         if heads is None:
-            from methods.medusa_heads import load_heads  # noqa: PLC0415
+            from harness.drafters.medusa import load_heads  # noqa: PLC0415
 
             lm_head = engine.model.get_output_embeddings().weight
             heads = load_heads(resolve_repo_path(cfg.heads), hidden_size=lm_head.shape[1], vocab_size=lm_head.shape[0])
@@ -151,7 +156,7 @@ class Medusa(Method):
         self.mode = cfg.acceptance if sampling.do_sample else "greedy"
 
     def generate(self, prompt_ids: list[int], stop: StopRule, seed: int = 0) -> Generation:
-        return self.decode(prompt_ids, stop, seed)[0]
+        return self.loop(prompt_ids, stop, seed)[0]
 
     def headroom(self) -> int:
         """A step's nodes sit up to the tree's depth past the last committed token: the deepest
@@ -159,7 +164,7 @@ class Medusa(Method):
         return self.tree.max_depth - 1
 
     @torch.inference_mode()
-    def decode(self, prompt_ids: list[int], stop: StopRule, seed: int = 0) -> tuple[Generation, KVCache]:
+    def loop(self, prompt_ids: list[int], stop: StopRule, seed: int = 0) -> tuple[Generation, KVCache]:
         """The loop; also returns the cache, which then holds prompt + tokens but the last."""
         self.check_context(len(prompt_ids), stop)
         verifier = self.verifier_class(self.engine, self.sampling, stop, prompt_ids, seed, hidden=True)

@@ -12,8 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from harness.config import MethodConfig
+from harness.stops import StopRule
 from methods.acceptance import ChainVerifier, NgramIndex
-from methods.base import Generation, Method, StopRule
+from methods.base import Generation, Method
 
 
 @dataclass
@@ -25,12 +26,15 @@ class PromptLookupConfig(MethodConfig):
 
 
 class PromptLookup(Method):
+    """Prompt lookup: drafts copied from where the context's last n-gram occurred before."""
+
     config_class = PromptLookupConfig
+    main_settings = ("num_tokens", "max_ngram")
 
     def generate(self, prompt_ids: list[int], stop: StopRule, seed: int = 0) -> Generation:
-        return self.decode(prompt_ids, stop, seed).result()
+        return self.loop(prompt_ids, stop, seed).result()
 
-    def decode(self, prompt_ids: list[int], stop: StopRule, seed: int = 0) -> ChainVerifier:
+    def loop(self, prompt_ids: list[int], stop: StopRule, seed: int = 0) -> ChainVerifier:
         cfg = self.cfg
         chain = ChainVerifier(self.engine, self.sampling, stop, prompt_ids, seed)
         index = NgramIndex(cfg.min_ngram, cfg.max_ngram)

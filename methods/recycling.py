@@ -40,7 +40,8 @@ import torch
 
 from harness.config import MethodConfig, SamplingConfig
 from harness.engine import Engine
-from methods.base import Generation, Method, StopRule
+from harness.stops import StopRule
+from methods.base import Generation, Method
 from methods.tree import DraftTree, TreeError, TreeVerifier, tree_shape
 
 Choices = tuple[tuple[int, ...], ...]
@@ -172,7 +173,10 @@ class AdjacencyTable:
 
 
 class Recycling(Method):
+    """Token Recycling: a tree drafted from the candidates earlier target forwards computed."""
+
     config_class = RecyclingConfig
+    main_settings = ("tree", "k")
     verifier_class = TreeVerifier  # the shared tree step (a test swaps in a broken one as its negative control)
 
     def __init__(self, cfg: RecyclingConfig, engine: Engine, sampling: SamplingConfig):

@@ -22,8 +22,9 @@ from typing import Optional
 
 from harness.config import MethodConfig, SamplingConfig
 from harness.engine import Engine
+from harness.stops import StopRule
 from methods.acceptance import ChainVerifier, ReferenceIndex
-from methods.base import Generation, Method, StopRule
+from methods.base import Generation, Method
 
 SOURCES = ("auto", "prompt", "sample")
 
@@ -38,7 +39,10 @@ class ReferenceLookupConfig(MethodConfig):
 
 
 class ReferenceLookup(Method):
+    """Reference lookup (LLMA): drafts copied from a reference text, the sample's when it has one, else the prompt."""
+
     config_class = ReferenceLookupConfig
+    main_settings = ("copy_tokens", "source")
     cfg: ReferenceLookupConfig
     uses_reference = True
 
@@ -66,11 +70,11 @@ class ReferenceLookup(Method):
         self, prompt_ids: list[int], stop: StopRule, seed: int = 0, reference_ids: Optional[list[int]] = None
     ) -> Generation:
         source = self.source_ids(prompt_ids, reference_ids)
-        chain = self.decode(prompt_ids, stop, source, seed)
+        chain = self.loop(prompt_ids, stop, source, seed)
         from_reference = self.cfg.source != "prompt" and reference_ids is not None  # else the prompt
         return chain.result(extra={"source_tokens": len(source), "from_reference": from_reference})
 
-    def decode(self, prompt_ids: list[int], stop: StopRule, source: list[int], seed: int = 0) -> ChainVerifier:
+    def loop(self, prompt_ids: list[int], stop: StopRule, source: list[int], seed: int = 0) -> ChainVerifier:
         cfg = self.cfg
         index = ReferenceIndex(source, cfg.min_match_tokens, cfg.match_tokens)
         chain = ChainVerifier(self.engine, self.sampling, stop, prompt_ids, seed)

@@ -32,9 +32,11 @@ from typing import Optional, Sequence
 
 from harness.config import MethodConfig, SamplingConfig
 from harness.datastore import Datastore, DatastoreError, default_datastore_dir, tokenizer_fingerprint
-from harness.engine import Engine, KVCache
+from harness.engine import Engine
+from harness.kvcache import KVCache
 from harness.paths import resolve_repo_path
-from methods.base import DATASTORE, Generation, Method, StopRule
+from harness.stops import StopRule
+from methods.base import DATASTORE, Generation, Method
 from methods.tree import DraftTree, TreeVerifier
 
 EDGE = 1 << 32  # trie edge key = parent * EDGE + token (token ids < 2^32)
@@ -94,8 +96,11 @@ class RestStats:
 
 
 class Rest(Method):
+    """REST: drafts retrieved from a token datastore, verified as a tree."""
+
     config_class = RestConfig
     needs = (DATASTORE,)
+    main_settings = ("max_nodes", "copy_tokens")
     cfg: RestConfig
     verifier_class = TreeVerifier  # the shared tree step (a test swaps in a broken one as its negative control)
 
@@ -112,9 +117,9 @@ class Rest(Method):
         self.store = datastore
 
     def generate(self, prompt_ids: list[int], stop: StopRule, seed: int = 0) -> Generation:
-        return self.decode(prompt_ids, stop, seed)[0]
+        return self.loop(prompt_ids, stop, seed)[0]
 
-    def decode(self, prompt_ids: list[int], stop: StopRule, seed: int = 0) -> tuple[Generation, KVCache]:
+    def loop(self, prompt_ids: list[int], stop: StopRule, seed: int = 0) -> tuple[Generation, KVCache]:
         """The loop; also returns the cache, which then holds prompt + tokens but the last."""
         self.check_context(len(prompt_ids), stop)
         verifier = self.verifier_class(self.engine, self.sampling, stop, prompt_ids, seed)

@@ -43,14 +43,17 @@ import torch
 
 from harness.config import MethodConfig
 from harness.engine import Engine
+from harness.stops import StopRule
 from methods.acceptance import ChainVerifier
-from methods.base import MASK_FINETUNE, Generation, Method, StopRule
+from methods.base import MASK_FINETUNE, Generation, Method
 
 
 @dataclass
 class SpaceConfig(MethodConfig):
     name: str = "space"
-    k: Optional[int] = None  # mask tokens per group = candidates per step; None = checkpoint's config.space_k
+    # mask tokens per group = candidates per step (at most the checkpoint's config.space_k); the fastest on
+    # HumanEval's tuning split in results/space-k.md (make tables-space); None = the checkpoint's space_k
+    k: Optional[int] = 1
     mask_id: Optional[int] = None  # the [M] id; None = config.space_mask_token_id, else the tokenizer's mask token
 
 
@@ -143,8 +146,11 @@ def resolve_k_and_mask(cfg: SpaceConfig, engine: Engine) -> tuple[int, int]:
 
 
 class Space(Method):
+    """SPACE: a fine-tuned model fills mask tokens with candidates and verifies earlier ones in the same forward."""
+
     config_class = SpaceConfig
     needs = (MASK_FINETUNE,)
+    main_settings = ("k",)
     # the shared chain acceptance (greedy; sampling: the one-hot-draft rule, exactly the target's
     # distribution); a test swaps in a broken one as its negative control
     verifier_class = ChainVerifier

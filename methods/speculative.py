@@ -24,8 +24,9 @@ import torch
 from harness.config import MethodConfig, ModelConfig, SamplingConfig
 from harness.engine import Engine, ModelLoadError
 from harness.registry import MODELS
+from harness.stops import StopRule
 from methods.acceptance import ChainVerifier
-from methods.base import DRAFT_MODEL, Generation, Method, StopRule, probabilities
+from methods.base import DRAFT_MODEL, Generation, Method, probabilities
 
 SCHEDULES = ("constant", "heuristic")
 
@@ -34,9 +35,9 @@ SCHEDULES = ("constant", "heuristic")
 class SpeculativeConfig(MethodConfig):
     name: str = "speculative"
     draft: Optional[str] = None  # draft model: registry name or hub id / local path; None = the target's `draft`
-    # draft tokens per step (start value under `heuristic`); on the zoo on 2 CPU cores gamma 1 measured fastest on
-    # HumanEval's tuning split (make tables: results/speculative-gamma.md), which make bench passes (GAMMA)
-    gamma: int = 2
+    # draft tokens per step (start value under `heuristic`); the fastest on HumanEval's tuning split in
+    # results/speculative-gamma.md (make tables-gamma; tests/test_defaults.py holds the two together)
+    gamma: int = 1
     schedule: str = "constant"  # constant | heuristic (+2 after a fully accepted block, -1 otherwise)
     max_gamma: int = 16  # upper bound for the heuristic schedule
 
@@ -53,7 +54,7 @@ def draft_model_config(name: Optional[str], target: Engine, method: str = "specu
             f"no draft model for target '{target.cfg.name}'; set method.{method}.draft=<model preset, hub id or path>"
         )
     base = MODELS.get(name) if name in MODELS.names() else ModelConfig(name=name, path=name)
-    # the draft runs like the target: same device, dtype and execution mode (model.compile)
+    # the draft runs like the target: same device, dtype and mode (eager or compiled: model.compile)
     return dataclasses.replace(base, device=str(target.device), dtype=target.cfg.dtype, compile=target.cfg.compile,
                                compile_buckets=list(target.cfg.compile_buckets))  # fmt: skip
 
@@ -93,7 +94,10 @@ class DraftModelMethod(Method):
 
 
 class Speculative(DraftModelMethod):
+    """Speculative decoding: a small draft model proposes gamma tokens, one target forward verifies them."""
+
     config_class = SpeculativeConfig
+    main_settings = ("gamma", "schedule")
 
     def __init__(
         self, cfg: SpeculativeConfig, engine: Engine, sampling: SamplingConfig, draft: Optional[Engine] = None
@@ -105,10 +109,10 @@ class Speculative(DraftModelMethod):
         super().__init__(cfg, engine, sampling, draft)
 
     def generate(self, prompt_ids: list[int], stop: StopRule, seed: int = 0) -> Generation:
-        chain, _ = self.decode(prompt_ids, stop, seed)
+        chain, _ = self.loop(prompt_ids, stop, seed)
         return chain.result(draft_forwards=sum(chain.proposal_lengths))  # g draft forwards per proposal
 
-    def decode(self, prompt_ids: list[int], stop: StopRule, seed: int = 0):
+    def loop(self, prompt_ids: list[int], stop: StopRule, seed: int = 0):
         """The loop; returns the verifier (tokens, target cache, counts) and the draft cache."""
         cfg = self.cfg
         chain = ChainVerifier(self.engine, self.sampling, stop, prompt_ids, seed)

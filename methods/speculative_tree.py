@@ -54,8 +54,10 @@ from typing import Optional
 import torch
 
 from harness.config import MethodConfig, SamplingConfig
-from harness.engine import Engine, KVCache
-from methods.base import Generation, StopRule
+from harness.engine import Engine
+from harness.kvcache import KVCache
+from harness.stops import StopRule
+from methods.base import Generation
 from methods.speculative import DraftModelMethod
 from methods.tree import DraftTree, TreeVerifier
 
@@ -66,9 +68,9 @@ class SpeculativeTreeConfig(MethodConfig):
     draft: Optional[str] = None  # draft model: registry name or hub id / local path; None = the target's `draft`
     # children drafted per node, per depth (the draft's top-k; its length is the deepest a tree goes)
     branching: list[int] = field(default_factory=lambda: [4, 2, 2, 1, 1, 1])
-    # draft tokens per tree: the best-scored drafted nodes (the draft budget). 6: on the zoo the tree
-    # accepts more than a chain of as many tokens from 6 on, not at 2 or 4 (README)
-    max_nodes: int = 6
+    # draft tokens per tree: the best-scored drafted nodes (the draft budget); the fastest on HumanEval's
+    # tuning split in results/speculative-tree.md (make tables-spec-tree)
+    max_nodes: int = 2
     # temperature of the draft distribution that scores paths (ranking only; acceptance never reads it):
     # < 1 favours depth. Of 1, 0.5, 0.3, 0.15 on 8 HumanEval tuning problems (zoo, greedy), 0.5 was best at
     # 3-4 draft tokens and within 0.03 accepted tokens of the best (0.3) at 6
@@ -95,7 +97,10 @@ class DraftedTree:
 
 
 class SpeculativeTree(DraftModelMethod):
+    """Token-tree speculative decoding: a draft model proposes a tree of its top tokens, one target forward verifies it."""
+
     config_class = SpeculativeTreeConfig
+    main_settings = ("max_nodes", "branching")
     verifier_class = TreeVerifier  # the shared tree step (a test swaps in a broken one as its negative control)
 
     def __init__(self, cfg: SpeculativeTreeConfig, engine: Engine, sampling: SamplingConfig,
@@ -113,9 +118,9 @@ class SpeculativeTree(DraftModelMethod):
         self.branching = [int(b) for b in cfg.branching]
 
     def generate(self, prompt_ids: list[int], stop: StopRule, seed: int = 0) -> Generation:
-        return self.decode(prompt_ids, stop, seed)[0]
+        return self.loop(prompt_ids, stop, seed)[0]
 
-    def decode(self, prompt_ids: list[int], stop: StopRule, seed: int = 0) -> tuple[Generation, KVCache]:
+    def loop(self, prompt_ids: list[int], stop: StopRule, seed: int = 0) -> tuple[Generation, KVCache]:
         """The loop; also returns the draft cache (a prefix of prompt + tokens, for the tests)."""
         self.check_context(len(prompt_ids), stop)
         verifier = self.verifier_class(self.engine, self.sampling, stop, prompt_ids, seed)

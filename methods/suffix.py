@@ -40,8 +40,10 @@ from dataclasses import dataclass
 from typing import Optional, Sequence
 
 from harness.config import MethodConfig, SamplingConfig
-from harness.engine import Engine, KVCache
-from methods.base import Generation, Method, StopRule
+from harness.engine import Engine
+from harness.kvcache import KVCache
+from harness.stops import StopRule
+from methods.base import Generation, Method
 from methods.tree import DraftTree, TreeVerifier
 
 
@@ -238,7 +240,10 @@ class SuffixStats:
 
 
 class Suffix(Method):
+    """Suffix decoding: a tree drafted from suffix statistics of the request and of the run's earlier outputs."""
+
     config_class = SuffixConfig
+    main_settings = ("max_depth", "max_spec_factor")
     cfg: SuffixConfig
     verifier_class = TreeVerifier  # the shared tree step (a test swaps in a broken one as its negative control)
 
@@ -259,9 +264,9 @@ class Suffix(Method):
         self.global_tokens = 0
 
     def generate(self, prompt_ids: list[int], stop: StopRule, seed: int = 0) -> Generation:
-        return self.decode(prompt_ids, stop, seed)[0]
+        return self.loop(prompt_ids, stop, seed)[0]
 
-    def decode(self, prompt_ids: list[int], stop: StopRule, seed: int = 0) -> tuple[Generation, KVCache]:
+    def loop(self, prompt_ids: list[int], stop: StopRule, seed: int = 0) -> tuple[Generation, KVCache]:
         """The loop (the output then joins the global trie); also returns the cache, which
         then holds prompt + tokens but the last."""
         self.check_context(len(prompt_ids), stop)

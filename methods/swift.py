@@ -44,8 +44,9 @@ import torch
 
 from harness.config import MethodConfig, SamplingConfig
 from harness.engine import Engine, LayerSkip
+from harness.stops import StopRule
 from methods.acceptance import ChainVerifier
-from methods.base import Generation, Method, StopRule, probabilities
+from methods.base import Generation, Method, probabilities
 
 Sublayer = tuple[str, int]  # ("attn" | "mlp", decoder layer index)
 
@@ -89,7 +90,10 @@ def as_skip(units: frozenset[Sublayer]) -> LayerSkip:
 
 
 class Swift(Method):
+    """SWIFT: the target drafts for itself with some sublayers skipped, then verifies with all of them."""
+
     config_class = SwiftConfig
+    main_settings = ("skip_ratio", "max_draft")
 
     def __init__(self, cfg: SwiftConfig, engine: Engine, sampling: SamplingConfig):
         super().__init__(cfg, engine, sampling)

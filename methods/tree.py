@@ -36,7 +36,8 @@ import torch
 
 from harness.config import SamplingConfig
 from harness.engine import Engine, ForwardOutput, Injection
-from methods.base import Generation, StopRule, probabilities
+from harness.stops import StopRule
+from methods.base import Generation, probabilities
 from methods.verifier import Verifier, mean
 
 

@@ -15,7 +15,8 @@ import torch
 
 from harness.config import SamplingConfig
 from harness.engine import Engine
-from methods.base import Committer, Generation, StopRule, make_generator, next_token
+from harness.stops import Committer, StopRule
+from methods.base import Generation, make_generator, next_token
 
 
 class Verifier:

@@ -27,11 +27,11 @@ from pathlib import Path
 import torch
 
 from harness.config import ModelConfig
+from harness.drafters.medusa import MedusaHeads, MedusaHeadsConfig, load_heads
 from harness.engine import Engine
 from harness.train.loop import load_checkpoint
 from harness.train.medusa import base_hidden
 from harness.zoo.quality import greedy_agreement
-from methods.medusa_heads import MedusaHeads, MedusaHeadsConfig, load_heads
 
 TUNE_PROBLEMS = 40
 

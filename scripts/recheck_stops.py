@@ -8,7 +8,7 @@ task's stop strings (``task.stop`` or the task's default):
 * plain transformers ``generate(..., stop_strings=..., tokenizer=...)`` of the run's model
   (max_new_tokens and EOS as in the run) gives the same tokens: ``equal``; or stops earlier
   on a stop string that starts in the prompt and ends in the output, which the harness's rule
-  does not count (see methods/base.py ``StopStrings``): ``seam``; anything else: ``DIFFERENT``;
+  does not count (see harness/stops.py ``StopStrings``): ``seam``; anything else: ``DIFFERENT``;
 * no output runs past its first stop string (full decode of the output, special tokens
   skipped as in ``Record.text``): ``past_stop`` counts the records that do (must be 0);
 * ``stop_reason`` counts per method.

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from harness.errors import HarnessError
 from harness.paths import DATA_ENV
 
 
@@ -23,7 +24,7 @@ SPLITS = ("all", "tune", "report")  # task.split values
 TOO_LONG = ("error", "drop")  # task.too_long values
 
 
-class TaskDataError(Exception):
+class TaskDataError(HarnessError):
     """Missing or malformed task data; the message says where we looked and what to do."""
 
 
@@ -36,7 +37,7 @@ class TaskConfig:
     # all | tune (the samples settings are chosen on: `make tables`) | report (the rest: published
     # figures); applied before limit and shard, each task's rule in its ``tune_flags``
     split: str = "all"
-    # generation also ends at the first of these strings in the output text (see methods/base.py
+    # generation also ends at the first of these strings in the output text (see harness/stops.py
     # StopStrings); None = the task's default (Task.default_stop), [] = no stop strings;
     # \n, \t, \r and \\ are read as escapes (a command line cannot easily hold a newline)
     stop: Optional[list[str]] = None

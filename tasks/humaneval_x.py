@@ -26,7 +26,7 @@ SUBDIR = "humaneval-x"
 # and Python at the Codex stops. As strings, for code laid out like the prompts: C++, JS and
 # Go functions start at column 0, so the "}" that closes one is the first "}" at column 0;
 # the Java method sits in `class Solution` indented by 4, so it closes with "    }" (the
-# sandbox appends the class's "}", see harness/execution/cutting.py).
+# sandbox appends the class's "}", see harness/sandbox/cutting.py).
 STOP = {
     "python": CODEX_STOP,
     "cpp": ("\n}",),

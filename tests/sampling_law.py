@@ -20,7 +20,8 @@ from conftest import tiny_model
 
 from harness.config import SamplingConfig
 from harness.engine import Engine
-from methods.base import StopRule, probabilities
+from harness.stops import StopRule
+from methods.base import probabilities
 
 # A random Llama over 8 tokens with large weights, so distributions are far from uniform and
 # a draft from another seed disagrees with the target.

@@ -1,4 +1,4 @@
-"""Compiled execution (model.compile=true): the static cache and bucketed forwards equal the
+"""The compiled mode (model.compile=true): the static cache and bucketed forwards equal the
 eager engine, every lossless method is token-exact against compiled autoregressive, a
 second generation compiles nothing, and runs record (and leaderboards keep apart) the mode.
 
@@ -20,8 +20,8 @@ from harness.engine import Engine
 from harness.lossless import EXACT, MISMATCH, compare
 from harness.report import load_runs
 from harness.results import RunDirError
+from harness.stops import StopRule
 from methods.autoregressive import Autoregressive, AutoregressiveConfig
-from methods.base import StopRule
 from methods.lookahead import Lookahead, LookaheadConfig
 from methods.medusa import Medusa, MedusaConfig
 from methods.prompt_lookup import PromptLookup, PromptLookupConfig
@@ -144,7 +144,7 @@ def test_run_records_the_mode_and_leaderboards_keep_modes_apart(model_dir, tmp_p
     shutil.copytree(out, eager)
     manifest["execution"] = {"mode": "eager"}
     (eager / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(RunDirError, match="execution mode"):
+    with pytest.raises(RunDirError, match="forward mode"):
         load_runs([out, eager])
     assert main(["leaderboard", str(out)]) == 0
     assert "execution: compiled" in capsys.readouterr().out

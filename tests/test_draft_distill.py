@@ -214,9 +214,9 @@ def test_medusa_data_choice(model_dir, tmp_path):
 
 def test_medusa_init_from_heads_or_a_checkpoint(model_dir, tmp_path):
     """``init_from``: exported heads or a training checkpoint start the heads; another shape is refused."""
+    from harness.drafters.medusa import save_heads
     from harness.train.loop import load_checkpoint
     from harness.train.medusa import MedusaTrainConfig, initial_heads, run_medusa_training
-    from methods.medusa_heads import save_heads
 
     tokens = _tokens(tmp_path)
     base = tiny_model(VOCAB)

@@ -15,8 +15,8 @@ from harness.config import SamplingConfig
 from harness.drafters.eagle import (EagleHead, EagleHeadConfig, EagleHeadError, HeadCache, default_fused_layers, load_head,
                                     save_head, vocab_map)  # fmt: skip
 from harness.engine import Engine
+from harness.stops import StopRule
 from methods.autoregressive import Autoregressive, AutoregressiveConfig
-from methods.base import StopRule
 from methods.eagle import TREES, Eagle, EagleConfig, HeadDrafter
 from methods.eagle2 import Eagle2, Eagle2Config
 from methods.eagle3 import Eagle3, Eagle3Config

@@ -9,8 +9,8 @@ import torch
 
 from harness.config import ModelConfig, SamplingConfig
 from harness.engine import Engine, ForwardTimer, ModelLoadError
+from harness.stops import StopRule
 from methods.autoregressive import Autoregressive, AutoregressiveConfig
-from methods.base import StopRule
 
 PROMPT = [0, 17, 42, 99, 5, 63, 120, 7]
 

@@ -11,7 +11,7 @@ from harness.drafters.transfer import (TransferConfig, TransferError, TransferLa
                                        save_transfer)  # fmt: skip
 from harness.engine import Engine, Injection
 from methods.autoregressive import Autoregressive, AutoregressiveConfig
-from methods.base import StopRule
+from harness.stops import StopRule
 from methods.hidden_transfer import Firp, FirpConfig, HiddenTransfer, HiddenTransferConfig
 from methods.tree import TreeError
 from tests.conftest import tiny_model

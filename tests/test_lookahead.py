@@ -12,8 +12,9 @@ import torch
 from harness.config import ModelConfig, SamplingConfig
 from harness.engine import Engine
 from harness.paths import ZOO_DIR
+from harness.stops import StopRule, StopStrings
 from methods.autoregressive import Autoregressive, AutoregressiveConfig
-from methods.base import Generation, StopRule, StopStrings
+from methods.base import Generation
 from methods.lookahead import Filler, Lookahead, LookaheadConfig, LookaheadError, NgramPool, advance, step_layout
 from tasks.humaneval_x import HumanEvalX, HumanEvalXConfig
 from tests.conftest import tiny_model
@@ -117,7 +118,7 @@ IDS = [f"W{w}-N{n}-G{g}{'-ctx' * context}" for w, n, g, context in SETTINGS]
 def test_equals_greedy_autoregressive(engine, w, n, g, context):
     stop = StopRule(N)
     for prompt in PROMPTS + [repetitive(engine, PROMPTS[0])]:
-        gen, cache = lookahead(engine, w, n, g, context).decode(prompt, stop)
+        gen, cache = lookahead(engine, w, n, g, context).loop(prompt, stop)
         assert gen.tokens == ar(engine, prompt, stop)
         assert sum(gen.accepted_per_step) == len(gen.tokens) == N
         assert gen.target_forwards == len(gen.accepted_per_step)
@@ -212,7 +213,7 @@ def test_another_family_with_a_sliding_window():
     engine = build("qwen2", seed=0)
     prompt = [0, 5, 9, 13, 5, 9, 13, 5]
     for w, n, g, context in ((4, 3, 4, True), (5, 2, 2, False)):
-        gen, cache = lookahead(engine, w, n, g, context).decode(prompt, StopRule(N))
+        gen, cache = lookahead(engine, w, n, g, context).loop(prompt, StopRule(N))
         assert gen.tokens == ar(engine, prompt, StopRule(N)) and len(gen.tokens) == N
         assert gen.target_forwards < N  # something was accepted
         assert len(cache) == len(prompt) + N - 1

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from harness.config import SamplingConfig
+from harness.stops import Committer, StopRule
 from methods.autoregressive import Autoregressive, AutoregressiveConfig
-from methods.base import Committer, StopRule, filter_logits
+from methods.base import filter_logits
 from methods.hf_generate import HFGenerate, HFGenerateConfig
 
 PROMPTS = [[0, 17, 42, 99, 5], [0, 3], [0, 250, 251, 252, 253, 254, 255, 10, 11]]

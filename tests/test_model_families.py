@@ -30,16 +30,17 @@ from transformers import (
 
 from harness.config import SamplingConfig
 from harness.drafters.eagle import EagleHead, EagleHeadConfig
+from harness.drafters.medusa import MedusaHeads, MedusaHeadsConfig
 from harness.drafters.transfer import TransferConfig, TransferLayers
 from harness.engine import SKIPPABLE, Engine
-from harness.runner import HarnessError, check_length
+from harness.errors import HarnessError
+from harness.runner import check_length
+from harness.stops import StopRule
 from methods.autoregressive import Autoregressive, AutoregressiveConfig
-from methods.base import StopRule
 from methods.eagle import Eagle, EagleConfig
 from methods.eagle3 import Eagle3, Eagle3Config
 from methods.hidden_transfer import Firp, FirpConfig, HiddenTransfer, HiddenTransferConfig
 from methods.medusa import Medusa, MedusaConfig
-from methods.medusa_heads import MedusaHeads, MedusaHeadsConfig
 from methods.prompt_lookup import PromptLookup, PromptLookupConfig
 from methods.recycling import Recycling, RecyclingConfig
 from methods.reference_lookup import ReferenceLookup, ReferenceLookupConfig

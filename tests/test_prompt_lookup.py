@@ -10,8 +10,8 @@ import pytest
 from test_speculative import autoregressive
 
 from harness.config import SamplingConfig
+from harness.stops import StopRule
 from methods.acceptance import NgramIndex, ngram_lookup
-from methods.base import StopRule
 from methods.hf_prompt_lookup import HFPromptLookup, HFPromptLookupConfig
 from methods.prompt_lookup import PromptLookup, PromptLookupConfig
 
@@ -75,7 +75,7 @@ def test_lookup_saves_forwards(engine):
 
 def test_cache_is_rolled_back_to_the_committed_length(engine):
     for prompt in PROMPTS:
-        chain = lookup_method(engine).decode(prompt, StopRule(37, frozenset()))
+        chain = lookup_method(engine).loop(prompt, StopRule(37, frozenset()))
         assert chain.out.tokens == autoregressive(engine, prompt, n=37)
         assert len(chain.cache) == len(prompt) + 37 - 1
 

@@ -14,7 +14,7 @@ from test_speculative import autoregressive
 
 from harness.config import SamplingConfig
 from harness.engine import Engine
-from methods.base import StopRule
+from harness.stops import StopRule
 from methods.recycling import TREES, AdjacencyTable, Recycling, RecyclingConfig, build_template, rank_budget
 from methods.tree import TreeError, TreeVerifier
 

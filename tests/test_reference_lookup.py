@@ -16,8 +16,8 @@ from test_speculative import autoregressive
 from harness.cli import main
 from harness.config import SamplingConfig
 from harness.registry import METHODS
+from harness.stops import StopRule
 from methods.acceptance import ReferenceIndex
-from methods.base import StopRule
 from methods.reference_lookup import ReferenceLookup, ReferenceLookupConfig
 
 PROMPTS = [[0, 17, 42, 99, 5], [0, 3], [0, 250, 251, 252, 253, 254, 255, 10, 11], [0, 5, 6, 7, 8, 5, 6, 7, 8, 5, 6]]
@@ -118,7 +118,7 @@ def test_reference_right_for_j_tokens(engine, j):
     assert gen.tokens == ref
     check_stats(gen, N)
     assert gen.accepted_per_step[1] == j + 1
-    chain = method(engine).decode(prompt, StopRule(N, frozenset()), reference)
+    chain = method(engine).loop(prompt, StopRule(N, frozenset()), reference)
     assert chain.proposal_lengths[0] == j + 1  # j + 1 proposed, j accepted (+ the correction)
 
 
@@ -129,7 +129,7 @@ def test_max_new_tokens_inside_an_accepted_block(engine, limit):
     gen = method(engine, copy_tokens=6).generate(prompt, StopRule(limit, frozenset()), reference_ids=ref)
     assert gen.tokens == ref[:limit] and gen.stop_reason == "max_new_tokens"
     check_stats(gen, limit)
-    chain = method(engine, copy_tokens=6).decode(prompt, StopRule(limit, frozenset()), ref)
+    chain = method(engine, copy_tokens=6).loop(prompt, StopRule(limit, frozenset()), ref)
     committed = [sum(chain.per_step[: i + 1]) for i in range(len(chain.per_step))]
     # each copy fits what is left: g <= min(copy_tokens, limit - committed - 1)
     assert all(g <= min(6, limit - c - 1) for g, c in zip(chain.proposal_lengths, committed))
@@ -140,7 +140,7 @@ def test_cache_is_rolled_back_to_the_committed_length(engine):
         ref = autoregressive(engine, prompt, n=37)
         wrong = absent(engine, prompt, ref)
         half_right = [x for i, t in enumerate(ref) for x in ((t, wrong) if i % 5 == 4 else (t,))]
-        chain = method(engine).decode(prompt, StopRule(37, frozenset()), half_right)
+        chain = method(engine).loop(prompt, StopRule(37, frozenset()), half_right)
         assert chain.out.tokens == ref
         assert len(chain.cache) == len(prompt) + 37 - 1
 

@@ -165,7 +165,7 @@ def test_execute_reports_pass_at_1(model_dir, tmp_path):
     out = tmp_path / "exec"
     args = ["run", "--model", str(model_dir), "--task", "humaneval", "--limit", "2", "--max-new-tokens", "8",
             "--methods", "oracle-solution", "--out", str(out), "run.progress=false", "run.execute=true"]  # fmt: skip
-    from harness.execution import isolation
+    from harness.sandbox import isolation
 
     expected = isolation().level  # full where bubblewrap works (CI); else accepted as weak, and marked so
     if expected != "full":
@@ -195,10 +195,10 @@ def test_execute_below_full_isolation_refuses_unless_accepted(model_dir, tmp_pat
     anything with one line saying what is missing; run.execute_isolation=weak runs, marked weak."""
     import dataclasses
 
-    from harness.execution import isolation, sandbox
+    from harness.sandbox import isolation, jail
 
     weak = dataclasses.replace(isolation(), bwrap=None, seccomp=False)
-    monkeypatch.setattr(sandbox, "_iso_cache", weak)
+    monkeypatch.setattr(jail, "_iso_cache", weak)
     args = ["run", "--model", str(model_dir), "--task", "humaneval", "--limit", "1", "--max-new-tokens", "4",
             "run.progress=false", "run.execute=true"]  # fmt: skip
     capsys.readouterr()
@@ -266,7 +266,7 @@ def test_repetition_column_in_summary_and_every_format(run_dir, capsys):
 
     import pandas as pd
 
-    from harness.results import REPETITION_NOTE
+    from harness.leaderboard import REPETITION_NOTE
 
     records = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]
     assert all(0.0 <= r["repetition"] <= 1.0 for r in records)

@@ -19,7 +19,7 @@ from harness.cli import main
 from harness.config import SamplingConfig
 from harness.datastore import Datastore, DatastoreError, suffix_array
 from harness.registry import METHODS
-from methods.base import StopRule
+from harness.stops import StopRule
 from methods.rest import Rest, RestConfig, frequency_tree
 
 PROMPTS = [[0, 17, 42, 99, 5], [0, 3], [0, 250, 251, 252, 253, 254, 255, 10, 11], [0, 5, 6, 7, 8, 5, 6, 7, 8, 5, 6]]
@@ -179,7 +179,7 @@ def test_datastore_with_the_exact_continuation(engine, prompt, copy_tokens):
     """The datastore is prompt + the autoregressive output: every step's tree holds the right path."""
     ref = autoregressive(engine, prompt, n=N)
     store = Datastore.from_tokens(prompt + ref)
-    gen, cache = rest(engine, store, copy_tokens=copy_tokens).decode(prompt, StopRule(N, frozenset()))
+    gen, cache = rest(engine, store, copy_tokens=copy_tokens).loop(prompt, StopRule(N, frozenset()))
     assert gen.tokens == ref
     check_stats(gen, N)
     assert gen.extra["hits"] == gen.extra["lookups"]
@@ -218,7 +218,7 @@ def test_datastore_right_for_j_tokens(engine, j):
 def test_max_new_tokens_inside_an_accepted_path(engine, limit):
     prompt = PROMPTS[2]
     ref = autoregressive(engine, prompt, n=N)
-    gen, cache = rest(engine, Datastore.from_tokens(prompt + ref), copy_tokens=5).decode(prompt, StopRule(limit, frozenset()))
+    gen, cache = rest(engine, Datastore.from_tokens(prompt + ref), copy_tokens=5).loop(prompt, StopRule(limit, frozenset()))
     assert gen.tokens == ref[:limit] and gen.stop_reason == "max_new_tokens"
     check_stats(gen, limit)
     assert len(gen.proposed_per_position) <= max(limit - 2, 0)  # no tree deeper than what may be committed

@@ -17,20 +17,13 @@ from transformers import PreTrainedTokenizerFast
 
 from harness.config import ModelConfig, SamplingConfig
 from harness.engine import Engine
+from harness.stops import StopRule
 from harness.train.data import PaddedBatch
 from harness.train.loop import load_checkpoint
-from harness.train.space import (
-    SpaceTrainConfig,
-    ensure_mask_token,
-    export,
-    pack_space_batch,
-    packed_logits,
-    run_space_training,
-    space_losses,
-)
+from harness.train.space import SpaceTrainConfig, ensure_mask_token, export, run_space_training, space_losses
+from harness.train.space_batch import pack_space_batch, packed_logits
 from methods.acceptance import ChainVerifier
 from methods.autoregressive import Autoregressive, AutoregressiveConfig
-from methods.base import StopRule
 from methods.space import Space, SpaceConfig, SpaceSetupError, chunk_layout
 
 PROMPTS = [[0, 17, 42, 99, 5], [0, 3], [0, 250, 251, 252, 253, 254, 255, 10, 11]]
@@ -160,12 +153,13 @@ def test_k_and_mask_id_come_from_config_checkpoint_or_tokenizer(tokenizer):
     model = tiny_model(len(tokenizer))
     eng = Engine.from_model(model, tokenizer)
     with pytest.raises(SpaceSetupError, match="space_k"):
-        Space(SpaceConfig(), eng, GREEDY)
+        Space(SpaceConfig(k=None), eng, GREEDY)
     sp = Space(SpaceConfig(k=2), eng, GREEDY)
     assert (sp.k, sp.mask_id) == (2, tokenizer.mask_token_id)  # the tokenizer's <mask>
     model.config.space_k, model.config.space_mask_token_id = 4, 7  # a checkpoint's fields
-    sp = Space(SpaceConfig(), eng, GREEDY)
+    sp = Space(SpaceConfig(k=None), eng, GREEDY)
     assert (sp.k, sp.mask_id) == (4, 7)
+    assert Space(SpaceConfig(), eng, GREEDY).k == SpaceConfig.k  # the tuned default, not the checkpoint's
     sp = Space(SpaceConfig(k=5, mask_id=9), eng, GREEDY)  # a released checkpoint: given explicitly
     assert (sp.k, sp.mask_id) == (5, 9)
     for bad in (len(tokenizer), 32002, -1):
@@ -306,7 +300,7 @@ def test_training_lowers_the_loss_resumes_and_exports(tmp_path, model_dir, token
     assert "parse_rate" in quality["space"]["humaneval"] and (out / "README.md").exists()
     # the exported checkpoint decodes with k and the mask id it carries, losslessly
     eng = Engine.load(ModelConfig(path=str(out), device="cpu"))
-    sp = Space(SpaceConfig(), eng, GREEDY)
+    sp = Space(SpaceConfig(k=None), eng, GREEDY)
     assert (sp.k, sp.mask_id) == (2, 3)
     prompt = [0, *cycle[:6].tolist()]
     stop = StopRule(24, frozenset())

@@ -15,9 +15,9 @@ from sampling_law import CONTROL_RUNS, PVALUE_FLOOR, RUNS, SAMPLING, sampled_pva
 from harness.cli import main
 from harness.config import SamplingConfig
 from harness.engine import Engine, ForwardOutput, ModelLoadError
+from harness.stops import StopRule
 from methods.acceptance import ChainVerifier, greedy_accept, residual, sample_accept
 from methods.autoregressive import Autoregressive, AutoregressiveConfig
-from methods.base import StopRule
 from methods.hf_assisted import HFAssisted, HFAssistedConfig
 from methods.speculative import DraftMismatchError, Speculative, SpeculativeConfig
 
@@ -171,7 +171,7 @@ def test_caches_are_rolled_back_to_the_committed_length(engine, tokenizer, right
     other = Engine.from_model(tiny_model(len(tokenizer), seed=2), tokenizer)
     drafts = [OracleDraft(engine, prompt + ref, right), other]
     for draft in drafts:
-        chain, draft_cache = speculative(engine, draft, gamma=4).decode(prompt, StopRule(23, frozenset()))
+        chain, draft_cache = speculative(engine, draft, gamma=4).loop(prompt, StopRule(23, frozenset()))
         assert chain.out.tokens == ref
         assert len(chain.cache) == len(prompt) + len(ref) - 1  # everything but the last token
         assert len(draft_cache) <= len(prompt) + len(ref) - 1

@@ -30,14 +30,14 @@ from harness.config import SamplingConfig
 from harness.datastore import Datastore
 from harness.engine import Engine
 from harness.paths import REPO_ROOT
+from harness.stops import Committer, StopRule, StopStrings
 from methods.autoregressive import Autoregressive, AutoregressiveConfig
-from methods.base import Committer, StopRule, StopStrings
-from methods.hf_assisted import HFAssisted, HFAssistedConfig
-from methods.hf_generate import GeneratedStopStrings, HFGenerate, HFGenerateConfig
-from methods.hf_prompt_lookup import HFPromptLookup, HFPromptLookupConfig
 from methods.eagle import Eagle, EagleConfig
 from methods.eagle2 import Eagle2, Eagle2Config
 from methods.eagle3 import Eagle3, Eagle3Config
+from methods.hf_assisted import HFAssisted, HFAssistedConfig
+from methods.hf_generate import GeneratedStopStrings, HFGenerate, HFGenerateConfig
+from methods.hf_prompt_lookup import HFPromptLookup, HFPromptLookupConfig
 from methods.lookahead import Lookahead, LookaheadConfig
 from methods.medusa import Medusa, MedusaConfig
 from methods.prompt_lookup import PromptLookup, PromptLookupConfig

@@ -15,7 +15,7 @@ from test_tree import check_cache
 
 from harness.config import SamplingConfig
 from harness.registry import METHODS
-from methods.base import StopRule
+from harness.stops import StopRule
 from methods.suffix import ROOT, Suffix, SuffixConfig, SuffixTrie, grow
 
 PROMPTS = [[0, 17, 42, 99, 5], [0, 3], [0, 250, 251, 252, 253, 254, 255, 10, 11], [0, 5, 6, 7, 8, 5, 6, 7, 8, 5, 6]]
@@ -149,7 +149,7 @@ def test_equals_greedy_autoregressive(engine, prompt, kind):
         prompt = repetitive(engine, prompt)
     ref = autoregressive(engine, prompt, n=N)
     method = suffix(engine)
-    gen, cache = method.decode(prompt, StopRule(N, frozenset()))
+    gen, cache = method.loop(prompt, StopRule(N, frozenset()))
     assert gen.tokens == ref
     check_stats(gen, N)
     check_cache(engine, cache, prompt + ref[:-1])
@@ -176,7 +176,7 @@ def test_max_new_tokens_inside_an_accepted_path(engine, limit):
     ref = autoregressive(engine, prompt, n=N)
     method = suffix(engine)
     method.generate(prompt, StopRule(N, frozenset()))  # the global trie now holds the whole output
-    gen, cache = method.decode(prompt, StopRule(limit, frozenset()))
+    gen, cache = method.loop(prompt, StopRule(limit, frozenset()))
     assert gen.tokens == ref[:limit] and gen.stop_reason == "max_new_tokens"
     check_stats(gen, limit)
     assert len(gen.proposed_per_position) <= max(limit - 2, 0)  # no tree deeper than what may be committed

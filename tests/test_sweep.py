@@ -27,7 +27,11 @@ def need_extra(module: str, extra: str) -> None:
     """Skip where the extra is not installed, except under ``make test`` (CI), where it fails."""
     import importlib.util
 
-    if importlib.util.find_spec(module) is None:
+    try:
+        found = importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # its parent package (hydra_plugins) is missing too
+        found = False
+    if not found:
         message = f"extra '{extra}' not installed (pip install -e '.[{extra}]')"
         if os.environ.get("HARNESS_REQUIRE_EXTRAS"):
             pytest.fail(message)

@@ -15,7 +15,7 @@ from transformers import Gemma2Config, Gemma2ForCausalLM, MistralConfig, Mistral
 
 from harness.config import SamplingConfig
 from harness.engine import Engine, LayerSkip
-from methods.base import StopRule
+from harness.stops import StopRule
 from methods.swift import Swift, SwiftConfig, eligible_sublayers
 
 GREEDY = SamplingConfig()

@@ -13,7 +13,7 @@ from test_speculative import autoregressive
 
 from harness.config import SamplingConfig
 from harness.engine import Engine
-from methods.base import StopRule
+from harness.stops import StopRule
 from methods.tree import DraftTree, TreeError, TreeVerifier, tree_shape
 
 GREEDY = SamplingConfig()

@@ -10,7 +10,7 @@ from harness.config import ModelConfig, SamplingConfig
 from harness.engine import Engine
 from harness.paths import ZOO_DIR
 from harness.registry import METHODS
-from methods.base import StopRule
+from harness.stops import StopRule
 from tasks.humaneval import HumanEval, HumanEvalConfig
 
 NEW_TOKENS = 48

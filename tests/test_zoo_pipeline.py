@@ -258,8 +258,8 @@ def test_export_load_generate_and_quality(micro):
 def test_zoo_eval_refuses_weak_isolation_unless_accepted(micro, monkeypatch):
     import dataclasses
 
-    from harness.execution import isolation
-    from harness.execution import sandbox as sandbox_module
+    from harness.sandbox import isolation
+    from harness.sandbox import jail as sandbox_module
 
     zoo = micro["tmp"] / "zoo-weak"
     root = micro["tmp"] / "train"

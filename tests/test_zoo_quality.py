@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from harness.execution import isolation
+from harness.sandbox import isolation
 from harness.zoo import quality as Q
 from harness.zoo.build import _default_stop_lines
 
@@ -49,7 +49,7 @@ def test_a_completion_that_ends_at_a_stop_string_counts_as_ended():
 
 
 def test_cut_goes_through_the_harness_committer():
-    from methods.base import StopStrings
+    from harness.stops import StopStrings
 
     stops = StopStrings(("\n#",), lambda ids: CharTokenizer().decode(ids, skip_special_tokens=True))
     tokens, why = Q.cut_at_stop(enc("    a = 1\n# done\n"), EOS, stops, max_new_tokens=64)

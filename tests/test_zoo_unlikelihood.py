@@ -236,8 +236,8 @@ def test_cli_stage_then_export_with_the_recipe_on_the_card(micro, capsys):
 
 
 def test_cut_at_stop_follows_the_harness_stop_rules():
+    from harness.stops import StopStrings
     from harness.zoo.quality import cut_at_stop
-    from methods.base import StopStrings
 
     stops = StopStrings(("\ndef", "\n#"), lambda ids: "".join(chr(i) for i in ids))
     ids = [ord(c) for c in "    return x\ndef g():\n"]

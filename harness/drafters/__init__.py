@@ -2,4 +2,6 @@
 
 ``harness.drafters.eagle``: the EAGLE-1/2 and EAGLE-3 draft heads, their on-disk formats
 (ours = the released ones) and the strict loader.
+``harness.drafters.medusa``: the Medusa heads, their on-disk format (ours = the released one)
+and the strict loader.
 """

@@ -26,7 +26,8 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 
-from harness.train.lm import TokenBlockBatches, default_cache_dir
+from harness.paths import default_cache_dir
+from harness.train.lm import TokenBlockBatches
 
 DATA_CHOICES = ("auto", "selfdistill", "corpus")
 

@@ -45,7 +45,6 @@ target's argmax; ``1 + sum_d`` of them is the mean tokens per step a chain of th
 
 from __future__ import annotations
 
-import math
 import sys
 import time
 from dataclasses import dataclass
@@ -58,10 +57,9 @@ import torch.nn.functional as F
 
 from harness.drafters.eagle import (EagleHead, EagleHeadConfig, HeadCache, describe, save_head, target_features,
                                     vocab_map)  # fmt: skip
-from harness.paths import write_component
+from harness.paths import default_cache_dir, write_component
 from harness.train.data import (PaddedBatch, as_padded, check_data_choice, data_spec, load_training_data, selfdistill_dir,
                                 tokens_dir)  # fmt: skip
-from harness.train.lm import default_cache_dir
 from harness.train.loop import TrainLoopConfig, TrainResult, load_checkpoint, run_record, train
 from harness.train.medusa import load_base
 

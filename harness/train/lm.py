@@ -18,12 +18,6 @@ import torch.nn.functional as F
 from harness.train.loop import TrainLoopConfig, TrainResult, load_checkpoint, train
 
 
-def default_cache_dir() -> Path:
-    """``$HARNESS_CACHE`` or ``~/.cache/harness`` (checkpoints and intermediate data live here)."""
-    env = os.environ.get("HARNESS_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "harness"
-
-
 @dataclass
 class ModelConfig:
     """Shape of a Llama causal LM (the vocabulary comes from the tokenizer)."""

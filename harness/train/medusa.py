@@ -39,7 +39,6 @@ target's greedy tokens along its continuations of HumanEval's tuning problems, h
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -50,12 +49,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from harness.paths import resolve_repo_path, write_component
+from harness.drafters.medusa import MedusaHeads, MedusaHeadsConfig, load_heads, save_heads
+from harness.paths import default_cache_dir, resolve_repo_path, write_component
 from harness.train.data import as_padded, check_data_choice, data_spec, load_training_data, tokens_dir
 from harness.train.distill import check_loss, per_token_loss
-from harness.train.lm import default_cache_dir
 from harness.train.loop import TrainLoopConfig, TrainResult, load_checkpoint, require_checkpoint, run_record, train
-from methods.medusa_heads import MedusaHeads, MedusaHeadsConfig, load_heads, save_heads
 
 
 @dataclass
@@ -393,7 +391,7 @@ hidden state, predicting the token i+2 positions ahead. {info['parameters']:,} p
 ## Use
     harness run --model zoo-target --methods medusa method.medusa.tree=small   # chain | small | large
 
-`methods.medusa_heads.load_heads(dir)` loads them (it also reads upstream's released format).
+`harness.drafters.medusa.load_heads(dir)` loads them (it also reads upstream's released format).
 
 ## Files
 - `medusa_lm_head.safetensors`: keys `{{i}}.{{j}}.linear.weight|bias` (ResBlocks) and `{{i}}.{h['num_layers']}.weight`

@@ -16,7 +16,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 
-from harness.train.space import pack_space_batch, packed_logits
+from harness.train.space_batch import pack_space_batch, packed_logits
 
 
 @torch.no_grad()

@@ -22,7 +22,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from harness.paths import REPO_ROOT, replace_dir, resolve_repo_path
+from harness.paths import REPO_ROOT, default_cache_dir, replace_dir, resolve_repo_path
 from harness.zoo.corpus import CorpusConfig, build_corpus, load_corpus, save_corpus, write_json
 from harness.zoo.functions import FUNCTIONS_META, FunctionSamplesConfig, encode_function_samples
 from harness.zoo.tokenizer import TokenizerConfig, check_tokenizer, load_tokenizer, train_tokenizer
@@ -53,8 +53,6 @@ class DataPaths:
 
 
 def data_paths(cfg: ZooDataConfig) -> DataPaths:
-    from harness.train.lm import default_cache_dir  # noqa: PLC0415
-
     root = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
     d = root / "zoo-data"
     return DataPaths(root, d / "corpus", d / "tokenizer", d / "tokens")
@@ -191,7 +189,7 @@ class ExportConfig:
     healed_prompts: bool = True  # also complete the prompts without their final newline (token-boundary check)
     max_new_tokens: int = 128  # greedy completion length
     # judge each model's greedy HumanEval completions (default stop rules applied) against the problems'
-    # tests in the sandbox (harness/execution/) for a measured pass@1 on the card; false: not measured
+    # tests in the sandbox (harness/sandbox/) for a measured pass@1 on the card; false: not measured
     execute: bool = True
     execute_workers: int = 1  # sandboxed programs run at a time (as run.execute_workers)
     # as run.execute_isolation: "full" refuses to run generated code unless the sandbox has every isolation
@@ -205,12 +203,12 @@ class ExportConfig:
 
 
 def sandbox_isolation(cfg: ExportConfig):
-    """The sandbox's isolation for ``export.execute=true`` (``harness.execution.Isolation``), None
+    """The sandbox's isolation for ``export.execute=true`` (``harness.sandbox.Isolation``), None
     when nothing is executed; below full isolation a ValueError (one line: what is missing, and
     ``export.execute_isolation=weak`` or ``export.execute=false``) unless ``execute_isolation=weak``."""
     if not (cfg.evaluate and cfg.execute):
         return None
-    from harness.execution import IsolationError, require_isolation  # noqa: PLC0415
+    from harness.sandbox import IsolationError, require_isolation  # noqa: PLC0415
 
     try:
         return require_isolation(cfg.execute_isolation, setting="export.execute")

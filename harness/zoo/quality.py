@@ -156,13 +156,13 @@ def greedy_agreement(target, draft, tokenizer, prompts: list[str], target_comple
 def cut_at_stop(tokens: list[int], eos_id: int, stops=None, max_new_tokens: int = 0) -> tuple[list[int], str]:
     """``tokens`` as a generation with the harness's stop rules would have ended them, and why.
 
-    The tokens go through ``methods.base.Committer`` -- the one commit path of every method in
+    The tokens go through ``harness.stops.Committer`` -- the one commit path of every method in
     ``harness run`` -- under ``StopRule(max_new_tokens, {eos_id}, stops)`` (``stops``: a
-    ``methods.base.StopStrings``, or None; ``max_new_tokens`` 0: no limit). The reason is the
+    ``harness.stops.StopStrings``, or None; ``max_new_tokens`` 0: no limit). The reason is the
     Committer's (``eos`` | ``stop:<string>`` | ``max_new_tokens``), or ``open`` when the tokens
     ran out before any of them. Greedy decoding is deterministic, so cutting a longer greedy
     continuation gives the same tokens as generating with the stop rules."""
-    from methods.base import Committer, StopRule  # noqa: PLC0415
+    from harness.stops import Committer, StopRule  # noqa: PLC0415
 
     committer = Committer(StopRule(max_new_tokens or len(tokens) + 1, frozenset([eos_id]), stops))
     committer.add(tokens)
@@ -179,7 +179,7 @@ def stop_rule_report(tokenizer, problems: list[dict], completions: list[list[int
     string) and ``stop_reasons``. ``completions`` must be ``max_new_tokens`` long unless they
     ended. The per-completion ``texts`` (what ``Record.text`` would hold) and ``reasons`` are
     returned too, for the sandbox; they are not figures."""
-    from methods.base import StopStrings  # noqa: PLC0415
+    from harness.stops import StopStrings  # noqa: PLC0415
     from tasks.humaneval import CODEX_STOP  # noqa: PLC0415
 
     strings = stop_strings if stop_strings is not None else CODEX_STOP
@@ -206,13 +206,13 @@ def stop_rule_report(tokenizer, problems: list[dict], completions: list[list[int
 def sandboxed_pass_at_1(problems: list[dict], texts: list[str], iso, workers: int = 1, name: str = "model") -> dict:
     """pass@1 of one greedy completion per HumanEval problem, judged in the sandbox exactly as
     ``harness run`` with ``run.execute=true`` judges a run's records: ``texts`` (raw generated
-    text, stop rules applied) go to ``harness.execution.score_records``, which cuts each at the
+    text, stop rules applied) go to ``harness.sandbox.score_records``, which cuts each at the
     end of the function body, runs the problem's tests at isolation ``iso`` and keeps the
     verdict; ``pass_at_k_table`` gives pass@1 over the judged ones. The problems' tests come
     from the HumanEval task (``tasks/humaneval.py``). Returns ``pass@1``, ``problems``,
     ``judged``, ``passed``, ``skipped`` (not judged), ``isolation`` (``full`` | ``weak``),
     ``isolation_layers``, ``statuses`` (count per verdict) and ``results`` (per problem)."""
-    from harness.execution import pass_at_k_table, score_records  # noqa: PLC0415
+    from harness.sandbox import pass_at_k_table, score_records  # noqa: PLC0415
     from tasks.humaneval import HumanEval, HumanEvalConfig  # noqa: PLC0415
 
     samples = {s.id: s for s in HumanEval(HumanEvalConfig()).load()}

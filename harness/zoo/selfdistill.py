@@ -202,7 +202,7 @@ def _settings_key(cfg: SelfDistillConfig, weights_sha: str) -> str:
 
 def default_out_dir(cfg: SelfDistillConfig) -> Path:
     from harness.paths import resolve_repo_path  # noqa: PLC0415
-    from harness.train.lm import default_cache_dir  # noqa: PLC0415
+    from harness.paths import default_cache_dir  # noqa: PLC0415
 
     if cfg.out_dir:
         return Path(cfg.out_dir).expanduser()

@@ -24,7 +24,7 @@ from harness.config import ModelConfig, SamplingConfig
 from harness.engine import Engine
 from harness.paths import ZOO_DIR
 from harness.registry import METHODS
-from methods.base import StopRule
+from harness.stops import StopRule
 
 PROMPT = 'def fibonacci(n: int) -> int:\n    """Return the n-th Fibonacci number."""\n'
 NEW_TOKENS = 32

@@ -46,8 +46,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Optional
 
-from harness.execution.cutting import close_at_depth_zero
-from harness.execution.languages import MAIN_FILE, normalise_language
+from harness.sandbox.cutting import close_at_depth_zero
+from harness.sandbox.languages import MAIN_FILE, normalise_language
 
 if TYPE_CHECKING:
     from tasks.base import Sample

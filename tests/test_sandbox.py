@@ -27,9 +27,9 @@ from pathlib import Path
 
 import pytest
 
-from harness import execution as ex
-from harness.execution import sandbox as sandbox_module
-from harness.execution import toolchains as toolchains_module
+from harness import sandbox as ex
+from harness.sandbox import jail as sandbox_module
+from harness.sandbox import toolchains as toolchains_module
 from harness.paths import REPO_ROOT, default_data_dir
 from tasks.base import Sample, TaskDataError
 
@@ -126,7 +126,8 @@ def test_pass_at_k_table_groups_and_states_its_denominators():
 
 
 def test_pass_at_1_columns_and_label_state_denominators_and_isolation():
-    from harness.results import pass_at_1, pass_at_1_label
+    from harness.leaderboard import pass_at_1_label
+    from harness.report import pass_at_1
 
     rows = [{"method": "m", "task": "t", "language": "python", "sample_id": f"P/{i}", "status": s, "isolation": "full"}
             for i, s in enumerate(["passed", "failed"])]  # fmt: skip
@@ -191,7 +192,8 @@ def test_weak_isolation_is_refused_unless_accepted(monkeypatch, iso):
         ex.require_isolation("strong")
 
     from harness.config import RunSettings
-    from harness.runner import HarnessError, sandbox_isolation
+    from harness.errors import HarnessError
+    from harness.runner import sandbox_isolation
 
     with pytest.raises(HarnessError, match="run.execute_isolation=weak"):
         sandbox_isolation(RunSettings(execute=True))

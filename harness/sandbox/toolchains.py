@@ -50,10 +50,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from harness.execution.languages import INSTALL_HINT, LANGUAGES, MAIN_FILE, normalise_language
-from harness.execution.programs import (CPP_HEADER_FILE, CPP_HEADER_TEXT, JAVA_WRAPPER, JS_RUNNER, PY_RUNNER, Program,
-                                        marker_seen, without_marker)
-from harness.execution.sandbox import Isolation, Limits, Sandbox, Step, _state_dir, can_run, isolation, which
+from harness.sandbox.languages import INSTALL_HINT, LANGUAGES, MAIN_FILE, normalise_language
+from harness.sandbox.programs import (CPP_HEADER_FILE, CPP_HEADER_TEXT, JAVA_WRAPPER, JS_RUNNER, PY_RUNNER, Program,
+                                      marker_seen, without_marker)
+from harness.sandbox.jail import Isolation, Limits, Sandbox, Step, _state_dir, can_run, isolation, which
 
 STATUSES = ("passed", "failed", "timeout", "error", "skipped")
 GO_PATHS = ("/usr/share/gocode",)  # GOPATH candidates holding github.com/stretchr/testify

@@ -8,7 +8,7 @@ Each step is one command line, assembled from maintained tools:
 
 started as a dedicated unprivileged uid (``subprocess.Popen(user=...)``) when the harness is
 root. ``isolation()`` probes once which layers work here; the package docstring
-(``harness.execution``) says what each guarantees. This module keeps by hand only what the
+(``harness.sandbox``) says what each guarantees. This module keeps by hand only what the
 tools do not do: choosing a free uid per concurrent run, the syscall filter's list (compiled by
 libseccomp), a wall-clock limit, and the reading of the result.
 """
