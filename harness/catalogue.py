@@ -53,8 +53,12 @@ def settings(cfg: Any, names: Optional[tuple[str, ...]] = None) -> list[str]:
 def method_entry(name: str) -> Entry:
     cls = METHODS.get(name)
     cfg = cls.config_class(name=name)
+    from methods.base import NEEDS_TEXT
+
+    needs = ", ".join(NEEDS_TEXT[kind] for kind in cls.needs) or "nothing"
     label = f"lossless except {cls.lossy_when}" if cls.lossy_when else "lossless"
-    facts = [f"needs {cls.needs}", label] + settings(cfg, tuple(cls.main_settings))
+    label += " (greedy only)" if cls.greedy_only else ""
+    facts = [f"needs {needs}", label] + settings(cfg, tuple(cls.main_settings))
     return Entry(name, summary(cls), facts, settings(cfg))
 
 

@@ -35,8 +35,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from harness.errors import HarnessError
-from harness.paths import default_cache_dir, replace_dir
-from harness.results import load_json_file
+from harness.paths import default_cache_dir, load_json_file, replace_dir
 
 FORMAT = 1
 TOKENS_FILE, SA_FILE, MANIFEST_FILE = "tokens.npy", "sa.npy", "manifest.json"

@@ -25,7 +25,7 @@ import pandas as pd
 from tabulate import tabulate
 
 from harness.report import header, load_runs, metrics
-from harness.results import load_json_file
+from harness.paths import load_json_file
 
 
 class BaselineError(Exception):

@@ -18,36 +18,9 @@ from typing import Optional
 import pandas as pd
 from tabulate import tabulate
 
-from harness.report import REFERENCE, Runs, dropped_note, header, metrics, provenance
+from harness.report import (REFERENCE, REPETITION_NOTE, STOP_NOTE, Runs, dropped_note, header, metrics,
+                            pass_at_1_label, provenance)
 from harness.results import commit_of
-
-
-# the legend of the `repetition` column, in every table that shows it
-REPETITION_NOTE = (
-    "repetition: mean share of generated tokens inside a 4-gram already seen earlier in the prompt or the output "
-    "(equal across methods whose outputs equal the reference's); where it is high, copy-based methods "
-    "(prompt lookup) gain by copying repeated text or loops, not by predicting new text."
-)
-
-
-# the legend of the `stop_reasons` column
-STOP_NOTE = (
-    "stop_reasons: how the outputs ended (eos = the model's end token, stop = a stop string of the task, "
-    "max = max_new_tokens); every lossless method must show the reference's counts."
-)
-
-
-def pass_at_1_label(row: dict) -> str:
-    """A leaderboard's pass@1 cell: the figure, its denominators, and any isolation below full."""
-    judged, skipped = row.get("pass@1_judged"), row.get("pass@1_skipped")
-    if judged is None or judged != judged:  # no execution results for this row
-        return ""
-    value = row.get("pass@1")
-    text = f"{value:.3f}" if value is not None and value == value else "n/a"
-    text += f" ({int(judged)} judged, {int(skipped)} skipped)"
-    isolation = row.get("pass@1_isolation") or "unrecorded"
-    return text if isolation == "full" or not judged else f"{text}, {isolation.upper()} isolation"
-
 
 
 SHOWN = [

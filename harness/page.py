@@ -22,8 +22,7 @@ from typing import Callable, Optional
 
 import pandas as pd
 
-from harness.report import REFERENCE, Runs, header, provenance
-from harness.leaderboard import REPETITION_NOTE, STOP_NOTE, pass_at_1_label
+from harness.report import REFERENCE, REPETITION_NOTE, STOP_NOTE, Runs, header, pass_at_1_label, provenance
 from harness.results import RunDir
 
 # methods whose drafts copy text already seen (the prompt, the output, a corpus or the reference):

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
+from typing import Any
+
+from harness.errors import HarnessError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 ZOO_DIR = REPO_ROOT / "zoo"
@@ -68,3 +72,20 @@ def replace_dir(new: Path, final: Path) -> None:
     os.replace(new, final)
     if old.exists():
         shutil.rmtree(old)
+
+
+def load_json_file(path: str | os.PathLike, what: str, fix: str, kind: type = dict, error: type = HarnessError) -> Any:
+    """The JSON document in ``path``, which must be a ``kind``; anything else (unreadable, not
+    UTF-8, not JSON, another type) raises ``error`` in one line naming the file, ``what`` it is
+    and the ``fix``."""
+    try:
+        data = json.loads(Path(path).read_bytes().decode("utf-8"))
+    except OSError as exc:
+        raise error(f"cannot read {what} {path}: {exc.strerror or exc}; {fix}") from None
+    except UnicodeDecodeError as exc:
+        raise error(f"{what} {path} is not UTF-8 text (byte {exc.start}); {fix}") from None
+    except json.JSONDecodeError as exc:
+        raise error(f"{what} {path} is not valid JSON ({exc.msg} at line {exc.lineno}); {fix}") from None
+    if not isinstance(data, kind):
+        raise error(f"{what} {path} holds a JSON {type(data).__name__}, not a {kind.__name__}; {fix}")
+    return data

@@ -25,7 +25,7 @@ import pandas as pd
 
 from harness.detail import DETAIL_COLUMNS, csv_cell
 from harness.errors import HarnessError
-from harness.paths import REPO_ROOT
+from harness.paths import REPO_ROOT, load_json_file
 
 MANIFEST, SAMPLES, SUMMARY, LEADERBOARD = "manifest.json", "samples.jsonl", "summary.csv", "leaderboard.md"
 SUMMARY_JSON = "summary.json"  # summary.csv's rows as JSON, lists and dicts as they are
@@ -47,23 +47,6 @@ LOCK = "writer.lock"  # held (fcntl.flock) by the one `harness run` writing the 
 
 class RunDirError(HarnessError):
     """A run directory that cannot be used as asked; the message says what to do."""
-
-
-def load_json_file(path: str | os.PathLike, what: str, fix: str, kind: type = dict, error: type = RunDirError) -> Any:
-    """The JSON document in ``path``, which must be a ``kind``; anything else (unreadable, not
-    UTF-8, not JSON, another type) raises ``error`` in one line naming the file, ``what`` it is
-    and the ``fix``."""
-    try:
-        data = json.loads(Path(path).read_bytes().decode("utf-8"))
-    except OSError as exc:
-        raise error(f"cannot read {what} {path}: {exc.strerror or exc}; {fix}") from None
-    except UnicodeDecodeError as exc:
-        raise error(f"{what} {path} is not UTF-8 text (byte {exc.start}); {fix}") from None
-    except json.JSONDecodeError as exc:
-        raise error(f"{what} {path} is not valid JSON ({exc.msg} at line {exc.lineno}); {fix}") from None
-    if not isinstance(data, kind):
-        raise error(f"{what} {path} holds a JSON {type(data).__name__}, not a {kind.__name__}; {fix}")
-    return data
 
 
 def jsonl_lines(path: Path) -> tuple[list[tuple[int, bytes, Optional[dict]]], bool]:
@@ -311,7 +294,7 @@ class RunDir:
         """manifest.json, validated: a JSON object with the sections every reader uses."""
         path = self.path / MANIFEST
         fix = "it is written by `harness run`: restore it, or delete the run directory and run again"
-        data = load_json_file(path, "run manifest", fix)
+        data = load_json_file(path, "run manifest", fix, error=RunDirError)
         for key in ("config", "environment", "model"):
             if not isinstance(data.get(key), dict):
                 raise RunDirError(f"run manifest {path} has no `{key}` object; {fix}")

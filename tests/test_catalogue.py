@@ -25,9 +25,12 @@ class Toy(Method):
     """Toy decoding: an oracle guesses. Nothing else of this docstring is listed."""
 
     config_class = ToyConfig
-    needs = "an oracle"
+    needs = ("datastore",)
     lossy_when = "mode=guess"
     main_settings = ("steps",)
+
+    def generate(self, prompt_ids, stop, seed=0):  # listed here, never run
+        raise NotImplementedError
 
 
 @dataclass
@@ -53,7 +56,7 @@ def toys(monkeypatch):
 def test_a_registered_method_is_listed_with_its_needs_label_and_settings(toys):
     text = catalogue(("methods",))
     line = next(line for line in text.splitlines() if line.split()[:1] == ["toy"])
-    assert line.split(None, 1)[1] == "Toy decoding: an oracle guesses [needs an oracle; lossless except mode=guess; steps=3]"
+    assert line.split(None, 1)[1] == "Toy decoding: an oracle guesses [needs a datastore (harness datastore build); lossless except mode=guess; steps=3]"
     assert text.startswith(f"methods ({len(METHODS.names())}):")
     verbose = catalogue(("methods",), verbose=True).splitlines()
     below = verbose[verbose.index(line) + 1 : verbose.index(line) + 3]

@@ -25,7 +25,8 @@ FLOORS: list[dict[str, tuple[str, ...]]] = [
     {
         "methods": ("methods.*", "harness.datastore"),
         "training": ("harness.train.*", "harness.zoo.*"),
-        "results": ("harness.results", "harness.report", "harness.leaderboard", "harness.gate", "harness.publish"),
+        "results": ("harness.detail", "harness.results", "harness.report", "harness.page", "harness.leaderboard",
+                    "harness.compare", "harness.gate", "harness.publish", "harness.browser"),
     },
     {"runner": ("harness.runner", "harness.profile", "harness.sweep", "harness.hydra_setup")},
     {"command line": ("harness.cli", "harness.cli_train", "harness.cli_zoo", "harness.cli_datastore",

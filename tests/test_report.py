@@ -266,7 +266,7 @@ def test_repetition_column_in_summary_and_every_format(run_dir, capsys):
 
     import pandas as pd
 
-    from harness.leaderboard import REPETITION_NOTE
+    from harness.report import REPETITION_NOTE
 
     records = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]
     assert all(0.0 <= r["repetition"] <= 1.0 for r in records)

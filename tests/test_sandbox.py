@@ -126,7 +126,7 @@ def test_pass_at_k_table_groups_and_states_its_denominators():
 
 
 def test_pass_at_1_columns_and_label_state_denominators_and_isolation():
-    from harness.leaderboard import pass_at_1_label
+    from harness.report import pass_at_1_label
     from harness.report import pass_at_1
 
     rows = [{"method": "m", "task": "t", "language": "python", "sample_id": f"P/{i}", "status": s, "isolation": "full"}

