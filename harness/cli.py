@@ -16,7 +16,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any
 
-from harness.config import ModelConfig, RunSettings, SamplingConfig
+from harness.config import ModelConfig, RunSettings, SamplingConfig, VllmSettings
 from harness.paths import resolve_repo_path
 from harness.registry import METHODS, MODELS, TASKS, UnknownName
 
@@ -32,6 +32,7 @@ class RootConfig:
     task: Any = None  # filled from the `task` group
     model: Any = None  # filled from the `model` group
     method: dict[str, Any] = field(default_factory=dict)  # per-method configs, one entry per requested method
+    vllm: VllmSettings = field(default_factory=VllmSettings)  # how run.engine=vllm starts vLLM
 
 
 def default_model() -> str:
@@ -64,6 +65,7 @@ def run_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, help="at most N samples (per language for humaneval-x)")
     p.add_argument("--max-new-tokens", type=int, help="new tokens per turn (default 128)")
     p.add_argument("--out", help="run directory (re-running with the same one resumes)")
+    p.add_argument("--engine", help="harness (default) | vllm: run the methods on vLLM (run.engine; docs/vllm.md)")
     p.add_argument("--force", action="store_true", help="append to a run directory made with another config")
     p.add_argument("--drop-corrupt", action="store_true", help="move corrupt samples.jsonl lines aside on resume")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -86,6 +88,7 @@ def overrides_help() -> str:
 
     fields(RunSettings(), "run.")
     fields(SamplingConfig(), "sampling.")
+    fields(VllmSettings(), "vllm.")
     fields(ModelConfig(), "model.")
     for name in TASKS.names():
         lines.append(f" task {name}:")
@@ -123,6 +126,8 @@ def flag_overrides(args: argparse.Namespace, methods: list[str]) -> list[str]:
         overrides.append(f"task.limit={args.limit}")
     if args.max_new_tokens is not None:
         overrides.append(f"run.max_new_tokens={args.max_new_tokens}")
+    if getattr(args, "engine", None):
+        overrides.append(f"run.engine={args.engine}")
     if args.force:
         overrides.append("run.force=true")
     if args.drop_corrupt:
@@ -134,6 +139,14 @@ def method_list(text: str | None) -> list[str]:
     return [m.strip() for m in text.split(",") if m.strip()] if text else ["autoregressive"]
 
 
+def concurrency_list(override: str) -> str:
+    """``run.concurrency=1,4,16`` (a list, not a sweep: one run measures every concurrency) as ``[1,4,16]``."""
+    key, _, value = override.partition("=")
+    if key == "run.concurrency" and "," in value and not value.startswith("["):
+        return f"{key}=[{value}]"
+    return override
+
+
 def compose(args: argparse.Namespace):
     from hydra import compose as hydra_compose
     from hydra import initialize
@@ -143,7 +156,7 @@ def compose(args: argparse.Namespace):
     overrides = flag_overrides(args, methods) + [f"methods=[{','.join(methods)}]"]
     if args.out:
         overrides.append(f"run.out={args.out}")
-    overrides += args.overrides
+    overrides += [concurrency_list(o) for o in args.overrides]
     register_configs()
     with initialize(version_base=None, config_path=None):
         cfg = hydra_compose(config_name=ROOT, overrides=overrides)
@@ -163,6 +176,7 @@ def to_experiment(cfg, OmegaConf):
         run=obj.run,
         sampling=obj.sampling,
         config=plain,
+        vllm=obj.vllm,
     )
 
 
@@ -262,10 +276,11 @@ def one_line(exc: BaseException) -> str:
     from harness.engine import ModelLoadError
     from harness.results import RunDirError
     from harness.runner import HarnessError
+    from harness.serving.vllm_process import VllmError
     from harness.sweep import SweepError
     from tasks.base import TaskDataError
 
-    known = (HarnessError, ModelLoadError, RunDirError, TaskDataError, UnknownName, SweepError)
+    known = (HarnessError, ModelLoadError, RunDirError, TaskDataError, UnknownName, SweepError, VllmError)
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     if isinstance(exc, known):
         return text
@@ -305,7 +320,13 @@ def cmd_leaderboard(argv: list[str]) -> int:
 
         from harness.leaderboard import make_plots, render, write_plots
         from harness.report import load_runs, metrics
+        from harness.serving.vllm_report import is_vllm_run, write_report
 
+        if len(args.runs) == 1 and is_vllm_run(Path(args.runs[0])):  # the --out of `harness run --engine vllm`
+            out = Path(args.out) if args.out else Path(args.runs[0]) / "leaderboard.md"
+            write_report(Path(args.runs[0]), out)
+            print(out.read_text() if not args.out else f"wrote {out}", file=sys.stderr if args.out else sys.stdout)
+            return 0
         runs = load_runs(args.runs, allow_mixed=args.allow_mixed)
         for notice in runs.notices:
             print(f"note: {notice}", file=sys.stderr)

@@ -98,6 +98,7 @@ class Record:
     # sample to sample, the reference included); None for a record written before it existed
     run_order: Optional[int] = None
     extra: dict[str, Any] = field(default_factory=dict)
+    engine: str = "harness"  # what ran the method: harness (this project's execution layer) | vllm
 
     @property
     def key(self) -> tuple[str, str, str, int]:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import platform
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Optional
@@ -25,7 +25,7 @@ import torch
 from tqdm import tqdm
 
 from harness.compiled import compile_count
-from harness.config import MethodConfig, ModelConfig, RunSettings, SamplingConfig
+from harness.config import MethodConfig, ModelConfig, RunSettings, SamplingConfig, VllmSettings
 from harness.engine import Engine
 from harness.lossless import EXACT, NOT_CHECKED, compare
 from harness.paths import REPO_ROOT
@@ -51,6 +51,7 @@ class Experiment:
     run: RunSettings
     sampling: SamplingConfig
     config: dict  # the resolved config as plain data, stored in the manifest
+    vllm: VllmSettings = field(default_factory=VllmSettings)  # how run.engine=vllm starts vLLM
 
 
 @dataclass
@@ -108,6 +109,7 @@ def make_manifest(exp: Experiment, engine: Engine) -> dict:
         "seed": exp.run.seed,
         "reference": f"greedy {REFERENCE} of the same model ({model_label(engine)})",
         "execution": execution_mode(engine),
+        "engine": {"name": "harness"},
     }
 
 
@@ -161,6 +163,12 @@ def stop_strings(engine: Engine, task: Task, sample: Sample) -> Optional[StopStr
 
 def run(exp: Experiment, log: Callable[[str], None] = print) -> RunResult:
     settings = exp.run
+    if settings.engine == "vllm":
+        from harness.serving.vllm_run import run_vllm
+
+        return run_vllm(exp, log)
+    if settings.engine != "harness":
+        raise HarnessError(f"unknown engine '{settings.engine}'; use run.engine=harness or run.engine=vllm (--engine)")
     if settings.max_new_tokens <= 0:
         raise HarnessError(f"max_new_tokens must be positive, got {settings.max_new_tokens} (--max-new-tokens N)")
     if settings.threads > 0:

@@ -74,3 +74,14 @@ def model_dir(tmp_path_factory, tokenizer) -> Path:
     tiny_model(len(tokenizer)).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``vllm`` start vLLM engines (minutes on a CPU): they run under ``make test-vllm``
+    (HARNESS_VLLM_TESTS=1) on a machine with .venv-vllm, and are skipped otherwise."""
+    if os.environ.get("HARNESS_VLLM_TESTS") == "1":
+        return
+    skip = pytest.mark.skip(reason="starts vLLM: run `make vllm` once, then `make test-vllm` (HARNESS_VLLM_TESTS=1)")
+    for item in items:
+        if item.get_closest_marker("vllm") is not None:
+            item.add_marker(skip)
