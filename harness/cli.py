@@ -140,9 +140,10 @@ def method_list(text: str | None) -> list[str]:
 
 
 def concurrency_list(override: str) -> str:
-    """``run.concurrency=1,4,16`` (a list, not a sweep: one run measures every concurrency) as ``[1,4,16]``."""
+    """``run.concurrency=1,4,16`` (a list, not a sweep: one run measures every concurrency) as ``[1,4,16]``,
+    and ``run.concurrency=4`` as ``[4]``."""
     key, _, value = override.partition("=")
-    if key == "run.concurrency" and "," in value and not value.startswith("["):
+    if key == "run.concurrency" and not value.startswith("["):
         return f"{key}=[{value}]"
     return override
 

@@ -82,7 +82,7 @@ class VllmSettings:
 
     python: str = ".venv-vllm/bin/python"  # interpreter of vLLM's own environment (`make vllm` builds it)
     threads: int = 1  # CPU threads vLLM computes with (its engine core is pinned to cores 0..threads-1)
-    kv_cache_gib: float = 1.0  # KV cache vLLM reserves on CPU (GiB)
+    kv_cache_gib: int = 1  # KV cache vLLM reserves on CPU (whole GiB: VLLM_CPU_KVCACHE_SPACE)
     max_model_len: int = 0  # context vLLM reserves KV cache for; 0 = the model's own context
     enforce_eager: bool = True  # false = let vLLM compile its forwards (torch.compile / CUDA graphs)
     num_speculative_tokens: int = 3  # tokens the EAGLE and Medusa heads draft per step (vLLM drafts chains)

@@ -62,9 +62,13 @@ def tokenizer() -> PreTrainedTokenizerFast:
     return build_tokenizer()
 
 
+# the device of the session's engine: cpu, or cuda for scripts/gpu_check.sh (the same tests on a GPU)
+TEST_DEVICE = os.environ.get("HARNESS_TEST_DEVICE", "cpu")
+
+
 @pytest.fixture(scope="session")
 def engine(tokenizer) -> Engine:
-    return Engine.from_model(tiny_model(len(tokenizer)), tokenizer)
+    return Engine.from_model(tiny_model(len(tokenizer)).to(TEST_DEVICE), tokenizer)
 
 
 @pytest.fixture(scope="session")

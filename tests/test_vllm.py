@@ -102,6 +102,7 @@ def test_a_vllm_request_goes_through_the_harness_commit_path(engine, tokenizer):
 def test_concurrency_is_a_list_not_a_sweep():
     assert concurrency_list("run.concurrency=1,4,16") == "run.concurrency=[1,4,16]"
     assert concurrency_list("run.concurrency=[1,4]") == "run.concurrency=[1,4]"
+    assert concurrency_list("run.concurrency=4") == "run.concurrency=[4]"
     assert concurrency_list("method.speculative.gamma=1,2") == "method.speculative.gamma=1,2"
 
 
@@ -130,7 +131,7 @@ def test_the_worker_group_is_stopped_even_when_it_ignores_quit(tmp_path):
         "sleep 300\n"
     )  # fmt: skip
     fake.chmod(0o755)
-    worker = VllmWorker(WorkerSettings(fake, tmp_path / "log", 1, 1.0, timeout_s=1))
+    worker = VllmWorker(WorkerSettings(fake, tmp_path / "log", 1, 1, timeout_s=1))
     time.sleep(0.5)
     assert worker.alive()
     started = time.monotonic()
@@ -165,7 +166,7 @@ def test_vllm_runs_the_methods_exactly_at_every_concurrency(tmp_path, vllm_model
     code = main(["run", "--engine", "vllm", "--task", "jsonl", f"task.path={write_prompts(tmp_path / 'p.jsonl')}",
                  "--model", str(vllm_model), "--methods", "speculative,prompt-lookup", "--max-new-tokens", "24",
                  f"method.speculative.draft={vllm_model}", "method.speculative.gamma=3", "run.concurrency=1,3",
-                 "--out", str(out), "vllm.kv_cache_gib=0.5", "vllm.max_model_len=512", "run.progress=false"])  # fmt: skip
+                 "--out", str(out), "vllm.max_model_len=512", "run.progress=false"])  # fmt: skip
     assert code == 0
     for c in (1, 3):
         records = [json.loads(x) for x in (out / f"vllm-c{c}" / "samples.jsonl").read_text().splitlines()]
@@ -191,7 +192,7 @@ def test_a_killed_harness_leaves_no_vllm_process(tmp_path, vllm_model, sig):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "harness.cli", "run", "--engine", "vllm", "--task", "jsonl",
            f"task.path={write_prompts(tmp_path / 'p.jsonl')}", "--model", str(vllm_model), "--max-new-tokens", "8",
-           "--out", str(out), "vllm.kv_cache_gib=0.5", "vllm.max_model_len=512", "run.progress=false"]  # fmt: skip
+           "--out", str(out), "vllm.max_model_len=512", "run.progress=false"]  # fmt: skip
     harness = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     pid_file = out / "vllm-worker.pid"
     deadline = time.monotonic() + 300

@@ -35,7 +35,7 @@ class WorkerSettings:
     python: Path  # the interpreter of vLLM's environment
     log: Path  # the worker's stderr (vLLM's own log)
     threads: int  # CPU threads vLLM computes with (VLLM_CPU_OMP_THREADS_BIND)
-    kv_cache_gib: float  # KV cache vLLM reserves on CPU (VLLM_CPU_KVCACHE_SPACE)
+    kv_cache_gib: int  # KV cache vLLM reserves on CPU, whole GiB (VLLM_CPU_KVCACHE_SPACE)
     timeout_s: float  # longest wait for one reply (a load included)
 
 

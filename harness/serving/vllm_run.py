@@ -181,7 +181,7 @@ def decode(worker: VllmWorker, exp, engine: Engine, method: VllmMethod, prompts:
         spec = reply["spec"] if index == 0 else None  # the counters are the engine's: the call's change goes once
         record = to_record(exp, engine, method.name, prompt, result, c, spec)
         verdict = compare(engine, prompt.ids, prompt.reference.tokens, record.tokens, settings.tie_margin)
-        own = greedy.get(prompt.sample.id)
+        own = record if method.name == "autoregressive" else greedy.get(prompt.sample.id)
         diff = first_difference(own.tokens, record.tokens) if own is not None else None
         record.extra["vs_vllm_greedy"] = EXACT if own is not None and diff is None else (
             f"{MISMATCH} at {diff}" if own is not None else "no vLLM greedy record")  # fmt: skip

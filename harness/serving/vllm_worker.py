@@ -23,6 +23,7 @@ import os
 import signal
 import sys
 import time
+import traceback
 
 PR_SET_PDEATHSIG = 1  # prctl option: the signal this process gets when its parent dies
 SPEC_COUNTERS = {  # vLLM metric name -> the key it is returned under
@@ -129,6 +130,12 @@ def generate(llm, request):
     return {"ok": True, "results": ordered, "wall_s": wall, "spec": counter_change(before, counters(llm))}
 
 
+def reason(exc):
+    """The line of an exception that says why (pydantic's validation errors end in a link, not the reason)."""
+    lines = [x.strip() for x in str(exc).splitlines() if x.strip() and not x.strip().startswith("For further")]
+    return lines[-1] if lines else ""
+
+
 def main():
     reply_fd = os.dup(1)
     os.dup2(2, 1)  # vLLM's prints join its log on stderr; replies go to the saved descriptor only
@@ -150,8 +157,8 @@ def main():
             else:
                 reply = {"error": f"unknown op {request['op']!r}"}
         except Exception as exc:  # noqa: BLE001 - every failure goes back as one line
-            text = str(exc).strip().splitlines()
-            reply = {"error": f"{type(exc).__name__}: {text[-1] if text else ''}"}
+            traceback.print_exc()  # the whole story stays in the log
+            reply = {"error": f"{type(exc).__name__}: {reason(exc)}"}
         replies.write(json.dumps(reply) + "\n")
     # stdin closed (the harness is gone) or quit: the engine core goes with this process
     stop_group(None, None)
