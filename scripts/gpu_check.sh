@@ -16,9 +16,11 @@ DRY=0
 if [ "$DRY" = 1 ]; then
   out=results/runs/gpu-dry; device=cpu; limit=1; tokens=8; conc=1,2; vlimit=2; dtype=float32
   tests=(tests/test_engine.py); scale=4  # a shared CPU is far slower than the GPU the limits are set for
+  compiled_dry=(--methods autoregressive,prompt-lookup model.compile_buckets=[1,4])  # compiling every method: minutes on CPU
 else
   out=results/gpu; device=cuda; limit=4; tokens=64; conc=1,16; vlimit=16; dtype=${DTYPE:-float32}
-  tests=(tests/test_engine.py tests/test_compiled.py tests/test_methods_baseline.py); scale=1  # 470 s in all
+  tests=(tests/test_engine.py tests/test_compiled.py tests/test_methods_baseline.py); scale=1  # 460 s at most in all
+  compiled_dry=()
 fi
 [ -x .venv/bin/harness ] || { echo "error: no .venv here; run make setup (TORCH_SPEC=torch on a GPU) first" >&2; exit 2; }
 rm -rf "$out"; mkdir -p "$out"
@@ -45,10 +47,11 @@ common=(--task humaneval --limit "$limit" --max-new-tokens "$tokens" run.progres
 every=autoregressive,speculative,speculative-tree,prompt-lookup,reference-lookup,suffix,recycling,lookahead,swift,medusa,eagle,eagle2,eagle3
 compiled=autoregressive,speculative,speculative-tree,prompt-lookup,suffix,medusa,eagle,eagle2
 # 2. the engine's tests (the session's tiny models on this machine's device)
-step tests 150 env HARNESS_TEST_DEVICE=$device .venv/bin/python -m pytest -q -x -p no:cacheprovider "${tests[@]}"
+step tests 100 env HARNESS_TEST_DEVICE=$device .venv/bin/python -m pytest -q -x -p no:cacheprovider "${tests[@]}"
 # 3. every method, eager and compiled
-step bench-eager 120 .venv/bin/harness run --methods "$every" --out "$out/bench-eager" "${common[@]}"
-step bench-compiled 120 .venv/bin/harness run --methods "$compiled" model.compile=true --out "$out/bench-compiled" "${common[@]}"
+step bench-eager 100 .venv/bin/harness run --methods "$every" --out "$out/bench-eager" "${common[@]}"
+step bench-compiled 100 .venv/bin/harness run --methods "$compiled" model.compile=true --out "$out/bench-compiled" "${common[@]}" \
+  "${compiled_dry[@]}"
 # 4. the vLLM backend at two concurrencies
 if [ "${GPU_CHECK_VLLM:-1}" = 0 ]; then
   summary+=("vllm: left out (GPU_CHECK_VLLM=0)")
@@ -57,7 +60,7 @@ elif [ ! -x .venv-vllm/bin/python ]; then
 else
   vm=autoregressive,speculative,prompt-lookup,eagle,eagle3,medusa,suffix
   [ "$DRY" = 1 ] && vm=autoregressive,prompt-lookup
-  step vllm 200 .venv/bin/harness run --engine vllm --methods "$vm" --task humaneval --limit "$vlimit" \
+  step vllm 160 .venv/bin/harness run --engine vllm --methods "$vm" --task humaneval --limit "$vlimit" \
     --max-new-tokens "$tokens" run.concurrency=$conc run.progress=false model.dtype=$dtype vllm.side_by_side=false \
     --out "$out/vllm"
 fi
