@@ -182,6 +182,7 @@ def test_vllm_runs_the_methods_exactly_at_every_concurrency(tmp_path, vllm_model
     assert json.loads((out / "harness" / "manifest.json").read_text())["engine"]["name"] == "harness"
     report = (out / "leaderboard.md").read_text()
     assert "## Side by side" in report and "## Speedup vs concurrency" in report
+    assert "none: every output equals both references" in report
     assert (out / "speedup-vs-concurrency.png").stat().st_size > 0
     assert main(["leaderboard", str(out / "vllm-c1")]) == 0  # an ordinary run directory
 

@@ -107,6 +107,20 @@ def side_by_side(out: Path) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def divergences(out: Path) -> str:
+    """Every vLLM output that is not token-exact: where it first differs and the reference's margin there."""
+    rows = []
+    for rundir in concurrency_dirs(out):
+        for r in load_runs([rundir], one_shard=True).records.itertuples():
+            if r.status != "exact" or r.extra.get("vs_vllm_greedy") != "exact":
+                rows.append({"method": r.method, "concurrency": r.extra.get("concurrency"), "sample": r.sample_id,
+                             "vs transformers": r.status, "first index": r.first_diff, "top-1 - top-2 margin": r.margin,
+                             "vs vLLM greedy": r.extra.get("vs_vllm_greedy")})  # fmt: skip
+    if not rows:
+        return "none: every output equals both references token for token"
+    return tabulate(pd.DataFrame(rows), headers="keys", tablefmt="github", showindex=False, floatfmt=".4f")
+
+
 def plot(table: pd.DataFrame, path: Path) -> None:
     import matplotlib
 
@@ -144,6 +158,7 @@ def render(out: Path, plot_name: str = PLOT) -> tuple[str, pd.DataFrame]:
         "## Load\n\n" + tabulate(shown, headers="keys", tablefmt="github", showindex=False, floatfmt=".2f"),
         "## Speedup vs concurrency\n\n" + tabulate(pivot, headers="keys", tablefmt="github", showindex=False,
                                                     floatfmt=".2f") + f"\n\n![speedup vs concurrency]({plot_name})",
+        "## Divergences (a tie: first difference at a reference margin below run.tie_margin)\n\n" + divergences(out),
         "## Side by side (same weights and prompts: the harness's implementation vs vLLM's)\n\n"
         + tabulate(side_by_side(out), headers="keys", tablefmt="github", showindex=False, floatfmt=".2f"),
     ])  # fmt: skip
