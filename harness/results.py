@@ -127,6 +127,7 @@ class Record:
     # which yields the first token): time to first token; None for a record written before it existed
     first_token_s: Optional[float] = None
     extra: dict[str, Any] = field(default_factory=dict)
+    engine: str = "harness"  # what ran the method: harness (this project's execution layer) | vllm
 
     @property
     def key(self) -> tuple[str, str, str, int]:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import platform
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Optional
@@ -25,7 +25,7 @@ import torch
 from tqdm import tqdm
 
 from harness.compiled import compile_count
-from harness.config import MethodConfig, ModelConfig, RunSettings, SamplingConfig
+from harness.config import MethodConfig, ModelConfig, RunSettings, SamplingConfig, VllmSettings
 from harness.engine import Engine
 from harness.errors import HarnessError
 from harness.leaderboard import run_leaderboard
@@ -50,6 +50,7 @@ class Experiment:
     run: RunSettings
     sampling: SamplingConfig
     config: dict  # the resolved config as plain data, stored in the manifest
+    vllm: VllmSettings = field(default_factory=VllmSettings)  # how run.engine=vllm starts vLLM
 
     def __post_init__(self) -> None:
         """Every value checked here, once, before any data or model loads (config.ConfigValueError)."""
@@ -112,6 +113,7 @@ def make_manifest(exp: Experiment, engine: Engine) -> dict:
         "seed": exp.run.seed,
         "reference": f"greedy {REFERENCE} of the same model ({model_label(engine)})",
         "execution": forward_mode(engine),
+        "engine": {"name": "harness"},
     }
 
 
@@ -171,6 +173,12 @@ def out_dir(settings: RunSettings) -> Path:
 
 def run(exp: Experiment, log: Callable[[str], None] = print) -> RunResult:
     settings = exp.run
+    if settings.engine == "vllm":
+        from harness.serving.vllm_run import run_vllm
+
+        return run_vllm(exp, log)
+    if settings.engine != "harness":
+        raise HarnessError(f"unknown engine '{settings.engine}'; use run.engine=harness or run.engine=vllm (--engine)")
     if settings.threads > 0:
         torch.set_num_threads(settings.threads)
 

@@ -62,9 +62,13 @@ def tokenizer() -> PreTrainedTokenizerFast:
     return build_tokenizer()
 
 
+# the device of the session's engine: cpu, or cuda for scripts/gpu_check.sh (the same tests on a GPU)
+TEST_DEVICE = os.environ.get("HARNESS_TEST_DEVICE", "cpu")
+
+
 @pytest.fixture(scope="session")
 def engine(tokenizer) -> Engine:
-    return Engine.from_model(tiny_model(len(tokenizer)), tokenizer)
+    return Engine.from_model(tiny_model(len(tokenizer)).to(TEST_DEVICE), tokenizer)
 
 
 @pytest.fixture(scope="session")
@@ -74,3 +78,15 @@ def model_dir(tmp_path_factory, tokenizer) -> Path:
     tiny_model(len(tokenizer)).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``vllm`` start vLLM engines (minutes on a CPU) and need .venv-vllm: they belong to
+    ``make test-vllm`` (HARNESS_VLLM_TESTS=1, after `make vllm`), and `make test` leaves them out
+    (deselected, and counted as such in pytest's summary)."""
+    if os.environ.get("HARNESS_VLLM_TESTS") == "1":
+        return
+    vllm = [item for item in items if item.get_closest_marker("vllm") is not None]
+    if vllm:
+        config.hook.pytest_deselected(items=vllm)
+        items[:] = [item for item in items if item.get_closest_marker("vllm") is None]

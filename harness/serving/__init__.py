@@ -1,0 +1,1 @@
+"""Serving engines driven across a process boundary (vLLM: docs/vllm.md)."""
