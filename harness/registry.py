@@ -80,6 +80,7 @@ METHODS.add("recycling", "methods.recycling:Recycling")
 METHODS.add("rest", "methods.rest:Rest")
 METHODS.add("suffix", "methods.suffix:Suffix")
 METHODS.add("speculative-tree", "methods.speculative_tree:SpeculativeTree")
+METHODS.add("nest", "methods.nest:Nest")
 
 # --- tasks: one file each under tasks/ ---
 TASKS.add("humaneval", "tasks.humaneval:HumanEval")

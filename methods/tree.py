@@ -164,6 +164,7 @@ class TreeVerifier:
         self.proposed: list[int] = []  # per depth: steps whose tree reached it
         self.accepted: list[int] = []  # per depth: steps that committed a node there
         self.tree_sizes: list[int] = []  # nodes per verified tree, root included
+        self.output: Optional[ForwardOutput] = None  # the last tree forward (logits; hidden states when asked for)
 
     @property
     def done(self) -> bool:
@@ -188,6 +189,7 @@ class TreeVerifier:
         prefix = torch.ones(shape.size, past, dtype=torch.bool, device=shape.mask.device)
         res = self.engine.forward(tree.tokens, self.cache, positions=shape.depth + past,
                                   mask=torch.cat((prefix, shape.mask), dim=1), hidden=self.hidden)  # fmt: skip
+        self.output = res  # an ``accept`` rule that reads the nodes' hidden states finds them here
         if accept is not None:
             nodes, new = accept(tree, shape, res.logits, self.gen)
         elif self.sampling.do_sample:

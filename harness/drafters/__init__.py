@@ -2,4 +2,5 @@
 
 ``harness.drafters.eagle``: the EAGLE-1/2 and EAGLE-3 draft heads, their on-disk formats
 (ours = the released ones) and the strict loader.
+``harness.drafters.chimera``: Chimera's drafter (trigram + full-context encoders, residual heads).
 """
