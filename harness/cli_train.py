@@ -21,7 +21,7 @@ from harness.train.lm import DRAFT, TARGET, LMTrainConfig, ModelConfig
 from harness.zoo.build import ZooDataConfig
 
 USAGE = (
-    "usage: harness train {lm model=target|draft | medusa | space | eagle version=1|3} [key=value ...]   "
+    "usage: harness train {lm model=target|draft | medusa | space | eagle version=1|3 | chimera} [key=value ...]   "
     "(harness train <job> --help shows all keys)"
 )
 
@@ -52,6 +52,9 @@ def register_configs() -> None:
     from harness.train.eagle import EagleTrainConfig  # noqa: PLC0415
 
     cs.store(name="train_eagle", node=EagleTrainConfig)
+    from harness.train.chimera import ChimeraTrainConfig  # noqa: PLC0415
+
+    cs.store(name="train_chimera", node=ChimeraTrainConfig)
 
 
 def compose_config(config_name: str, overrides: list[str]):
@@ -105,7 +108,8 @@ def dispatch(argv: list[str], usage: str, runners: dict, config_name, noun: str,
 
 
 def main(argv: list[str]) -> int:
-    runners = {"lm": run_train_lm, "medusa": run_train_medusa, "space": run_train_space, "eagle": run_train_eagle}
+    runners = {"lm": run_train_lm, "medusa": run_train_medusa, "space": run_train_space, "eagle": run_train_eagle,
+               "chimera": run_train_chimera}
     return dispatch(argv, USAGE, runners, lambda what: f"train_{what}", "training job")
 
 
@@ -146,6 +150,15 @@ def run_train_eagle(cfg) -> int:
 
     _result, summary = run_eagle_training(cfg)
     print(f"[train eagle] done: {summary}")
+    return 0
+
+
+def run_train_chimera(cfg) -> int:
+    """A Chimera drafter on a frozen target (resumable); exports at the end."""
+    from harness.train.chimera import run_chimera_training  # noqa: PLC0415
+
+    _result, summary = run_chimera_training(cfg)
+    print(f"[train chimera] done: {summary}")
     return 0
 
 

@@ -81,6 +81,7 @@ METHODS.add("rest", "methods.rest:Rest")
 METHODS.add("suffix", "methods.suffix:Suffix")
 METHODS.add("speculative-tree", "methods.speculative_tree:SpeculativeTree")
 METHODS.add("nest", "methods.nest:Nest")
+METHODS.add("chimera", "methods.chimera:Chimera")
 
 # --- tasks: one file each under tasks/ ---
 TASKS.add("humaneval", "tasks.humaneval:HumanEval")
