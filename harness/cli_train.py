@@ -21,7 +21,7 @@ from harness.train.lm import DRAFT, TARGET, LMTrainConfig, ModelConfig
 from harness.zoo.build import ZooDataConfig
 
 USAGE = (
-    "usage: harness train {lm model=target|draft | medusa | space | eagle version=1|3 | chimera} [key=value ...]   "
+    "usage: harness train {lm model=target|draft | medusa | space | eagle version=1|3 | chimera | llm-to-slm} [key=value ...]   "
     "(harness train <job> --help shows all keys)"
 )
 
@@ -55,6 +55,9 @@ def register_configs() -> None:
     from harness.train.chimera import ChimeraTrainConfig  # noqa: PLC0415
 
     cs.store(name="train_chimera", node=ChimeraTrainConfig)
+    from harness.train.llm_to_slm import LlmToSlmTrainConfig  # noqa: PLC0415
+
+    cs.store(name="train_llm-to-slm", node=LlmToSlmTrainConfig)
 
 
 def compose_config(config_name: str, overrides: list[str]):
@@ -109,7 +112,7 @@ def dispatch(argv: list[str], usage: str, runners: dict, config_name, noun: str,
 
 def main(argv: list[str]) -> int:
     runners = {"lm": run_train_lm, "medusa": run_train_medusa, "space": run_train_space, "eagle": run_train_eagle,
-               "chimera": run_train_chimera}
+               "chimera": run_train_chimera, "llm-to-slm": run_train_llm_to_slm}
     return dispatch(argv, USAGE, runners, lambda what: f"train_{what}", "training job")
 
 
@@ -159,6 +162,15 @@ def run_train_chimera(cfg) -> int:
 
     _result, summary = run_chimera_training(cfg)
     print(f"[train chimera] done: {summary}")
+    return 0
+
+
+def run_train_llm_to_slm(cfg) -> int:
+    """An LLM-to-SLM projector between the frozen target and the frozen zoo draft (resumable); exports at the end."""
+    from harness.train.llm_to_slm import run_llm_to_slm_training  # noqa: PLC0415
+
+    _result, summary = run_llm_to_slm_training(cfg)
+    print(f"[train llm-to-slm] done: {summary}")
     return 0
 
 

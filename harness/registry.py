@@ -82,6 +82,7 @@ METHODS.add("suffix", "methods.suffix:Suffix")
 METHODS.add("speculative-tree", "methods.speculative_tree:SpeculativeTree")
 METHODS.add("nest", "methods.nest:Nest")
 METHODS.add("chimera", "methods.chimera:Chimera")
+METHODS.add("llm-to-slm", "methods.llm_to_slm:LlmToSlm")
 
 # --- tasks: one file each under tasks/ ---
 TASKS.add("humaneval", "tasks.humaneval:HumanEval")
