@@ -38,10 +38,26 @@ NOTE = (
 )
 
 
-def display_table(table: pd.DataFrame, by: Optional[str]) -> pd.DataFrame:
+LOSSY_SHOWN = ["agreement", "equal_share", "first_divergence"]
+LOSSY_NOTE = (
+    "Lossy methods: their output is not greedy `autoregressive`'s by design, so they are never ranked with the "
+    "lossless ones; quality beside speed: agreement = tokens equal at the same position over the longer output "
+    "(pooled), equal_share = outputs equal token for token, first_divergence = median index of the first differing "
+    "token among the outputs that differ."
+)
+
+
+def display_table(table: pd.DataFrame, by: Optional[str], lossy: bool = False) -> pd.DataFrame:
+    """The shown columns; ``lossy``: the lossy-mode rows with their quality columns (labelled
+    ``(lossy)``), else the others."""
     t = table.copy()
+    is_lossy = t.lossless == "lossy mode" if "lossless" in t.columns else pd.Series(False, index=t.index)
+    t = t[is_lossy] if lossy else t[~is_lossy]
+    t["method"] = [f"{m} (lossy)" for m in t.method] if lossy else t.method
     t["speedup_ci"] = [f"[{lo:.2f}, {hi:.2f}]" if lo == lo else "" for lo, hi in zip(t.speedup_low, t.speedup_high)]
     cols = SHOWN[:2] + ([by] if by else []) + SHOWN[2:]
+    if lossy:  # no token-for-token check to show; their closeness to it instead
+        cols = [c for c in cols if c not in ("exact_match", "ties", "mismatches")] + LOSSY_SHOWN
     if "pass@1" in t.columns:  # the figure with its denominators and any isolation below full
         t["pass@1"] = [pass_at_1_label(r) for r in t.to_dict("records")]
         cols.append("pass@1")
@@ -65,22 +81,28 @@ def render(runs: Runs, table: pd.DataFrame, fmt: str, by: Optional[str] = None, 
         return json.dumps(doc, indent=2, default=str)
     if fmt == "csv":
         return table.assign(**provenance(runs)).to_csv(index=False)
-    shown = display_table(table, by)
+    shown, lossy = display_table(table, by), display_table(table, by, lossy=True)
     if fmt == "markdown":
         body = tabulate(shown, headers="keys", tablefmt="github", showindex=False, floatfmt=".3f")
+        if not lossy.empty:
+            rows = tabulate(lossy, headers="keys", tablefmt="github", showindex=False, floatfmt=".3f")
+            body += f"\n\n## Lossy methods\n\n{LOSSY_NOTE}\n\n{rows}"
         return f"# {title(runs)}\n\n{header(runs)}\n\n{NOTE}\n\n{body}\n"
     if fmt == "html":
-        return render_html(runs, shown, plots or {})
+        return render_html(runs, shown, plots or {}, lossy)
     raise ValueError(f"unknown format '{fmt}'; use markdown, csv, html or json")
 
 
-def render_html(runs: Runs, shown: pd.DataFrame, plots: dict[str, bytes]) -> str:
+def render_html(runs: Runs, shown: pd.DataFrame, plots: dict[str, bytes], lossy: Optional[pd.DataFrame] = None) -> str:
     images = "\n".join(
         f'<figure><img alt="{html.escape(name)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
         f"<figcaption>{html.escape(name)}</figcaption></figure>"
         for name, png in plots.items()
     )
     table = shown.to_html(index=False, float_format=lambda x: f"{x:.3f}", border=0)
+    if lossy is not None and not lossy.empty:
+        table += (f'<h2>Lossy methods</h2><p class="note">{html.escape(LOSSY_NOTE)}</p>'
+                  + lossy.to_html(index=False, float_format=lambda x: f"{x:.3f}", border=0))  # fmt: skip
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>spec-harness report</title>
 <style>body{{font-family:sans-serif;margin:2em;max-width:1200px}} table{{border-collapse:collapse;font-size:13px}}

@@ -128,3 +128,11 @@ def test_training_resumes_exactly_and_exports(model_dir, tmp_path, tokenizer):
     records = [json.loads(line) for line in (tmp_path / "run" / "samples.jsonl").read_text().splitlines()]
     ours = next(r for r in records if r["method"] == "llm-to-slm")
     assert ours["lossy"] and ours["status"] == "not-checked"
+    # the leaderboard: its own section, labelled, with its closeness to greedy autoregressive
+    board = tmp_path / "board.md"
+    assert main(["leaderboard", str(tmp_path / "run"), "--out", str(board)]) == 0
+    main_table, lossy = board.read_text().split("## Lossy methods")
+    assert "llm-to-slm" not in main_table and "| llm-to-slm (lossy)" in lossy and "equal_share" in lossy
+    ref = next(r for r in records if r["method"] == "autoregressive")["tokens"]
+    same = sum(a == b for a, b in zip(ours["tokens"], ref)) / max(len(ours["tokens"]), len(ref))
+    assert f"{same:.3f}" in lossy.splitlines()[-1]
