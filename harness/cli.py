@@ -387,9 +387,16 @@ def cmd_profile(argv: list[str]) -> int:
 
 
 def cmd_list() -> int:
-    for title, reg in (("methods", METHODS), ("tasks", TASKS), ("models", MODELS)):
+    print(f"methods: {', '.join(method_label(name) for name in METHODS.names())}")
+    for title, reg in (("tasks", TASKS), ("models", MODELS)):
         print(f"{title}: {', '.join(reg.names())}")
     return 0
+
+
+def method_label(name: str) -> str:
+    """``name``, with ``(lossy: <when>)`` for a method whose output is not the target's in some mode."""
+    modes = getattr(METHODS.get(name), "lossy_modes", "")
+    return name if not modes else f"{name} (lossy)" if modes == "always" else f"{name} (lossy: {modes})"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -122,6 +122,9 @@ class Method:
     # "greedy-lossless": output must equal greedy autoregressive decoding token for token.
     # "reference": an independent implementation, also compared token for token.
     family: str = "greedy-lossless"
+    # the settings under which the output is NOT the target's (its Generations are marked lossy);
+    # "" = none (lossless in every mode), "always" = by design; shown by `harness list`
+    lossy_modes: str = ""
     # True: ``generate`` also takes ``reference_ids``, the sample's reference text tokenised
     # (None when the sample has none); the runner passes it to these methods only
     uses_reference: bool = False

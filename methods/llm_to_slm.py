@@ -46,6 +46,7 @@ class LlmToSlmConfig(MethodConfig):
 
 class LlmToSlm(DraftModelMethod):
     config_class = LlmToSlmConfig
+    lossy_modes = "always"  # shown by `harness list`
     cfg: LlmToSlmConfig
 
     def __init__(self, cfg: LlmToSlmConfig, engine: Engine, sampling: SamplingConfig, draft: Optional[Engine] = None,

@@ -121,6 +121,7 @@ def build_tree(choices: Choices, device: str = "cpu") -> MedusaTree:
 
 class Medusa(Method):
     config_class = MedusaConfig
+    lossy_modes = "acceptance=typical"  # shown by `harness list`
     verifier_class = TreeVerifier  # the shared tree step (a test swaps in a broken one as its negative control)
 
     def __init__(self, cfg: MedusaConfig, engine: Engine, sampling: SamplingConfig, heads: Optional[torch.nn.Module] = None):

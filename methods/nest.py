@@ -87,6 +87,7 @@ class NestStats:
 
 class Nest(Method):
     config_class = NestConfig
+    lossy_modes = "mode=relaxed"  # shown by `harness list`
     cfg: NestConfig
     verifier_class = TreeVerifier  # the shared tree step (a test swaps in a broken one as its negative control)
 
