@@ -15,6 +15,7 @@ from sampling_law import PVALUE_FLOOR, SAMPLING, SHARED_RULE_CONTROL_RUNS, SHARE
 from test_model_families import PROMPT, build
 from test_speculative import autoregressive
 from test_tree import ResampleFromP as WrongResidualVerifier
+from test_train_eagle import Repeat
 from test_tree import check_cache
 
 from harness.config import SamplingConfig
@@ -90,20 +91,6 @@ def _tmp():
     import tempfile
 
     return tempfile.mkdtemp(prefix="chimera-test-")
-
-
-class Repeat:
-    def __init__(self, batch):
-        self.batch = batch
-
-    def __next__(self):
-        return self.batch
-
-    def state_dict(self):
-        return {}
-
-    def load_state_dict(self, state):
-        pass
 
 
 @pytest.fixture(scope="module")

@@ -33,9 +33,12 @@ from harness.train.loop import TrainLoopConfig, TrainResult, load_checkpoint, ru
 from harness.train.medusa import base_hidden, load_base
 
 
+JOB = "chimera"  # its checkpoint dir: <cache>/train/chimera
+
 @dataclass
-class ChimeraTrainConfig(TrainLoopConfig):
-    """``harness train chimera`` settings: the loop's fields plus these."""
+class FrozenTargetTrainConfig(TrainLoopConfig):
+    """Settings shared by the trainers of a small module on a frozen target (chimera, llm-to-slm):
+    the loop's fields plus these."""
 
     lr: float = 1e-3  # peak learning rate
     weight_decay: float = 0.0  # AdamW weight decay
@@ -44,22 +47,30 @@ class ChimeraTrainConfig(TrainLoopConfig):
     data: str = "auto"  # auto (self-distilled if present for this target's weights, else corpus) | selfdistill | corpus
     selfdistill_dir: str = ""  # self-distilled records ("" = <cache>/zoo-data/selfdistill/<target dir name>)
     data_dir: str = ""  # tokenised corpus with train.npy / heldout_*.npy ("" = <cache>/zoo-data/tokens)
-    out_dir: str = ""  # checkpoint dir ("" = <cache>/train/chimera)
+    out_dir: str = ""  # checkpoint dir ("" = <cache>/train/<the job's name>)
+    export_dir: str = ""  # where export writes the shipped module
+    batch_size: int = 8  # rows per step
+    seq_len: int = 512  # corpus window length; longer records are cut to it
+    group_by_length: bool = True  # self-distilled records: batch records of similar length together
+    export_at_end: bool = True  # export when the budget is spent
+    eval_tokens: int = 20000  # held-out tokens evaluated per language (0 = all)
+    device: str = "cpu"  # cpu | cuda | auto
+
+
+def out_path(cfg: FrozenTargetTrainConfig, job: str) -> Path:
+    """The checkpoint dir: ``cfg.out_dir``, else ``<cache>/train/<job>``."""
+    return Path(cfg.out_dir).expanduser() if cfg.out_dir else default_cache_dir() / "train" / job
+
+
+@dataclass
+class ChimeraTrainConfig(FrozenTargetTrainConfig):
+    """``harness train chimera`` settings."""
+
     export_dir: str = "zoo/target-chimera"  # where export writes the shipped drafter
     num_heads: int = 4  # K: head j predicts the token j+1 after the root
     ngram: int = 3  # tokens the trigram encoder reads
     attention_heads: int = 4  # heads of the full-context encoder
     head_decay: float = 0.8  # loss weight of head j = head_decay ** j
-    batch_size: int = 8  # rows per step
-    seq_len: int = 512  # corpus window length; longer records are cut to it
-    group_by_length: bool = True  # self-distilled records: batch records of similar length together
-    export_at_end: bool = True  # export when the budget is spent
-    eval_tokens: int = 20000  # held-out tokens evaluated (0 = all)
-    device: str = "cpu"  # cpu | cuda | auto
-
-
-def out_path(cfg: ChimeraTrainConfig) -> Path:
-    return Path(cfg.out_dir).expanduser() if cfg.out_dir else default_cache_dir() / "train" / "chimera"
 
 
 def new_drafter(base: torch.nn.Module, cfg: ChimeraTrainConfig) -> ChimeraDrafter:
@@ -103,7 +114,7 @@ def run_chimera_training(cfg: ChimeraTrainConfig, log: Callable[[str], None] | N
     check_data_choice(cfg.data, "chimera")
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
-    out_dir = out_path(cfg)
+    out_dir = out_path(cfg, JOB)
     base = load_base(cfg.base, cfg.device)
     torch.manual_seed(cfg.seed)  # the drafter's initial weights
     drafter = new_drafter(base, cfg)
@@ -161,9 +172,9 @@ def heldout_rows(cfg: ChimeraTrainConfig) -> tuple[list[np.ndarray], str]:
 def export_chimera(cfg: ChimeraTrainConfig, base: torch.nn.Module | None = None, log: Callable[[str], None] | None = None) -> dict:
     """The latest checkpoint's drafter -> ``cfg.export_dir``: fp16 weights, config, training.json, card."""
     log = log or (lambda s: print(s, file=sys.stderr, flush=True))
-    ckpt = load_checkpoint(out_path(cfg))
+    ckpt = load_checkpoint(out_path(cfg, JOB))
     if ckpt is None:
-        raise FileNotFoundError(f"no Chimera checkpoint in {out_path(cfg)}: run `harness train chimera` first")
+        raise FileNotFoundError(f"no Chimera checkpoint in {out_path(cfg, JOB)}: run `harness train chimera` first")
     extra = ckpt["extra"]
     base = base if base is not None else load_base(extra["base"], cfg.device)
     drafter = ChimeraDrafter(ChimeraConfig(**extra["drafter"]))

@@ -29,38 +29,23 @@ import torch.nn.functional as F
 
 from harness.drafters.projector import Projector, ProjectorConfig, save_projector
 from harness.paths import REPO_ROOT, write_component
-from harness.train.chimera import heldout_rows
+from harness.train.chimera import FrozenTargetTrainConfig, heldout_rows, out_path
 from harness.train.data import PaddedBatch, as_padded, check_data_choice, data_spec, load_training_data
-from harness.train.lm import default_cache_dir
 from harness.train.loop import TrainLoopConfig, TrainResult, load_checkpoint, run_record, train
 from harness.train.medusa import base_hidden, load_base
 
 
-@dataclass
-class LlmToSlmTrainConfig(TrainLoopConfig):
-    """``harness train llm-to-slm`` settings: the loop's fields plus these."""
+JOB = "llm-to-slm"  # its checkpoint dir: <cache>/train/llm-to-slm
 
-    lr: float = 1e-3  # peak learning rate
-    weight_decay: float = 0.0  # AdamW weight decay
+@dataclass
+class LlmToSlmTrainConfig(FrozenTargetTrainConfig):
+    """``harness train llm-to-slm`` settings (``base`` is the large model, frozen; its
+    self-distilled records are the data)."""
+
     max_minutes: float = 30.0  # wall-clock budget over all resumed runs
-    base: str = "zoo/target"  # the large model, frozen (its self-distilled records are the data)
     small: str = "zoo/draft"  # the small model, frozen: it writes the answers
     inner: int = 256  # the projector's inner width
-    data: str = "auto"  # auto (self-distilled if present for the target's weights, else corpus) | selfdistill | corpus
-    selfdistill_dir: str = ""  # self-distilled records ("" = <cache>/zoo-data/selfdistill/<target dir name>)
-    data_dir: str = ""  # tokenised corpus with train.npy / heldout_*.npy ("" = <cache>/zoo-data/tokens)
-    out_dir: str = ""  # checkpoint dir ("" = <cache>/train/llm-to-slm)
     export_dir: str = "zoo/target-llm-to-slm"  # where export writes the shipped projector
-    batch_size: int = 8  # rows per step
-    seq_len: int = 512  # corpus window length; longer records are cut to it
-    group_by_length: bool = True  # self-distilled records: batch records of similar length together
-    export_at_end: bool = True  # export when the budget is spent
-    eval_tokens: int = 20000  # held-out tokens evaluated (0 = all)
-    device: str = "cpu"  # cpu | cuda | auto
-
-
-def out_path(cfg: LlmToSlmTrainConfig) -> Path:
-    return Path(cfg.out_dir).expanduser() if cfg.out_dir else default_cache_dir() / "train" / "llm-to-slm"
 
 
 def prompt_mask(batch: PaddedBatch) -> torch.Tensor:
@@ -111,11 +96,11 @@ def run_llm_to_slm_training(cfg: LlmToSlmTrainConfig, log: Callable[[str], None]
     projector = Projector(shape).to(next(large.parameters()).device)
     data = load_training_data(data_spec(cfg), log, "train llm-to-slm")
     log(f"[train llm-to-slm] projector {shape.large_hidden} -> {shape.inner} -> {shape.small_hidden} on {data.source} data "
-        f"({data.rows:,} rows, {data.tokens:,} tokens from {data.path}), out_dir {out_path(cfg)}")
+        f"({data.rows:,} rows, {data.tokens:,} tokens from {data.path}), out_dir {out_path(cfg, JOB)}")
     extra = {"projector": asdict(shape), "data": data.describe(), "batch_size": cfg.batch_size, "seq_len": cfg.seq_len,
              "n_params": sum(p.numel() for p in projector.parameters())}  # fmt: skip
     loop = TrainLoopConfig(**{k: getattr(cfg, k) for k in TrainLoopConfig.__dataclass_fields__})
-    result = train(projector, llm_to_slm_loss_fn(large, small), data.batches, loop, out_path(cfg), extra_state=extra,
+    result = train(projector, llm_to_slm_loss_fn(large, small), data.batches, loop, out_path(cfg, JOB), extra_state=extra,
                    desc="train llm-to-slm", log=log)  # fmt: skip
     summary: dict[str, Any] = {"step": result.step, "tokens": result.tokens, "elapsed_min": round(result.elapsed_s / 60, 2),
                                "finished": result.finished, "last_loss": result.last_loss}  # fmt: skip
@@ -146,9 +131,9 @@ def agreement(large: torch.nn.Module, small: torch.nn.Module, projector: Project
 def export_llm_to_slm(cfg: LlmToSlmTrainConfig, large=None, small=None, log: Callable[[str], None] | None = None) -> dict:
     """The latest checkpoint's projector -> ``cfg.export_dir``: fp16 weights, config, training.json, card."""
     log = log or (lambda s: print(s, file=sys.stderr, flush=True))
-    ckpt = load_checkpoint(out_path(cfg))
+    ckpt = load_checkpoint(out_path(cfg, JOB))
     if ckpt is None:
-        raise FileNotFoundError(f"no LLM-to-SLM checkpoint in {out_path(cfg)}: run `harness train llm-to-slm` first")
+        raise FileNotFoundError(f"no LLM-to-SLM checkpoint in {out_path(cfg, JOB)}: run `harness train llm-to-slm` first")
     extra = ckpt["extra"]
     shape = ProjectorConfig(**extra["projector"])
     large = large if large is not None else load_base(shape.large_model, cfg.device)
