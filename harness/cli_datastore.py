@@ -47,6 +47,7 @@ class DatastoreBuildConfig:
     keys: str = ""
     max_keys: int = 200000  # keys for the first N tokens only (0 = all; an exact search reads every key per step)
     keys_window: int = 256  # tokens a key may have read: keys are computed in windows of this many (within a document)
+    threads: int = 1  # torch threads for the keys' forwards (0 = torch's default; more than the free cores slows it badly)
 
 
 def register_configs() -> None:
@@ -81,6 +82,10 @@ def add_keys(cfg: DatastoreBuildConfig, out: Path, tokens: np.ndarray) -> None:
     from harness.engine import Engine  # noqa: PLC0415
     from harness.neighbours import build_keys  # noqa: PLC0415
 
+    import torch  # noqa: PLC0415
+
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
     engine = Engine.load(ModelConfig(name="keys", path=cfg.keys, dtype="float32", device="cpu"))
     if int(np.max(tokens)) >= engine.config.vocab_size:
         raise ValueError(f"the datastore holds token ids past {cfg.keys}'s vocabulary: build it with that model's tokenizer")
