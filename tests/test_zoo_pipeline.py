@@ -327,6 +327,9 @@ def test_cli_zoo_build_micro(tmp_path):
         "draft_top1.progress=false",
         "medusa_greedy.max_steps=2", "medusa_greedy.max_minutes=0", "medusa_greedy.batch_size=2", "medusa_greedy.seq_len=32",
         "medusa_greedy.eval_tokens=200", "medusa_greedy.progress=false",
+        *(f"{v}.{k}" for v in ("chimera", "llm_to_slm")
+          for k in ("max_steps=2", "max_minutes=0", "batch_size=2", "seq_len=32", "eval_tokens=200", "progress=false")),
+        "chimera.attention_heads=2", "llm_to_slm.inner=16",
     ]
     assert cli_zoo.main(args) == 0
     # zoo/draft: the draft distilled from the target (draft_distill, then draft_top1); zoo/target: the unlikelihood fine-tune
@@ -357,8 +360,11 @@ def test_cli_zoo_build_micro(tmp_path):
     assert medusa_info["initialized_from"] == str(tmp_path / "cache" / "train" / "medusa")
     medusa_card = (tmp_path / "zoo" / "target-medusa" / "README.md").read_text()
     assert "greedy self-distilled continuations only" in medusa_card and "results/drafter-figures.json" in medusa_card
-    for head in ("target-eagle", "target-eagle3"):  # the EAGLE heads of that target (issue 16)
+    for head in ("target-eagle", "target-eagle3", "target-chimera", "target-llm-to-slm"):  # its drafters and projector
         assert json.loads((tmp_path / "zoo" / head / "training.json").read_text())["step"] == 2
+    projector = json.loads((tmp_path / "zoo" / "target-llm-to-slm" / "training.json").read_text())["projector"]
+    assert projector["small_model"] == str(tmp_path / "zoo" / "draft")  # this build's draft, not the shipped one
+    assert "Chimera drafter" in (tmp_path / "zoo" / "README.md").read_text()
     sd = json.loads((tmp_path / "cache" / "zoo-data" / "selfdistill" / "target" / "manifest.json").read_text())
     assert sd["prompts"] == 4 and sd["model"] == str(tmp_path / "zoo" / "target")
     space_cfg = json.loads((tmp_path / "zoo" / "target-space" / "config.json").read_text())
