@@ -32,7 +32,7 @@ OUT ?= results/runs/bench$(if $(filter compiled,$(MODE)),-compiled,)
 METHODS := autoregressive,hf-generate,speculative,speculative-tree,prompt-lookup,reference-lookup,suffix,recycling,lookahead,swift,medusa,eagle,eagle2,eagle3,hf-assisted,hf-prompt-lookup,hidden-transfer,firp
 # make leaderboard adds rest, which needs its datastore (make datastore: the zoo corpus's tokens, built once
 # into $HARNESS_CACHE; on a machine without the zoo corpus, `harness zoo prepare` builds it first)
-LEADERBOARD_METHODS := $(METHODS),rest
+LEADERBOARD_METHODS := $(METHODS),rest,chimera,nest,llm-to-slm
 # make leaderboard's compiled run (results/leaderboard-compiled.md, README "Compiled execution"): the hf-* wrappers
 # beyond hf-generate stay eager transformers code, and swift (layer skipping) and eagle3 (chosen layers'
 # hidden states) run eager forwards only, so they are left out there
@@ -84,12 +84,18 @@ vllm-tables: setup vllm
 
 datastore: setup
 	test -f "$${HARNESS_CACHE:-$$HOME/.cache/harness}/datastore/zoo/manifest.json" || .venv/bin/harness datastore build
+	test -f "$${HARNESS_CACHE:-$$HOME/.cache/harness}/datastore/nest/keys.json" || .venv/bin/harness datastore build name=nest \
+	  "inputs=[$${HARNESS_CACHE:-$$HOME/.cache/harness}/zoo-data/corpus/documents.jsonl]" 'languages=[python]' \
+	  max_tokens=100000 max_keys=100000 keys=zoo/target
 
 leaderboard: setup datastore
 	ALLOW_DIRTY=$(ALLOW_DIRTY) .venv/bin/python -m harness.publish clean-tree
 	rm -rf results/runs/zoo results/runs/zoo-space
 	$(MAKE) bench OUT=results/runs/zoo BENCH_METHODS=$(LEADERBOARD_METHODS)
+	rm -rf results/runs/zoo-nest-relaxed
+	$(RUN) task.split=$(SPLIT) --methods autoregressive,nest method.nest.mode=relaxed --out results/runs/zoo-nest-relaxed $(ARGS)
 	.venv/bin/harness leaderboard results/runs/zoo --out results/leaderboard.md
+	.venv/bin/harness leaderboard results/runs/zoo-nest-relaxed --out results/leaderboard-nest-relaxed.md
 	.venv/bin/harness leaderboard results/runs/zoo --format html --out results/report.html
 	.venv/bin/harness leaderboard results/runs/zoo-space --out results/leaderboard-space.md
 	.venv/bin/harness leaderboard results/runs/zoo-space --format html --out results/report-space.html
@@ -125,7 +131,7 @@ leaderboard-docs: setup datastore
 # and draft-tree budget, each with its own autoregressive reference, on the tuning split; --by run_dir
 # gives one row per job, step_cost is t(one step's forwards) / t(1-token forward). Each sweep is its own
 # target (make tables-lookahead ...); make tables runs them all.
-TABLES := tables-gamma tables-medusa tables-space tables-lookahead tables-eagle2 tables-spec-tree tables-buckets tables-transfer tables-llmcad
+TABLES := tables-gamma tables-medusa tables-space tables-lookahead tables-eagle2 tables-spec-tree tables-buckets tables-transfer tables-llmcad tables-family-b
 TUNE := $(RUN) task.split=tune
 tables: setup
 	ALLOW_DIRTY=$(ALLOW_DIRTY) .venv/bin/python -m harness.publish clean-tree
@@ -160,6 +166,16 @@ tables-eagle2:
 	rm -rf results/runs/eagle2-trees
 	$(TUNE) -m --methods autoregressive,eagle2 'method.eagle2.total_tokens=8,16,32' 'method.eagle2.depth=3,5' --out results/runs/eagle2-trees $(ARGS)
 	.venv/bin/harness leaderboard results/runs/eagle2-trees/*/ --by run_dir --allow-mixed --out results/eagle2-trees.md
+
+# chimera's tree, NEST's span (strict) and its relaxation (relaxed, lossy: its own table)
+tables-family-b:
+	rm -rf results/runs/chimera-trees results/runs/nest-span results/runs/nest-relaxation
+	$(TUNE) -m --methods autoregressive,chimera 'method.chimera.tree=chain,small,large' --out results/runs/chimera-trees $(ARGS)
+	.venv/bin/harness leaderboard results/runs/chimera-trees/*/ --by run_dir --allow-mixed --out results/chimera-trees.md
+	$(TUNE) -m --methods autoregressive,nest 'method.nest.span=2,4,6,8' --out results/runs/nest-span $(ARGS)
+	.venv/bin/harness leaderboard results/runs/nest-span/*/ --by run_dir --allow-mixed --out results/nest-span.md
+	$(TUNE) -m --methods autoregressive,nest method.nest.mode=relaxed 'method.nest.relaxation=0.25,0.5,1.0' --out results/runs/nest-relaxation $(ARGS)
+	.venv/bin/harness leaderboard results/runs/nest-relaxation/*/ --by run_dir --allow-mixed --out results/nest-relaxation.md
 
 # the draft tree against the chain at the same number of draft tokens per step, in the same runs
 SPEC_TREE_BUDGETS := 2 4 6 8

@@ -5,9 +5,11 @@ Examples::
     harness datastore build                          # the zoo corpus's training tokens -> $HARNESS_CACHE/datastore/zoo
     harness datastore build name=zoo-python inputs=[$HOME/.cache/harness/zoo-data/corpus/documents.jsonl] languages=[python]
     harness datastore build name=mine inputs=[notes.txt,chats.jsonl] tokenizer=Qwen/Qwen2.5-0.5B
+    harness datastore build name=nest max_tokens=200000 keys=zoo/target   # + NEST's kNN keys (hidden states)
     harness datastore build --cfg                    # print the composed configuration
 
-Use it with ``harness run --methods rest method.rest.datastore=<dir>`` (default: the zoo one).
+Use it with ``harness run --methods rest method.rest.datastore=<dir>`` (default: the zoo one), and
+one with keys with ``--methods nest method.nest.datastore=<dir>`` (default: ``$HARNESS_CACHE/datastore/nest``).
 The datastore's tokens must come from the model's tokenizer: the method checks its vocabulary.
 """
 
@@ -41,6 +43,11 @@ class DatastoreBuildConfig:
     zoo_tokens: str = "train.npy"  # no inputs: the zoo token file (train.npy | train_functions.npy)
     data: ZooDataConfig = field(default_factory=ZooDataConfig)  # where the zoo data lives (built first if missing)
     max_tokens: int = 0  # keep only the first N tokens (0 = all)
+    # also store kNN keys (NEST): this model's hidden state before each token (a local dir or hub id; "" = none)
+    keys: str = ""
+    max_keys: int = 200000  # keys for the first N tokens only (0 = all; an exact search reads every key per step)
+    keys_window: int = 256  # tokens a key may have read: keys are computed in windows of this many (within a document)
+    threads: int = 1  # torch threads for the keys' forwards (0 = torch's default; more than the free cores slows it badly)
 
 
 def register_configs() -> None:
@@ -64,7 +71,25 @@ def run_build(cfg: DatastoreBuildConfig) -> int:
         tokens = tokens[: cfg.max_tokens]
     out = Path(cfg.out).expanduser() if cfg.out else default_datastore_dir(cfg.name)
     build(tokens, sources, tokenizer, out)
+    if cfg.keys:
+        add_keys(cfg, out, tokens)
     return 0
+
+
+def add_keys(cfg: DatastoreBuildConfig, out: Path, tokens: np.ndarray) -> None:
+    """NEST's kNN keys from ``cfg.keys``'s hidden states, written into the datastore ``out``."""
+    from harness.config import ModelConfig  # noqa: PLC0415
+    from harness.engine import Engine  # noqa: PLC0415
+    from harness.neighbours import build_keys  # noqa: PLC0415
+
+    import torch  # noqa: PLC0415
+
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    engine = Engine.load(ModelConfig(name="keys", path=cfg.keys, dtype="float32", device="cpu"))
+    if int(np.max(tokens)) >= engine.config.vocab_size:
+        raise ValueError(f"the datastore holds token ids past {cfg.keys}'s vocabulary: build it with that model's tokenizer")
+    build_keys(engine, tokens, cfg.max_keys, cfg.keys_window).save(out)
 
 
 def read_zoo(cfg: DatastoreBuildConfig) -> tuple[np.ndarray, list[dict], dict]:

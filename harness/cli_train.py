@@ -14,6 +14,8 @@ Running the same command again continues from the checkpoint in ``out_dir``
 
 from __future__ import annotations
 
+import functools
+import importlib
 import sys
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,7 +25,7 @@ from harness.zoo.build import ZooDataConfig
 
 USAGE = (
     "usage: harness train {lm model=target|draft | medusa | space | eagle version=1|3 | hidden-transfer "
-    "preset=hidden-transfer|firp} [key=value ...]   "
+    "preset=hidden-transfer|firp | chimera | llm-to-slm} [key=value ...]   "
     "(harness train <job> --help shows all keys)"
 )
 
@@ -57,6 +59,12 @@ def register_configs() -> None:
     from harness.train.hidden_transfer import TransferTrainConfig  # noqa: PLC0415
 
     cs.store(name="train_hidden-transfer", node=TransferTrainConfig)
+    from harness.train.chimera import ChimeraTrainConfig  # noqa: PLC0415
+
+    cs.store(name="train_chimera", node=ChimeraTrainConfig)
+    from harness.train.llm_to_slm import LlmToSlmTrainConfig  # noqa: PLC0415
+
+    cs.store(name="train_llm-to-slm", node=LlmToSlmTrainConfig)
 
 
 def compose_config(config_name: str, overrides: list[str]):
@@ -109,9 +117,20 @@ def dispatch(argv: list[str], usage: str, runners: dict, config_name, noun: str,
         return 1
 
 
+# the trainers that train on a frozen target and export at the end: name -> (module, function); each
+# function takes its config and returns (result, one-line summary)
+HEAD_TRAINERS = {
+    "medusa": ("harness.train.medusa", "run_medusa_training"),
+    "eagle": ("harness.train.eagle", "run_eagle_training"),
+    "hidden-transfer": ("harness.train.hidden_transfer", "run_transfer_training"),
+    "chimera": ("harness.train.chimera", "run_chimera_training"),
+    "llm-to-slm": ("harness.train.llm_to_slm", "run_llm_to_slm_training"),
+}
+
+
 def main(argv: list[str]) -> int:
-    runners = {"lm": run_train_lm, "medusa": run_train_medusa, "space": run_train_space, "eagle": run_train_eagle,
-               "hidden-transfer": run_train_transfer}  # fmt: skip
+    runners = {"lm": run_train_lm, "space": run_train_space}
+    runners.update({name: functools.partial(run_head_trainer, name) for name in HEAD_TRAINERS})
     return dispatch(argv, USAGE, runners, lambda what: f"train_{what}", "training job")
 
 
@@ -126,12 +145,11 @@ def run_train_lm(cmd: TrainLMCommand) -> int:
     return 0
 
 
-def run_train_medusa(cfg) -> int:
-    """Medusa-1 heads on a frozen base (resumable); exports to cfg.export_dir at the end."""
-    from harness.train.medusa import run_medusa_training  # noqa: PLC0415
-
-    _result, summary = run_medusa_training(cfg)
-    print(f"[train medusa] done: {summary}")
+def run_head_trainer(name: str, cfg) -> int:
+    """One of ``HEAD_TRAINERS`` on a frozen target (resumable); it exports at the end."""
+    module, function = HEAD_TRAINERS[name]
+    _result, summary = getattr(importlib.import_module(module), function)(cfg)
+    print(f"[train {getattr(cfg, 'preset', name)}] done: {summary}")
     return 0
 
 
@@ -143,24 +161,6 @@ def run_train_space(cfg) -> int:
     print(f"[train space] done: {summary}")
     if result.finished:
         print(f"[train space] exported to {export(cfg)}")
-    return 0
-
-
-def run_train_eagle(cfg) -> int:
-    """An EAGLE-1/2 (version=1) or EAGLE-3 (version=3) head on a frozen target (resumable); exports at the end."""
-    from harness.train.eagle import run_eagle_training  # noqa: PLC0415
-
-    _result, summary = run_eagle_training(cfg)
-    print(f"[train eagle] done: {summary}")
-    return 0
-
-
-def run_train_transfer(cfg) -> int:
-    """Hidden-transfer (preset=hidden-transfer) or FIRP (preset=firp) maps on a frozen target (resumable); exports at the end."""
-    from harness.train.hidden_transfer import run_transfer_training  # noqa: PLC0415
-
-    _result, summary = run_transfer_training(cfg)
-    print(f"[train {cfg.preset}] done: {summary}")
     return 0
 
 

@@ -9,8 +9,9 @@
   (``draft_distill``: next-token CE on its outputs; ``draft_top1``: then CE against its argmax, the target run
   on each batch; each re-exported as zoo/draft with new figures, zoo/target untouched), then train and export the
   target's Medusa heads (on the self-distilled data; ``medusa_greedy``: then on its greedy records only), its SPACE fine-tune and its EAGLE-1/2 and EAGLE-3 heads (``eagle``,
-  ``eagle3``, on the self-distilled data), and its Hidden Transfer and FIRP maps (``hidden_transfer``,
-  ``firp``, on the self-distilled data). ``stages=[...]``
+  ``eagle3``, on the self-distilled data), its Hidden Transfer and FIRP maps (``hidden_transfer``,
+  ``firp``), Chimera's drafter (``chimera``) and the LLM-to-SLM projector into the draft
+  (``llm_to_slm``), on the same data. ``stages=[...]``
   runs a subset (a finished stage is skipped on a re-run: its checkpoint says so);
   ``clean=true`` first deletes the cached data and checkpoints.
 - ``export``: export the latest checkpoints (fp16 safetensors + tokenizer + manifest) to
@@ -28,6 +29,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from harness.train.lm import DRAFT, TARGET, LMTrainConfig, ModelConfig
+from harness.train.chimera import ChimeraTrainConfig
+from harness.train.llm_to_slm import LlmToSlmTrainConfig
 from harness.train.medusa import MedusaTrainConfig
 from harness.train.distill import DraftDistillConfig
 from harness.train.eagle import EagleTrainConfig
@@ -38,7 +41,7 @@ from harness.zoo.build import ExportConfig, ZooDataConfig
 from harness.zoo.selfdistill import SelfDistillConfig
 
 STAGES = ("draft", "target", "target_functions", "target_unlikelihood", "export", "selfdistill", "draft_distill", "draft_top1",
-          "medusa", "medusa_greedy", "space", "eagle", "eagle3", "hidden_transfer", "firp")
+          "medusa", "medusa_greedy", "space", "eagle", "eagle3", "hidden_transfer", "firp", "chimera", "llm_to_slm")
 FUNCTIONS_CHECKPOINT = "target-functions"  # <train_root>/<this>: the target_functions stage's checkpoint
 UNLIKELIHOOD_CHECKPOINT = "target-unlikelihood"  # <train_root>/<this>: the target_unlikelihood stage's checkpoint
 DISTILL_CHECKPOINT = "draft-distill"  # <train_root>/<this>: the draft_distill stage's checkpoint
@@ -94,6 +97,10 @@ class ZooCommand:
     # Hidden Transfer's and FIRP's maps on the exported target (frozen), on its self-distilled data, one thread
     hidden_transfer: TransferTrainConfig = field(default_factory=lambda: TransferTrainConfig(preset="hidden-transfer"))
     firp: TransferTrainConfig = field(default_factory=lambda: TransferTrainConfig(preset="firp"))
+    # Chimera's drafter on the exported target, trained on its self-distilled data (corpus windows if there is none)
+    chimera: ChimeraTrainConfig = field(default_factory=lambda: ChimeraTrainConfig(max_minutes=35))
+    # LLM-to-SLM's projector from the exported target into the exported draft, on the target's self-distilled data
+    llm_to_slm: LlmToSlmTrainConfig = field(default_factory=lambda: LlmToSlmTrainConfig(max_minutes=30))
     stages: list[str] = field(default_factory=lambda: list(STAGES))  # build only: which stages run, in this order
     train_root: str = ""  # checkpoint root ("" = <cache>/train; models in <train_root>/<name>)
     clean: bool = False  # build only: delete cached data and these checkpoints first
@@ -174,7 +181,7 @@ def _build(cmd: ZooCommand) -> int:
         cmd.export.draft_name, cmd.export.target_name = cmd.draft.name, cmd.target.name
         export_zoo(cmd.export, cmd.data, str(root))
     zoo = zoo_dir_of(cmd.export)
-    if {"draft_distill", "draft_top1", "medusa", "medusa_greedy", "space", "eagle", "eagle3"} & set(cmd.stages) and (zoo / cmd.target.name).exists():
+    if {"draft_distill", "draft_top1", "medusa", "medusa_greedy", "space", "eagle", "eagle3", "chimera", "llm_to_slm"} & set(cmd.stages) and (zoo / cmd.target.name).exists():
         check_token_data(paths, zoo / cmd.target.name)  # their held-out figures read the cached token data
     if "selfdistill" in cmd.stages:
         from harness.zoo.corpus import load_corpus  # noqa: PLC0415
@@ -193,7 +200,8 @@ def _build(cmd: ZooCommand) -> int:
     # the heads and fine-tunes read this build's token data and self-distilled records (its data.cache_dir)
     for job, export_name in ((cmd.medusa, "target-medusa"), (cmd.medusa_greedy, "target-medusa"), (cmd.space, "target-space"),
                              (cmd.eagle, "target-eagle"), (cmd.eagle3, "target-eagle3"),
-                             (cmd.hidden_transfer, "target-hidden-transfer"), (cmd.firp, "target-firp")):  # fmt: skip
+                             (cmd.hidden_transfer, "target-hidden-transfer"), (cmd.firp, "target-firp"),
+                             (cmd.chimera, "target-chimera"), (cmd.llm_to_slm, "target-llm-to-slm")):  # fmt: skip
         job.data_dir = job.data_dir or str(paths.tokens)
         job.selfdistill_dir = job.selfdistill_dir or cmd.selfdistill.out_dir or str(
             paths.root / "zoo-data" / "selfdistill" / cmd.target.name)
@@ -237,6 +245,23 @@ def _build(cmd: ZooCommand) -> int:
             _restart_if_base_changed(Path(job.out_dir), job.base)
             _res, summary = run_transfer_training(job)  # exports to the job's export_dir at the end
             print(f"[zoo] trained {job.preset} maps: {summary}")
+    if "chimera" in cmd.stages:
+        from harness.train.chimera import run_chimera_training  # noqa: PLC0415
+
+        cmd.chimera.out_dir = cmd.chimera.out_dir or str(root / "chimera")
+        _restart_if_base_changed(Path(cmd.chimera.out_dir), cmd.chimera.base)
+        _res, summary = run_chimera_training(cmd.chimera)  # exports to chimera.export_dir at the end
+        print(f"[zoo] trained chimera drafter: {summary}")
+    if "llm_to_slm" in cmd.stages:
+        from harness.train.llm_to_slm import run_llm_to_slm_training  # noqa: PLC0415
+
+        job = cmd.llm_to_slm
+        job.out_dir = job.out_dir or str(root / "llm-to-slm")
+        if cmd.export.zoo_dir:
+            job.small = str(zoo / cmd.draft.name)
+        _restart_if_base_changed(Path(job.out_dir), job.base)
+        _res, summary = run_llm_to_slm_training(job)  # exports to llm_to_slm.export_dir at the end
+        print(f"[zoo] trained llm-to-slm projector: {summary}")
     if zoo.exists():
         write_zoo_index(zoo)
     return 0

@@ -322,6 +322,7 @@ class Engine:
         skip: Optional[LayerSkip] = None,
         hidden_all: bool = False,
         inject: Optional[Injection] = None,
+        add_embeds: Optional[torch.Tensor] = None,
     ) -> ForwardOutput:
         """Run ``ids`` after the ``len(cache)`` cached entries and append them to the cache.
 
@@ -336,6 +337,8 @@ class Engine:
         hidden_all: the hidden state of every new token even when fewer logits are kept (EAGLE's
             prefill: its head reads the whole prompt's features).
         inject: rows added at one decoder layer (see ``Injection``; eager Llama-family models only).
+        add_embeds: ``[new, hidden]`` added to the token embeddings of ``ids`` before the first layer
+            (LLM-to-SLM: another model's projected states conditioning this one); eager forwards only.
         """
         ids_t = torch.as_tensor(ids, dtype=torch.long, device=self.device).view(1, -1)
         past = len(cache)
@@ -355,6 +358,8 @@ class Engine:
         timer = self.timer
         start = timer.begin() if timer is not None else None
         keep = 1 if last_only else keep_last
+        if add_embeds is not None and (layerwise or self.compiled is not None):
+            raise ValueError("added embeddings run eager forwards only; set model.compile=false")
         if layerwise:
             if not isinstance(hidden, bool) or hidden_all:
                 raise ValueError("layer skipping and injected rows return the last hidden state of the kept rows only")
@@ -362,7 +367,7 @@ class Engine:
                                           inject, hidden, keep)  # fmt: skip
         else:
             attn = self._attention_mask(mask.to(self.device), pos_t[0], past) if mask is not None else None
-            out = self._forward(ids_t, pos_t, attn, cache, hidden, keep, hidden_all)
+            out = self._forward(ids_t, pos_t, attn, cache, hidden, keep, hidden_all, add_embeds)
         if timer is not None:
             timer.end(start, new)
         return out
@@ -398,7 +403,7 @@ class Engine:
         return {"full_attention": as_float(allowed), "sliding_attention": sliding}
 
     def _forward(self, ids_t, pos_t, attn, cache: KVCache, hidden: bool | tuple[int, ...], keep: int,
-                 hidden_all: bool = False) -> ForwardOutput:  # fmt: skip
+                 hidden_all: bool = False, add_embeds: Optional[torch.Tensor] = None) -> ForwardOutput:  # fmt: skip
         """One model forward. The logits always come from the model's own head, so whatever it
         does after the output projection (Gemma 2's final logit soft-capping, a logit scale)
         is the same with and without ``hidden``; the hidden state is the decoder's output (what
@@ -414,8 +419,12 @@ class Engine:
             if hidden_all and keep:
                 logits = logits[-keep:]
             return ForwardOutput(logits=logits, hidden=h if hidden else None)
+        inputs: dict[str, torch.Tensor] = {"input_ids": ids_t}
+        if add_embeds is not None:  # the model's own embedding (with whatever scaling it applies), plus the addition
+            embeds = self.model.get_input_embeddings()(ids_t)
+            inputs = {"inputs_embeds": embeds + add_embeds.to(embeds.dtype).view(embeds.shape)}
         if layers is not None:
-            out = self.model(input_ids=ids_t, position_ids=pos_t, attention_mask=attn, cache=cache.inner,
+            out = self.model(**inputs, position_ids=pos_t, attention_mask=attn, cache=cache.inner,
                              use_cache=True, logits_to_keep=keep, output_hidden_states=list(layers))  # fmt: skip
             h = torch.cat([out.hidden_states[i][0] for i in layers], dim=-1)
             return ForwardOutput(logits=out.logits[0].float(), hidden=h[-keep:] if keep and not hidden_all else h)
@@ -427,7 +436,7 @@ class Engine:
             )
         try:
             out = self.model(
-                input_ids=ids_t,
+                **inputs,
                 position_ids=pos_t,
                 attention_mask=attn,
                 cache=cache.inner,

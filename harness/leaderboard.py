@@ -43,10 +43,26 @@ NOTE = (
 )
 
 
-def display_table(table: pd.DataFrame, by: Optional[str]) -> pd.DataFrame:
+LOSSY_SHOWN = ["agreement", "equal_share", "first_divergence"]
+LOSSY_NOTE = (
+    "Lossy methods: their output is not greedy `autoregressive`'s by design, so they are never ranked with the "
+    "lossless ones; quality beside speed: agreement = tokens equal at the same position over the longer output "
+    "(pooled), equal_share = outputs equal token for token, first_divergence = median index of the first differing "
+    "token among the outputs that differ."
+)
+
+
+def display_table(table: pd.DataFrame, by: Optional[str], lossy: bool = False) -> pd.DataFrame:
+    """The shown columns; ``lossy``: the lossy-mode rows with their quality columns (labelled
+    ``(lossy)``), else the others."""
     t = table.copy()
+    is_lossy = t.lossless == "lossy mode" if "lossless" in t.columns else pd.Series(False, index=t.index)
+    t = t[is_lossy] if lossy else t[~is_lossy]
+    t["method"] = [f"{m} (lossy)" for m in t.method] if lossy else t.method
     t["speedup_ci"] = [f"[{lo:.2f}, {hi:.2f}]" if lo == lo else "" for lo, hi in zip(t.speedup_low, t.speedup_high)]
     cols = SHOWN[:2] + ([by] if by else []) + SHOWN[2:]
+    if lossy:  # no token-for-token check to show; their closeness to it instead
+        cols = [c for c in cols if c not in ("exact_match", "ties", "mismatches")] + LOSSY_SHOWN
     if "pass@1" in t.columns:  # the figure with its denominators and any isolation below full
         t["pass@1"] = [pass_at_1_label(r) for r in t.to_dict("records")]
         cols.append("pass@1")
@@ -70,9 +86,12 @@ def render(runs: Runs, table: pd.DataFrame, fmt: str, by: Optional[str] = None) 
         return json.dumps(doc, indent=2, default=str)
     if fmt == "csv":
         return table.assign(**provenance(runs)).to_csv(index=False)
-    shown = display_table(table, by)
+    shown, lossy = display_table(table, by), display_table(table, by, lossy=True)
     if fmt == "markdown":
         body = tabulate(shown, headers="keys", tablefmt="github", showindex=False, floatfmt=".3f")
+        if not lossy.empty:
+            rows = tabulate(lossy, headers="keys", tablefmt="github", showindex=False, floatfmt=".3f")
+            body += f"\n\n## Lossy methods\n\n{LOSSY_NOTE}\n\n{rows}"
         return f"# {title(runs)}\n\n{header(runs)}\n\n{NOTE}\n\n{body}\n"
     if fmt == "html":
         from harness.page import render_page  # noqa: PLC0415 (plotly: the `plots` extra, only for html)

@@ -112,6 +112,9 @@ METHODS.add("suffix", "methods.suffix:Suffix")
 METHODS.add("speculative-tree", "methods.speculative_tree:SpeculativeTree")
 METHODS.add("hidden-transfer", "methods.hidden_transfer:HiddenTransfer")
 METHODS.add("firp", "methods.hidden_transfer:Firp")
+METHODS.add("nest", "methods.nest:Nest")
+METHODS.add("chimera", "methods.chimera:Chimera")
+METHODS.add("llm-to-slm", "methods.llm_to_slm:LlmToSlm")
 
 # --- tasks: one file each under tasks/ ---
 TASKS.add("humaneval", "tasks.humaneval:HumanEval")

@@ -136,6 +136,29 @@ def paired_speedups(records: pd.DataFrame, method: str, task: str) -> pd.DataFra
     )
 
 
+def lossy_quality(records: pd.DataFrame, method: str, task: str) -> dict:
+    """How close a lossy method's outputs are to greedy ``autoregressive``'s, paired per sample:
+    ``agreement`` (tokens equal at the same position, over the longer of the two outputs, pooled),
+    ``equal_share`` (outputs equal token for token) and ``first_divergence`` (the median index of
+    the first differing token among the outputs that differ)."""
+    cols = ["run", "task", "sample_id", "turn"]
+    mine = records[(records.method == method) & (records.task == task)]
+    both = mine.merge(records[(records.method == REFERENCE) & (records.task == task)], on=cols, suffixes=("", "_ref"))
+    if both.empty:
+        return {"agreement": float("nan"), "equal_share": float("nan"), "first_divergence": float("nan")}
+    same = total = 0
+    firsts = []
+    for a, b in zip(both.tokens, both.tokens_ref):
+        matches = [x == y for x, y in zip(a, b)]
+        same += sum(matches)
+        total += max(len(a), len(b))
+        if list(a) != list(b):
+            firsts.append(matches.index(False) if False in matches else min(len(a), len(b)))
+    return {"agreement": same / total if total else float("nan"),
+            "equal_share": float(sum(list(a) == list(b) for a, b in zip(both.tokens, both.tokens_ref)) / len(both)),
+            "first_divergence": float(pd.Series(firsts).median()) if firsts else float("nan")}  # fmt: skip
+
+
 def ratio_speedup(p: pd.DataFrame) -> float:
     if p.empty or p.wall.sum() == 0 or p.tokens_ref.sum() == 0:
         return float("nan")
@@ -209,6 +232,9 @@ def metrics(runs: Runs, by: Optional[str] = None) -> pd.DataFrame:
                 "ties": int((g.status == "tie").sum()),
                 "mismatches": int((g.status == "mismatch").sum()),
                 "lossless": "lossy mode" if g.lossy.any() else ("checked" if len(checked) else "not checked"),
+                # lossy modes: their closeness to greedy autoregressive (NaN for the others)
+                **(lossy_quality(df if not by else df[df[by] == key[by]], key["method"], key["task"]) if g.lossy.any()
+                   else {"agreement": float("nan"), "equal_share": float("nan"), "first_divergence": float("nan")}),
                 "checked": int(len(checked)),  # records compared token for token with the reference
                 "repetition": float(pd.to_numeric(g.repetition, errors="coerce").mean()),
                 "stop_reasons": stop_reasons(g),

@@ -69,7 +69,8 @@ class Method:
     # method-config settings under which sampling is lossless, where the defaults are not
     # (Medusa's default acceptance is greedy-only)
     lossless_sampling: dict = {}
-    # the settings under which its output may differ from the target model's ("" = none: lossless)
+    # the settings under which its output is NOT the target's (its Generations are marked lossy):
+    # "" = none (lossless in every mode), "always" = by design; shown by `harness list`
     lossy_when: str = ""
     # config fields shown on its one line in `harness list` (`harness list methods` shows every field)
     main_settings: tuple[str, ...] = ()

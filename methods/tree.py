@@ -165,6 +165,7 @@ class TreeVerifier(Verifier):
         super().__init__(engine, sampling, stop, prompt_ids, seed)
         self.hidden = hidden  # also return the target's hidden states (heads that read them)
         self.tree_sizes: list[int] = []  # nodes per verified tree, root included
+        self.output: Optional[ForwardOutput] = None  # the last tree forward (logits; hidden states when asked for)
 
     def prefill(self, inject: Optional[Injection] = None) -> ForwardOutput:
         """Run the prompt; its last row gives the first token (and the heads' first input).
@@ -185,6 +186,7 @@ class TreeVerifier(Verifier):
         prefix = torch.ones(shape.size, past, dtype=torch.bool, device=shape.mask.device)
         res = self.engine.forward(tree.tokens, self.cache, positions=shape.depth + past,
                                   mask=torch.cat((prefix, shape.mask), dim=1), hidden=self.hidden, inject=inject)  # fmt: skip
+        self.output = res  # an ``accept`` rule that reads the nodes' hidden states finds them here
         return self.accept(tree, res, accept=accept)
 
     def accept(self, tree: DraftTree, output: ForwardOutput, rows: Optional[Sequence[int]] = None,

@@ -258,6 +258,7 @@ def test_list_and_help(capsys):
     assert main(["list"]) == 0
     out = capsys.readouterr().out
     assert "autoregressive" in out and "humaneval-x" in out and "random-tiny" in out
+    assert "llm-to-slm (lossy)," in out and "nest (lossy: mode=relaxed)" in out and "medusa (lossy: acceptance=typical)" in out
     with pytest.raises(SystemExit):
         main(["run", "--help"])
     assert "task.languages" in capsys.readouterr().out

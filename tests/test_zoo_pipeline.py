@@ -332,6 +332,9 @@ def test_cli_zoo_build_micro(tmp_path):
         *(f"{v}.{k}" for v in ("hidden_transfer", "firp")
           for k in ("max_steps=2", "batch_size=2", "seq_len=32", "layer=1", "k=2", "anchors=4", "eval_problems=1",
                     "eval_tokens=4", "progress=false")),
+        *(f"{v}.{k}" for v in ("chimera", "llm_to_slm")
+          for k in ("max_steps=2", "max_minutes=0", "batch_size=2", "seq_len=32", "eval_tokens=200", "progress=false")),
+        "chimera.attention_heads=2", "llm_to_slm.inner=16",
     ]
     assert cli_zoo.main(args) == 0
     # zoo/draft: the draft distilled from the target (draft_distill, then draft_top1); zoo/target: the unlikelihood fine-tune
@@ -362,8 +365,11 @@ def test_cli_zoo_build_micro(tmp_path):
     assert medusa_info["initialized_from"] == str(tmp_path / "cache" / "train" / "medusa")
     medusa_card = (tmp_path / "zoo" / "target-medusa" / "README.md").read_text()
     assert "greedy self-distilled continuations only" in medusa_card and "results/drafter-figures.json" in medusa_card
-    for head in ("target-eagle", "target-eagle3"):  # the EAGLE heads of that target
+    for head in ("target-eagle", "target-eagle3", "target-chimera", "target-llm-to-slm"):  # its drafters and projector
         assert json.loads((tmp_path / "zoo" / head / "training.json").read_text())["step"] == 2
+    projector = json.loads((tmp_path / "zoo" / "target-llm-to-slm" / "training.json").read_text())["projector"]
+    assert projector["small_model"] == str(tmp_path / "zoo" / "draft")  # this build's draft, not the shipped one
+    assert "Chimera drafter" in (tmp_path / "zoo" / "README.md").read_text()
     for maps, attend_rows in (("target-hidden-transfer", False), ("target-firp", True)):  # Hidden Transfer, FIRP
         maps_info = json.loads((tmp_path / "zoo" / maps / "training.json").read_text())
         assert maps_info["step"] == 2 and maps_info["transfer"]["attend_rows"] is attend_rows

@@ -4,4 +4,5 @@
 (ours = the released ones) and the strict loader.
 ``harness.drafters.medusa``: the Medusa heads, their on-disk format (ours = the released one)
 and the strict loader.
+``harness.drafters.chimera``: Chimera's drafter (trigram + full-context encoders, residual heads).
 """

@@ -741,6 +741,16 @@ def write_zoo_index(zoo_dir: Path) -> None:
             desc = (f"{info['preset']} maps ({t['k']} rows at layer {t['layer']}) for `{info['base_model']}`, "
                     f"{_fmt_int(info.get('parameters'))} params, {info['wall_time_min']} min; held-out chain "
                     f"acceptance {acc.get('chain_acceptance')}")
+        elif info and "drafter" in info:  # Chimera drafter
+            chain = info.get("heldout_acceptance", {}).get("chain_acceptance") or []
+            desc = (f"Chimera drafter ({info['drafter']['num_heads']} heads) for `{info['base_model']}`, "
+                    f"{_fmt_int(info.get('parameters'))} params, {_fmt_int(info['training_tokens'])} training tokens, "
+                    f"{info['wall_time_min']} min; held-out chain acceptance {' / '.join(f'{x:.2f}' for x in chain)}")
+        elif info and "projector" in info:  # LLM-to-SLM projector
+            p = info["projector"]
+            desc = (f"LLM-to-SLM projector `{p['large_model']}` -> `{p['small_model']}` (lossy method), "
+                    f"{_fmt_int(info.get('parameters'))} params, {_fmt_int(info['training_tokens'])} training tokens, "
+                    f"{info['wall_time_min']} min")
         elif info and "k" in info:  # SPACE fine-tune
             ppl = q.get("space", {}).get("heldout", {}).get("ppl", "n/a")
             source = (info.get("data") or {}).get("source", "corpus")
