@@ -56,7 +56,7 @@ def method_entry(name: str) -> Entry:
     from methods.base import NEEDS_TEXT
 
     needs = ", ".join(NEEDS_TEXT[kind] for kind in cls.needs) or "nothing"
-    label = {"": "lossless", "always": "LOSSY by design"}.get(cls.lossy_when, f"lossless except {cls.lossy_when}")
+    label = {"": "lossless", "always": "lossy (by design)"}.get(cls.lossy_when, f"lossless; lossy with {cls.lossy_when}")
     label += " (greedy only)" if cls.greedy_only else ""
     facts = [f"needs {needs}", label] + settings(cfg, tuple(cls.main_settings))
     return Entry(name, summary(cls), facts, settings(cfg))

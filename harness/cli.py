@@ -188,13 +188,13 @@ def cmd_run(argv: list[str]) -> int:
 def cmd_run_args(args: argparse.Namespace) -> int:
     exp = None
     try:
-        from harness import runner
+        from harness import engines, runner
         from harness.engine import quiet_transformers
 
         quiet_transformers()
         exp = hydra_setup.to_experiment(compose(args))
         exp.run.out = str(runner.out_dir(exp.run))  # named now, so an interrupt can say where the records are
-        result = runner.run(exp)
+        result = engines.run(exp)
     except (KeyboardInterrupt, Terminated) as stop:
         if args.debug:
             raise

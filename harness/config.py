@@ -122,6 +122,20 @@ class RunSettings:
     # run.engine=vllm: requests kept in flight together, one run directory per value (e.g. [1,4,16])
     concurrency: list[int] = field(default_factory=lambda: [1])
 
+    def check(self) -> None:
+        """Every value in its range (the run directory itself is checked by ``RunDir``)."""
+        require(self.max_new_tokens >= 1, "run.max_new_tokens", self.max_new_tokens, "must be >= 1 (--max-new-tokens N)")
+        require(self.warmup >= 0, "run.warmup", self.warmup, "must be >= 0")
+        require(self.warmup_tokens >= 1, "run.warmup_tokens", self.warmup_tokens, "must be >= 1")
+        require(self.threads >= 0, "run.threads", self.threads, "must be >= 1 (or 0 = torch's default)")
+        require(self.tie_margin >= 0, "run.tie_margin", self.tie_margin, "must be >= 0")
+        require(self.execute_workers >= 1, "run.execute_workers", self.execute_workers, "must be >= 1")
+        require(self.execute_isolation in ("full", "weak"), "run.execute_isolation", self.execute_isolation,
+                "must be full or weak")  # fmt: skip
+        require(self.engine in ("harness", "vllm"), "run.engine", self.engine, "must be harness or vllm (--engine)")
+        require(bool(self.concurrency) and all(c >= 1 for c in self.concurrency), "run.concurrency", self.concurrency,
+                "must be one or more integers >= 1 (e.g. run.concurrency=1,4,16)")  # fmt: skip
+
 
 @dataclass
 class VllmSettings:
@@ -137,12 +151,8 @@ class VllmSettings:
     timeout_s: float = 900.0  # longest wait for one answer of vLLM (loading a model included)
 
     def check(self) -> None:
-        """Every value in its range (the run directory itself is checked by ``RunDir``)."""
-        require(self.max_new_tokens >= 1, "run.max_new_tokens", self.max_new_tokens, "must be >= 1 (--max-new-tokens N)")
-        require(self.warmup >= 0, "run.warmup", self.warmup, "must be >= 0")
-        require(self.warmup_tokens >= 1, "run.warmup_tokens", self.warmup_tokens, "must be >= 1")
-        require(self.threads >= 0, "run.threads", self.threads, "must be >= 1 (or 0 = torch's default)")
-        require(self.tie_margin >= 0, "run.tie_margin", self.tie_margin, "must be >= 0")
-        require(self.execute_workers >= 1, "run.execute_workers", self.execute_workers, "must be >= 1")
-        require(self.execute_isolation in ("full", "weak"), "run.execute_isolation", self.execute_isolation,
-                "must be full or weak")  # fmt: skip
+        require(self.threads >= 1, "vllm.threads", self.threads, "must be >= 1")
+        require(self.kv_cache_gib >= 1, "vllm.kv_cache_gib", self.kv_cache_gib, "must be >= 1")
+        require(self.max_model_len >= 0, "vllm.max_model_len", self.max_model_len, "must be >= 0 (0 = the model's own)")
+        require(self.num_speculative_tokens >= 1, "vllm.num_speculative_tokens", self.num_speculative_tokens, "must be >= 1")
+        require(self.timeout_s > 0, "vllm.timeout_s", self.timeout_s, "must be > 0")

@@ -54,7 +54,7 @@ class Experiment:
 
     def __post_init__(self) -> None:
         """Every value checked here, once, before any data or model loads (config.ConfigValueError)."""
-        for part in (self.run, self.sampling, self.model, *self.methods.values()):
+        for part in (self.run, self.sampling, self.model, self.vllm, *self.methods.values()):
             part.check()
 
 
@@ -173,12 +173,6 @@ def out_dir(settings: RunSettings) -> Path:
 
 def run(exp: Experiment, log: Callable[[str], None] = print) -> RunResult:
     settings = exp.run
-    if settings.engine == "vllm":
-        from harness.serving.vllm_run import run_vllm
-
-        return run_vllm(exp, log)
-    if settings.engine != "harness":
-        raise HarnessError(f"unknown engine '{settings.engine}'; use run.engine=harness or run.engine=vllm (--engine)")
     if settings.threads > 0:
         torch.set_num_threads(settings.threads)
 

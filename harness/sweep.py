@@ -150,7 +150,7 @@ def run_job(cfg) -> dict:
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import open_dict
 
-    from harness import runner
+    from harness import engines
     from harness.devices import claim_device
     from harness.engine import quiet_transformers
     from harness.errors import one_line
@@ -165,7 +165,7 @@ def run_job(cfg) -> dict:
         with claim_device(cfg.model.device) as device:
             with open_dict(cfg):
                 cfg.model.device = device
-            result = runner.run(to_experiment(cfg))
+            result = engines.run(to_experiment(cfg))
         err_file.unlink(missing_ok=True)
         print(f"[sweep] job done: {result.path}", flush=True)
         return {"status": "ok", "path": str(result.path), "pid": os.getpid()}

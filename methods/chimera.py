@@ -27,7 +27,8 @@ import torch
 
 from harness.config import MethodConfig, SamplingConfig
 from harness.drafters.chimera import ChimeraDrafter, load_drafter
-from harness.engine import Engine, KVCache
+from harness.engine import Engine
+from harness.kvcache import KVCache
 from harness.paths import resolve_repo_path
 from methods.base import Generation, Method, StopRule
 from methods.eagle import EagleVerifier
@@ -67,7 +68,10 @@ class ContextState:
 
 
 class Chimera(Method):
+    """Chimera: a light drafter over the last tokens and the target's states proposes a tree of future tokens."""
+
     config_class = ChimeraMethodConfig
+    main_settings = ("drafter", "tree")
     cfg: ChimeraMethodConfig
     verifier_class = EagleVerifier  # the shared tree step, its prefill keeping every prompt row's state
 
@@ -85,14 +89,14 @@ class Chimera(Method):
             raise TreeError(f"the tree is {self.tree.max_depth} deep but the Chimera drafter has {drafter.num_heads} heads")
 
     def generate(self, prompt_ids: list[int], stop: StopRule, seed: int = 0) -> Generation:
-        return self.decode(prompt_ids, stop, seed)[0]
+        return self.loop(prompt_ids, stop, seed)[0]
 
     def headroom(self) -> int:
         """The deepest nodes of the last step reach depth - 1 positions past a full-length output."""
         return self.tree.max_depth - 1
 
     @torch.inference_mode()
-    def decode(self, prompt_ids: list[int], stop: StopRule, seed: int = 0) -> tuple[Generation, KVCache]:
+    def loop(self, prompt_ids: list[int], stop: StopRule, seed: int = 0) -> tuple[Generation, KVCache]:
         """The loop; also returns the cache, which then holds prompt + tokens but the last."""
         self.check_context(len(prompt_ids), stop)
         verifier = self.verifier_class(self.engine, self.sampling, stop, prompt_ids, seed, hidden=True)

@@ -61,7 +61,10 @@ class FirpConfig(HiddenTransferConfig):
 
 
 class HiddenTransfer(Method):
+    """Hidden Transfer: trained maps turn a middle layer's state into pseudo states of the next tokens, drafted in the verify forward itself."""
+
     config_class = HiddenTransferConfig
+    main_settings = ("transfer", "tree")
     verifier_class = TreeVerifier  # the shared tree step (a test swaps in a broken one as its negative control)
     attend_rows = False  # the preset: pseudo rows of one token see each other (FIRP) or not
 
@@ -114,5 +117,7 @@ class HiddenTransfer(Method):
 
 
 class Firp(HiddenTransfer):
+    """FIRP: Hidden Transfer's pseudo states of future tokens also attend to each other in the upper layers."""
+
     config_class = FirpConfig
     attend_rows = True

@@ -33,7 +33,8 @@ from harness.config import MethodConfig, SamplingConfig
 from harness.drafters.projector import Projector, load_projector
 from harness.engine import Engine
 from harness.paths import resolve_repo_path
-from methods.base import Committer, Generation, StopRule, make_generator, next_token
+from harness.stops import Committer, StopRule
+from methods.base import Generation, make_generator, next_token
 from methods.speculative import DraftModelMethod
 
 
@@ -45,6 +46,8 @@ class LlmToSlmConfig(MethodConfig):
 
 
 class LlmToSlm(DraftModelMethod):
+    """LLM-to-SLM: the target reads the prompt once and a projector conditions the small draft model, which writes the answer alone."""
+
     config_class = LlmToSlmConfig
     lossy_when = "always"  # shown by `harness list`
     cfg: LlmToSlmConfig

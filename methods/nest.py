@@ -42,7 +42,8 @@ import torch
 
 from harness.config import MethodConfig, SamplingConfig
 from harness.datastore import Datastore, default_datastore_dir
-from harness.engine import Engine, KVCache
+from harness.engine import Engine
+from harness.kvcache import KVCache
 from harness.neighbours import KeyIndex, Neighbours
 from harness.paths import resolve_repo_path
 from methods.base import Generation, Method, StopRule
@@ -89,7 +90,10 @@ class NestStats:
 
 
 class Nest(Method):
+    """NEST: spans retrieved by kNN over the target's hidden states in a datastore, verified as a tree (strict) or relaxed (lossy)."""
+
     config_class = NestConfig
+    main_settings = ("mode", "datastore")
     lossy_when = "mode=relaxed"  # shown by `harness list`
     cfg: NestConfig
     verifier_class = TreeVerifier  # the shared tree step (a test swaps in a broken one as its negative control)
@@ -119,10 +123,10 @@ class Nest(Method):
         self.scale = math.sqrt(hidden)  # distances are L2 / sqrt(hidden)
 
     def generate(self, prompt_ids: list[int], stop: StopRule, seed: int = 0) -> Generation:
-        return self.decode(prompt_ids, stop, seed)[0]
+        return self.loop(prompt_ids, stop, seed)[0]
 
     @torch.inference_mode()
-    def decode(self, prompt_ids: list[int], stop: StopRule, seed: int = 0) -> tuple[Generation, KVCache]:
+    def loop(self, prompt_ids: list[int], stop: StopRule, seed: int = 0) -> tuple[Generation, KVCache]:
         """The loop; also returns the cache, which then holds prompt + tokens but the last."""
         self.check_context(len(prompt_ids), stop)
         verifier = self.verifier_class(self.engine, self.sampling, stop, prompt_ids, seed, hidden=True)

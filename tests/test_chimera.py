@@ -11,7 +11,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from sampling_law import PVALUE_FLOOR, SAMPLING, SHARED_RULE_CONTROL_RUNS, SHARED_RULE_RUNS, sampled_pvalue, small_engine
+from sampling_law import PVALUE_FLOOR, SAMPLING, CONTROL_RUNS, METHOD_RUNS, sampled_pvalue, small_engine
 from test_model_families import PROMPT, build
 from test_speculative import autoregressive
 from test_tree import ResampleFromP as WrongResidualVerifier
@@ -24,7 +24,7 @@ from harness.engine import Engine
 from harness.registry import METHODS
 from harness.train.chimera import ChimeraTrainConfig, acceptance, chimera_loss_fn, run_chimera_training
 from harness.train.loop import TrainLoopConfig, load_checkpoint, train
-from methods.base import StopRule
+from harness.stops import StopRule
 from methods.chimera import Chimera, ChimeraMethodConfig, ContextState
 from methods.eagle import EagleVerifier
 
@@ -70,7 +70,7 @@ def test_decode_state_equals_the_parallel_training_computation(engine):
 @pytest.mark.parametrize("tree", ["chain", "small", "large"])
 def test_random_drafter_equals_autoregressive(engine, prompt, tree):
     ref = autoregressive(engine, prompt, n=N)
-    gen, cache = chimera(engine, random_drafter(engine), tree=tree).decode(prompt, StopRule(N))
+    gen, cache = chimera(engine, random_drafter(engine), tree=tree).loop(prompt, StopRule(N))
     assert gen.tokens == ref
     assert sum(gen.accepted_per_step) == N and len(gen.accepted_per_step) == gen.target_forwards
     check_cache(engine, cache, prompt + ref[:-1])
@@ -111,7 +111,7 @@ def test_a_drafter_that_learned_the_answer_is_accepted_and_exact(engine, taught_
 @pytest.mark.parametrize("limit", [1, 2, 3, 5, 9])
 def test_max_new_tokens_inside_an_accepted_path(engine, taught_drafter, limit):
     prompt, ref, drafter = taught_drafter
-    gen, cache = chimera(engine, drafter, tree="chain").decode(prompt, StopRule(limit))
+    gen, cache = chimera(engine, drafter, tree="chain").loop(prompt, StopRule(limit))
     assert gen.tokens == ref[:limit] and gen.stop_reason == "max_new_tokens"
     check_cache(engine, cache, prompt + ref[: limit - 1])
 
@@ -194,7 +194,7 @@ def test_sampling_keeps_the_target_distribution():
     drafter = random_drafter(target, heads=3)
     cfg = ChimeraMethodConfig(choices=[[0], [1]])  # one level: the first tokens take several steps
     method = Chimera(cfg, target, SAMPLING, drafter=drafter)
-    pvalue, multi_step = sampled_pvalue(method, target, SHARED_RULE_RUNS)
+    pvalue, multi_step = sampled_pvalue(method, target, METHOD_RUNS)
     assert pvalue > PVALUE_FLOOR and multi_step == 1.0
     control = WrongResidualChimera(cfg, target, SAMPLING, drafter=drafter)
-    assert sampled_pvalue(control, target, SHARED_RULE_CONTROL_RUNS)[0] < PVALUE_FLOOR
+    assert sampled_pvalue(control, target, CONTROL_RUNS)[0] < PVALUE_FLOOR

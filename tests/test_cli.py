@@ -258,7 +258,9 @@ def test_list_and_help(capsys):
     assert main(["list"]) == 0
     out = capsys.readouterr().out
     assert "autoregressive" in out and "humaneval-x" in out and "random-tiny" in out
-    assert "llm-to-slm (lossy)," in out and "nest (lossy: mode=relaxed)" in out and "medusa (lossy: acceptance=typical)" in out
+    lines = {line.split()[0]: line for line in out.splitlines() if line.startswith("  ")}
+    assert "lossy (by design)" in lines["llm-to-slm"] and "lossy with mode=relaxed" in lines["nest"]
+    assert "lossy with acceptance=typical" in lines["medusa"] and "lossy" not in lines["autoregressive"]
     with pytest.raises(SystemExit):
         main(["run", "--help"])
     assert "task.languages" in capsys.readouterr().out

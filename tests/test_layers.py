@@ -23,12 +23,13 @@ FLOORS: list[dict[str, tuple[str, ...]]] = [
                          "harness.lossless")},
     {"tasks and sandbox": ("tasks.*", "harness.sandbox.*")},
     {
-        "methods": ("methods.*", "harness.datastore"),
+        "methods": ("methods.*", "harness.datastore", "harness.neighbours"),
         "training": ("harness.train.*", "harness.zoo.*"),
         "results": ("harness.detail", "harness.results", "harness.report", "harness.page", "harness.leaderboard",
                     "harness.compare", "harness.gate", "harness.publish", "harness.browser"),
     },
-    {"runner": ("harness.runner", "harness.profile", "harness.sweep", "harness.hydra_setup")},
+    {"runner": ("harness.runner", "harness.profile", "harness.serving.*", "harness.engines", "harness.sweep",
+                "harness.hydra_setup")},
     {"command line": ("harness.cli", "harness.cli_train", "harness.cli_zoo", "harness.cli_datastore",
                       "harness.catalogue")},
 ]  # fmt: skip

@@ -20,7 +20,7 @@ from harness.engine import Engine
 from harness.registry import METHODS
 from harness.train.llm_to_slm import LlmToSlmTrainConfig, run_llm_to_slm_training
 from harness.train.loop import load_checkpoint
-from methods.base import StopRule
+from harness.stops import StopRule
 from methods.llm_to_slm import LlmToSlm, LlmToSlmConfig
 
 PROMPT = [0, 17, 42, 99, 5]

@@ -13,7 +13,7 @@ import random
 import numpy as np
 import pytest
 import torch
-from sampling_law import PVALUE_FLOOR, SAMPLE_PROMPT, SAMPLING, SHARED_RULE_CONTROL_RUNS, SHARED_RULE_RUNS, sampled_pvalue, small_engine
+from sampling_law import PVALUE_FLOOR, SAMPLE_PROMPT, SAMPLING, CONTROL_RUNS, METHOD_RUNS, sampled_pvalue, small_engine
 from test_model_families import PROMPT, build
 from test_speculative import autoregressive
 from test_tree import ResampleFromP as WrongResidualVerifier
@@ -25,7 +25,7 @@ from harness.datastore import Datastore
 from harness.engine import Engine
 from harness.neighbours import KeyIndex, KeysMissing, build_keys, document_ids, windows
 from harness.registry import METHODS
-from methods.base import StopRule
+from harness.stops import StopRule
 from methods.nest import Nest, NestConfig
 
 PROMPTS = [[0, 17, 42, 99, 5], [0, 5, 6, 7, 8, 5, 6, 7, 8, 5, 6]]  # outputs without the EOS id (one document)
@@ -87,7 +87,7 @@ def test_datastore_with_the_continuation(engine, prompt, span):
     same context's, so every step's draft is right."""
     ref = autoregressive(engine, prompt, n=N)
     assert 1 not in ref  # no separator: one document, one window
-    gen, cache = nest(engine, prompt + ref, span=span).decode(prompt, StopRule(N, frozenset()))
+    gen, cache = nest(engine, prompt + ref, span=span).loop(prompt, StopRule(N, frozenset()))
     assert gen.tokens == ref
     check_stats(gen, N)
     assert gen.target_forwards == 1 + math.ceil((N - 1) / (span + 1))
@@ -110,7 +110,7 @@ def test_unrelated_datastore(engine, prompt):
 def test_max_new_tokens_inside_an_accepted_span(engine, limit):
     prompt = PROMPTS[0]
     ref = autoregressive(engine, prompt, n=N)
-    gen, cache = nest(engine, prompt + ref, span=6).decode(prompt, StopRule(limit, frozenset()))
+    gen, cache = nest(engine, prompt + ref, span=6).loop(prompt, StopRule(limit, frozenset()))
     assert gen.tokens == ref[:limit] and gen.stop_reason == "max_new_tokens"
     check_cache(engine, cache, prompt + ref[: limit - 1])
 
@@ -202,7 +202,7 @@ def test_strict_sampling_keeps_the_target_distribution():
     method = Nest(cfg, target, SAMPLING, datastore=store, keys=keys)
     gen = method.generate(SAMPLE_PROMPT, StopRule(6, frozenset()), seed=0)
     assert gen.extra["drafts"] >= gen.target_forwards - 2 and gen.extra["mean_tree_size"] > 2  # hand-checked: 3 of 5, 2.5
-    pvalue, multi_step = sampled_pvalue(method, target, SHARED_RULE_RUNS)
+    pvalue, multi_step = sampled_pvalue(method, target, METHOD_RUNS)
     assert pvalue > PVALUE_FLOOR and multi_step == 1.0
     control = WrongResidual(cfg, target, SAMPLING, datastore=store, keys=keys)
-    assert sampled_pvalue(control, target, SHARED_RULE_CONTROL_RUNS)[0] < PVALUE_FLOOR
+    assert sampled_pvalue(control, target, CONTROL_RUNS)[0] < PVALUE_FLOOR

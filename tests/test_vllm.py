@@ -23,7 +23,7 @@ from harness.runner import Experiment
 from harness.serving.vllm_methods import vllm_method
 from harness.serving.vllm_process import VllmError, VllmWorker, WorkerSettings, vllm_python
 from harness.serving.vllm_run import Prompt, to_record
-from methods.base import StopRule, StopStrings
+from harness.stops import StopRule, StopStrings
 from tasks.base import Sample
 
 VLLM_PYTHON = REPO_ROOT / ".venv-vllm" / "bin" / "python"

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from harness.engine import ModelLoadError
-from methods.medusa_heads import ResBlock
+from harness.drafters.medusa import ResBlock
 
 CONFIG_NAME, WEIGHTS_NAME = "config.json", "chimera.safetensors"
 

@@ -37,7 +37,7 @@ from harness.report import load_runs, metrics
 from harness.results import Record, RunDir, resume_key
 from harness.serving.vllm_methods import VllmMethod, model_path, vllm_method
 from harness.serving.vllm_process import VllmError, VllmWorker, WorkerSettings, stop_on_sigterm, vllm_python
-from methods.base import Committer, StopRule
+from harness.stops import Committer, StopRule
 from tasks.base import Sample, render_prompt
 
 LOAD = "load.jsonl"  # per (method, concurrency): makespan, requests, vLLM's spec-decode counter changes

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from harness.drafters.chimera import ChimeraConfig, ChimeraDrafter, ngram_ids, parameter_count, save_drafter
 from harness.paths import REPO_ROOT, write_component
 from harness.train.data import as_padded, check_data_choice, data_spec, load_training_data, tokens_dir
-from harness.train.lm import default_cache_dir
+from harness.paths import default_cache_dir
 from harness.train.loop import TrainLoopConfig, TrainResult, load_checkpoint, run_record, train
 from harness.train.medusa import base_hidden, load_base
 
