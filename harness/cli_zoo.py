@@ -23,11 +23,13 @@
 
 from __future__ import annotations
 
+import importlib
 import shutil
 import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from harness.cli_train import HEAD_TRAINERS
 from harness.train.lm import DRAFT, TARGET, LMTrainConfig, ModelConfig
 from harness.train.chimera import ChimeraTrainConfig
 from harness.train.llm_to_slm import LlmToSlmTrainConfig
@@ -40,6 +42,11 @@ from harness.train.unlikelihood import UnlikelihoodTrainConfig
 from harness.zoo.build import ExportConfig, ZooDataConfig
 from harness.zoo.selfdistill import SelfDistillConfig
 
+# stages that train a head or drafter on the frozen target: stage -> (trainer in cli_train.HEAD_TRAINERS,
+# checkpoint directory under the train root)
+HEAD_STAGES = {"eagle": ("eagle", "eagle"), "eagle3": ("eagle", "eagle3"),
+               "hidden_transfer": ("hidden-transfer", "hidden-transfer"), "firp": ("hidden-transfer", "firp"),
+               "chimera": ("chimera", "chimera"), "llm_to_slm": ("llm-to-slm", "llm-to-slm")}  # fmt: skip
 STAGES = ("draft", "target", "target_functions", "target_unlikelihood", "export", "selfdistill", "draft_distill", "draft_top1",
           "medusa", "medusa_greedy", "space", "eagle", "eagle3", "hidden_transfer", "firp", "chimera", "llm_to_slm")
 FUNCTIONS_CHECKPOINT = "target-functions"  # <train_root>/<this>: the target_functions stage's checkpoint
@@ -227,41 +234,17 @@ def _build(cmd: ZooCommand) -> int:
         print(f"[zoo] trained space: {summary}")
         if res.finished:
             print(f"[zoo] exported {export_space(cmd.space)}")
-    for stage in ("eagle", "eagle3"):
-        if stage in cmd.stages:
-            from harness.train.eagle import run_eagle_training  # noqa: PLC0415
-
-            job = getattr(cmd, stage)
-            job.out_dir = job.out_dir or str(root / stage)
-            _restart_if_base_changed(Path(job.out_dir), job.base)
-            _res, summary = run_eagle_training(job)  # exports to the job's export_dir at the end
-            print(f"[zoo] trained {stage} head: {summary}")
-    for stage in ("hidden_transfer", "firp"):
-        if stage in cmd.stages:
-            from harness.train.hidden_transfer import run_transfer_training  # noqa: PLC0415
-
-            job = getattr(cmd, stage)
-            job.out_dir = job.out_dir or str(root / job.preset)
-            _restart_if_base_changed(Path(job.out_dir), job.base)
-            _res, summary = run_transfer_training(job)  # exports to the job's export_dir at the end
-            print(f"[zoo] trained {job.preset} maps: {summary}")
-    if "chimera" in cmd.stages:
-        from harness.train.chimera import run_chimera_training  # noqa: PLC0415
-
-        cmd.chimera.out_dir = cmd.chimera.out_dir or str(root / "chimera")
-        _restart_if_base_changed(Path(cmd.chimera.out_dir), cmd.chimera.base)
-        _res, summary = run_chimera_training(cmd.chimera)  # exports to chimera.export_dir at the end
-        print(f"[zoo] trained chimera drafter: {summary}")
-    if "llm_to_slm" in cmd.stages:
-        from harness.train.llm_to_slm import run_llm_to_slm_training  # noqa: PLC0415
-
-        job = cmd.llm_to_slm
-        job.out_dir = job.out_dir or str(root / "llm-to-slm")
-        if cmd.export.zoo_dir:
-            job.small = str(zoo / cmd.draft.name)
+    for stage, (trainer, checkpoint) in HEAD_STAGES.items():  # heads and drafters on the frozen target
+        if stage not in cmd.stages:
+            continue
+        job = getattr(cmd, stage)
+        job.out_dir = job.out_dir or str(root / checkpoint)
+        if stage == "llm_to_slm" and cmd.export.zoo_dir:
+            job.small = str(zoo / cmd.draft.name)  # this build's draft, not the shipped one
         _restart_if_base_changed(Path(job.out_dir), job.base)
-        _res, summary = run_llm_to_slm_training(job)  # exports to llm_to_slm.export_dir at the end
-        print(f"[zoo] trained llm-to-slm projector: {summary}")
+        module, function = HEAD_TRAINERS[trainer]
+        _res, summary = getattr(importlib.import_module(module), function)(job)  # exports at the end
+        print(f"[zoo] trained {stage}: {summary}")
     if zoo.exists():
         write_zoo_index(zoo)
     return 0
