@@ -40,13 +40,22 @@ MEDUSA_HEADS = "heads"  # trained Medusa heads: keyword heads= (harness.drafters
 EAGLE_HEAD = "head"  # a trained EAGLE head of the class's ``head_version``: keyword head=
 MASK_FINETUNE = "mask-finetune"  # the target fine-tuned to guess at mask tokens (SPACE; config k, mask_id)
 DATASTORE = "datastore"  # a token datastore to copy drafts from: keyword datastore= (harness.datastore)
-NEEDS = (DRAFT_MODEL, MEDUSA_HEADS, EAGLE_HEAD, MASK_FINETUNE, DATASTORE)
+TRANSFER_MAPS = "transfer-maps"  # trained Hidden Transfer / FIRP maps: keyword transfer= (harness.drafters.transfer)
+CHIMERA_DRAFTER = "chimera-drafter"  # a trained Chimera drafter: keyword drafter= (harness.drafters.chimera)
+KNN_DATASTORE = "knn-datastore"  # a datastore with hidden-state keys: keywords datastore=, keys= (harness.neighbours)
+PROJECTOR = "projector"  # a trained LLM-to-SLM projector: keyword projector= (harness.drafters.projector)
+NEEDS = (DRAFT_MODEL, MEDUSA_HEADS, EAGLE_HEAD, MASK_FINETUNE, DATASTORE, TRANSFER_MAPS, CHIMERA_DRAFTER, KNN_DATASTORE,
+         PROJECTOR)
 NEEDS_TEXT = {  # how `harness list` says each
     DRAFT_MODEL: "a draft model",
     MEDUSA_HEADS: "trained Medusa heads",
     EAGLE_HEAD: "a trained EAGLE head",
     MASK_FINETUNE: "a SPACE fine-tune of the target (--model zoo-space)",
     DATASTORE: "a datastore (harness datastore build)",
+    TRANSFER_MAPS: "trained transfer maps",
+    CHIMERA_DRAFTER: "a trained Chimera drafter",
+    KNN_DATASTORE: "a datastore with hidden-state keys (harness datastore build keys=...)",
+    PROJECTOR: "a trained projector",
 }
 
 

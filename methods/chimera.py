@@ -30,7 +30,8 @@ from harness.drafters.chimera import ChimeraDrafter, load_drafter
 from harness.engine import Engine
 from harness.kvcache import KVCache
 from harness.paths import resolve_repo_path
-from methods.base import Generation, Method, StopRule
+from harness.stops import StopRule
+from methods.base import CHIMERA_DRAFTER, Generation, Method
 from methods.eagle import EagleVerifier
 from methods.medusa import build_tree, tree_choices
 from methods.tree import DraftTree, TreeError
@@ -71,6 +72,7 @@ class Chimera(Method):
     """Chimera: a light drafter over the last tokens and the target's states proposes a tree of future tokens."""
 
     config_class = ChimeraMethodConfig
+    needs = (CHIMERA_DRAFTER,)
     main_settings = ("drafter", "tree")
     cfg: ChimeraMethodConfig
     verifier_class = EagleVerifier  # the shared tree step, its prefill keeping every prompt row's state

@@ -41,7 +41,8 @@ from harness.config import MethodConfig, SamplingConfig
 from harness.drafters.transfer import TransferError, TransferLayers, load_transfer, pseudo_rows
 from harness.engine import Engine, LayerSkip
 from harness.paths import resolve_repo_path
-from methods.base import Generation, Method, StopRule
+from harness.stops import StopRule
+from methods.base import TRANSFER_MAPS, Generation, Method
 from methods.medusa import build_tree, node_tokens, tree_choices
 from methods.tree import DraftTree, TreeError, TreeVerifier
 
@@ -64,6 +65,7 @@ class HiddenTransfer(Method):
     """Hidden Transfer: trained maps turn a middle layer's state into pseudo states of the next tokens, drafted in the verify forward itself."""
 
     config_class = HiddenTransferConfig
+    needs = (TRANSFER_MAPS,)
     main_settings = ("transfer", "tree")
     verifier_class = TreeVerifier  # the shared tree step (a test swaps in a broken one as its negative control)
     attend_rows = False  # the preset: pseudo rows of one token see each other (FIRP) or not

@@ -34,7 +34,7 @@ from harness.drafters.projector import Projector, load_projector
 from harness.engine import Engine
 from harness.paths import resolve_repo_path
 from harness.stops import Committer, StopRule
-from methods.base import Generation, make_generator, next_token
+from methods.base import DRAFT_MODEL, PROJECTOR, Generation, make_generator, next_token
 from methods.speculative import DraftModelMethod
 
 
@@ -49,6 +49,7 @@ class LlmToSlm(DraftModelMethod):
     """LLM-to-SLM: the target reads the prompt once and a projector conditions the small draft model, which writes the answer alone."""
 
     config_class = LlmToSlmConfig
+    needs = (DRAFT_MODEL, PROJECTOR)
     lossy_when = "always"  # shown by `harness list`
     cfg: LlmToSlmConfig
 

@@ -46,7 +46,8 @@ from harness.engine import Engine
 from harness.kvcache import KVCache
 from harness.neighbours import KeyIndex, Neighbours
 from harness.paths import resolve_repo_path
-from methods.base import Generation, Method, StopRule
+from harness.stops import StopRule
+from methods.base import KNN_DATASTORE, Generation, Method
 from methods.rest import check_datastore, frequency_tree
 from methods.tree import DraftTree, TreeShape, TreeVerifier
 
@@ -93,6 +94,7 @@ class Nest(Method):
     """NEST: spans retrieved by kNN over the target's hidden states in a datastore, verified as a tree (strict) or relaxed (lossy)."""
 
     config_class = NestConfig
+    needs = (KNN_DATASTORE,)
     main_settings = ("mode", "datastore")
     lossy_when = "mode=relaxed"  # shown by `harness list`
     cfg: NestConfig
