@@ -22,6 +22,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
+from harness.errors import HarnessError
 
 CANDIDATES = ("chromium", "chromium-browser", "google-chrome", "chrome")
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--mute-audio", "--no-first-run"]
@@ -47,7 +48,7 @@ window.addEventListener('load', () => setTimeout(() => {
 </script>"""
 
 
-class BrowserError(Exception):
+class BrowserError(HarnessError):
     """No browser, or the browser failed; the message says what to do."""
 
 

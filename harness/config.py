@@ -11,8 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from harness.errors import HarnessError
 
-class ConfigValueError(ValueError):
+
+class ConfigValueError(HarnessError, ValueError):
     """A config value outside its allowed range; the message names the key, the range and the fix."""
 
 

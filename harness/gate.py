@@ -26,9 +26,10 @@ from tabulate import tabulate
 
 from harness.report import header, load_runs, metrics
 from harness.paths import load_json_file
+from harness.errors import HarnessError
 
 
-class BaselineError(Exception):
+class BaselineError(HarnessError):
     """A baseline file that cannot be read; the message names the file, the problem and the fix."""
 
 

@@ -24,6 +24,7 @@ import pandas as pd
 
 from harness.report import REFERENCE, REPETITION_NOTE, STOP_NOTE, Runs, header, pass_at_1_label, provenance
 from harness.results import RunDir
+from harness.errors import HarnessError
 
 # methods whose drafts copy text already seen (the prompt, the output, a corpus or the reference):
 # their speedup grows with the repetition column, not with how well anything predicts new text
@@ -35,7 +36,7 @@ PLOT_CONFIG = {"displayModeBar": False, "responsive": True}  # drag to zoom, dou
 FONT = "system-ui, -apple-system, Segoe UI, Roboto, sans-serif"
 
 
-class PageError(Exception):
+class PageError(HarnessError):
     """The page cannot be made as asked; the message says what to do."""
 
 

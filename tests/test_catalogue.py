@@ -69,7 +69,7 @@ def test_every_registered_method_says_what_it_is_needs_and_whether_lossless():
         assert entry.summary and entry.summary != "(no docstring)", name
         assert entry.facts[0].startswith("needs ") and entry.facts[1].startswith(("lossless", "lossy (by design)")), name
     assert method_entry("speculative").facts[:2] == ["needs a draft model", "lossless"]
-    assert method_entry("medusa").facts[1] == "lossless except acceptance=typical"
+    assert method_entry("medusa").facts[1] == "lossless; lossy with acceptance=typical"
 
 
 def test_a_task_is_listed_with_its_size_and_splits(toys):
