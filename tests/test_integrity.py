@@ -133,7 +133,8 @@ def test_every_torn_tail_is_moved_aside_by_resume(model_dir, prompts, tmp_path, 
 @pytest.mark.parametrize("sig, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_interrupt_is_one_line_and_the_run_resumes(model_dir, many_prompts, tmp_path, sig, status):
     out = tmp_path / "run"
-    args = run_args(model_dir, many_prompts, out, n=24) + ["--limit", "10"]
+    # long enough that the signal lands mid-run on an idle machine too (40 samples of 48 tokens)
+    args = run_args(model_dir, many_prompts, out, n=48) + ["--limit", "40"]
     proc = start(args)
     wait_for_records(out, 2, proc)
     proc.send_signal(sig)
@@ -143,7 +144,7 @@ def test_interrupt_is_one_line_and_the_run_resumes(model_dir, many_prompts, tmp_
     assert err.strip() == f"interrupted: {saved} records saved in {out}; rerun the same command (same --out) to resume"
     assert main(args) == 0
     keys = [r["sample_id"] for r in records(out)]
-    assert len(keys) == len(set(keys)) == 10
+    assert len(keys) == len(set(keys)) == 40
 
 
 # ---- a run that never started ----------------------------------------------------------------

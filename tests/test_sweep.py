@@ -38,6 +38,23 @@ def need_extra(module: str, extra: str) -> None:
         pytest.skip(message)
 
 
+@pytest.fixture
+def launchable(monkeypatch):
+    """A launcher hands Hydra's singletons (the ConfigStore among them) to processes that cannot
+    import a test module: methods that tests registered (the conformance toys) are left out of the
+    registry and the ConfigStore while a launcher test runs."""
+    from hydra.core.config_store import ConfigStore
+
+    from harness.registry import METHODS
+
+    local = [n for n, t in METHODS._targets.items() if isinstance(t, type) and t.__module__.split(".")[0] not in
+             ("methods", "harness")]  # fmt: skip
+    monkeypatch.setattr(METHODS, "_targets", {n: t for n, t in METHODS._targets.items() if n not in local})
+    group = ConfigStore.instance().repo.get("method", {})
+    for name in local:
+        monkeypatch.delitem(group, f"{name}.yaml", raising=False)
+
+
 def sweep_args(model_dir, prompts, out, *extra) -> list[str]:
     return ["run", "-m", "--model", str(model_dir), "--task", "jsonl", f"task.path={prompts}", "--max-new-tokens",
             "8", "--out", str(out), "run.progress=false", "run.threads=1", "methods=[hf-generate],[prompt-lookup]",
@@ -66,7 +83,7 @@ def check_two_method_sweep(out: Path, capsys) -> list[dict]:
     return manifests
 
 
-def test_joblib_launcher_runs_jobs_in_parallel_processes(model_dir, prompts, tmp_path, capsys):
+def test_joblib_launcher_runs_jobs_in_parallel_processes(model_dir, prompts, tmp_path, capsys, launchable):
     need_extra("hydra_plugins.hydra_joblib_launcher", "joblib")
     out = tmp_path / "sweep"
     args = sweep_args(model_dir, prompts, out, "--launcher", "joblib", "hydra.launcher.n_jobs=2")
@@ -80,7 +97,7 @@ def test_joblib_launcher_runs_jobs_in_parallel_processes(model_dir, prompts, tmp
     assert {j.name: (j / "samples.jsonl").read_text() for j in job_dirs(out)} == before
 
 
-def test_ray_launcher_on_a_local_two_worker_cluster(model_dir, prompts, tmp_path, capsys):
+def test_ray_launcher_on_a_local_two_worker_cluster(model_dir, prompts, tmp_path, capsys, launchable):
     need_extra("hydra_plugins.hydra_ray_launcher", "ray")
     out = tmp_path / "sweep"
     args = sweep_args(model_dir, prompts, out, "--launcher", "ray", "+hydra.launcher.ray.init.num_cpus=2",
@@ -96,7 +113,7 @@ def test_ray_launcher_on_a_local_two_worker_cluster(model_dir, prompts, tmp_path
     assert os.getpid() not in {m["environment"]["pid"] for m in manifests}  # ran in Ray workers
 
 
-def test_submitit_local_executor_runs_a_job(model_dir, prompts, tmp_path, capsys):
+def test_submitit_local_executor_runs_a_job(model_dir, prompts, tmp_path, capsys, launchable):
     need_extra("hydra_plugins.hydra_submitit_launcher", "submitit")
     out = tmp_path / "sweep"
     args = sweep_args(model_dir, prompts, out, "--launcher", "submitit_local", "hydra.launcher.timeout_min=10")
