@@ -47,8 +47,10 @@ def records(out: Path) -> list[dict]:
 
 
 def start(args: list[str]) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "harness.cli", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    """`harness` in a process of its own, Ctrl-C live in it as in a terminal (a pytest-xdist worker
+    ignores SIGINT, and an ignored signal stays ignored across exec)."""
+    return subprocess.Popen([sys.executable, "-m", "harness.cli", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
 
 
 def wait_for_records(out: Path, at_least: int, proc: subprocess.Popen, timeout: float = 120) -> None:

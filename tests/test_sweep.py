@@ -40,19 +40,11 @@ def need_extra(module: str, extra: str) -> None:
 
 @pytest.fixture
 def launchable(monkeypatch):
-    """A launcher hands Hydra's singletons (the ConfigStore among them) to processes that cannot
-    import a test module: methods that tests registered (the conformance toys) are left out of the
-    registry and the ConfigStore while a launcher test runs."""
-    from hydra.core.config_store import ConfigStore
-
-    from harness.registry import METHODS
-
-    local = [n for n, t in METHODS._targets.items() if isinstance(t, type) and t.__module__.split(".")[0] not in
-             ("methods", "harness")]  # fmt: skip
-    monkeypatch.setattr(METHODS, "_targets", {n: t for n, t in METHODS._targets.items() if n not in local})
-    group = ConfigStore.instance().repo.get("method", {})
-    for name in local:
-        monkeypatch.delitem(group, f"{name}.yaml", raising=False)
+    """A launcher hands Hydra's singletons (the ConfigStore, with every registered method's config)
+    to its worker processes: methods that tests registered (the conformance toys) must import there
+    too, so the workers see the tests directory as pytest does."""
+    tests = str(Path(__file__).resolve().parent)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [tests, os.environ.get("PYTHONPATH")])))
 
 
 def sweep_args(model_dir, prompts, out, *extra) -> list[str]:
