@@ -104,9 +104,11 @@ def brief(table: pd.DataFrame) -> str:
     """One line per method of a run's summary: what to read first, on one screen."""
     lines = []
     for r in table.to_dict("records"):
+        pooled = r.get("accepted_pooled", float("nan"))
+        per_step = pooled if pooled == pooled else r.get("mean_accepted_tokens", float("nan"))  # wrappers: no steps
         setting = r.get("best_setting")
         best = f", best {setting} (ran {r['setting_run']})" if isinstance(setting, str) and setting else ""
-        lines.append(f"{r['method']:>18}  {r['speedup']:.2f}x  {r.get('accepted_pooled', float('nan')):.2f} tokens/step  "
+        lines.append(f"{r['method']:>18}  {r['speedup']:.2f}x  {per_step:.2f} tokens/step  "
                      f"exact {r['exact_match']:.0%}  limit {r.get('limit_speedup', float('nan')):.2f}x{best}")  # fmt: skip
     return "\n".join(lines)
 
