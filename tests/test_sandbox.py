@@ -395,6 +395,43 @@ def test_signals_do_not_reach_the_harness():
     assert res.status in ("passed", "error", "failed"), res  # and this test process is still alive
 
 
+def test_unshare_layer_confines_signals_without_bubblewrap():
+    """Without bubblewrap the program runs inside unshare's namespaces: it is PID 1 of its own
+    PID namespace, kill(-1) reaches only its own processes, and a child it leaves behind dies with it."""
+    unshare = shutil.which("unshare", path=sandbox_module.SANDBOX_PATH)
+    prlimit = shutil.which("prlimit", path=sandbox_module.SANDBOX_PATH)
+    assert unshare and prlimit, "util-linux (unshare, prlimit) is part of every Debian system"
+    user = "dedicated uid" if os.geteuid() == 0 else "own uid"
+    iso = ex.Isolation(None, False, user, prlimit, unshare=unshare)
+    marker = f"spec-harness-left-{secrets.token_hex(4)}"
+    leaver = ("import os, subprocess\n"  # a child in a session of its own, left running
+              f"subprocess.Popen(['{marker}', '30'], executable='/bin/sleep', start_new_session=True)\n"
+              "print(os.getpid(), flush=True)\n")  # fmt: skip
+    killer = ("import contextlib, os, signal\n"  # every process it may signal, then its parent
+              "for target in (-1, os.getppid()):\n"
+              "    with contextlib.suppress(OSError):\n"
+              "        os.kill(target, signal.SIGKILL)\n"
+              "print('alive')\n")  # fmt: skip
+    with sandbox_module.Sandbox(FAST, iso) as sb:
+        sb.write("leaver.py", leaver)
+        sb.write("killer.py", killer)
+        left_step = sb.run(["/usr/bin/python3", "leaver.py"], timeout=10, memory_mb=256, address_space=False)
+        time.sleep(0.2)
+        left = [p for p in Path("/proc").iterdir() if p.name.isdigit() and marker in _cmdline(p)]
+        kill_step = sb.run(["/usr/bin/python3", "killer.py"], timeout=10, memory_mb=256, address_space=False)
+    assert "unshare (user/pid/net/ipc/uts namespaces)" in iso.layers()
+    assert left_step.setup_error is None and left_step.stdout.split() == ["1"], left_step  # PID 1 of its namespace
+    assert left == [], "a process the program started outlived its step"
+    assert kill_step.stdout.split() == ["alive"], kill_step  # and this test process is alive too
+
+
+def _cmdline(proc: Path) -> str:
+    try:
+        return (proc / "cmdline").read_bytes().decode("utf-8", "replace")
+    except OSError:
+        return ""
+
+
 def test_seccomp_denies_keyrings_and_ptrace(full):
     prog = (
         "import ctypes, ctypes.util, errno, platform\n"

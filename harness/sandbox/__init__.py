@@ -59,9 +59,12 @@ and what each guarantees:
 5. **a wall-clock limit** (by hand): on timeout the step's process group gets SIGKILL.
 
 Levels. ``full`` = every layer above works (``isolation()`` probes once, strongest first, by
-running ``/bin/true``). Anything less is ``weak``: without bubblewrap a program runs as a
-plain process under layers 3-5, so it can read every file its uid may read and reach the
-network, and (as root) what it left running is killed by uid after each program.
+running ``/bin/true``). Anything less is ``weak``: without bubblewrap a program runs under layers 3-5 inside
+util-linux ``unshare``'s user, PID, network, IPC and UTS namespaces where they can be made
+(no network; it can signal only its own processes, so ``kill -1`` or a kill of its parent
+cannot reach the harness, and its processes die with it), else as a plain process; either
+way it can read every file its uid may read, and (as root) what it left running is killed
+by uid after each program.
 ``run.execute=true`` refuses to run below ``full`` with one line naming what is missing,
 unless ``run.execute_isolation=weak`` accepts it; the level used is written to the run's
 manifest (``execution_isolation``), to every ``execution.jsonl`` record (``isolation``), to

@@ -39,6 +39,10 @@ from typing import Any, Optional
 SANDBOX_PATH = "/usr/local/bin:/usr/bin:/bin"
 SANDBOX_UID_BASE = 61000  # uids SANDBOX_UID_BASE .. + SANDBOX_SLOTS - 1, used only by the sandbox
 SANDBOX_SLOTS = 256
+# without bubblewrap: new user (mapped to the caller's uid), PID, network, IPC and UTS namespaces; the
+# forked program is PID 1 there, so kill(-1) reaches only its own processes, and --kill-child ends it
+# (and with it its namespace) when unshare is killed on a timeout
+UNSHARE_ARGS = ("--user", "--map-current-user", "--pid", "--fork", "--kill-child", "--net", "--ipc", "--uts")
 # What a program sees of the host, read-only, besides its own working directory (read-write),
 # a fresh /proc of its PID namespace and a minimal /dev: the toolchains and their libraries.
 READ_ONLY_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
@@ -88,6 +92,9 @@ class Isolation:
     user: str  # "dedicated uid" (harness is root) | "own uid" (harness is not root) | "root" (no drop: weak)
     prlimit: Optional[str]  # util-linux's prlimit, which sets the resource limits; None: no step can run
     notes: tuple[str, ...] = ()  # why a layer is missing
+    # util-linux's unshare, used only without bubblewrap: user/pid/net/ipc/uts namespaces, so a program
+    # can neither signal the harness (kill -1, its parent) nor leave processes behind; None: plain processes
+    unshare: Optional[str] = None
 
     @property
     def missing(self) -> list[str]:
@@ -109,7 +116,8 @@ class Isolation:
 
     def layers(self) -> str:
         return ", ".join([
-            "bubblewrap (user/mount/pid/net/ipc/uts namespaces, read-only toolchain view)" if self.bwrap else "no namespaces",
+            "bubblewrap (user/mount/pid/net/ipc/uts namespaces, read-only toolchain view)" if self.bwrap
+            else "unshare (user/pid/net/ipc/uts namespaces)" if self.unshare else "no namespaces",
             "seccomp" if self.seccomp else "no seccomp",
             self.user,
             "rlimits" if self.prlimit else "no rlimits",
@@ -445,6 +453,8 @@ class Sandbox:
                     os.lseek(fd, 0, os.SEEK_SET)
                     cmd += ["--seccomp", str(fd)]
                 cmd.append("--")
+            elif self.iso.unshare:  # the program is PID 1 of its own namespace; it dies with unshare
+                cmd += [self.iso.unshare, *UNSHARE_ARGS, "--"]
             cmd += [exe, *argv[1:]]
             user: dict[str, Any] = {"user": self.uid, "group": self.uid, "extra_groups": []} if self.uid is not None else {}
             t0 = time.monotonic()
@@ -540,14 +550,17 @@ def isolation(refresh: bool = False) -> Isolation:
         program, why = _seccomp_program_cached()
         if program is None:
             notes.append(why)
+        unshare = None if bwrap else shutil.which("unshare", path=SANDBOX_PATH)
         users = ["dedicated uid", "root"] if os.geteuid() == 0 else ["own uid"]
-        sandboxes: list[tuple[Optional[str], bool]] = []  # (bwrap, seccomp), strongest first
+        sandboxes: list[tuple[Optional[str], bool, Optional[str]]] = []  # (bwrap, seccomp, unshare), strongest first
         if bwrap and program is not None:
-            sandboxes.append((bwrap, True))
+            sandboxes.append((bwrap, True, None))
         if bwrap:
-            sandboxes.append((bwrap, False))
-        sandboxes.append((None, False))
-        candidates = [Isolation(bw, sc, user, prlimit) for user in users for bw, sc in sandboxes]
+            sandboxes.append((bwrap, False, None))
+        if unshare:
+            sandboxes.append((None, False, unshare))
+        sandboxes.append((None, False, None))
+        candidates = [Isolation(bw, sc, user, prlimit, unshare=us) for user in users for bw, sc, us in sandboxes]
         chosen = None
         for iso in candidates if prlimit else []:  # without prlimit nothing runs: no probe
             try:
@@ -563,7 +576,7 @@ def isolation(refresh: bool = False) -> Isolation:
         if chosen is None:
             notes.append("no sandbox configuration started /bin/true; every run will report an error")
             chosen = candidates[-1]
-        _iso_cache = Isolation(chosen.bwrap, chosen.seccomp, chosen.user, chosen.prlimit, tuple(notes))
+        _iso_cache = Isolation(chosen.bwrap, chosen.seccomp, chosen.user, chosen.prlimit, tuple(notes), chosen.unshare)
         return _iso_cache
 
 
