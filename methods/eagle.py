@@ -34,7 +34,7 @@ import torch
 
 from harness.config import MethodConfig, SamplingConfig
 from harness.drafters.eagle import EagleHead, EagleHeadError, HeadCache, load_head
-from harness.engine import Engine, ForwardOutput
+from harness.engine import DraftClock, Engine, ForwardOutput
 from harness.stops import StopRule
 from methods.base import EAGLE_HEAD, Generation, Method, make_generator, probabilities
 from methods.tree import DraftTree, TreeError, TreeVerifier
@@ -89,8 +89,10 @@ class HeadDrafter:
     committed pair. Every other node ``i`` is the pair (output of parent(i), token of i).
     """
 
-    def __init__(self, head: EagleHead, engine: Engine):
+    def __init__(self, head: EagleHead, engine: Engine, clock: Optional[DraftClock] = None):
         self.head = head
+        self.engine = engine
+        self.clock = clock or DraftClock(engine)  # times the head's forwards (and its logits) as draft forwards
         self.embed = engine.model.get_input_embeddings()
         self.lm_head = engine.model.get_output_embeddings()
         self.device = engine.device
@@ -122,12 +124,14 @@ class HeadDrafter:
             raise RuntimeError("the pending pairs must end with the root token")
         past = len(self.cache)
         pos = torch.arange(past, past + len(ids), device=self.device)
-        out = self.head(feats[None], torch.tensor([ids], device=self.device), self.embed, pos, self.cache)[0]
+        with self.clock.timed(len(ids)):
+            out = self.head(feats[None], torch.tensor([ids], device=self.device), self.embed, pos, self.cache)[0]
+            logits = self.logits(out[-1:])[0]
         self.forwards += 1
         self.pending = []
         self.tokens, self.parents, self.depth, self.slots = [root], [-1], [0], []
         self.out = {0: out[-1]}
-        return self.logits(out[-1:])[0]
+        return logits
 
     def logits(self, out: torch.Tensor) -> torch.Tensor:
         return self.head.target_logits(out, self.lm_head).float()
@@ -161,16 +165,19 @@ class HeadDrafter:
             for j, slot in enumerate(self.slots):
                 mask[row, committed + j] = slot in above
             mask[row, len(self.cache) + row] = True
-        out = self.head(feats, ids, self.embed, pos, self.cache, mask)[0]
+        with self.clock.timed(len(nodes)):
+            out = self.head(feats, ids, self.embed, pos, self.cache, mask)[0]
+            logits = self.logits(out)
         self.forwards += 1
         self.slots.extend(nodes)
         for row, n in enumerate(nodes):
             self.out[n] = out[row]
-        return self.logits(out)
+        return logits
 
     def finish(self, q: Optional[torch.Tensor] = None) -> DraftTree:
         """The drafted tree; the head's cache goes back to the committed pairs."""
-        self.cache.truncate(len(self.cache) - len(self.slots))
+        with self.engine.phase("cache"):
+            self.cache.truncate(len(self.cache) - len(self.slots))
         self.slots = []
         return DraftTree(torch.tensor(self.tokens), tuple(self.parents), q)
 
@@ -220,6 +227,10 @@ class Eagle(Method):
         self.head = head.to(device=engine.device, dtype=engine.dtype).eval()
         # what the verifier returns per node: the last hidden state (v1) or the fused layers (v3)
         self.features: bool | tuple[int, ...] = True if head.config.version == 1 else head.config.fused_layers
+        self.clock = DraftClock(engine)  # the head's forwards are the step's draft forwards
+
+    def draft_timers(self) -> list[Engine | DraftClock]:
+        return [self.clock]
 
     def check_settings(self) -> None:
         cfg = self.cfg
@@ -240,13 +251,14 @@ class Eagle(Method):
     def generate(self, prompt_ids: list[int], stop: StopRule, seed: int = 0) -> Generation:
         self.check_context(len(prompt_ids), stop)
         verifier = self.verifier_class(self.engine, self.sampling, stop, prompt_ids, seed, hidden=self.features)
-        drafter = HeadDrafter(self.head, self.engine)
+        drafter = HeadDrafter(self.head, self.engine, self.clock)
         draw = make_generator(seed + 7919, self.engine.device) if self.sampling.do_sample else None  # the draft's own draws
         # 1. prefill: the prompt's features, paired with the tokens after them (prompt[1:] + the first token)
         drafter.add(verifier.prefill().hidden, verifier.seq[1:])
         while not verifier.done:
             # 2. the head drafts a tree as deep as the output still has room for
-            tree = self.propose(drafter, verifier.seq[-1], min(self.max_depth, verifier.room()), draw)
+            with self.engine.phase("tree"):  # its head forwards inside count as "draft"
+                tree = self.propose(drafter, verifier.seq[-1], min(self.max_depth, verifier.room()), draw)
             # 3. one target forward over the tree, acceptance, commit, cache compaction
             step = verifier.verify(tree)
             # 4. kept nodes' target features + the tokens committed after them: the next pairs
