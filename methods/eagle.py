@@ -33,7 +33,7 @@ from typing import Optional
 import torch
 
 from harness.config import MethodConfig, SamplingConfig
-from harness.drafters.eagle import EagleHead, EagleHeadError, HeadCache, load_head
+from harness.drafters.eagle import DecodingHeadCache, EagleHead, EagleHeadError, load_head
 from harness.engine import DraftClock, Engine, ForwardOutput
 from harness.stops import StopRule
 from methods.base import EAGLE_HEAD, Generation, Method, make_generator, probabilities
@@ -96,7 +96,7 @@ class HeadDrafter:
         self.embed = engine.model.get_input_embeddings()
         self.lm_head = engine.model.get_output_embeddings()
         self.device = engine.device
-        self.cache = HeadCache()
+        self.cache = DecodingHeadCache()  # rolled back by moving its length, not rebuilt
         self.pending: list[tuple[torch.Tensor, list[int]]] = []  # (features [k, F], next tokens [k])
         self.forwards = 0  # head forwards in this generation
         # the tree being drafted
@@ -104,7 +104,7 @@ class HeadDrafter:
         self.parents: list[int] = []
         self.depth: list[int] = []
         self.out: dict[int, torch.Tensor] = {}  # node -> head output [h]
-        self.slots: list[int] = []  # nodes whose pair is in the cache after the committed pairs, in order
+        self.clear_slots()  # the drafted nodes whose pairs are in the cache (none yet)
 
     # ---- committed pairs -----------------------------------------------------------------
     def add(self, features: torch.Tensor, tokens: list[int]) -> None:
@@ -129,7 +129,8 @@ class HeadDrafter:
             logits = self.logits(out[-1:])[0]
         self.forwards += 1
         self.pending = []
-        self.tokens, self.parents, self.depth, self.slots = [root], [-1], [0], []
+        self.tokens, self.parents, self.depth = [root], [-1], [0]
+        self.clear_slots()
         self.out = {0: out[-1]}
         return logits
 
@@ -143,13 +144,6 @@ class HeadDrafter:
         self.depth.append(self.depth[parent] + 1)
         return len(self.tokens) - 1
 
-    def ancestors(self, node: int) -> set[int]:
-        seen = set()
-        while node > 0:
-            seen.add(node)
-            node = self.parents[node]
-        return seen
-
     def expand(self, nodes: list[int]) -> torch.Tensor:
         """Run the head on ``nodes`` (one forward): each reads its parent's output and its own
         token at position root + depth and sees the committed pairs, its drafted ancestors and
@@ -158,27 +152,45 @@ class HeadDrafter:
         feats = torch.stack([self.out[self.parents[n]] for n in nodes])[None]
         ids = torch.tensor([[self.tokens[n] for n in nodes]], device=self.device)
         pos = torch.tensor([committed - 1 + self.depth[n] for n in nodes], device=self.device)
-        mask = torch.zeros(len(nodes), len(self.cache) + len(nodes), dtype=torch.bool, device=self.device)
-        mask[:, :committed] = True
-        for row, n in enumerate(nodes):
-            above = self.ancestors(n)
-            for j, slot in enumerate(self.slots):
-                mask[row, committed + j] = slot in above
-            mask[row, len(self.cache) + row] = True
+        mask = torch.ones(len(nodes), len(self.cache) + len(nodes), dtype=torch.bool, device=self.device)
+        mask[:, committed:] = self.tree_rows(nodes)  # the committed pairs, then the drafted slots
         with self.clock.timed(len(nodes)):
             out = self.head(feats, ids, self.embed, pos, self.cache, mask)[0]
             logits = self.logits(out)
         self.forwards += 1
-        self.slots.extend(nodes)
         for row, n in enumerate(nodes):
             self.out[n] = out[row]
         return logits
+
+    def tree_rows(self, nodes: list[int]) -> torch.Tensor:
+        """The tree part of ``nodes``' mask, [len(nodes), len(slots) + len(nodes)]: a node sees
+        what its parent's pair saw (the parent's slot row, which ends with the parent itself) and
+        itself; a child of the root sees no drafted slot. Also makes ``nodes`` the next slots.
+        Built as Python lists and turned into one tensor: a few bools per row, where a tensor
+        operation per row or per element would cost more than the whole list."""
+        total = len(self.slots) + len(nodes)
+        rows = []
+        for n in nodes:
+            parent = self.slot_of.get(self.parents[n])  # None: the root (a committed pair, not a slot)
+            seen = self.slot_rows[parent] if parent is not None else []
+            slot = len(self.slots)
+            row = seen + [False] * (slot - len(seen)) + [True]  # ancestors' slots, then itself
+            self.slot_of[n] = slot
+            self.slots.append(n)
+            self.slot_rows.append(row)
+            rows.append(row + [False] * (total - len(row)))
+        return torch.tensor(rows, dtype=torch.bool, device=self.device)
+
+    def clear_slots(self) -> None:
+        self.slots: list[int] = []  # nodes whose pair is in the cache after the committed pairs, in order
+        self.slot_of: dict[int, int] = {}  # node -> its index in ``slots``
+        self.slot_rows: list[list[bool]] = []  # per slot: the slots its pair saw (drafted ancestors, itself)
 
     def finish(self, q: Optional[torch.Tensor] = None) -> DraftTree:
         """The drafted tree; the head's cache goes back to the committed pairs."""
         with self.engine.phase("cache"):
             self.cache.truncate(len(self.cache) - len(self.slots))
-        self.slots = []
+        self.clear_slots()
         return DraftTree(torch.tensor(self.tokens), tuple(self.parents), q)
 
 
