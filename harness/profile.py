@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import cProfile
 import pstats
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from harness.paths import REPO_ROOT
@@ -51,7 +51,19 @@ class ProfileReport:
         return head + "\n\n" + body
 
 
-def profile(exp, method_name: str, top: int = 15) -> ProfileReport:
+@dataclass
+class Workload:
+    """What a profile runs: the model, the methods built on it, and the task's prompts with
+    their stop rules, as a run would have them."""
+
+    engine: object  # harness.engine.Engine
+    methods: dict  # name -> Method
+    prompts: list[list[int]]
+    stops: list  # StopRule per prompt
+    eos: frozenset[int]
+
+
+def load_workload(exp) -> Workload:
     import torch
 
     from harness.engine import Engine
@@ -60,16 +72,23 @@ def profile(exp, method_name: str, top: int = 15) -> ProfileReport:
     from harness.stops import StopRule
     from tasks.base import render_prompt
 
-    settings = exp.run
-    if settings.threads > 0:
-        torch.set_num_threads(settings.threads)
+    if exp.run.threads > 0:
+        torch.set_num_threads(exp.run.threads)
     task = TASKS.get(exp.task.name)(exp.task)
     samples = task.samples()
     engine = Engine.load(exp.model)
-    method = build_methods(exp, engine)[method_name]
     prompts = [encode(engine, render_prompt(s, 0, [], engine.tokenizer)) for s in samples]
     eos = frozenset(engine.eos_ids)
-    stops = [StopRule(settings.max_new_tokens, eos, stop_strings(engine, task, s)) for s in samples]  # as in a run
+    stops = [StopRule(exp.run.max_new_tokens, eos, stop_strings(engine, task, s)) for s in samples]  # as in a run
+    return Workload(engine, build_methods(exp, engine), prompts, stops, eos)
+
+
+def profile(exp, method_name: str, top: int = 15) -> ProfileReport:
+    from harness.stops import StopRule
+
+    settings = exp.run
+    work = load_workload(exp)
+    engine, method, prompts, stops, eos = work.engine, work.methods[method_name], work.prompts, work.stops, work.eos
     method.generate(prompts[0], StopRule(settings.warmup_tokens, eos), seed=settings.seed)  # warm-up
     engine.start_timing()
     prof = cProfile.Profile()
@@ -129,8 +148,6 @@ class PhaseTable:
         return tabulate(body, headers=head, tablefmt="github")
 
     def as_json(self) -> dict:
-        from dataclasses import asdict
-
         return {**self.provenance, "note": PHASE_NOTE, "rows": [asdict(r) for r in self.rows]}
 
 
@@ -144,23 +161,14 @@ def profile_phases(exp, method_names: list[str]) -> PhaseTable:
 
     import torch
 
-    from harness.engine import Engine, PhaseClock
-    from harness.registry import TASKS
+    from harness.engine import PhaseClock
     from harness.results import cpu_name, git_commit, package_versions
-    from harness.runner import build_methods, encode, model_label, stop_strings
+    from harness.runner import model_label
     from harness.stops import StopRule
-    from tasks.base import render_prompt
 
     settings = exp.run
-    if settings.threads > 0:
-        torch.set_num_threads(settings.threads)
-    task = TASKS.get(exp.task.name)(exp.task)
-    samples = task.samples()
-    engine = Engine.load(exp.model)
-    methods = build_methods(exp, engine)
-    prompts = [encode(engine, render_prompt(s, 0, [], engine.tokenizer)) for s in samples]
-    eos = frozenset(engine.eos_ids)
-    stops = [StopRule(settings.max_new_tokens, eos, stop_strings(engine, task, s)) for s in samples]  # as in a run
+    work = load_workload(exp)
+    engine, methods, prompts, stops, eos = work.engine, work.methods, work.prompts, work.stops, work.eos
     load_before, git = os.getloadavg()[0], git_commit()  # the tree as the run starts
     # 1. one untimed warm-up per method; one phase clock per method, on every engine it runs
     clocks = {}
