@@ -47,7 +47,7 @@ DRAFT_ARGS = $(if $(call benched,speculative),$(GAMMA_ARG)) \
 BENCH_METHODS ?= $(if $(filter compiled,$(MODE)),$(COMPILED_METHODS),$(METHODS))
 RUN := .venv/bin/harness run --task humaneval --limit $(LIMIT) --max-new-tokens 128 run.threads=1 $(MODE_ARGS)
 
-.PHONY: vllm test-vllm vllm-tables setup bench test leaderboard leaderboard-docs report-check tables readme datastore $(TABLES)
+.PHONY: vllm test-vllm vllm-tables setup bench test profile-phases leaderboard leaderboard-docs report-check tables readme datastore $(TABLES)
 setup:
 	bash scripts/setup.sh
 
@@ -212,5 +212,15 @@ tables-buckets:
 	.venv/bin/harness leaderboard results/runs/compile-buckets/*/ --by run_dir --allow-mixed --out results/compile-buckets.md
 
 # the README's result tables, generated from results/*.md (tests/test_readme.py compares them)
+# results/profile-phases.json (docs/performance.md): each method's decode step split by phase (draft, verify,
+# tree, accept, cache, other; `harness profile --phases`, wall clocks), from a clean tree
+PHASE_METHODS := autoregressive,speculative,medusa,eagle,eagle2,eagle3,suffix,recycling,lookahead
+PHASES_OUT ?= results/profile-phases.json
+profile-phases: setup
+	ALLOW_DIRTY=$(ALLOW_DIRTY) .venv/bin/python -m harness.publish clean-tree
+	.venv/bin/harness profile --phases --methods $(PHASE_METHODS) --task humaneval task.split=$(SPLIT) --limit $(LIMIT) \
+	  --max-new-tokens 128 run.threads=1 $(MODE_ARGS) --json $(PHASES_OUT) $(ARGS)
+	$(MAKE) readme
+
 readme:
 	.venv/bin/python -m harness.publish readme

@@ -12,13 +12,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import signal
 import sys
+from pathlib import Path
 from typing import Any
 
 from harness import hydra_setup
 from harness.config import ModelConfig, RunSettings, SamplingConfig, VllmSettings
-from harness.errors import one_line
+from harness.errors import HarnessError, one_line
 from harness.paths import resolve_repo_path
 from harness.registry import METHODS, MODELS, TASKS, UnknownName
 
@@ -348,20 +350,37 @@ def cmd_check(argv: list[str]) -> int:
 
 
 def cmd_profile(argv: list[str]) -> int:
-    """harness profile --methods NAME [run flags and overrides]: where the method's time goes."""
+    """harness profile --methods NAME [run flags and overrides]: where the method's time goes;
+    with --phases, several methods' decode steps split by phase, written as JSON to --out."""
     parser = run_parser()
     parser.prog = "harness profile"
-    parser.description = "Profile one method (cProfile over its functions; nothing is written)."
+    parser.description = ("Profile one method (cProfile over its functions; nothing is written), or with --phases "
+                          "several methods' steps split into draft / verify / tree / accept / cache / other "
+                          "(wall clocks; a table on stdout and a JSON file at --out).")  # fmt: skip
     parser.add_argument("--top", type=int, default=15, help="functions to show (default 15)")
+    parser.add_argument("--phases", action="store_true", help="the per-phase table of every method in --methods")
+    parser.add_argument("--json", default="results/profile-phases.json",
+                        help="with --phases: where the table goes as JSON (default results/profile-phases.json)")
     args = parser.parse_intermixed_args(argv)
 
     def go() -> int:
         from harness.engine import quiet_transformers
-        from harness.profile import profile
+        from harness.profile import profile, profile_phases
 
         methods = method_list(args.methods)
+        if args.phases:
+            if not args.json.endswith(".json"):
+                raise HarnessError(f"--json {args.json}: the phase table is written as JSON; name a .json file")
+            quiet_transformers()
+            table = profile_phases(hydra_setup.to_experiment(compose(args)), methods)
+            out = Path(args.json)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(table.as_json(), indent=1) + "\n")
+            print(table.table())
+            print(f"wrote {out}", file=sys.stderr)
+            return 0
         if len(methods) != 1:
-            raise UnknownName(f"profile one method at a time, got {len(methods)}: --methods NAME")
+            raise UnknownName(f"profile one method at a time, got {len(methods)}: --methods NAME (or --phases)")
         quiet_transformers()
         print(profile(hydra_setup.to_experiment(compose(args)), methods[0], top=args.top).table())
         return 0

@@ -13,9 +13,10 @@ config; nothing reads a model. Definitions (a "decode step" is a target forward 
   of each request's own tokens per step. The two differ when long requests accept more (or less);
 - TTFT: generation start to the end of the prompt's forward (``Record.first_token_s``), median;
   per-token latency (TPOT): (wall - TTFT) / (new tokens - 1) per request, its p50 / p90 / p99;
-- draft / verify / host time per decode step: draft-model forwards; target forwards after the
-  prompt's; everything else in the wall time: host code, and draft heads that run outside the
-  engines' timed forwards (Medusa and EAGLE heads count here);
+- draft / verify / host time per decode step: draft forwards (a draft model's, and a method's own
+  draft heads, EAGLE, Medusa and Chimera, timed by its ``DraftClock`` like a draft model's);
+  target forwards after the prompt's; everything else in the wall time: host code. So the step
+  cost below counts a head's compute, and efficiency measures only the implementation's overhead;
 - the limit: the speedup the measured acceptance allows at the measured forward costs, host
   time ignored. For a chain with a ``gamma`` (Leviathan et al. 2023, eq. 1 with measured costs):
   E(g) / (g * t_draft + t_verify(g)) * t_1, where E(g) = 1 + sum over k <= g of joint(k), t_1 is the

@@ -16,7 +16,10 @@ the model's own modules one by one (``_layerwise_forward``), Llama-family decode
 
 Timing: between ``start_timing()`` and ``stop_timing()`` every forward's duration is
 recorded without synchronising the device inside a generation (``ForwardTimer``: the
-monotonic clock on CPU, CUDA events on a GPU, read after the generation).
+monotonic clock on CPU, CUDA events on a GPU, read after the generation). A ``DraftClock``
+times a method's own draft modules (EAGLE and Medusa heads) the same way, as draft forwards.
+With a ``PhaseClock`` attached (``harness profile --phases``), a step's host time is split by
+phase (``Engine.phase``): forwards count as ``verify`` (the target) or ``draft``.
 """
 
 from __future__ import annotations
@@ -24,7 +27,8 @@ from __future__ import annotations
 import copy
 import json
 import time
-from contextlib import contextmanager
+from collections import defaultdict
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
@@ -140,6 +144,68 @@ class ForwardTimer:
         return [self.origin.elapsed_time(end) / 1000 for _, _, end in self.marks]
 
 
+# the phases of a decoding step (``PhaseClock``); time outside all of them is "other"
+PHASES = ("draft", "verify", "tree", "accept", "cache")
+NO_PHASE = nullcontext()  # what Engine.phase returns when no phase clock is attached (reusable)
+
+
+class PhaseClock:
+    """Seconds spent in each phase of decoding, exclusive: a phase entered inside another
+    pauses the outer one (a head forward inside tree building counts as ``draft`` only).
+
+    It reads the host's monotonic clock at phase boundaries and never synchronises the device:
+    on CPU it measures where the time goes; on CUDA it measures the host's side (launches,
+    Python, host transfers), which is what a step's host work costs there.
+    """
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = defaultdict(float)  # phase -> accumulated seconds
+        self.stack: list[str] = []  # the phases entered, innermost last
+        self.since = 0.0  # when the innermost phase last started or resumed
+
+    @contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        now = time.perf_counter()
+        if self.stack:
+            self.seconds[self.stack[-1]] += now - self.since  # pause the outer phase
+        self.stack.append(name)
+        self.since = now
+        try:
+            yield
+        finally:
+            now = time.perf_counter()
+            self.seconds[self.stack.pop()] += now - self.since
+            self.since = now  # the outer phase (if any) resumes
+
+
+class DraftClock:
+    """Times a method's own draft modules (an EAGLE or Medusa head: forwards that do not run
+    through ``Engine.forward``) as draft forwards. The runner starts and stops it with the draft
+    engines' timers (``Method.draft_timers``), so the head's compute lands in the record's draft
+    time (and the step cost), not in host time; under a phase clock it is the ``draft`` phase."""
+
+    def __init__(self, engine: "Engine"):
+        self.engine = engine
+        self.timer: Optional[ForwardTimer] = None
+
+    def start_timing(self) -> None:
+        self.timer = ForwardTimer(self.engine.device)
+
+    def stop_timing(self) -> list[tuple[int, float]]:
+        timer, self.timer = self.timer, None
+        return timer.read() if timer is not None else []
+
+    @contextmanager
+    def timed(self, new_tokens: int) -> Iterator[None]:
+        """Time the block as one draft forward over ``new_tokens`` tokens (a no-op when off)."""
+        timer = self.timer
+        with self.engine.phase("draft"):
+            start = timer.begin() if timer is not None else None
+            yield
+            if timer is not None:
+                timer.end(start, new_tokens)
+
+
 LAYER_TYPES = ("full_attention", "sliding_attention")  # the attention layer types custom masks support
 
 
@@ -221,6 +287,8 @@ class Engine:
         self.forwards = 0  # forwards since creation; methods count their own per sample
         self.timer: Optional[ForwardTimer] = None  # per-forward times, between start_timing() and stop_timing()
         self.last_timer: Optional[ForwardTimer] = None  # the timer stop_timing() last read (its end_offsets)
+        self.phases: Optional[PhaseClock] = None  # per-phase host time (harness profile --phases); None = off
+        self.forward_phase = "verify"  # the phase this engine's forwards count as ("draft" for a draft model)
         self.sliding_window, self.layer_types = attention_layout(model.config)
         # model.compile=true: static KV cache + torch.compile'd forwards (harness/compiled.py); None = eager
         self.compiled = None
@@ -355,22 +423,23 @@ class Engine:
         if mask is not None and tuple(mask.shape) != (new, past + new):
             raise ValueError(f"mask must be [{new}, {past + new}], got {list(mask.shape)}")
         self.forwards += 1
-        timer = self.timer
-        start = timer.begin() if timer is not None else None
-        keep = 1 if last_only else keep_last
-        if add_embeds is not None and (layerwise or self.compiled is not None):
-            raise ValueError("added embeddings run eager forwards only; set model.compile=false")
-        if layerwise:
-            if not isinstance(hidden, bool) or hidden_all:
-                raise ValueError("layer skipping and injected rows return the last hidden state of the kept rows only")
-            out = self._layerwise_forward(ids_t, pos_t, mask.to(self.device), past, cache, skip or LayerSkip(),
-                                          inject, hidden, keep)  # fmt: skip
-        else:
-            attn = self._attention_mask(mask.to(self.device), pos_t[0], past) if mask is not None else None
-            out = self._forward(ids_t, pos_t, attn, cache, hidden, keep, hidden_all, add_embeds)
-        if timer is not None:
-            timer.end(start, new)
-        return out
+        with self.phase(self.forward_phase):  # the step's "verify" (target) or "draft" (draft model) time
+            timer = self.timer
+            start = timer.begin() if timer is not None else None
+            keep = 1 if last_only else keep_last
+            if add_embeds is not None and (layerwise or self.compiled is not None):
+                raise ValueError("added embeddings run eager forwards only; set model.compile=false")
+            if layerwise:
+                if not isinstance(hidden, bool) or hidden_all:
+                    raise ValueError("layer skipping and injected rows return the last hidden state of the kept rows only")
+                out = self._layerwise_forward(ids_t, pos_t, mask.to(self.device), past, cache, skip or LayerSkip(),
+                                              inject, hidden, keep)  # fmt: skip
+            else:
+                attn = self._attention_mask(mask.to(self.device), pos_t[0], past) if mask is not None else None
+                out = self._forward(ids_t, pos_t, attn, cache, hidden, keep, hidden_all, add_embeds)
+            if timer is not None:
+                timer.end(start, new)
+            return out
 
     def _attention_mask(self, allowed: torch.Tensor, positions: torch.Tensor, past: int):
         """The float 4-D mask transformers takes for a boolean ``[new, past + new]`` one.
@@ -522,6 +591,11 @@ class Engine:
         return ForwardOutput(logits=head(h).float(), hidden=h if hidden else None, injected=injected)
 
     # ---- timing (the runner's) ---------------------------------------------------------------
+    def phase(self, name: str):  # noqa: ANN201 (a context manager)
+        """``with engine.phase("tree"):`` counts the block as that phase of the step when a
+        ``PhaseClock`` is attached (``harness profile --phases``); otherwise costs nothing."""
+        return self.phases(name) if self.phases is not None else NO_PHASE
+
     def start_timing(self) -> None:
         """Record the duration of every forward from now on (see ForwardTimer)."""
         self.timer = ForwardTimer(self.device)

@@ -18,6 +18,7 @@ outside the blocks quotes a measured figure.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import subprocess
@@ -196,6 +197,27 @@ def headline_block(results: Path) -> str:
     return sources(files) + "\n\n" + markdown_table(head, cells)
 
 
+def phases_block(results: Path, name: str) -> str:
+    """A per-phase profile (``harness profile --phases``, make profile-phases): ms per decode step
+    of each phase, per method, with where and from which commit it was measured."""
+    path = results / name
+    if not path.is_file():
+        raise PublishError(f"results/{name} is missing; run make profile-phases (PHASES_OUT=results/{name})")
+    data = json.loads(path.read_text())
+    git = data.get("git") or {}
+    tree = "unknown tree" if git.get("dirty") is None else ("DIRTY tree" if git["dirty"] else "clean tree")
+    load = data.get("load_average_1min") or {}
+    header = (f"From `results/{name}`: model: {data['model']} | device: {data['device']} ({data['device_name']}) | "
+              f"execution: {data['execution']} | threads: {data['threads']} | {data['samples']} samples x "
+              f"{data['max_new_tokens']} tokens | load average {load.get('before', float('nan')):.1f} -> "
+              f"{load.get('after', float('nan')):.1f} | commit: {(git.get('commit') or '?')[:10]} ({tree})")  # fmt: skip
+    columns = ["draft", "verify", "tree", "accept", "cache", "other"]
+    rows = [[r["method"], f"{r['tokens_per_step']:.2f}", *(f"{r['ms_per_step'][c]:.2f}" for c in columns),
+             f"{r['wall_ms_per_step']:.2f}"] for r in data["rows"]]  # fmt: skip
+    head = ["method", "tokens per step", *(f"{c} ms" for c in columns), "wall ms per step"]
+    return header + "\n\n" + markdown_table(head, rows)
+
+
 BLOCKS = {  # block name -> its table, from the results directory
     "headline": headline_block,  # the README's excerpt
     "leaderboard": methods_block,
@@ -207,6 +229,8 @@ BLOCKS = {  # block name -> its table, from the results directory
     "speculative-tree": lambda results: sweep_block(results, "speculative-tree.md", "speculative", "speculative-tree"),
     "spec-bench-docs": lambda results: category_block(results, "leaderboard-docs.md"),
     "modes": modes_block,  # eager vs compiled execution (make bench MODE=compiled)
+    "profile-phases": lambda results: phases_block(results, "profile-phases.json"),  # make profile-phases
+    "profile-phases-before": lambda results: phases_block(results, "profile-phases-before.json"),
 }
 
 

@@ -97,7 +97,7 @@ class Record:
     wall_time_s: float
     forward_time_s: float  # time inside model forwards (target and draft, execution layer), within wall_time_s
     prefill_time_s: Optional[float]  # the first target forward (the prompt); None if no forward was timed
-    draft_forward_time_s: float  # time inside draft-model forwards
+    draft_forward_time_s: float  # time inside draft forwards (a draft model's, or a method's own draft heads)
     verify_tokens: int  # tokens fed to the target after prefill (sum of chunk sizes)
     peak_memory_bytes: Optional[int]  # peak CUDA allocation, or peak process RSS on CPU, during the generation
     target_forwards: int

@@ -425,16 +425,16 @@ def run_one(
     The device is synchronised only before and after the generation; per-forward times come
     from the engines' timers (CUDA events on a GPU, read after the generation).
     """
-    engines = [engine] + method.draft_engines()
+    timers = [engine] + method.draft_timers()  # the target, then draft engines and draft heads
     engine.reset_peak_memory()
-    for e in engines:
-        e.start_timing()
+    for t in timers:
+        t.start_timing()
     try:
         start = engine.clock()
         gen = generate(method, prompt_ids, stop, seed, reference_ids)
         wall = engine.clock() - start
     finally:
-        target_log, *draft_logs = [e.stop_timing() for e in engines]
+        target_log, *draft_logs = [t.stop_timing() for t in timers]
     peak = engine.peak_memory_bytes()
     ends = engine.last_timer.end_offsets() if target_log else []  # from the same timer, no extra sync
     draft_log = [entry for log in draft_logs for entry in log]

@@ -221,7 +221,8 @@ class ChainVerifier(Verifier):
             ids = [self.seq[-1], *draft]
         logits = self.engine.forward(ids, self.cache, last_only=len(draft) == 0).logits
         accepted = self.accept(draft, logits, q)
-        self.cache.truncate(len(self.seq) - 1)
+        with self.engine.phase("cache"):
+            self.cache.truncate(len(self.seq) - 1)
         return accepted
 
     def accept(self, draft: Draft, logits: torch.Tensor, q: Optional[torch.Tensor] = None) -> int:
@@ -229,11 +230,12 @@ class ChainVerifier(Verifier):
         rows for ``[seq[-1], d_1..d_g]``. Commits the accepted prefix and one target token
         (stop rules applied) and returns how many draft tokens were committed; the cache is
         the caller's to roll back."""
-        if self.sampling.do_sample:
-            tokens = self.sample(draft, probabilities(logits, self.sampling), q)
-        else:
-            tokens = greedy_accept(draft, logits)
-        accepted = min(self._commit(tokens), len(tokens) - 1)
+        with self.engine.phase("accept"):
+            if self.sampling.do_sample:
+                tokens = self.sample(draft, probabilities(logits, self.sampling), q)
+            else:
+                tokens = greedy_accept(draft, logits)
+            accepted = min(self._commit(tokens), len(tokens) - 1)
         g = len(draft)
         self.proposal_lengths.append(g)
         self._count(g, accepted)

@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 
 from harness.config import MethodConfig, SamplingConfig
-from harness.engine import Engine
+from harness.engine import DraftClock, Engine
 from harness.stops import StopRule
 
 
@@ -101,6 +101,12 @@ class Method:
     def draft_engines(self) -> list[Engine]:
         """Engines other than the target that this method runs (a draft model), for timing."""
         return []
+
+    def draft_timers(self) -> list[Engine | DraftClock]:
+        """What the runner times as draft forwards: the draft engines, and the ``DraftClock`` of
+        a method that runs its own draft module (an EAGLE or Medusa head). Each has
+        ``start_timing()`` and ``stop_timing() -> [(new tokens, seconds)]``."""
+        return list(self.draft_engines())
 
     def reset(self) -> None:
         """Forget what earlier ``generate`` calls taught this object (state kept across the

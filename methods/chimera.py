@@ -27,7 +27,7 @@ import torch
 
 from harness.config import MethodConfig, SamplingConfig
 from harness.drafters.chimera import ChimeraDrafter, load_drafter
-from harness.engine import Engine
+from harness.engine import DraftClock, Engine
 from harness.kvcache import KVCache
 from harness.paths import resolve_repo_path
 from harness.stops import StopRule
@@ -89,6 +89,10 @@ class Chimera(Method):
         self.tree = build_tree(tree_choices(cfg), str(engine.device))
         if self.tree.max_depth > drafter.num_heads:
             raise TreeError(f"the tree is {self.tree.max_depth} deep but the Chimera drafter has {drafter.num_heads} heads")
+        self.clock = DraftClock(engine)  # the drafter's forwards are the step's draft forwards
+
+    def draft_timers(self) -> list[Engine | DraftClock]:
+        return [self.clock]
 
     def generate(self, prompt_ids: list[int], stop: StopRule, seed: int = 0) -> Generation:
         return self.loop(prompt_ids, stop, seed)[0]
@@ -106,11 +110,13 @@ class Chimera(Method):
         context = ContextState(self.drafter, verifier.prefill().hidden)
         while not verifier.done:
             # 2. the drafter's top-k per head at the root fill the tree's nodes
-            tokens = self.candidates(verifier.seq, context)
+            with self.engine.phase("tree"):
+                tokens = self.candidates(verifier.seq, context)
             # 3. one target forward over the tree, acceptance, commit, cache compaction
             step = verifier.verify(DraftTree(tokens, self.tree.shape.parents))
             # 4. the kept nodes' states (root + accepted) join the drafter's context
-            context.extend(step.hidden)
+            with self.clock.timed(len(step.hidden)):
+                context.extend(step.hidden)
         extra = {"tree": "custom" if self.cfg.choices else self.cfg.tree, "tree_size": self.tree.size,
                  "tree_depth": self.tree.max_depth}  # fmt: skip
         return verifier.result(extra=extra), verifier.cache
@@ -121,6 +127,7 @@ class Chimera(Method):
         last = seq[-n:]
         last = [last[0]] * (n - len(last)) + last  # the first token repeated before the start
         embeds = self.embed(torch.tensor(last, device=self.engine.device))  # [ngram, H]
-        logits = self.lm_head(context.head_states(embeds)[: self.tree.max_depth])  # [depth, V]
+        with self.clock.timed(1):
+            logits = self.lm_head(context.head_states(embeds)[: self.tree.max_depth])  # [depth, V]
         top = torch.topk(logits, self.tree.top_k, dim=-1).indices.flatten()
         return torch.cat((top.new_tensor([seq[-1]]), top[self.tree.gather]))

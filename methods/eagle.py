@@ -33,8 +33,8 @@ from typing import Optional
 import torch
 
 from harness.config import MethodConfig, SamplingConfig
-from harness.drafters.eagle import EagleHead, EagleHeadError, HeadCache, load_head
-from harness.engine import Engine, ForwardOutput
+from harness.drafters.eagle import DecodingHeadCache, EagleHead, EagleHeadError, load_head
+from harness.engine import DraftClock, Engine, ForwardOutput
 from harness.stops import StopRule
 from methods.base import EAGLE_HEAD, Generation, Method, make_generator, probabilities
 from methods.tree import DraftTree, TreeError, TreeVerifier
@@ -89,12 +89,14 @@ class HeadDrafter:
     committed pair. Every other node ``i`` is the pair (output of parent(i), token of i).
     """
 
-    def __init__(self, head: EagleHead, engine: Engine):
+    def __init__(self, head: EagleHead, engine: Engine, clock: Optional[DraftClock] = None):
         self.head = head
+        self.engine = engine
+        self.clock = clock or DraftClock(engine)  # times the head's forwards (and its logits) as draft forwards
         self.embed = engine.model.get_input_embeddings()
         self.lm_head = engine.model.get_output_embeddings()
         self.device = engine.device
-        self.cache = HeadCache()
+        self.cache = DecodingHeadCache()  # rolled back by moving its length, not rebuilt
         self.pending: list[tuple[torch.Tensor, list[int]]] = []  # (features [k, F], next tokens [k])
         self.forwards = 0  # head forwards in this generation
         # the tree being drafted
@@ -102,7 +104,7 @@ class HeadDrafter:
         self.parents: list[int] = []
         self.depth: list[int] = []
         self.out: dict[int, torch.Tensor] = {}  # node -> head output [h]
-        self.slots: list[int] = []  # nodes whose pair is in the cache after the committed pairs, in order
+        self.clear_slots()  # the drafted nodes whose pairs are in the cache (none yet)
 
     # ---- committed pairs -----------------------------------------------------------------
     def add(self, features: torch.Tensor, tokens: list[int]) -> None:
@@ -122,12 +124,15 @@ class HeadDrafter:
             raise RuntimeError("the pending pairs must end with the root token")
         past = len(self.cache)
         pos = torch.arange(past, past + len(ids), device=self.device)
-        out = self.head(feats[None], torch.tensor([ids], device=self.device), self.embed, pos, self.cache)[0]
+        with self.clock.timed(len(ids)):
+            out = self.head(feats[None], torch.tensor([ids], device=self.device), self.embed, pos, self.cache)[0]
+            logits = self.logits(out[-1:])[0]
         self.forwards += 1
         self.pending = []
-        self.tokens, self.parents, self.depth, self.slots = [root], [-1], [0], []
+        self.tokens, self.parents, self.depth = [root], [-1], [0]
+        self.clear_slots()
         self.out = {0: out[-1]}
-        return self.logits(out[-1:])[0]
+        return logits
 
     def logits(self, out: torch.Tensor) -> torch.Tensor:
         return self.head.target_logits(out, self.lm_head).float()
@@ -139,13 +144,6 @@ class HeadDrafter:
         self.depth.append(self.depth[parent] + 1)
         return len(self.tokens) - 1
 
-    def ancestors(self, node: int) -> set[int]:
-        seen = set()
-        while node > 0:
-            seen.add(node)
-            node = self.parents[node]
-        return seen
-
     def expand(self, nodes: list[int]) -> torch.Tensor:
         """Run the head on ``nodes`` (one forward): each reads its parent's output and its own
         token at position root + depth and sees the committed pairs, its drafted ancestors and
@@ -154,24 +152,45 @@ class HeadDrafter:
         feats = torch.stack([self.out[self.parents[n]] for n in nodes])[None]
         ids = torch.tensor([[self.tokens[n] for n in nodes]], device=self.device)
         pos = torch.tensor([committed - 1 + self.depth[n] for n in nodes], device=self.device)
-        mask = torch.zeros(len(nodes), len(self.cache) + len(nodes), dtype=torch.bool, device=self.device)
-        mask[:, :committed] = True
-        for row, n in enumerate(nodes):
-            above = self.ancestors(n)
-            for j, slot in enumerate(self.slots):
-                mask[row, committed + j] = slot in above
-            mask[row, len(self.cache) + row] = True
-        out = self.head(feats, ids, self.embed, pos, self.cache, mask)[0]
+        mask = torch.ones(len(nodes), len(self.cache) + len(nodes), dtype=torch.bool, device=self.device)
+        mask[:, committed:] = self.tree_rows(nodes)  # the committed pairs, then the drafted slots
+        with self.clock.timed(len(nodes)):
+            out = self.head(feats, ids, self.embed, pos, self.cache, mask)[0]
+            logits = self.logits(out)
         self.forwards += 1
-        self.slots.extend(nodes)
         for row, n in enumerate(nodes):
             self.out[n] = out[row]
-        return self.logits(out)
+        return logits
+
+    def tree_rows(self, nodes: list[int]) -> torch.Tensor:
+        """The tree part of ``nodes``' mask, [len(nodes), len(slots) + len(nodes)]: a node sees
+        what its parent's pair saw (the parent's slot row, which ends with the parent itself) and
+        itself; a child of the root sees no drafted slot. Also makes ``nodes`` the next slots.
+        Built as Python lists and turned into one tensor: a few bools per row, where a tensor
+        operation per row or per element would cost more than the whole list."""
+        total = len(self.slots) + len(nodes)
+        rows = []
+        for n in nodes:
+            parent = self.slot_of.get(self.parents[n])  # None: the root (a committed pair, not a slot)
+            seen = self.slot_rows[parent] if parent is not None else []
+            slot = len(self.slots)
+            row = seen + [False] * (slot - len(seen)) + [True]  # ancestors' slots, then itself
+            self.slot_of[n] = slot
+            self.slots.append(n)
+            self.slot_rows.append(row)
+            rows.append(row + [False] * (total - len(row)))
+        return torch.tensor(rows, dtype=torch.bool, device=self.device)
+
+    def clear_slots(self) -> None:
+        self.slots: list[int] = []  # nodes whose pair is in the cache after the committed pairs, in order
+        self.slot_of: dict[int, int] = {}  # node -> its index in ``slots``
+        self.slot_rows: list[list[bool]] = []  # per slot: the slots its pair saw (drafted ancestors, itself)
 
     def finish(self, q: Optional[torch.Tensor] = None) -> DraftTree:
         """The drafted tree; the head's cache goes back to the committed pairs."""
-        self.cache.truncate(len(self.cache) - len(self.slots))
-        self.slots = []
+        with self.engine.phase("cache"):
+            self.cache.truncate(len(self.cache) - len(self.slots))
+        self.clear_slots()
         return DraftTree(torch.tensor(self.tokens), tuple(self.parents), q)
 
 
@@ -220,6 +239,10 @@ class Eagle(Method):
         self.head = head.to(device=engine.device, dtype=engine.dtype).eval()
         # what the verifier returns per node: the last hidden state (v1) or the fused layers (v3)
         self.features: bool | tuple[int, ...] = True if head.config.version == 1 else head.config.fused_layers
+        self.clock = DraftClock(engine)  # the head's forwards are the step's draft forwards
+
+    def draft_timers(self) -> list[Engine | DraftClock]:
+        return [self.clock]
 
     def check_settings(self) -> None:
         cfg = self.cfg
@@ -240,13 +263,14 @@ class Eagle(Method):
     def generate(self, prompt_ids: list[int], stop: StopRule, seed: int = 0) -> Generation:
         self.check_context(len(prompt_ids), stop)
         verifier = self.verifier_class(self.engine, self.sampling, stop, prompt_ids, seed, hidden=self.features)
-        drafter = HeadDrafter(self.head, self.engine)
+        drafter = HeadDrafter(self.head, self.engine, self.clock)
         draw = make_generator(seed + 7919, self.engine.device) if self.sampling.do_sample else None  # the draft's own draws
         # 1. prefill: the prompt's features, paired with the tokens after them (prompt[1:] + the first token)
         drafter.add(verifier.prefill().hidden, verifier.seq[1:])
         while not verifier.done:
             # 2. the head drafts a tree as deep as the output still has room for
-            tree = self.propose(drafter, verifier.seq[-1], min(self.max_depth, verifier.room()), draw)
+            with self.engine.phase("tree"):  # its head forwards inside count as "draft"
+                tree = self.propose(drafter, verifier.seq[-1], min(self.max_depth, verifier.room()), draw)
             # 3. one target forward over the tree, acceptance, commit, cache compaction
             step = verifier.verify(tree)
             # 4. kept nodes' target features + the tokens committed after them: the next pairs

@@ -30,7 +30,7 @@ from typing import Optional
 import torch
 
 from harness.config import MethodConfig, SamplingConfig
-from harness.engine import Engine
+from harness.engine import DraftClock, Engine
 from harness.kvcache import KVCache
 from harness.paths import resolve_repo_path
 from harness.stops import StopRule
@@ -154,6 +154,10 @@ class Medusa(Method):
         if self.tree.max_depth > heads.num_heads:
             raise TreeError(f"the tree is {self.tree.max_depth} deep but there are only {heads.num_heads} Medusa heads")
         self.mode = cfg.acceptance if sampling.do_sample else "greedy"
+        self.clock = DraftClock(engine)  # the heads' forwards are the step's draft forwards
+
+    def draft_timers(self) -> list[Engine | DraftClock]:
+        return [self.clock]
 
     def generate(self, prompt_ids: list[int], stop: StopRule, seed: int = 0) -> Generation:
         return self.loop(prompt_ids, stop, seed)[0]
@@ -173,7 +177,8 @@ class Medusa(Method):
         hidden = verifier.prefill().hidden[-1:]
         while not verifier.done:
             # 2. node tokens: the root, then the heads' top-k at the last committed position
-            tokens = self.candidates(verifier.seq[-1], hidden)
+            with self.engine.phase("tree"):
+                tokens = self.candidates(verifier.seq[-1], hidden)
             # 3. one target forward over the whole tree, acceptance, commit, cache compaction
             step = verifier.verify(DraftTree(tokens, self.tree.shape.parents), accept)
             # 4. the last kept node's hidden state predicted the last committed token: the heads' next input
@@ -189,7 +194,9 @@ class Medusa(Method):
     # ---- the phases of a step --------------------------------------------------------
     def candidates(self, root: int, hidden: torch.Tensor) -> torch.Tensor:
         """Token of every tree node: [root, then heads' top-k picked by (depth, rank)]."""
-        return node_tokens(self.tree, root, self.heads(hidden)[:, -1])
+        with self.clock.timed(1):
+            logits = self.heads(hidden)[:, -1]
+        return node_tokens(self.tree, root, logits)
 
     def typical(self, tree: DraftTree, shape: TreeShape, logits: torch.Tensor, gen) -> tuple[list[int], list[int]]:
         """Upstream's typical acceptance (lossy): accept a node when its probability under

@@ -181,11 +181,13 @@ class TreeVerifier(Verifier):
         keeps prefix + accepted nodes in the cache. ``accept`` replaces the lossless rules
         (a method's own lossy mode, e.g. Medusa's typical acceptance). ``inject``: rows that
         join the forward (built for this cache length and tree; never kept in the cache)."""
-        shape = tree_shape(tuple(tree.parents), str(self.engine.device))
-        past = len(self.cache)
-        prefix = torch.ones(shape.size, past, dtype=torch.bool, device=shape.mask.device)
-        res = self.engine.forward(tree.tokens, self.cache, positions=shape.depth + past,
-                                  mask=torch.cat((prefix, shape.mask), dim=1), hidden=self.hidden, inject=inject)  # fmt: skip
+        with self.engine.phase("tree"):  # the tree's positions and mask over the cache
+            shape = tree_shape(tuple(tree.parents), str(self.engine.device))
+            past = len(self.cache)
+            prefix = torch.ones(shape.size, past, dtype=torch.bool, device=shape.mask.device)
+            mask = torch.cat((prefix, shape.mask), dim=1)
+        res = self.engine.forward(tree.tokens, self.cache, positions=shape.depth + past, mask=mask, hidden=self.hidden,
+                                  inject=inject)  # fmt: skip
         self.output = res  # an ``accept`` rule that reads the nodes' hidden states finds them here
         return self.accept(tree, res, accept=accept)
 
@@ -194,22 +196,24 @@ class TreeVerifier(Verifier):
         """Acceptance, commit and cache compaction for a tree the caller's forward ran: the
         cache holds ``seq[:-1]`` and then every row of ``output``; node i's row is ``rows[i]``
         (None: row i). Keeps prefix + the accepted nodes' rows in the cache."""
-        shape = tree_shape(tuple(tree.parents), str(self.engine.device))
-        past = len(self.seq) - 1
-        logits = output.logits
-        if rows is not None:
-            logits = logits.index_select(0, torch.as_tensor(rows, device=logits.device))
-        if accept is not None:
-            nodes, new = accept(tree, shape, logits, self.gen)
-        elif self.sampling.do_sample:
-            nodes, new = self._sample_walk(tree, shape, probabilities(logits, self.sampling))
-        else:
-            nodes, new = self._greedy_walk(tree, shape, logits)
-        committed = self._commit(new)  # a stop inside the path cuts it
-        drafted = min(committed, len(new) - 1)
-        kept = nodes[:committed]  # the nodes before each committed token
-        kept_rows = kept if rows is None else [rows[n] for n in kept]
-        self.cache.keep(torch.cat((torch.arange(past), torch.tensor(kept_rows, dtype=torch.long) + past)))
+        with self.engine.phase("accept"):
+            shape = tree_shape(tuple(tree.parents), str(self.engine.device))
+            past = len(self.seq) - 1
+            logits = output.logits
+            if rows is not None:
+                logits = logits.index_select(0, torch.as_tensor(rows, device=logits.device))
+            if accept is not None:
+                nodes, new = accept(tree, shape, logits, self.gen)
+            elif self.sampling.do_sample:
+                nodes, new = self._sample_walk(tree, shape, probabilities(logits, self.sampling))
+            else:
+                nodes, new = self._greedy_walk(tree, shape, logits)
+            committed = self._commit(new)  # a stop inside the path cuts it
+            drafted = min(committed, len(new) - 1)
+            kept = nodes[:committed]  # the nodes before each committed token
+            kept_rows = kept if rows is None else [rows[n] for n in kept]
+        with self.engine.phase("cache"):  # compaction: prefix + the accepted nodes' rows
+            self.cache.keep(torch.cat((torch.arange(past), torch.tensor(kept_rows, dtype=torch.long) + past)))
         self.tree_sizes.append(shape.size)
         self._count(shape.max_depth, drafted)
         return TreeStep(kept, new[:committed], output, nodes[1 : drafted + 1], None if rows is None else list(rows))

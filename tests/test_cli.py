@@ -298,6 +298,30 @@ def test_profile_reports_phases_and_forward_counts(model_dir, prompts, capsys):
     assert "one method at a time" in capsys.readouterr().err
 
 
+def test_profile_phases_writes_a_table_per_method(model_dir, prompts, tmp_path, capsys):
+    """--phases: one row per method, step counts from the generations (autoregressive: one step
+    per token after the first), the phases and the prompt's forward adding up to the wall time,
+    the provenance header; a JSON path that is not .json is refused in one line."""
+    import json
+
+    out = tmp_path / "phases.json"
+    args = ["profile", "--phases", "--model", str(model_dir), "--task", "jsonl", f"task.path={prompts}", "--limit", "2",
+            "--max-new-tokens", "5", "--methods", "autoregressive,prompt-lookup", "--json", str(out)]  # fmt: skip
+    assert main(args) == 0
+    data = json.loads(out.read_text())
+    assert [r["method"] for r in data["rows"]] == ["autoregressive", "prompt-lookup"]
+    ar = data["rows"][0]
+    assert ar["steps"] == ar["tokens"] - data["samples"] and ar["samples"] == 2
+    assert ar["ms_per_step"]["draft"] == ar["ms_per_step"]["tree"] == 0.0
+    for row in data["rows"]:
+        total = sum(row["ms_per_step"].values()) + row["prefill_ms_per_step"]
+        assert abs(total - row["wall_ms_per_step"]) < 1e-6 * max(1.0, row["wall_ms_per_step"])
+    assert {"git", "device_name", "threads", "load_average_1min"} <= set(data)
+    assert "| autoregressive" in capsys.readouterr().out
+    assert main([*args[:-1], str(tmp_path / "phases.txt")]) == 2
+    assert "name a .json file" in capsys.readouterr().err
+
+
 def test_quiet_turns_the_progress_bar_off():
     from harness.cli import flag_overrides, run_parser
 

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from harness.config import SamplingConfig
-from harness.drafters.eagle import (EagleHead, EagleHeadConfig, EagleHeadError, HeadCache, default_fused_layers, load_head,
-                                    save_head, vocab_map)  # fmt: skip
+from harness.drafters.eagle import (DecodingHeadCache, EagleHead, EagleHeadConfig, EagleHeadError, HeadCache,
+                                    default_fused_layers, load_head, save_head, vocab_map)  # fmt: skip
 from harness.engine import Engine
 from harness.stops import StopRule
 from methods.autoregressive import Autoregressive, AutoregressiveConfig
@@ -153,6 +153,66 @@ def test_head_cache_keep_and_truncate():
     assert len(cache) == 1
     with pytest.raises(ValueError):
         cache.truncate(3)
+
+
+def test_decoding_head_cache_rolls_back_by_length_and_grows():
+    """The decoding cache agrees with HeadCache through appends past its capacity, keep and
+    truncate; a truncate moves the length only (the buffer is the same object, not rebuilt)."""
+    plain, fast = HeadCache(), DecodingHeadCache()
+    for step in range(5):  # 5 x 20 entries: past the first buffer's 64
+        keys = torch.arange(20.0).view(1, 1, 20, 1) + 100 * step
+        for cache in (plain, fast):
+            k, v = cache.append(0, keys, keys + 0.5)
+        assert torch.equal(k, plain.keys[0]) and torch.equal(v, plain.values[0])
+    assert len(fast) == 100 and fast.keys[0].shape[2] >= 100
+    buffer = fast.keys[0]
+    for cache in (plain, fast):
+        cache.truncate(90)
+    assert fast.keys[0] is buffer and len(fast) == 90
+    for cache in (plain, fast):
+        cache.keep([0, 5, 89])
+    assert fast.layer(0)[0].flatten().tolist() == plain.keys[0].flatten().tolist() == [0, 5, 409]
+    assert fast.layer(0)[1].flatten().tolist() == [0.5, 5.5, 409.5]
+    with pytest.raises(ValueError):
+        fast.truncate(4)
+
+
+@pytest.mark.parametrize("make", [lambda e, v1, v3: Eagle(EagleConfig(), e, GREEDY, head=v1),
+                                  lambda e, v1, v3: Eagle2(Eagle2Config(), e, GREEDY, head=v1),
+                                  lambda e, v1, v3: Eagle3(Eagle3Config(), e, GREEDY, head=v3)])  # fmt: skip
+def test_head_forwards_are_timed_as_draft_forwards(engine, make):
+    """The runner times Method.draft_timers(): every head forward is one timed draft call (so the
+    step cost counts it), and none lands on the target's timer, which times prefill + verifies."""
+    method = make(engine, random_head(engine, 1), random_head(engine, 3, seed=2))
+    (clock,) = method.draft_timers()
+    engine.start_timing()
+    clock.start_timing()
+    gen = method.generate(PROMPTS[1], StopRule(12, frozenset()))
+    drafts, targets = clock.stop_timing(), engine.stop_timing()
+    assert len(drafts) == gen.draft_forwards > 0
+    assert len(targets) == gen.target_forwards
+    assert all(seconds >= 0 for _, seconds in drafts)
+
+
+def test_phase_clock_splits_a_step_exclusively(engine):
+    """With a PhaseClock attached, every phase a tree step names is entered, nested phases pause
+    the outer one (a head forward inside tree building is draft only), and the phases never add
+    up to more than the wall time; detached, nothing is recorded."""
+    from harness.engine import PHASES, PhaseClock
+
+    method = Eagle2(Eagle2Config(), engine, GREEDY, head=random_head(engine, 1))
+    clock = PhaseClock()
+    engine.phases = clock
+    try:
+        start = engine.clock()
+        method.generate(PROMPTS[1], StopRule(12, frozenset()))
+        wall = engine.clock() - start
+    finally:
+        engine.phases = None
+    assert set(clock.seconds) == set(PHASES) and not clock.stack
+    assert sum(clock.seconds.values()) <= wall
+    method.generate(PROMPTS[1], StopRule(12, frozenset()))
+    assert sum(clock.seconds.values()) <= wall  # detached: unchanged
 
 
 # ---- released formats, strictly -------------------------------------------------------------------

@@ -171,6 +171,18 @@ def test_stops_inside_an_accepted_path(engine):
     assert gen.accepted_per_step == [1, 4, at + 1 - 5]
 
 
+def test_heads_are_timed_as_draft_forwards(engine):
+    """The runner times Method.draft_timers(): one timed draft call per decode step (the heads run
+    once per step), none on the target's timer beyond the prefill and the verifies."""
+    m = medusa(engine, random_heads(engine), tree="small")
+    (clock,) = m.draft_timers()
+    engine.start_timing()
+    clock.start_timing()
+    gen = m.generate(PROMPTS[1], StopRule(max_new_tokens=12))
+    drafts, targets = clock.stop_timing(), engine.stop_timing()
+    assert len(targets) == gen.target_forwards and len(drafts) == gen.target_forwards - 1 > 0
+
+
 # ---- sampling modes -----------------------------------------------------------------------
 def test_sampling_modes_run_and_are_labelled(engine):
     sampling = SamplingConfig(do_sample=True, temperature=0.8)

@@ -77,6 +77,27 @@ def test_a_block_follows_its_file(tmp_path):
         render_readme(text, results)
 
 
+def test_phase_blocks_follow_their_files(tmp_path):
+    """docs/performance.md's per-phase tables: one figure edited in a copy of the stored profile
+    changes that cell only; the header names the commit and the tree; a missing file is refused."""
+    import json
+
+    results = tmp_path / "results"
+    shutil.copytree(RESULTS, results)
+    text = (REPO_ROOT / "docs" / "performance.md").read_text()
+    assert {"profile-phases", "profile-phases-before"} <= set(BEGIN.findall(text))
+    path = results / "profile-phases.json"
+    data = json.loads(path.read_text())
+    data["rows"][0]["ms_per_step"]["verify"] = 123.456
+    path.write_text(json.dumps(data))
+    new = render_readme(text, results)
+    changed = [line for line in new.splitlines() if line.startswith(f"| {data['rows'][0]['method']} ") and "| 123.46 |" in line]
+    assert len(changed) == 1 and "(clean tree)" in new
+    path.unlink()
+    with pytest.raises(PublishError, match="profile-phases.json is missing"):
+        render_readme(text, results)
+
+
 def test_blocks_carry_the_repetition_column_and_the_commit_of_a_fresh_leaderboard(model_dir, tmp_path):
     """End to end: a run, its leaderboard written as results/ would hold it, the README block."""
     import json

@@ -259,6 +259,59 @@ class HeadCache:
         self.values = [v.index_select(2, idx.to(v.device)) for v in self.values]
 
 
+class DecodingHeadCache(HeadCache):
+    """The head's cache while decoding (no autograd): each layer's keys and values live in a
+    buffer ``[B, kv_heads, capacity, head_dim]`` grown by doubling, of which the first
+    ``len(self)`` entries are valid. ``append`` writes the new entries in place, ``truncate``
+    (dropping a drafted tree's entries every step) only moves the length, ``keep`` moves the
+    kept entries to the front: nothing is rebuilt per step. Training keeps ``HeadCache``, whose
+    concatenations autograd can follow."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lengths: list[int] = []  # valid entries per layer (a forward appends layer by layer)
+
+    def __len__(self) -> int:
+        return self.lengths[0] if self.lengths else 0
+
+    def append(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        new = keys.shape[2]
+        if layer == len(self.keys):  # the layer's first entries: a buffer with room to grow
+            self.keys.append(keys.new_empty(*keys.shape[:2], max(2 * new, 64), keys.shape[3]))
+            self.values.append(values.new_empty(*values.shape[:2], max(2 * new, 64), values.shape[3]))
+            self.lengths.append(0)
+        start = self.lengths[layer]
+        if start + new > self.keys[layer].shape[2]:  # full: double the capacity, keep the valid entries
+            for buffers in (self.keys, self.values):
+                old = buffers[layer]
+                grown = old.new_empty(*old.shape[:2], 2 * (start + new), old.shape[3])
+                grown[:, :, :start] = old[:, :, :start]
+                buffers[layer] = grown
+        self.keys[layer][:, :, start : start + new] = keys
+        self.values[layer][:, :, start : start + new] = values
+        self.lengths[layer] = start + new
+        return self.keys[layer][:, :, : start + new], self.values[layer][:, :, : start + new]
+
+    def truncate(self, length: int) -> None:
+        if length > len(self):
+            raise ValueError(f"cannot truncate a head cache of {len(self)} entries to {length}")
+        self.lengths = [min(n, length) for n in self.lengths]
+
+    def keep(self, indices: Sequence[int] | torch.Tensor) -> None:
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        if idx.numel() and (idx.min() < 0 or idx.max() >= len(self)):
+            raise ValueError(f"keep() indices must be in [0, {len(self)}), got {idx.tolist()}")
+        for buffers in (self.keys, self.values):
+            for buffer in buffers:
+                buffer[:, :, : idx.numel()] = buffer.index_select(2, idx.to(buffer.device))
+        self.lengths = [idx.numel()] * len(self.lengths)
+
+    def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The valid keys and values of layer ``index``."""
+        n = self.lengths[index]
+        return self.keys[index][:, :, :n], self.values[index][:, :, :n]
+
+
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
@@ -757,7 +810,7 @@ def describe(cfg: EagleHeadConfig) -> dict:
 
 
 __all__ = [
-    "EagleHead", "EagleHeadConfig", "EagleHeadError", "HeadCache", "default_fused_layers", "describe",
+    "DecodingHeadCache", "EagleHead", "EagleHeadConfig", "EagleHeadError", "HeadCache", "default_fused_layers", "describe",
     "load_head", "released_config", "save_head", "target_features", "vocab_map",
 ]  # fmt: skip
 
