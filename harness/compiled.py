@@ -25,14 +25,28 @@ changes underneath:
   graph on the rows asked for (the last one when decoding), which also gives Medusa its
   hidden state for free. After a shape's first call only the guards that tell the graphs
   apart are checked (``_call``): dynamo's full check costs more than a small model's step.
+* **Chosen layers, skipped sublayers, injected rows.** A forward that returns chosen layers'
+  hidden states (EAGLE-3's features) runs ``_decode_fused``: the decoder's own modules called in
+  order inside one graph, the selection a fixed tuple, so one graph per bucket and selection. A
+  layer-skipping forward (SWIFT) or one with injected rows (Hidden Transfer, FIRP) calls the
+  sublayers it keeps one by one (``sublayer``), each its own graph per bucket: every skip set
+  SWIFT's search tries reuses the same 2 x layers graphs per bucket, where one whole-model graph
+  per skip set would compile again for every set a generation scores (and a gated whole-model
+  graph that keeps shapes static would run every sublayer, so the draft would cost a full
+  forward). The price is a graph call per sublayer instead of one per forward. Llama-family
+  decoders only (the engine's ``SKIPPABLE``), as in eager mode.
 * **Warm-up.** ``warm_up()`` compiles every bucket (the runner calls it before timing);
-  ``graphs`` counts what each engine compiled, ``compile_count()`` what the process did.
+  ``graphs`` counts what each engine compiled, ``compile_count()`` what the process did. The
+  fused and sublayer graphs are compiled for what a method's warm-up generation ran (every
+  bucket of each selection; every sublayer at each bucket layer-skipping forwards used).
 
 The CUDA branch (``mode="reduce-overhead"``, ``cudagraph_mark_step_begin``, the output
 cloned before the next replay) follows PyTorch's documented CUDA-graph rules but has not
 been run here (the project's machine has no GPU).
 
-Limits: models with sliding-window layers are refused (a static sliding layer cannot roll
+Limits: transformers' output-capturing hooks (installed on a model once an eager forward asked it
+for ``output_hidden_states``) are not traced by the module-by-module graphs: compile a model that
+has not run such a forward in this process. Models with sliding-window layers are refused (a static sliding layer cannot roll
 back), and so are models whose causal-LM head post-processes logits (soft-capping, a
 logit scale), because the head runs here as the plain output projection.
 """
@@ -162,6 +176,7 @@ class CompiledForward:
         options = compile_options(device)
         self._step = torch.compile(self._decode, **options)
         self._fused_step = torch.compile(self._decode_fused, **options)  # one graph per bucket and selection
+        self.heads: dict[int, "CompiledHead"] = {}  # draft heads on this compiled path, by id of the module
         self._sublayer_steps = {"attn": torch.compile(self._attention_step, **options),  # one graph per
                                 "mlp": torch.compile(self._mlp_step, **options)}  # layer and bucket  # fmt: skip
 
@@ -291,6 +306,10 @@ class CompiledForward:
             with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
                 out = step(*args)
         else:
+            if key[0] != "decode" and any(layer._forward_hooks for layer in self.decoder.layers):
+                raise CompileSetupError("this model carries transformers' output-capturing hooks (an eager forward "
+                                        "asked it for output_hidden_states), which the compiled module-by-module "
+                                        "forwards cannot trace; load the model afresh for model.compile=true")  # fmt: skip
             before = compile_count()
             out = step(*args)
             self.graphs += compile_count() - before
@@ -391,8 +410,137 @@ class CompiledForward:
                 for index in range(len(cache.inner.layers)):
                     for kind in SUBLAYERS:
                         self.sublayer(kind, index, h, self._mask(0, None, bucket), positions, rotary, cache, 0)
+        for head in self.heads.values():
+            head.warm_up()
         return self.graphs - before
+
+    def draft_head(self, head: torch.nn.Module, embed: torch.nn.Module) -> "CompiledHead":
+        """The compiled forward of an EAGLE draft head reading ``embed`` (made once per head)."""
+        if id(head) not in self.heads:
+            self.heads[id(head)] = CompiledHead(self, head, embed)
+        return self.heads[id(head)]
 
     def compile_module(self, module: torch.nn.Module) -> torch.nn.Module:
         """``module`` compiled like the forward (one graph per input shape), e.g. Medusa heads."""
         return torch.compile(module, **compile_options(self.device))
+
+
+class StaticHeadCache:
+    """A draft head's KV cache over a ``CompiledHead``'s static buffers (per head layer, keys and
+    values ``[1, kv_heads, static_len, head_dim]``): the ``len`` / ``truncate`` / ``keep`` of the
+    eager ``HeadCache``. The length is a Python int; entries past it are stale and masked."""
+
+    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor]):
+        self.keys, self.values = keys, values
+        self.length = 0
+
+    def __len__(self) -> int:
+        return self.length
+
+    @property
+    def capacity(self) -> int:
+        return int(self.keys[0].shape[2])
+
+    def truncate(self, length: int) -> None:
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot truncate a head cache of {self.length} entries to {length}")
+        self.length = length
+
+    @torch.inference_mode()
+    def keep(self, indices) -> None:
+        idx = torch.as_tensor(indices, dtype=torch.long, device=self.keys[0].device).flatten()
+        if idx.numel() and (idx.min() < 0 or idx.max() >= self.length):
+            raise ValueError(f"keep() indices must be in [0, {self.length}), got {idx.tolist()}")
+        for tensor in self.keys + self.values:
+            tensor[:, :, : idx.numel()] = tensor.index_select(2, idx)
+        self.length = idx.numel()
+
+
+class HeadSlots:
+    """The cache a head's attention sees inside one compiled head forward of ``rows`` (padded)
+    rows: ``append`` writes their keys and values from slot ``start`` into the static buffers and
+    returns the whole buffers, and ``len`` counts the key columns before the new rows as the
+    head's attention does (static length - rows), so its mask spans the static length."""
+
+    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], start: torch.Tensor, rows: int):
+        self.keys, self.values, self.start, self.rows = keys, values, start, rows
+
+    def __len__(self) -> int:
+        return int(self.keys[0].shape[2]) - self.rows
+
+    def append(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        slots = torch.arange(keys.shape[2], device=keys.device) + self.start
+        self.keys[layer].index_copy_(2, slots, keys)
+        self.values[layer].index_copy_(2, slots, values)
+        return self.keys[layer], self.values[layer]
+
+
+class CompiledHead:
+    """An EAGLE draft head's forward on the compiled path of its target (``CompiledForward``):
+    rows padded to the target's buckets, a static head cache, one graph per bucket and input
+    width (EAGLE-3 reads the fused target features when it runs committed pairs, its own
+    outputs when it expands the tree: two widths). Called like the head itself; rows past the
+    largest bucket (a prompt's pairs) run eagerly over the same static cache."""
+
+    def __init__(self, owner: CompiledForward, head: torch.nn.Module, embed: torch.nn.Module):
+        self.owner, self.head, self.embed = owner, head, embed
+        self.widths: set[int] = set()  # input widths run so far (warm_up compiles each at every bucket)
+        self.buffers: Optional[tuple[list[torch.Tensor], list[torch.Tensor]]] = None
+        self._step = torch.compile(self._forward, **compile_options(owner.device))
+
+    def new_cache(self) -> StaticHeadCache:
+        """A cache over this head's buffers (one set, reused: one generation drafts at a time)."""
+        size = self.owner.static_len + self.owner.buckets[-1]  # committed pairs + a tree's nodes
+        if self.buffers is None or self.buffers[0][0].shape[2] != size:
+            self.buffers = self._allocate(size)
+        return StaticHeadCache(*self.buffers)
+
+    def _allocate(self, size: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        cfg = self.head.config
+        layers = cfg.num_layers if cfg.version == 1 else 1
+        shape = (1, cfg.num_key_value_heads, size, cfg.head_dim)
+        make = lambda: torch.zeros(shape, dtype=self.owner.dtype, device=self.owner.device)  # noqa: E731
+        return [make() for _ in range(layers)], [make() for _ in range(layers)]
+
+    def _forward(self, features, ids, positions, mask, keys, values, start):
+        """The compiled function: the head's own forward over the static cache (``HeadSlots``)."""
+        return self.head(features, ids, self.embed, positions, HeadSlots(keys, values, start, ids.shape[1]), mask)
+
+    def __call__(self, features: torch.Tensor, input_ids: torch.Tensor, embed: torch.nn.Module,
+                 positions: torch.Tensor, cache: StaticHeadCache, mask: Optional[torch.Tensor] = None) -> torch.Tensor:  # fmt: skip
+        """``EagleHead.forward`` for one sequence (``[1, T]`` ids), appending to ``cache``."""
+        if embed is not self.embed:
+            raise ValueError("a compiled head reads the embedding it was compiled with")
+        t, past = input_ids.shape[1], len(cache)
+        size = self.owner.padded(t)
+        if past + size > cache.capacity:
+            raise ValueError(f"the compiled head cache holds {cache.capacity} entries, {past + size} needed; "
+                             "raise model.compile_cache_len")  # fmt: skip
+        allowed = mask.to(torch.bool) if mask is not None else \
+            torch.ones(t, past + t, dtype=torch.bool, device=input_ids.device).tril(past)  # fmt: skip
+        full = torch.zeros(size, cache.capacity, dtype=torch.bool, device=input_ids.device)
+        full[:t, : past + t] = allowed.view(t, past + t)
+        pad = torch.arange(t, size, device=input_ids.device)
+        full[pad, past + pad] = True  # padded rows see their own slot only (written past the length)
+        feats = F.pad(features, (0, 0, 0, size - t))
+        ids = F.pad(input_ids[0], (0, size - t)).view(1, size)
+        pos = F.pad(torch.as_tensor(positions, device=input_ids.device).flatten(), (0, size - t))
+        args = (feats, ids, pos, full, cache.keys, cache.values, torch.tensor(past, device=input_ids.device))
+        if size > self.owner.buckets[-1]:
+            out = self._forward(*args)
+        else:
+            self.widths.add(features.shape[-1])
+            out = self.owner._call(self._step, ("head", id(self), features.shape[-1], size), *args)
+        cache.length = past + t
+        return out[:, :t]
+
+    @torch.inference_mode()
+    def warm_up(self) -> None:
+        """Every bucket of each input width run so far, on a scratch cache."""
+        cache = self.new_cache()
+        for width in sorted(self.widths):
+            for bucket in self.owner.buckets:
+                ids = torch.zeros((1, bucket), dtype=torch.long, device=self.owner.device)
+                feats = torch.zeros((1, bucket, width), dtype=self.owner.dtype, device=self.owner.device)
+                self(feats, ids, self.embed, torch.arange(bucket, device=self.owner.device), cache)
+                cache.truncate(0)

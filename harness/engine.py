@@ -12,7 +12,8 @@ Sliding-window layers get the window added to that mask (one mask per layer type
 their cache keeps every entry so it can roll back (see harness/kvcache.py, ``_attention_mask``).
 A ``LayerSkip`` forward (self-speculation, ``swift``) leaves sublayers out, and an ``Injection``
 forward (``hidden-transfer``, ``firp``) adds rows of hidden states at one decoder layer; both call
-the model's own modules one by one (``_layerwise_forward``), Llama-family decoders only.
+the model's own modules one by one (``_layerwise_forward``), Llama-family decoders only; compiled,
+each sublayer is a graph of its own (harness/compiled.py).
 
 Timing: between ``start_timing()`` and ``stop_timing()`` every forward's duration is
 recorded without synchronising the device inside a generation (``ForwardTimer``: the
@@ -333,10 +334,10 @@ class Engine:
             (i = the input of decoder layer i, N = the final normed output; EAGLE-3's features).
         last_only: compute logits for the last token only (plain decoding).
         keep_last: compute logits (and hidden) for the last ``keep_last`` tokens only (0 = all).
-        skip: leave these sublayers out (see ``LayerSkip``; eager Llama-family models only).
+        skip: leave these sublayers out (see ``LayerSkip``; Llama-family models; compiled: one graph per sublayer and bucket).
         hidden_all: the hidden state of every new token even when fewer logits are kept (EAGLE's
             prefill: its head reads the whole prompt's features).
-        inject: rows added at one decoder layer (see ``Injection``; eager Llama-family models only).
+        inject: rows added at one decoder layer (see ``Injection``; Llama-family models, eager or compiled).
         add_embeds: ``[new, hidden]`` added to the token embeddings of ``ids`` before the first layer
             (LLM-to-SLM: another model's projected states conditioning this one); eager forwards only.
         """

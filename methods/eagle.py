@@ -94,7 +94,10 @@ class HeadDrafter:
         self.embed = engine.model.get_input_embeddings()
         self.lm_head = engine.model.get_output_embeddings()
         self.device = engine.device
-        self.cache = HeadCache()
+        # the head's forward and cache: eager, or on the target's compiled path (model.compile=true)
+        compiled = engine.compiled.draft_head(head, self.embed) if engine.compiled is not None else None
+        self.run = compiled or head
+        self.cache = compiled.new_cache() if compiled is not None else HeadCache()
         self.pending: list[tuple[torch.Tensor, list[int]]] = []  # (features [k, F], next tokens [k])
         self.forwards = 0  # head forwards in this generation
         # the tree being drafted
@@ -122,7 +125,7 @@ class HeadDrafter:
             raise RuntimeError("the pending pairs must end with the root token")
         past = len(self.cache)
         pos = torch.arange(past, past + len(ids), device=self.device)
-        out = self.head(feats[None], torch.tensor([ids], device=self.device), self.embed, pos, self.cache)[0]
+        out = self.run(feats[None], torch.tensor([ids], device=self.device), self.embed, pos, self.cache)[0]
         self.forwards += 1
         self.pending = []
         self.tokens, self.parents, self.depth, self.slots = [root], [-1], [0], []
@@ -161,7 +164,7 @@ class HeadDrafter:
             for j, slot in enumerate(self.slots):
                 mask[row, committed + j] = slot in above
             mask[row, len(self.cache) + row] = True
-        out = self.head(feats, ids, self.embed, pos, self.cache, mask)[0]
+        out = self.run(feats, ids, self.embed, pos, self.cache, mask)[0]
         self.forwards += 1
         self.slots.extend(nodes)
         for row, n in enumerate(nodes):

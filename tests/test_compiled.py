@@ -26,6 +26,7 @@ from harness.results import RunDirError
 from harness.stops import StopRule
 from conftest import tiny_model
 from methods.autoregressive import Autoregressive, AutoregressiveConfig
+from methods.eagle import Eagle, EagleConfig
 from methods.eagle3 import Eagle3, Eagle3Config
 from methods.hidden_transfer import Firp, FirpConfig, HiddenTransfer, HiddenTransferConfig
 from methods.swift import Swift, SwiftConfig
@@ -178,6 +179,7 @@ def layerwise(tokenizer) -> tuple[Engine, Engine]:
 
 def layerwise_methods(engine: Engine) -> dict:
     return {
+        "eagle": Eagle(EagleConfig(), engine, GREEDY, head=random_head(engine, 1)),
         "eagle3": Eagle3(Eagle3Config(), engine, GREEDY, head=random_head(engine, 3)),
         # one of layer 1's two sublayers skipped: the search scores both sets; confidence 0: every
         # draft runs max_draft skipped forwards; a 4-row window: the search runs the 4-row bucket
@@ -189,10 +191,12 @@ def layerwise_methods(engine: Engine) -> dict:
 
 
 def test_layerwise_methods_compiled_are_token_exact_with_fixed_graphs(layerwise):
-    """EAGLE-3, SWIFT, Hidden Transfer and FIRP compiled equal eager greedy decoding token for
-    token; the graphs: per bucket one plain forward, one with EAGLE-3's fused layers, and one per
-    sublayer (2 x layers) once layer-skipping or injected-row forwards ran at that bucket, so
-    every skip set SWIFT's search tries runs on the same graphs; a second run compiles nothing."""
+    """EAGLE, EAGLE-3, SWIFT, Hidden Transfer and FIRP compiled equal eager greedy decoding token
+    for token; the graphs: per bucket one plain forward, one with EAGLE-3's fused layers, one per
+    sublayer (2 x layers) once layer-skipping or injected-row forwards ran at that bucket (so
+    every skip set SWIFT's search tries runs on the same graphs), and the draft heads' (EAGLE's
+    one input width, EAGLE-3's two: fused target features, its own outputs); a second run
+    compiles nothing."""
     eager, compiled = layerwise
     stop = StopRule(N, frozenset())
     reference = {tuple(p): Autoregressive(AutoregressiveConfig(), eager, GREEDY).generate(p, stop).tokens
@@ -203,7 +207,8 @@ def test_layerwise_methods_compiled_are_token_exact_with_fixed_graphs(layerwise)
     before = compiled.compiled.graphs
     warmed = compiled.compiled.warm_up()
     assert compiled.compiled.fused and compiled.compiled.sublayer_sizes == set(LAYERWISE_BUCKETS)
-    per_bucket = 1 + len(compiled.compiled.fused) + 2 * LAYERS
+    assert [sorted(h.widths) for h in compiled.compiled.heads.values()] == [[64], [64, 3 * 64]]
+    per_bucket = 1 + len(compiled.compiled.fused) + 2 * LAYERS + 1 + 2
     assert compiled.compiled.graphs == per_bucket * len(LAYERWISE_BUCKETS), (before, warmed)
     start = compile_count()
     for name, method in methods.items():
