@@ -46,9 +46,9 @@ been run here (the project's machine has no GPU).
 
 Limits: transformers' output-capturing hooks (installed on a model once an eager forward asked it
 for ``output_hidden_states``) are not traced by the module-by-module graphs: compile a model that
-has not run such a forward in this process. Models with sliding-window layers are refused (a static sliding layer cannot roll
-back), and so are models whose causal-LM head post-processes logits (soft-capping, a
-logit scale), because the head runs here as the plain output projection.
+has not run such a forward in this process. Models with sliding-window layers are refused (a
+static sliding layer cannot roll back), and so are models whose causal-LM head post-processes
+logits (soft-capping, a logit scale), because the head runs here as the plain output projection.
 """
 
 from __future__ import annotations

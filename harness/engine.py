@@ -334,7 +334,7 @@ class Engine:
             (i = the input of decoder layer i, N = the final normed output; EAGLE-3's features).
         last_only: compute logits for the last token only (plain decoding).
         keep_last: compute logits (and hidden) for the last ``keep_last`` tokens only (0 = all).
-        skip: leave these sublayers out (see ``LayerSkip``; Llama-family models; compiled: one graph per sublayer and bucket).
+        skip: leave these sublayers out (see ``LayerSkip``; Llama-family models, eager or compiled).
         hidden_all: the hidden state of every new token even when fewer logits are kept (EAGLE's
             prefill: its head reads the whole prompt's features).
         inject: rows added at one decoder layer (see ``Injection``; Llama-family models, eager or compiled).
