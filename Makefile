@@ -34,16 +34,15 @@ METHODS := autoregressive,hf-generate,speculative,speculative-tree,prompt-lookup
 # into $HARNESS_CACHE; on a machine without the zoo corpus, `harness zoo prepare` builds it first)
 LEADERBOARD_METHODS := $(METHODS),rest,chimera,nest,llm-to-slm
 # make leaderboard's compiled run (results/leaderboard-compiled.md, README "Compiled execution"): the hf-* wrappers
-# beyond hf-generate stay eager transformers code, and swift (layer skipping) and eagle3 (chosen layers'
-# hidden states) run eager forwards only, so they are left out there
-COMPILED_METHODS := autoregressive,hf-generate,speculative,speculative-tree,prompt-lookup,reference-lookup,suffix,recycling,lookahead,medusa,eagle,eagle2
+# beyond hf-generate stay eager transformers code, so they are left out there
+COMPILED_METHODS := autoregressive,hf-generate,speculative,speculative-tree,prompt-lookup,reference-lookup,suffix,recycling,lookahead,swift,medusa,eagle,eagle2,eagle3,hidden-transfer,firp
 # GAMMA (when set) goes to the draft-model methods that are benched (an override of a method not in the run is refused)
 comma := ,
 benched = $(filter $(1),$(subst $(comma), ,$(BENCH_METHODS)))
 GAMMA_ARG = $(if $(GAMMA),method.speculative.gamma=$(GAMMA))
 DRAFT_ARGS = $(if $(call benched,speculative),$(GAMMA_ARG)) \
   $(if $(and $(GAMMA),$(call benched,hf-assisted)),method.hf-assisted.num_assistant_tokens=$(GAMMA))
-# MODE=compiled benches the methods that run compiled (COMPILED_METHODS: swift, eagle3, hidden-transfer and firp refuse model.compile=true)
+# MODE=compiled benches the methods that run compiled (COMPILED_METHODS: the hf-* wrappers beyond hf-generate are transformers' own code)
 BENCH_METHODS ?= $(if $(filter compiled,$(MODE)),$(COMPILED_METHODS),$(METHODS))
 RUN := .venv/bin/harness run --task humaneval --limit $(LIMIT) --max-new-tokens 128 run.threads=1 $(MODE_ARGS)
 

@@ -25,16 +25,30 @@ changes underneath:
   graph on the rows asked for (the last one when decoding), which also gives Medusa its
   hidden state for free. After a shape's first call only the guards that tell the graphs
   apart are checked (``_call``): dynamo's full check costs more than a small model's step.
+* **Chosen layers, skipped sublayers, injected rows.** A forward that returns chosen layers'
+  hidden states (EAGLE-3's features) runs ``_decode_fused``: the decoder's own modules called in
+  order inside one graph, the selection a fixed tuple, so one graph per bucket and selection. A
+  layer-skipping forward (SWIFT) or one with injected rows (Hidden Transfer, FIRP) calls the
+  sublayers it keeps one by one (``sublayer``), each its own graph per bucket: every skip set
+  SWIFT's search tries reuses the same 2 x layers graphs per bucket, where one whole-model graph
+  per skip set would compile again for every set a generation scores (and a gated whole-model
+  graph that keeps shapes static would run every sublayer, so the draft would cost a full
+  forward). The price is a graph call per sublayer instead of one per forward. Llama-family
+  decoders only (the engine's ``SKIPPABLE``), as in eager mode.
 * **Warm-up.** ``warm_up()`` compiles every bucket (the runner calls it before timing);
-  ``graphs`` counts what each engine compiled, ``compile_count()`` what the process did.
+  ``graphs`` counts what each engine compiled, ``compile_count()`` what the process did. The
+  fused and sublayer graphs are compiled for what a method's warm-up generation ran (every
+  bucket of each selection; every sublayer at each bucket layer-skipping forwards used).
 
 The CUDA branch (``mode="reduce-overhead"``, ``cudagraph_mark_step_begin``, the output
 cloned before the next replay) follows PyTorch's documented CUDA-graph rules but has not
 been run here (the project's machine has no GPU).
 
-Limits: models with sliding-window layers are refused (a static sliding layer cannot roll
-back), and so are models whose causal-LM head post-processes logits (soft-capping, a
-logit scale), because the head runs here as the plain output projection.
+Limits: transformers' output-capturing hooks (installed on a model once an eager forward asked it
+for ``output_hidden_states``) are not traced by the module-by-module graphs: compile a model that
+has not run such a forward in this process. Models with sliding-window layers are refused (a
+static sliding layer cannot roll back), and so are models whose causal-LM head post-processes
+logits (soft-capping, a logit scale), because the head runs here as the plain output projection.
 """
 
 from __future__ import annotations
@@ -74,6 +88,22 @@ def compile_options(device: torch.device) -> dict:
     if device.type == "cuda":
         return {"dynamic": False, "mode": "reduce-overhead"}
     return {"dynamic": False, "options": {"cpp_wrapper": True, "freezing": True}}
+
+
+def attention_sublayer(layer, h, mask, positions, rotary, cache) -> torch.Tensor:
+    """``h`` plus the self-attention sublayer of a Llama-family decoder ``layer`` (its own
+    modules, called in the model's order), writing its keys and values to ``cache`` (None: none)."""
+    out, _ = layer.self_attn(hidden_states=layer.input_layernorm(h), attention_mask=mask, position_ids=positions,
+                             cache=cache, use_cache=cache is not None, position_embeddings=rotary)  # fmt: skip
+    return h + out
+
+
+def mlp_sublayer(layer, h) -> torch.Tensor:
+    """``h`` plus the MLP sublayer of a Llama-family decoder ``layer``."""
+    return h + layer.mlp(layer.post_attention_layernorm(h))
+
+
+SUBLAYERS = ("attn", "mlp")  # the sublayer kinds a layer-skipping forward runs one by one
 
 
 def bucket_for(n: int, buckets: tuple[int, ...]) -> int:
@@ -138,10 +168,17 @@ class CompiledForward:
         self.cuda = device.type == "cuda"
         self.graphs = 0  # graphs compiled by this engine's forwards (warm-up included)
         self._free: list[StaticCache] = []  # buffers of dropped caches, reused by new_cache()
-        self._seen: set[tuple[int, int]] = set()  # (bucket, static length) already run with full guards
+        self._seen: set[tuple] = set()  # (graph kind, bucket, static length) already run with full guards
+        self.fused: set[tuple[int, ...]] = set()  # hidden-state selections the fused forward has run
+        self.sublayer_sizes: set[int] = set()  # buckets layer-skipping forwards have run
         self._resize(max(int(static_len), self.buckets[-1] + 1))
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
-        self._step = torch.compile(self._decode, **compile_options(device))
+        options = compile_options(device)
+        self._step = torch.compile(self._decode, **options)
+        self._fused_step = torch.compile(self._decode_fused, **options)  # one graph per bucket and selection
+        self.heads: dict[int, "CompiledHead"] = {}  # draft heads on this compiled path, by id of the module
+        self._sublayer_steps = {"attn": torch.compile(self._attention_step, **options),  # one graph per
+                                "mlp": torch.compile(self._mlp_step, **options)}  # layer and bucket  # fmt: skip
 
     # ---- the static length -----------------------------------------------------------------
     def _resize(self, static_len: int) -> None:
@@ -197,6 +234,48 @@ class CompiledForward:
         return self.decoder(input_ids=ids, position_ids=positions, attention_mask=mask, cache=cache,
                             use_cache=True).last_hidden_state  # fmt: skip
 
+    def _decode_fused(self, ids, positions, mask, cache: StaticCache, start, layers: tuple[int, ...]):
+        """The compiled function of a forward that also returns chosen layers' hidden states
+        (EAGLE-3's features): the decoder's own modules called in its order (embedding, rotary
+        tables, each decoder layer, final norm; Llama-family decoders), so every selection is a
+        fixed part of one graph. ``layers`` numbered as transformers' ``hidden_states`` (i = the
+        input of decoder layer i, N = the final normed output). Returns (last hidden state,
+        the selected states concatenated on the last axis)."""
+        for layer in cache.layers:
+            layer.cumulative_length.copy_(start)
+        h = self.decoder.embed_tokens(ids)
+        rotary = self.decoder.rotary_emb(h, positions)
+        states = [h]
+        for layer in self.decoder.layers[: len(cache.layers)]:
+            h = layer(h, attention_mask=mask, position_embeddings=rotary, position_ids=positions, cache=cache,
+                      use_cache=True)  # fmt: skip
+            states.append(h)
+        states[-1] = h = self.decoder.norm(h)
+        return h, torch.cat([states[i] for i in layers], dim=-1)
+
+    def _attention_step(self, index: int, h, mask, positions, cos, sin, cache: StaticCache, start):
+        """The compiled function of one attention sublayer (decoder layer ``index``), writing
+        its keys and values from slot ``start``."""
+        cache.layers[index].cumulative_length.copy_(start)
+        return attention_sublayer(self.decoder.layers[index], h, mask, positions, (cos, sin), cache)
+
+    def _mlp_step(self, index: int, h):
+        """The compiled function of one MLP sublayer (decoder layer ``index``)."""
+        return mlp_sublayer(self.decoder.layers[index], h)
+
+    def mask(self, start: int, allowed: Optional[torch.Tensor], size: int) -> torch.Tensor:
+        """The float mask of a (padded) forward; see ``_mask``."""
+        return self._mask(start, allowed, size)
+
+    def padded(self, n: int) -> int:
+        """Rows a forward of n tokens runs: its bucket, or n itself past the largest (run eagerly)."""
+        return bucket_for(n, self.buckets) if n <= self.buckets[-1] else n
+
+    def fit(self, cache: "StaticKVCache", needed: int) -> None:
+        """Grow ``cache`` (recompiling) if a forward would write past its static length."""
+        if needed > cache.capacity:
+            self._grow(cache, needed)
+
     def _mask(self, start: int, allowed: Optional[torch.Tensor], size: int) -> torch.Tensor:
         """The ``[1, 1, size, static_len]`` float mask of ``size`` rows whose first one writes slot
         ``start``: causal by default, else ``allowed`` (bool ``[rows, start + rows]``) for the
@@ -213,7 +292,7 @@ class CompiledForward:
     def _rows(self, size: int) -> torch.Tensor:
         return torch.arange(size, device=self.device).view(-1, 1)
 
-    def _call(self, ids, positions, mask, cache: StaticKVCache, start: int) -> torch.Tensor:
+    def _call(self, step, key: tuple, *args):
         """One compiled forward. The first call of a (bucket, static length) compiles with all of
         dynamo's guards; later ones check only the guards that tell this function's graphs apart
         (``skip_guard_eval_unsafe``, PyTorch's stance for a warmed-up model): checking all of them
@@ -222,46 +301,77 @@ class CompiledForward:
         is guarded changes between calls (a grown cache is a new static length: full check)."""
         if self.cuda:
             torch.compiler.cudagraph_mark_step_begin()  # a new replay: earlier outputs may be overwritten
-        args = (ids, positions, mask, cache.inner, torch.tensor(start, device=self.device))
-        key = (ids.shape[1], self.static_len)
+        key = key + (self.static_len,)
         if key in self._seen:
             with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
-                hidden = self._step(*args)
+                out = step(*args)
         else:
+            if key[0] != "decode" and any(layer._forward_hooks for layer in self.decoder.layers):
+                raise CompileSetupError("this model carries transformers' output-capturing hooks (an eager forward "
+                                        "asked it for output_hidden_states), which the compiled module-by-module "
+                                        "forwards cannot trace; load the model afresh for model.compile=true")  # fmt: skip
             before = compile_count()
-            hidden = self._step(*args)
+            out = step(*args)
             self.graphs += compile_count() - before
             self._seen.add(key)
-        if self.cuda:
-            hidden = hidden.clone()  # the graph's output buffer is reused by the next replay
-        return hidden
+        if self.cuda:  # the graph's output buffers are reused by the next replay
+            out = tuple(o.clone() for o in out) if isinstance(out, tuple) else out.clone()
+        return out
 
-    def forward(self, ids: torch.Tensor, positions: torch.Tensor, attn, cache: StaticKVCache,
-                keep: int) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    def sublayer(self, kind: str, index: int, h: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
+                 rotary: tuple[torch.Tensor, torch.Tensor], cache: StaticKVCache, start: int) -> torch.Tensor:  # fmt: skip
+        """``h`` (``[1, rows, hidden]``, rows padded to a bucket by the caller) through one sublayer
+        (``kind`` in SUBLAYERS) of decoder layer ``index``: a layer-skipping forward calls the
+        sublayers it keeps one by one, so every skip set reuses the same graphs (one per sublayer
+        and bucket) instead of compiling one per skip set. Rows past the largest bucket run eagerly."""
+        size = h.shape[1]
+        start_t = torch.tensor(start, device=self.device)
+        if kind == "attn":
+            args = (index, h, mask, positions, rotary[0], rotary[1], cache.inner, start_t)
+        else:
+            args = (index, h)
+        if size > self.buckets[-1]:
+            return (self._attention_step if kind == "attn" else self._mlp_step)(*args)
+        self.sublayer_sizes.add(size)
+        return self._call(self._sublayer_steps[kind], (kind, index, size), *args)
+
+    def forward(self, ids: torch.Tensor, positions: torch.Tensor, attn, cache: StaticKVCache, keep: int,
+                layers: Optional[tuple[int, ...]] = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
         """Logits (float32) and hidden states of the last ``keep`` rows (0 = all) of a forward
         of ``ids`` / ``positions`` ``[1, n]`` after the cached entries; ``attn`` is the
-        engine's float mask ``[1, 1, n, past + n]`` (0 = attend) or None for causal."""
+        engine's float mask ``[1, 1, n, past + n]`` (0 = attend) or None for causal. With
+        ``layers`` (a fixed selection, see ``_decode_fused``) the hidden states returned are
+        those layers' concatenated; the logits still come from the last one."""
         if not isinstance(cache, StaticKVCache):
             raise TypeError("model.compile=true needs the engine's own caches (engine.new_cache())")
         n, past = ids.shape[1], len(cache)
         compiled = n <= self.buckets[-1]
-        size = bucket_for(n, self.buckets) if compiled else n  # rows run, padding included
-        if past + size > cache.capacity:
-            self._grow(cache, past + size)
+        size = self.padded(n)  # rows run, padding included
+        self.fit(cache, past + size)
         allowed = None if attn is None else attn[0, 0] == 0
         # 1-D tensors padded, then viewed as [1, size]: the same strides whatever the caller passed (no recompile)
         ids_p = F.pad(ids[0], (0, size - n)).view(1, size)
         pos_p = F.pad(positions[0], (0, size - n)).view(1, size)
         mask = self._mask(past, allowed, size)
-        if compiled:
-            hidden = self._call(ids_p, pos_p, mask, cache, past)
+        start = torch.tensor(past, device=self.device)
+        selected = None
+        if layers is not None:
+            self.fused.add(layers)
+            args = (ids_p, pos_p, mask, cache.inner, start, layers)
+            if compiled:
+                hidden, selected = self._call(self._fused_step, ("fused", layers, size), *args)
+            else:  # longer than the largest bucket: one eager forward over the static cache
+                hidden, selected = self._decode_fused(*args)
+        elif compiled:
+            hidden = self._call(self._step, ("decode", size), ids_p, pos_p, mask, cache.inner, start)
         elif past == 0 and allowed is None:  # a prompt longer than the largest bucket: see _prefill
             hidden = self._prefill(ids, positions, cache.inner)
         else:  # longer than the largest bucket after cached entries: one eager forward over the static cache
-            hidden = self._decode(ids_p, pos_p, mask, cache.inner, torch.tensor(past, device=self.device))
+            hidden = self._decode(ids_p, pos_p, mask, cache.inner, start)
         cache.length = past + n
-        h = hidden[0, max(n - keep, 0) : n] if keep else hidden[0, :n]
-        return self.head(h).float(), h
+        rows = slice(max(n - keep, 0), n) if keep else slice(0, n)
+        h = hidden[0, rows]
+        return self.head(h).float(), (h if selected is None else selected[0, rows])
 
     def _prefill(self, ids: torch.Tensor, positions: torch.Tensor, inner: StaticCache) -> torch.Tensor:
         """A causal prompt on an empty cache: one eager forward over a fresh ``DynamicCache`` (its
@@ -278,17 +388,159 @@ class CompiledForward:
 
     @torch.inference_mode()
     def warm_up(self) -> int:
-        """Compile every bucket now (forwards on a scratch cache); returns the graphs made. On CUDA
-        each bucket runs three times: CUDA graph trees record on a graph's second run, not its first."""
+        """Compile every bucket now (forwards on a scratch cache); returns the graphs made. Every
+        bucket of each hidden-state selection run so far too (EAGLE-3's verify), and every
+        sublayer at each bucket layer-skipping forwards have run (a skip set of a later
+        generation may keep a sublayer this one skipped). On CUDA each graph runs three times:
+        CUDA graph trees record on a graph's second run, not its first."""
         before = self.graphs
         cache = self.new_cache()
+        hidden = self.decoder.config.hidden_size
         for bucket in self.buckets:
             ids = torch.zeros((1, bucket), dtype=torch.long, device=self.device)
+            positions = torch.arange(bucket, device=self.device).view(1, -1)
             for _ in range(3 if self.cuda else 1):
-                self.forward(ids, torch.arange(bucket, device=self.device).view(1, -1), None, cache, keep=1)
-                cache.truncate(0)
+                for layers in [None, *sorted(self.fused)]:
+                    self.forward(ids, positions, None, cache, keep=1, layers=layers)
+                    cache.truncate(0)
+                if bucket not in self.sublayer_sizes:
+                    continue
+                h = torch.zeros((1, bucket, hidden), dtype=self.dtype, device=self.device)
+                rotary = self.decoder.rotary_emb(h, positions)
+                for index in range(len(cache.inner.layers)):
+                    for kind in SUBLAYERS:
+                        self.sublayer(kind, index, h, self._mask(0, None, bucket), positions, rotary, cache, 0)
+        for head in self.heads.values():
+            head.warm_up()
         return self.graphs - before
+
+    def draft_head(self, head: torch.nn.Module, embed: torch.nn.Module) -> "CompiledHead":
+        """The compiled forward of an EAGLE draft head reading ``embed`` (made once per head)."""
+        if id(head) not in self.heads:
+            self.heads[id(head)] = CompiledHead(self, head, embed)
+        return self.heads[id(head)]
 
     def compile_module(self, module: torch.nn.Module) -> torch.nn.Module:
         """``module`` compiled like the forward (one graph per input shape), e.g. Medusa heads."""
         return torch.compile(module, **compile_options(self.device))
+
+
+class StaticHeadCache:
+    """A draft head's KV cache over a ``CompiledHead``'s static buffers (per head layer, keys and
+    values ``[1, kv_heads, static_len, head_dim]``): the ``len`` / ``truncate`` / ``keep`` of the
+    eager ``HeadCache``. The length is a Python int; entries past it are stale and masked."""
+
+    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor]):
+        self.keys, self.values = keys, values
+        self.length = 0
+
+    def __len__(self) -> int:
+        return self.length
+
+    @property
+    def capacity(self) -> int:
+        return int(self.keys[0].shape[2])
+
+    def truncate(self, length: int) -> None:
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot truncate a head cache of {self.length} entries to {length}")
+        self.length = length
+
+    @torch.inference_mode()
+    def keep(self, indices) -> None:
+        idx = torch.as_tensor(indices, dtype=torch.long, device=self.keys[0].device).flatten()
+        if idx.numel() and (idx.min() < 0 or idx.max() >= self.length):
+            raise ValueError(f"keep() indices must be in [0, {self.length}), got {idx.tolist()}")
+        for tensor in self.keys + self.values:
+            tensor[:, :, : idx.numel()] = tensor.index_select(2, idx)
+        self.length = idx.numel()
+
+
+class HeadSlots:
+    """The cache a head's attention sees inside one compiled head forward of ``rows`` (padded)
+    rows: ``append`` writes their keys and values from slot ``start`` into the static buffers and
+    returns the whole buffers, and ``len`` counts the key columns before the new rows as the
+    head's attention does (static length - rows), so its mask spans the static length."""
+
+    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], start: torch.Tensor, rows: int):
+        self.keys, self.values, self.start, self.rows = keys, values, start, rows
+
+    def __len__(self) -> int:
+        return int(self.keys[0].shape[2]) - self.rows
+
+    def append(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        slots = torch.arange(keys.shape[2], device=keys.device) + self.start
+        self.keys[layer].index_copy_(2, slots, keys)
+        self.values[layer].index_copy_(2, slots, values)
+        return self.keys[layer], self.values[layer]
+
+
+class CompiledHead:
+    """An EAGLE draft head's forward on the compiled path of its target (``CompiledForward``):
+    rows padded to the target's buckets, a static head cache, one graph per bucket and input
+    width (EAGLE-3 reads the fused target features when it runs committed pairs, its own
+    outputs when it expands the tree: two widths). Called like the head itself; rows past the
+    largest bucket (a prompt's pairs) run eagerly over the same static cache."""
+
+    def __init__(self, owner: CompiledForward, head: torch.nn.Module, embed: torch.nn.Module):
+        self.owner, self.head, self.embed = owner, head, embed
+        self.widths: set[int] = set()  # input widths run so far (warm_up compiles each at every bucket)
+        self.buffers: Optional[tuple[list[torch.Tensor], list[torch.Tensor]]] = None
+        self._step = torch.compile(self._forward, **compile_options(owner.device))
+
+    def new_cache(self) -> StaticHeadCache:
+        """A cache over this head's buffers (one set, reused: one generation drafts at a time)."""
+        size = self.owner.static_len + self.owner.buckets[-1]  # committed pairs + a tree's nodes
+        if self.buffers is None or self.buffers[0][0].shape[2] != size:
+            self.buffers = self._allocate(size)
+        return StaticHeadCache(*self.buffers)
+
+    def _allocate(self, size: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        cfg = self.head.config
+        layers = cfg.num_layers if cfg.version == 1 else 1
+        shape = (1, cfg.num_key_value_heads, size, cfg.head_dim)
+        make = lambda: torch.zeros(shape, dtype=self.owner.dtype, device=self.owner.device)  # noqa: E731
+        return [make() for _ in range(layers)], [make() for _ in range(layers)]
+
+    def _forward(self, features, ids, positions, mask, keys, values, start):
+        """The compiled function: the head's own forward over the static cache (``HeadSlots``)."""
+        return self.head(features, ids, self.embed, positions, HeadSlots(keys, values, start, ids.shape[1]), mask)
+
+    def __call__(self, features: torch.Tensor, input_ids: torch.Tensor, embed: torch.nn.Module,
+                 positions: torch.Tensor, cache: StaticHeadCache, mask: Optional[torch.Tensor] = None) -> torch.Tensor:  # fmt: skip
+        """``EagleHead.forward`` for one sequence (``[1, T]`` ids), appending to ``cache``."""
+        if embed is not self.embed:
+            raise ValueError("a compiled head reads the embedding it was compiled with")
+        t, past = input_ids.shape[1], len(cache)
+        size = self.owner.padded(t)
+        if past + size > cache.capacity:
+            raise ValueError(f"the compiled head cache holds {cache.capacity} entries, {past + size} needed; "
+                             "raise model.compile_cache_len")  # fmt: skip
+        allowed = mask.to(torch.bool) if mask is not None else \
+            torch.ones(t, past + t, dtype=torch.bool, device=input_ids.device).tril(past)  # fmt: skip
+        full = torch.zeros(size, cache.capacity, dtype=torch.bool, device=input_ids.device)
+        full[:t, : past + t] = allowed.view(t, past + t)
+        pad = torch.arange(t, size, device=input_ids.device)
+        full[pad, past + pad] = True  # padded rows see their own slot only (written past the length)
+        feats = F.pad(features, (0, 0, 0, size - t))
+        ids = F.pad(input_ids[0], (0, size - t)).view(1, size)
+        pos = F.pad(torch.as_tensor(positions, device=input_ids.device).flatten(), (0, size - t))
+        args = (feats, ids, pos, full, cache.keys, cache.values, torch.tensor(past, device=input_ids.device))
+        if size > self.owner.buckets[-1]:
+            out = self._forward(*args)
+        else:
+            self.widths.add(features.shape[-1])
+            out = self.owner._call(self._step, ("head", id(self), features.shape[-1], size), *args)
+        cache.length = past + t
+        return out[:, :t]
+
+    @torch.inference_mode()
+    def warm_up(self) -> None:
+        """Every bucket of each input width run so far, on a scratch cache."""
+        cache = self.new_cache()
+        for width in sorted(self.widths):
+            for bucket in self.owner.buckets:
+                ids = torch.zeros((1, bucket), dtype=torch.long, device=self.owner.device)
+                feats = torch.zeros((1, bucket, width), dtype=self.owner.dtype, device=self.owner.device)
+                self(feats, ids, self.embed, torch.arange(bucket, device=self.owner.device), cache)
+                cache.truncate(0)

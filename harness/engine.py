@@ -12,7 +12,8 @@ Sliding-window layers get the window added to that mask (one mask per layer type
 their cache keeps every entry so it can roll back (see harness/kvcache.py, ``_attention_mask``).
 A ``LayerSkip`` forward (self-speculation, ``swift``) leaves sublayers out, and an ``Injection``
 forward (``hidden-transfer``, ``firp``) adds rows of hidden states at one decoder layer; both call
-the model's own modules one by one (``_layerwise_forward``), Llama-family decoders only.
+the model's own modules one by one (``_layerwise_forward``), Llama-family decoders only; compiled,
+each sublayer is a graph of its own (harness/compiled.py).
 
 Timing: between ``start_timing()`` and ``stop_timing()`` every forward's duration is
 recorded without synchronising the device inside a generation (``ForwardTimer``: the
@@ -36,7 +37,7 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from harness.compiled import CompiledForward
+from harness.compiled import CompiledForward, attention_sublayer, mlp_sublayer
 from harness.config import ModelConfig
 from harness.errors import HarnessError
 from harness.kvcache import KVCache
@@ -401,10 +402,10 @@ class Engine:
             (i = the input of decoder layer i, N = the final normed output; EAGLE-3's features).
         last_only: compute logits for the last token only (plain decoding).
         keep_last: compute logits (and hidden) for the last ``keep_last`` tokens only (0 = all).
-        skip: leave these sublayers out (see ``LayerSkip``; eager Llama-family models only).
+        skip: leave these sublayers out (see ``LayerSkip``; Llama-family models, eager or compiled).
         hidden_all: the hidden state of every new token even when fewer logits are kept (EAGLE's
             prefill: its head reads the whole prompt's features).
-        inject: rows added at one decoder layer (see ``Injection``; eager Llama-family models only).
+        inject: rows added at one decoder layer (see ``Injection``; Llama-family models, eager or compiled).
         add_embeds: ``[new, hidden]`` added to the token embeddings of ``ids`` before the first layer
             (LLM-to-SLM: another model's projected states conditioning this one); eager forwards only.
         """
@@ -482,9 +483,8 @@ class Engine:
         # model.compile=true: bucketed graphs over a static cache, the head a plain projection (harness/compiled.py)
         if self.compiled is not None:
             if layers is not None:
-                raise ValueError("model.compile=true returns the last hidden state only; set model.compile=false "
-                                 "for methods that read chosen layers (eagle3)")  # fmt: skip
-            logits, h = self.compiled.forward(ids_t, pos_t, attn, cache, 0 if hidden_all else keep)
+                self.check_family("chosen layers' hidden states under model.compile=true")
+            logits, h = self.compiled.forward(ids_t, pos_t, attn, cache, 0 if hidden_all else keep, layers)
             if hidden_all and keep:
                 logits = logits[-keep:]
             return ForwardOutput(logits=logits, hidden=h if hidden else None)
@@ -521,16 +521,18 @@ class Engine:
         h = caught[-1][0]
         return ForwardOutput(logits=logits, hidden=h[-keep:] if keep and not hidden_all else h)
 
+    def check_family(self, what: str) -> None:
+        """ValueError (one line) unless the model is one whose decoder this engine can run module by
+        module (``SKIPPABLE``): ``what`` needs it."""
+        kind = getattr(self.config.get_text_config(), "model_type", "?")
+        if kind not in SKIPPABLE:
+            raise ValueError(f"{what} supports {', '.join(SKIPPABLE)} models, not '{kind}'; "
+                             "run another method on this model (or set model.compile=false)")  # fmt: skip
+
     def check_layerwise(self, skip: LayerSkip, inject_layer: Optional[int] = None) -> None:
         """ValueError (one line: what and what to do) unless this engine can run ``skip`` and rows
         injected at decoder layer ``inject_layer`` (None: none)."""
-        kind = getattr(self.config.get_text_config(), "model_type", "?")
-        what = "layer skipping" if inject_layer is None else "injected hidden states"
-        if kind not in SKIPPABLE:
-            raise ValueError(f"{what} supports {', '.join(SKIPPABLE)} models, not '{kind}'; "
-                             "run another method on this model")  # fmt: skip
-        if self.compiled is not None:
-            raise ValueError(f"{what} runs eager forwards only; set model.compile=false")
+        self.check_family("layer skipping" if inject_layer is None else "injected hidden states")
         layers = self.config.get_text_config().num_hidden_layers
         if any(not 0 <= i < layers for i in skip.attn | skip.mlp):
             raise ValueError(f"skipped layers {sorted(skip.attn | skip.mlp)} outside the model's 0..{layers - 1}")
@@ -553,42 +555,63 @@ class Engine:
         ``h += self_attn(input_layernorm(h))`` and ``h += mlp(post_attention_layernorm(h))`` unless
         ``skip`` leaves them out, final norm, head. Entering layer ``inject.layer`` the injected rows
         are appended to ``h`` (their positions and mask rows with them). ``allowed`` is the tokens'
-        boolean mask ``[new, past + new]``; ``cache`` None runs without one."""
+        boolean mask ``[new, past + new]``; ``cache`` None runs without one. Compiled
+        (model.compile=true, with a cache): the rows are padded to a bucket and each kept sublayer
+        is its own compiled graph (``CompiledForward.sublayer``), shared by every skip set."""
         decoder = self.model.get_decoder()
-        new = ids_t.shape[1]
-        h = decoder.embed_tokens(ids_t)
-        attn = self._attention_mask(allowed, pos_t[0], past)
-        rotary = decoder.rotary_emb(h, pos_t)
+        compiled = self.compiled if cache is not None else None
+        new = rows = ids_t.shape[1]  # rows: the real rows of h (the tokens, then any injected rows)
+        h, pos_p, attn, rotary = self._layer_inputs(decoder.embed_tokens(ids_t), pos_t, allowed, past, cache, compiled)
         for i, layer in enumerate(decoder.layers[: self.config.get_text_config().num_hidden_layers]):
             if inject is not None and i == inject.layer:
-                rows = inject.make(h[0]).to(h.dtype)
-                m = rows.shape[0]
+                made = inject.make(h[0, :new]).to(h.dtype)
+                m = made.shape[0]
                 if tuple(inject.mask.shape) != (m, past + new + m) or inject.positions.numel() != m:
                     raise ValueError(f"{m} injected rows need positions [{m}] and a mask [{m}, {past + new + m}], got "
                                      f"{list(inject.positions.shape)} and {list(inject.mask.shape)}")  # fmt: skip
-                h = torch.cat((h, rows.unsqueeze(0)), dim=1)
-                pos_t = torch.cat((pos_t, inject.positions.to(pos_t.device).view(1, -1)), dim=1)
+                rows = new + m
                 hidden_from_rows = torch.zeros((new, m), dtype=torch.bool, device=allowed.device)
                 allowed = torch.cat((torch.cat((allowed, hidden_from_rows), dim=1), inject.mask.to(allowed.device)))
-                attn = self._attention_mask(allowed, pos_t[0], past)
-                rotary = decoder.rotary_emb(h, pos_t)
-            if i not in skip.attn:
-                layer_mask = attn[self.layer_types[i]] if isinstance(attn, dict) else attn
-                out, _ = layer.self_attn(
-                    hidden_states=layer.input_layernorm(h), attention_mask=layer_mask, position_ids=pos_t,
-                    cache=cache.inner if cache is not None else None, use_cache=cache is not None,
-                    position_embeddings=rotary,
-                )  # fmt: skip
-                h = h + out
-            if i not in skip.mlp:
-                h = h + layer.mlp(layer.post_attention_layernorm(h))
-        h = decoder.norm(h)[0]
+                pos_t = torch.cat((pos_t, inject.positions.to(pos_t.device).view(1, -1)), dim=1)
+                if compiled is not None:
+                    cache.length = past + new  # the tokens' entries so far, kept if the cache must grow
+                h, pos_p, attn, rotary = self._layer_inputs(torch.cat((h[:, :new], made.unsqueeze(0)), dim=1), pos_t,
+                                                            allowed, past, cache, compiled)  # fmt: skip
+            for kind in ("attn", "mlp"):
+                if i in (skip.attn if kind == "attn" else skip.mlp):
+                    continue
+                if compiled is not None:
+                    h = compiled.sublayer(kind, i, h, attn, pos_p, rotary, cache, past)
+                elif kind == "attn":
+                    layer_mask = attn[self.layer_types[i]] if isinstance(attn, dict) else attn
+                    h = attention_sublayer(layer, h, layer_mask, pos_p, rotary, cache.inner if cache is not None else None)
+                else:
+                    h = mlp_sublayer(layer, h)
+        if compiled is not None:
+            cache.length = past + new  # the tokens' entries; injected rows' lie past it, hidden by the mask
+        h = decoder.norm(h[:, :rows])[0]
         head = self.model.get_output_embeddings()
         injected = head(h[new:]).float() if inject is not None else None
         h = h[:new]
         if keep:
             h = h[-keep:]
         return ForwardOutput(logits=head(h).float(), hidden=h if hidden else None, injected=injected)
+
+    def _layer_inputs(self, h: torch.Tensor, pos_t: torch.Tensor, allowed: torch.Tensor, past: int,
+                      cache: Optional[KVCache], compiled: Optional[CompiledForward]) -> tuple:  # fmt: skip
+        """(rows, positions, attention mask, rotary tables) a layerwise forward runs for the real
+        rows ``h`` ``[1, n, hidden]``. Eager: as they are. Compiled: padded to the bucket (zero
+        rows at position 0 after the real ones, causal), the mask spanning the static cache."""
+        if compiled is None:
+            attn = self._attention_mask(allowed, pos_t[0], past)
+        else:
+            n = h.shape[1]
+            size = compiled.padded(n)
+            compiled.fit(cache, past + size)  # before the mask: growing changes the static length
+            h = torch.nn.functional.pad(h, (0, 0, 0, size - n))
+            pos_t = torch.nn.functional.pad(pos_t[0], (0, size - n)).view(1, size)
+            attn = compiled.mask(past, allowed, size)
+        return h, pos_t, attn, self.model.get_decoder().rotary_emb(h, pos_t)
 
     # ---- timing (the runner's) ---------------------------------------------------------------
     def phase(self, name: str):  # noqa: ANN201 (a context manager)

@@ -96,7 +96,11 @@ class HeadDrafter:
         self.embed = engine.model.get_input_embeddings()
         self.lm_head = engine.model.get_output_embeddings()
         self.device = engine.device
-        self.cache = DecodingHeadCache()  # rolled back by moving its length, not rebuilt
+        # the head's forward and cache: eager, or on the target's compiled path (model.compile=true)
+        compiled = engine.compiled.draft_head(head, self.embed) if engine.compiled is not None else None
+        self.run = compiled or head
+        # rolled back by moving its length, not rebuilt
+        self.cache = compiled.new_cache() if compiled is not None else DecodingHeadCache()
         self.pending: list[tuple[torch.Tensor, list[int]]] = []  # (features [k, F], next tokens [k])
         self.forwards = 0  # head forwards in this generation
         # the tree being drafted
@@ -125,7 +129,7 @@ class HeadDrafter:
         past = len(self.cache)
         pos = torch.arange(past, past + len(ids), device=self.device)
         with self.clock.timed(len(ids)):
-            out = self.head(feats[None], torch.tensor([ids], device=self.device), self.embed, pos, self.cache)[0]
+            out = self.run(feats[None], torch.tensor([ids], device=self.device), self.embed, pos, self.cache)[0]
             logits = self.logits(out[-1:])[0]
         self.forwards += 1
         self.pending = []
@@ -155,7 +159,7 @@ class HeadDrafter:
         mask = torch.ones(len(nodes), len(self.cache) + len(nodes), dtype=torch.bool, device=self.device)
         mask[:, committed:] = self.tree_rows(nodes)  # the committed pairs, then the drafted slots
         with self.clock.timed(len(nodes)):
-            out = self.head(feats, ids, self.embed, pos, self.cache, mask)[0]
+            out = self.run(feats, ids, self.embed, pos, self.cache, mask)[0]
             logits = self.logits(out)
         self.forwards += 1
         for row, n in enumerate(nodes):

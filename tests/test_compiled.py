@@ -2,7 +2,10 @@
 eager engine, every lossless method is token-exact against compiled autoregressive, a
 second generation compiles nothing, and runs record (and leaderboards keep apart) the mode.
 
-One compiled engine per module (compiling is slow on a shared CPU), with three buckets.
+One compiled engine per module (compiling is slow on a shared CPU), with three buckets; the
+methods whose forwards are not one plain decoder call (EAGLE-3's chosen layers, SWIFT's layer
+skipping, Hidden Transfer's and FIRP's injected rows) share a second one, on its own three-layer
+model with two buckets.
 """
 
 from __future__ import annotations
@@ -21,12 +24,19 @@ from harness.lossless import EXACT, MISMATCH, compare
 from harness.report import load_runs
 from harness.results import RunDirError
 from harness.stops import StopRule
+from conftest import tiny_model
 from methods.autoregressive import Autoregressive, AutoregressiveConfig
+from methods.eagle import Eagle, EagleConfig
+from methods.eagle3 import Eagle3, Eagle3Config
+from methods.hidden_transfer import Firp, FirpConfig, HiddenTransfer, HiddenTransferConfig
+from methods.swift import Swift, SwiftConfig
 from methods.lookahead import Lookahead, LookaheadConfig
 from methods.medusa import Medusa, MedusaConfig
 from methods.prompt_lookup import PromptLookup, PromptLookupConfig
 from methods.space import Space, SpaceConfig
 from methods.speculative import Speculative, SpeculativeConfig
+from tests.test_eagle import random_head
+from tests.test_hidden_transfer import random_transfer
 from tests.test_medusa import random_heads
 
 GREEDY = SamplingConfig()
@@ -148,3 +158,62 @@ def test_run_records_the_mode_and_leaderboards_keep_modes_apart(model_dir, tmp_p
         load_runs([out, eager])
     assert main(["leaderboard", str(out)]) == 0
     assert "execution: compiled" in capsys.readouterr().out
+
+
+# ---- chosen layers, layer skipping, injected rows ----------------------------------------------
+LAYERWISE_BUCKETS = [1, 4]
+LAYERS = 3  # SWIFT keeps the first and last layer: one layer's two sublayers may be skipped
+
+
+@pytest.fixture(scope="module")
+def layerwise(tokenizer) -> tuple[Engine, Engine]:
+    """(eager, compiled) engines on one three-layer random model of their own: a model that ran
+    transformers' ``output_hidden_states`` carries its capture hooks, which the compiled
+    module-by-module forwards do not trace (the session model has, in other tests)."""
+    model = tiny_model(len(tokenizer), seed=3, num_hidden_layers=LAYERS)
+    cfg = ModelConfig(name="tiny-layerwise", path="", compile=True, compile_buckets=LAYERWISE_BUCKETS,
+                      compile_cache_len=120)  # fmt: skip
+    eager = Engine.from_model(tiny_model(len(tokenizer), seed=3, num_hidden_layers=LAYERS), tokenizer)
+    return eager, Engine.from_model(model, tokenizer, cfg)
+
+
+def layerwise_methods(engine: Engine) -> dict:
+    return {
+        "eagle": Eagle(EagleConfig(), engine, GREEDY, head=random_head(engine, 1)),
+        "eagle3": Eagle3(Eagle3Config(), engine, GREEDY, head=random_head(engine, 3)),
+        # one of layer 1's two sublayers skipped: the search scores both sets; confidence 0: every
+        # draft runs max_draft skipped forwards; a 4-row window: the search runs the 4-row bucket
+        "swift": Swift(SwiftConfig(skip_ratio=0.2, confidence=0.0, max_draft=3, search_window=4), engine, GREEDY),
+        "hidden-transfer": HiddenTransfer(HiddenTransferConfig(tree="chain"), engine, GREEDY,
+                                          transfer=random_transfer(engine, attend_rows=False)),  # fmt: skip
+        "firp": Firp(FirpConfig(tree="chain"), engine, GREEDY, transfer=random_transfer(engine, attend_rows=True)),
+    }
+
+
+def test_layerwise_methods_compiled_are_token_exact_with_fixed_graphs(layerwise):
+    """EAGLE, EAGLE-3, SWIFT, Hidden Transfer and FIRP compiled equal eager greedy decoding token
+    for token; the graphs: per bucket one plain forward, one with EAGLE-3's fused layers, one per
+    sublayer (2 x layers) once layer-skipping or injected-row forwards ran at that bucket (so
+    every skip set SWIFT's search tries runs on the same graphs), and the draft heads' (EAGLE's
+    one input width, EAGLE-3's two: fused target features, its own outputs); a second run
+    compiles nothing."""
+    eager, compiled = layerwise
+    stop = StopRule(N, frozenset())
+    reference = {tuple(p): Autoregressive(AutoregressiveConfig(), eager, GREEDY).generate(p, stop).tokens
+                 for p in PROMPTS}  # fmt: skip
+    methods = layerwise_methods(compiled)
+    for method in methods.values():
+        method.generate(PROMPTS[0], stop)  # the warm-up's generation: what it runs is compiled below
+    before = compiled.compiled.graphs
+    warmed = compiled.compiled.warm_up()
+    assert compiled.compiled.fused and compiled.compiled.sublayer_sizes == set(LAYERWISE_BUCKETS)
+    assert [sorted(h.widths) for h in compiled.compiled.heads.values()] == [[64], [64, 3 * 64]]
+    per_bucket = 1 + len(compiled.compiled.fused) + 2 * LAYERS + 1 + 2
+    assert compiled.compiled.graphs == per_bucket * len(LAYERWISE_BUCKETS), (before, warmed)
+    start = compile_count()
+    for name, method in methods.items():
+        for prompt in PROMPTS:
+            got = method.generate(prompt, stop)
+            assert got.tokens == reference[tuple(prompt)], name
+            assert sum(got.accepted_per_step) == N and len(got.accepted_per_step) == got.target_forwards
+        assert compile_count() == start, f"{name} compiled a graph after the warm-up"
