@@ -103,6 +103,13 @@ def load_table(out: Path) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def closing_table(load: pd.DataFrame) -> pd.DataFrame:
+    """The load table as ``harness run`` closes with it (``harness.leaderboard.brief``): a row per method and
+    concurrency, its exact share over every round."""
+    exact = [int(n) / int(d) if int(d) else float("nan") for n, d in (x.split("/") for x in load["exact (every round)"])]
+    return load.assign(method=[f"{m} c={c}" for m, c in zip(load.method, load.concurrency)], exact_match=exact)
+
+
 def side_by_side(out: Path, load: pd.DataFrame) -> pd.DataFrame:
     """Each method on both engines: mean accepted tokens, speedup, exact share (lowest concurrency for vLLM,
     its speedup from the paired rounds of the load table)."""

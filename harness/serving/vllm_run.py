@@ -128,10 +128,9 @@ def run_vllm(exp, log: Callable[[str], None] = print):
         rundir.write_summary(metrics(load_runs([rundir.path], one_shard=True)))
 
     # 5. the load and side-by-side tables
-    from harness.serving.vllm_report import write_report
+    from harness.serving.vllm_report import closing_table, write_report
 
-    table = write_report(out)
-    return RunResult(out, table, False, 0, [])
+    return RunResult(out, closing_table(write_report(out)), False, 0, [])
 
 
 def default_config(name: str):
@@ -144,7 +143,8 @@ def vllm_manifest(manifest: dict, exp, concurrency: int, python: Path) -> dict:
     """The harness's manifest, naming vLLM as the engine (its version comes with the first load)."""
     return {**manifest, "engine": {"name": "vllm", "python": str(python), "concurrency": concurrency,
                                    "threads": exp.vllm.threads, "enforce_eager": exp.vllm.enforce_eager,
-                                   "rounds": exp.vllm.rounds, "num_speculative_tokens": exp.vllm.num_speculative_tokens}}  # fmt: skip
+                                   "rounds": exp.vllm.rounds,
+                                   "num_speculative_tokens": exp.vllm.num_speculative_tokens}}  # fmt: skip
 
 
 def missing(rundir: RunDir, name: str, prompts: list[Prompt]) -> bool:
