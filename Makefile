@@ -78,7 +78,7 @@ VLLM_ROUNDS ?= 3
 vllm-tables: setup vllm
 	ALLOW_DIRTY=$(ALLOW_DIRTY) .venv/bin/python -m harness.publish clean-tree
 	rm -rf results/runs/vllm-zoo
-	.venv/bin/harness run --engine vllm --methods $(VLLM_METHODS) method.speculative.gamma=$(GAMMA) \
+	.venv/bin/harness run --engine vllm --methods $(VLLM_METHODS) $(GAMMA_ARG) \
 	  --task humaneval task.split=report --limit $(LIMIT) --max-new-tokens 128 run.threads=1 \
 	  run.concurrency=$(VLLM_CONCURRENCY) vllm.rounds=$(VLLM_ROUNDS) run.progress=false --out results/runs/vllm-zoo $(ARGS)
 	.venv/bin/harness leaderboard results/runs/vllm-zoo --out results/vllm-zoo.md
