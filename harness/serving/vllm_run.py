@@ -220,22 +220,25 @@ def check_rounds(exp, engine: Engine, name: str, prompts: list[Prompt], rounds: 
     for round_ in rounds:
         counts = {"tokens": 0, "baseline_tokens": 0, "exact": 0, "baseline_exact": 0, "equal": 0}
         for index, prompt in enumerate(prompts):
+            # 1. both sides' outputs against the transformers reference
             base = checked(exp, engine, REFERENCE, prompt, round_.baseline, index, c)
             mine = checked(exp, engine, name, prompt, round_.method, index, c)
-            first = kept.get((REFERENCE, prompt.sample.id), base)  # plain vLLM's own output in the first round
+            # 2. the method's against plain vLLM's of this round, plain vLLM's against its own first round
+            first = kept.get((REFERENCE, prompt.sample.id), base)
             for record, own in ((base, first), (mine, base)):
                 diff = first_difference(own.tokens, record.tokens)
                 record.extra["vs_vllm_greedy"] = EXACT if diff is None else f"{MISMATCH} at {diff} (round {round_.index})"
                 keep(kept, record, len(rounds))
+            # 3. the round's counts
             counts["tokens"] += len(mine.tokens)
             counts["baseline_tokens"] += len(base.tokens)
             counts["exact"] += mine.status == EXACT
             counts["baseline_exact"] += base.status == EXACT
             counts["equal"] += mine.extra["vs_vllm_greedy"] == EXACT
-        with open(rundir.path / LOAD, "a") as f:
+        with open(rundir.path / LOAD, "a") as f:  # 4. the round's load row
             f.write(json.dumps(load_row(name, c, round_, counts["tokens"], counts["baseline_tokens"], counts["exact"],
                                         counts["baseline_exact"], counts["equal"], len(prompts))) + "\n")  # fmt: skip
-    have = {(r.method, r.sample_id) for r in rundir.records()[0]}
+    have = {(r.method, r.sample_id) for r in rundir.records()[0]}  # 5. the records not yet in the run directory
     for (method, sample_id), record in kept.items():
         if (method, sample_id) not in have:
             rundir.append(record)
