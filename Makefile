@@ -69,16 +69,17 @@ vllm:
 test-vllm: setup vllm
 	HARNESS_VLLM_TESTS=1 .venv/bin/python -m pytest -m vllm -q
 
-# results/vllm-zoo.md: every method on vLLM and on the harness (side by side), concurrency 1, 4 and 16, from a
-# clean tree (docs/vllm.md)
+# results/vllm-zoo.md: every method on vLLM and on the harness (side by side), concurrency 1, 4 and 16, each
+# method timed beside plain vLLM in VLLM_ROUNDS alternating paired rounds, from a clean tree (docs/vllm.md)
 VLLM_METHODS := speculative,prompt-lookup,eagle,eagle3,medusa,suffix
 VLLM_CONCURRENCY ?= 1,4,16
+VLLM_ROUNDS ?= 3
 vllm-tables: setup vllm
 	ALLOW_DIRTY=$(ALLOW_DIRTY) .venv/bin/python -m harness.publish clean-tree
 	rm -rf results/runs/vllm-zoo
-	.venv/bin/harness run --engine vllm --methods $(VLLM_METHODS) method.speculative.gamma=$(GAMMA) \
+	.venv/bin/harness run --engine vllm --methods $(VLLM_METHODS) $(GAMMA_ARG) \
 	  --task humaneval task.split=report --limit $(LIMIT) --max-new-tokens 128 run.threads=1 \
-	  run.concurrency=$(VLLM_CONCURRENCY) run.progress=false --out results/runs/vllm-zoo $(ARGS)
+	  run.concurrency=$(VLLM_CONCURRENCY) vllm.rounds=$(VLLM_ROUNDS) run.progress=false --out results/runs/vllm-zoo $(ARGS)
 	.venv/bin/harness leaderboard results/runs/vllm-zoo --out results/vllm-zoo.md
 
 datastore: setup

@@ -151,6 +151,8 @@ class VllmSettings:
     num_speculative_tokens: int = 3  # tokens the EAGLE and Medusa heads draft per step (vLLM drafts chains)
     side_by_side: bool = True  # also run each method as the harness implements it (OUT/harness); false = the reference only
     timeout_s: float = 900.0  # longest wait for one answer of vLLM (loading a model included)
+    rounds: int = 3  # timed rounds per method and concurrency, each [plain vLLM batch, method batch], order alternating
+    gpu_memory_share: float = 0.4  # share of GPU memory each of the two live engines takes (on CUDA; CPU ignores it)
 
     def check(self) -> None:
         require(self.threads >= 1, "vllm.threads", self.threads, "must be >= 1")
@@ -158,3 +160,6 @@ class VllmSettings:
         require(self.max_model_len >= 0, "vllm.max_model_len", self.max_model_len, "must be >= 0 (0 = the model's own)")
         require(self.num_speculative_tokens >= 1, "vllm.num_speculative_tokens", self.num_speculative_tokens, "must be >= 1")
         require(self.timeout_s > 0, "vllm.timeout_s", self.timeout_s, "must be > 0")
+        require(self.rounds >= 1, "vllm.rounds", self.rounds, "must be >= 1")
+        require(0 < self.gpu_memory_share <= 0.5, "vllm.gpu_memory_share", self.gpu_memory_share,
+                "must be in (0, 0.5]: two engines share the GPU")  # fmt: skip

@@ -14,11 +14,13 @@ cd "$(dirname "$0")/.."
 DRY=0
 [ "${1:-}" = "--dry-run" ] && DRY=1
 if [ "$DRY" = 1 ]; then
-  out=results/runs/gpu-dry; device=cpu; limit=1; tokens=8; conc=1,2; vlimit=2; dtype=float32
+  out=results/runs/gpu-dry; device=cpu; limit=1; tokens=8; conc=1,2; vlimit=2; dtype=float32; vrounds=2
   tests=(tests/test_engine.py); scale=4  # a shared CPU is far slower than the GPU the limits are set for
   compiled_dry=(--methods autoregressive,prompt-lookup model.compile_buckets=[1,4])  # compiling every method: minutes on CPU
 else
-  out=results/gpu; device=cuda; limit=4; tokens=64; conc=1,16; vlimit=16; dtype=${DTYPE:-float32}
+  # vrounds: one paired round per method on the GPU (as many engine loads as before rounds: suffix loads one
+  # engine per round), two in the dry run so the alternation itself is exercised
+  out=results/gpu; device=cuda; limit=4; tokens=64; conc=1,16; vlimit=16; dtype=${DTYPE:-float32}; vrounds=1
   tests=(tests/test_engine.py tests/test_compiled.py tests/test_methods_baseline.py); scale=1  # 460 s at most in all
   compiled_dry=()
 fi
@@ -62,7 +64,7 @@ else
   [ "$DRY" = 1 ] && vm=autoregressive,prompt-lookup
   step vllm 160 .venv/bin/harness run --engine vllm --methods "$vm" --task humaneval --limit "$vlimit" \
     --max-new-tokens "$tokens" run.concurrency=$conc run.progress=false model.dtype=$dtype vllm.side_by_side=false \
-    --out "$out/vllm"
+    vllm.rounds=$vrounds --out "$out/vllm"
 fi
 # 5. the leaderboards
 for run in bench-eager bench-compiled; do

@@ -25,7 +25,7 @@ MAPPED = ("autoregressive", "speculative", "prompt-lookup", "eagle", "eagle3", "
 class VllmMethod:
     name: str  # the harness method it stands for
     speculative_config: Optional[dict[str, Any]]  # vLLM's speculative_config; None = plain decoding
-    fresh_engine_per_concurrency: bool = False  # state kept across requests (suffix's cache of outputs)
+    fresh_engine_per_round: bool = False  # state kept across requests (suffix's cache of outputs): an engine per round
 
 
 def model_path(path: str) -> str:
@@ -82,5 +82,5 @@ def vllm_method(name: str, cfg: MethodConfig, target: ModelConfig, head_tokens: 
                   "suffix_decoding_max_tree_depth": cfg.max_depth,
                   "suffix_decoding_max_spec_factor": cfg.max_spec_factor,
                   "suffix_decoding_min_token_prob": cfg.min_token_prob}  # fmt: skip
-        return VllmMethod(name, config, fresh_engine_per_concurrency=True)
+        return VllmMethod(name, config, fresh_engine_per_round=True)
     raise VllmError(f"{name} has no vLLM counterpart; with run.engine=vllm use {', '.join(MAPPED)}")

@@ -77,6 +77,7 @@ def load(request):
         max_model_len=request["max_model_len"],
         enforce_eager=request["enforce_eager"],
         seed=request["seed"],
+        gpu_memory_utilization=request["gpu_memory_utilization"],  # two engines share a GPU (CPU: unused)
         speculative_config=request["speculative_config"],
         enable_prefix_caching=False,  # every prompt is prefilled in full, as in the harness's own runs
         disable_log_stats=False,  # the spec-decode counters
