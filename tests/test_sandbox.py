@@ -569,8 +569,12 @@ def test_early_exit_fails_under_weak_isolation_too(iso):
     assert ex.check_completion(s, EARLY_EXIT["python"][0], FAST, iso=weak).status == "failed"
 
 
-def test_humaneval_all_reference_solutions_pass():
+def test_humaneval_all_reference_solutions_pass(monkeypatch):
     from tasks.humaneval import HumanEval, HumanEvalConfig
+
+    own = Path(tempfile.mkdtemp(prefix="spec-harness-test-"))  # its own: other runs on this host make theirs
+    os.chmod(own, 0o711)  # the sandbox's uid passes through to its working directory
+    monkeypatch.setattr(tempfile, "tempdir", str(own))
 
     samples = HumanEval(HumanEvalConfig()).samples()
     records = [{"method": "ref", "task": "humaneval", "sample_id": s.id, "text": s.meta["canonical_solution"]} for s in samples]
@@ -585,6 +589,7 @@ def test_humaneval_all_reference_solutions_pass():
     assert results[0]["language"] == "python"
     assert [r["status"] for r in results[164:]] == ["skipped", "skipped"]
     assert work_dirs() <= dirs_before, "temporary work directories were left behind"
+    shutil.rmtree(own)
 
 
 # --------------------------------------------------------------------------- forged passes
