@@ -22,7 +22,7 @@ from typing import Callable, Optional
 
 import pandas as pd
 import torch
-from tqdm import tqdm
+
 
 from harness.compiled import compile_count
 from harness.config import MethodConfig, ModelConfig, RunSettings, SamplingConfig, VllmSettings
@@ -31,6 +31,7 @@ from harness.errors import HarnessError
 from harness.leaderboard import run_leaderboard
 from harness.lossless import EXACT, NOT_CHECKED, compare
 from harness.paths import REPO_ROOT
+from harness.progress import Progress
 from harness.registry import METHODS, TASKS
 from harness.repetition import repetition_share
 from harness.report import load_runs, metrics
@@ -221,9 +222,8 @@ def run(exp: Experiment, log: Callable[[str], None] = print) -> RunResult:
     if pending:
         warm_up(engine, methods, samples[0], settings, log)
     # a bar with the method and sample in flight and an ETA; off with run.progress=false (--quiet) and
-    # when stderr is not a terminal (CI logs): tqdm's disable=None
-    bar = tqdm(total=pending, desc="decoding", unit="gen", disable=None if settings.progress else True,
-               dynamic_ncols=True)  # fmt: skip
+    # when stderr is not a terminal (CI logs)
+    bar = Progress(pending, "decoding", "gen", enabled=settings.progress)
     for index, sample in enumerate(samples):
         order = rotate(list(methods), index)  # the reference rotates with the others
         reference_ids = encode_reference(engine, sample)
@@ -235,8 +235,8 @@ def run(exp: Experiment, log: Callable[[str], None] = print) -> RunResult:
                 if not any((sample.id, turn) == (d["sample_id"], d["turn"]) for d in rundir.dropped()):
                     rundir.append_dropped(dropped_entry(engine, sample, turn, len(prompt_ids), problem))
                 log(f"dropped sample {sample.id} from turn {turn}: {problem} (task.too_long=drop)")
-                bar.update(sum(1 for t in range(turn, len(sample.turns)) for m in methods
-                               if (m, task_name, sample.id, t) not in done))
+                bar.advance(sum(1 for t in range(turn, len(sample.turns)) for m in methods
+                                if (m, task_name, sample.id, t) not in done))
                 break
             check_length(engine, methods, sample, turn, len(prompt_ids), settings.max_new_tokens)
             stop = StopRule(settings.max_new_tokens, frozenset(engine.eos_ids), stop_strings(engine, task, sample))
@@ -246,14 +246,14 @@ def run(exp: Experiment, log: Callable[[str], None] = print) -> RunResult:
             for position, name in enumerate(order):
                 if (name, task_name, sample.id, turn) in done:
                     continue
-                bar.set_postfix_str(f"{name} on {sample.id}" + (f" turn {turn}" if turn else ""), refresh=False)
+                bar.item(f"{name} on {sample.id}" + (f" turn {turn}" if turn else ""))
                 graphs = compile_count() if engine.compiled is not None else 0
                 record = run_one(exp, engine, methods[name], name, sample, turn, prompt_ids, stop, seed, position,
                                  reference_ids)  # fmt: skip
                 if engine.compiled is not None and compile_count() > graphs:  # should not happen: say so
                     log(f"notice: {name} compiled {compile_count() - graphs} graph(s) inside the timer "
                         f"on sample {sample.id}")  # fmt: skip
-                bar.update(1)
+                bar.advance()
                 if name == REFERENCE:
                     reference = record
                     rundir.append_text(sample_text(engine, sample.id, turn, prompt_ids, record.tokens))

@@ -18,7 +18,7 @@ PACKAGES = ("harness", "methods", "tasks")
 # covers package x and every module under it.
 FLOORS: list[dict[str, tuple[str, ...]]] = [
     {"foundation": ("harness", "harness.errors", "harness.paths", "harness.config", "harness.registry",
-                    "harness.models", "harness.stops", "harness.devices", "harness.repetition")},
+                    "harness.models", "harness.stops", "harness.devices", "harness.repetition", "harness.progress")},
     {"execution layer": ("harness.kvcache", "harness.compiled", "harness.engine", "harness.drafters.*",
                          "harness.lossless")},
     {"tasks and sandbox": ("tasks.*", "harness.sandbox.*")},
