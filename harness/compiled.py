@@ -141,7 +141,7 @@ class CompiledForward:
         self._seen: set[tuple[int, int]] = set()  # (bucket, static length) already run with full guards
         self._resize(max(int(static_len), self.buckets[-1] + 1))
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
-        self._step = torch.compile(self._decode, **compile_options(device))
+        self._step = torch.compile(self._decoder_forward, **compile_options(device))
 
     # ---- the static length -----------------------------------------------------------------
     def _resize(self, static_len: int) -> None:
@@ -190,7 +190,7 @@ class CompiledForward:
         cache.inner = bigger
 
     # ---- the forward -----------------------------------------------------------------------
-    def _decode(self, ids, positions, mask, cache: StaticCache, start) -> torch.Tensor:
+    def _decoder_forward(self, ids, positions, mask, cache: StaticCache, start) -> torch.Tensor:
         """The compiled function: write position = ``start`` in every layer, then the decoder."""
         for layer in cache.layers:
             layer.cumulative_length.copy_(start)
@@ -258,7 +258,7 @@ class CompiledForward:
         elif past == 0 and allowed is None:  # a prompt longer than the largest bucket: see _prefill
             hidden = self._prefill(ids, positions, cache.inner)
         else:  # longer than the largest bucket after cached entries: one eager forward over the static cache
-            hidden = self._decode(ids_p, pos_p, mask, cache.inner, torch.tensor(past, device=self.device))
+            hidden = self._decoder_forward(ids_p, pos_p, mask, cache.inner, torch.tensor(past, device=self.device))
         cache.length = past + n
         h = hidden[0, max(n - keep, 0) : n] if keep else hidden[0, :n]
         return self.head(h).float(), h

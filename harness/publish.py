@@ -206,7 +206,7 @@ BLOCKS = {  # block name -> its table, from the results directory
     "eagle2-trees": lambda results: sweep_block(results, "eagle2-trees.md", "eagle2"),
     "speculative-tree": lambda results: sweep_block(results, "speculative-tree.md", "speculative", "speculative-tree"),
     "spec-bench-docs": lambda results: category_block(results, "leaderboard-docs.md"),
-    "modes": modes_block,  # eager vs compiled execution (make bench MODE=compiled)
+    "modes": modes_block,  # eager vs compiled forwards (make bench MODE=compiled)
 }
 
 

@@ -113,13 +113,13 @@ def make_manifest(exp: Experiment, engine: Engine) -> dict:
         },
         "seed": exp.run.seed,
         "reference": f"greedy {REFERENCE} of the same model ({model_label(engine)})",
-        "execution": forward_mode(engine),
+        "forward_mode": forward_mode_record(engine),
         "engine": {"name": "harness"},
     }
 
 
-def forward_mode(engine: Engine) -> dict:
-    """How forwards run, eager or compiled (model.compile), for the manifest's ``execution`` record:
+def forward_mode_record(engine: Engine) -> dict:
+    """How forwards run, eager or compiled (model.compile), for the manifest's ``forward_mode`` record:
     leaderboards show it and refuse to merge modes."""
     if engine.compiled is None:
         return {"mode": "eager"}

@@ -19,7 +19,7 @@ PACKAGES = ("harness", "methods", "tasks")
 FLOORS: list[dict[str, tuple[str, ...]]] = [
     {"foundation": ("harness", "harness.errors", "harness.paths", "harness.config", "harness.registry",
                     "harness.models", "harness.stops", "harness.devices", "harness.repetition", "harness.progress")},
-    {"execution layer": ("harness.kvcache", "harness.compiled", "harness.engine", "harness.drafters.*",
+    {"engine": ("harness.kvcache", "harness.compiled", "harness.engine", "harness.drafters.*",
                          "harness.lossless")},
     {"tasks and sandbox": ("tasks.*", "harness.sandbox.*")},
     {

@@ -9,6 +9,7 @@ import sys
 
 import pytest
 import torch
+from test_medusa import Repeat
 
 from harness import progress
 from harness.progress import SUMMARY_LINES, Progress
@@ -131,22 +132,6 @@ def test_silent_off_a_terminal_under_quiet_in_ci_or_disabled(why, monkeypatch):
     progress.quiet(False)
     Progress(3, "decoding", "gen", stream=control).close()
     assert control.getvalue()
-
-
-class Repeat:
-    """The same batch forever (the loop's resumable batch source)."""
-
-    def __init__(self, batch):
-        self.batch = batch
-
-    def __next__(self):
-        return self.batch
-
-    def state_dict(self):
-        return {}
-
-    def load_state_dict(self, state):
-        pass
 
 
 def test_the_training_loop_reports_steps_and_ends_with_its_summary(tmp_path, monkeypatch):

@@ -117,7 +117,7 @@ def run_vllm(exp, log: Callable[[str], None] = print):
                     load_engine(worker, exp, method, log)
                     for c in group:
                         log(f"vLLM {name}: {len(prompts)} prompts, concurrency {c}")
-                        decode(worker, exp, engine, method, prompts, c, rundirs[c])
+                        generate_all(worker, exp, engine, method, prompts, c, rundirs[c])
     for rundir in rundirs.values():
         rundir.write_summary(metrics(load_runs([rundir.path], one_shard=True)))
 
@@ -159,7 +159,7 @@ def load_engine(worker: VllmWorker, exp, method: VllmMethod, log) -> None:
     log(f"vLLM {reply['version']} loaded {exp.model.path} for {method.name}")
 
 
-def decode(worker: VllmWorker, exp, engine: Engine, method: VllmMethod, prompts: list[Prompt], c: int,
+def generate_all(worker: VllmWorker, exp, engine: Engine, method: VllmMethod, prompts: list[Prompt], c: int,
            rundir: RunDir) -> None:  # fmt: skip
     """An untimed warm-up, then every prompt with ``c`` in flight; records appended as they are checked."""
     settings = exp.run

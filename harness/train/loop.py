@@ -71,7 +71,7 @@ class TrainLoopConfig:
     checkpoint_minutes: float = 5.0  # write a checkpoint this often (and at the end)
     seed: int = 0  # seeds python, numpy and torch at the first start
     threads: int = 0  # torch.set_num_threads (0 = leave as is)
-    compile: bool = False  # torch.compile the module for the training steps (measured 1.19x on the zoo target, 2 CPU threads; checkpoints stay plain)
+    compile: bool = False  # torch.compile the module for the training steps (checkpoints stay plain)
     progress: bool = True  # show a progress bar (harness.progress: never when stderr is not a terminal)
 
 

@@ -102,7 +102,7 @@ def head_weights(cfg: MedusaTrainConfig) -> list[float]:
 
 
 def load_base(path: str, device: str = "cpu") -> torch.nn.Module:
-    """The frozen base causal LM in float32 (through the execution layer's loader)."""
+    """The frozen base causal LM in float32 (through the engine's loader)."""
     from harness.config import ModelConfig  # noqa: PLC0415
     from harness.engine import Engine  # noqa: PLC0415
 

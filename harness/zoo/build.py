@@ -186,8 +186,7 @@ class ExportConfig:
     # exported name -> checkpoint directory under the train root, where they differ (zoo v3: zoo/target is
     # the target continued on function-level samples, zoo/draft the draft distilled from it, second phase
     # draft_top1; a source without a checkpoint yet, e.g. draft-top1 before its stage ran, falls back to the model's own)
-    # shipped: target = the unlikelihood fine-tune (repetition 0.61 -> 0.26, 50% -> 90% of HumanEval completions
-    # ending before 128 tokens, held-out ppl 5.25 -> 6.67: measured, zoo/target/README.md)
+    # shipped: target = the unlikelihood fine-tune (what it changed, measured: zoo/target/README.md)
     sources: dict[str, str] = field(default_factory=lambda: {"target": "target-unlikelihood", "draft": "draft-top1"})
     dtype: str = "float16"  # float16 | bfloat16 | float32 weights on disk
     evaluate: bool = True  # compute quality figures (held-out ppl, HumanEval, agreement)
