@@ -139,6 +139,7 @@ def test_the_training_loop_reports_steps_and_ends_with_its_summary(tmp_path, mon
 
     out = Terminal()
     monkeypatch.setattr(sys, "stderr", out)
+    monkeypatch.setenv("COLUMNS", "160")  # the loop's bar takes the terminal's width: wide enough for the whole line
     module = torch.nn.Linear(4, 4)
     batch = torch.ones(2, 4)
     loop = TrainLoopConfig(lr=1e-2, warmup_steps=0, max_steps=3, weight_decay=0.0)
