@@ -33,7 +33,7 @@ METHODS := autoregressive,hf-generate,speculative,speculative-tree,prompt-lookup
 # make leaderboard adds rest, which needs its datastore (make datastore: the zoo corpus's tokens, built once
 # into $HARNESS_CACHE; on a machine without the zoo corpus, `harness zoo prepare` builds it first)
 LEADERBOARD_METHODS := $(METHODS),rest,chimera,nest,llm-to-slm
-# make leaderboard's compiled run (results/leaderboard-compiled.md, README "Compiled execution"): the hf-* wrappers
+# make leaderboard's compiled run (results/leaderboard-compiled.md, docs/compiled.md): the hf-* wrappers
 # beyond hf-generate stay eager transformers code, so they are left out there
 COMPILED_METHODS := autoregressive,hf-generate,speculative,speculative-tree,prompt-lookup,reference-lookup,suffix,recycling,lookahead,swift,medusa,eagle,eagle2,eagle3,hidden-transfer,firp
 # GAMMA (when set) goes to the draft-model methods that are benched (an override of a method not in the run is refused)

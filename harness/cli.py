@@ -168,7 +168,7 @@ def cmd_multirun(args: argparse.Namespace) -> int:
             launcher = o.split("=", 1)[1]
             user.remove(o)
     plan = sweep.plan(base, user, root, launcher)
-    done, failed = sweep.launch(plan)
+    done, failed = sweep.launch(plan, progress=not args.quiet)
     print(f"[sweep] {done} of {done + failed} jobs done under {root}; "
           f"compare with: harness leaderboard {root}/*/ --by run_dir")  # fmt: skip
     return 0 if failed == 0 else 2

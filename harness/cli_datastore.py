@@ -24,7 +24,7 @@ import numpy as np
 
 from harness.zoo.build import ZooDataConfig
 
-USAGE = "usage: harness datastore build [key=value ...]   (harness datastore build --cfg shows all keys)"
+USAGE = "usage: harness datastore build [key=value ...] [--quiet]   (harness datastore build --cfg shows all keys)"
 
 
 @dataclass
@@ -65,14 +65,20 @@ def main(argv: list[str]) -> int:
 
 def run_build(cfg: DatastoreBuildConfig) -> int:
     from harness.datastore import build, default_datastore_dir  # noqa: PLC0415
+    from harness.progress import Progress  # noqa: PLC0415
 
-    tokens, sources, tokenizer = read_inputs(cfg) if cfg.inputs else read_zoo(cfg)
-    if cfg.max_tokens > 0:
-        tokens = tokens[: cfg.max_tokens]
     out = Path(cfg.out).expanduser() if cfg.out else default_datastore_dir(cfg.name)
-    build(tokens, sources, tokenizer, out)
-    if cfg.keys:
-        add_keys(cfg, out, tokens)
+    with Progress(3 if cfg.keys else 2, "datastore build", "stage") as bar:
+        bar.start("tokenising the inputs" if cfg.inputs else "reading the zoo's token data")
+        tokens, sources, tokenizer = read_inputs(cfg) if cfg.inputs else read_zoo(cfg)
+        if cfg.max_tokens > 0:
+            tokens = tokens[: cfg.max_tokens]
+        bar.start(f"suffix array of {len(tokens):,} tokens")
+        build(tokens, sources, tokenizer, out)
+        if cfg.keys:
+            bar.start(f"kNN keys from {cfg.keys}")
+            add_keys(cfg, out, tokens)
+        bar.done()
     return 0
 
 

@@ -20,12 +20,13 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any
 
+from harness import progress
 from harness.train.lm import DRAFT, TARGET, LMTrainConfig, ModelConfig
 from harness.zoo.build import ZooDataConfig
 
 USAGE = (
     "usage: harness train {lm model=target|draft | medusa | space | eagle version=1|3 | hidden-transfer "
-    "preset=hidden-transfer|firp | chimera | llm-to-slm} [key=value ...]   "
+    "preset=hidden-transfer|firp | chimera | llm-to-slm} [key=value ...] [--quiet]   "
     "(harness train <job> --help shows all keys)"
 )
 
@@ -91,7 +92,8 @@ def _one_line(exc: BaseException) -> str:
 
 def dispatch(argv: list[str], usage: str, runners: dict, config_name, noun: str, register=None) -> int:
     """Shared front end of ``harness train`` and ``harness zoo``: pick the job, compose its
-    config from ``key=value`` overrides (``--cfg`` prints it), run it; failures are one line."""
+    config from ``key=value`` overrides (``--cfg`` prints it), run it; failures are one line.
+    ``--quiet``: no progress bar and no closing summary (none either when stderr is not a terminal)."""
     if not argv or argv[0] in ("-h", "--help"):
         print(usage)
         return 0 if argv else 2
@@ -100,7 +102,9 @@ def dispatch(argv: list[str], usage: str, runners: dict, config_name, noun: str,
         print(f"error: unknown {noun} {what!r}. {usage}", file=sys.stderr)
         return 2
     show = any(a in ("-h", "--help", "--cfg") for a in rest)
-    rest = [a for a in rest if a not in ("-h", "--help", "--cfg")]
+    if "--quiet" in rest:
+        progress.quiet()
+    rest = [a for a in rest if a not in ("-h", "--help", "--cfg", "--quiet")]
     (register or register_configs)()
     try:
         cmd, yaml = compose_config(config_name(what), rest)

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from harness.cli_train import HEAD_TRAINERS
+from harness.progress import Progress
 from harness.train.lm import DRAFT, TARGET, LMTrainConfig, ModelConfig
 from harness.train.chimera import ChimeraTrainConfig
 from harness.train.llm_to_slm import LlmToSlmTrainConfig
@@ -54,7 +55,7 @@ UNLIKELIHOOD_CHECKPOINT = "target-unlikelihood"  # <train_root>/<this>: the targ
 DISTILL_CHECKPOINT = "draft-distill"  # <train_root>/<this>: the draft_distill stage's checkpoint
 TOP1_CHECKPOINT = "draft-top1"  # <train_root>/<this>: the draft_top1 stage's checkpoint (zoo/draft ships it)
 
-USAGE = "usage: harness zoo {prepare|build|export|eval} [key=value ...]   (--cfg shows all keys)"
+USAGE = "usage: harness zoo {prepare|build|export|eval} [key=value ...] [--quiet]   (--cfg shows all keys)"
 
 
 @dataclass
@@ -135,12 +136,7 @@ def _prepare(cmd: ZooCommand) -> int:
 
 
 def _build(cmd: ZooCommand) -> int:
-    from harness.train.lm import make_job, run_lm_training  # noqa: PLC0415
-    from harness.train.medusa import run_medusa_training  # noqa: PLC0415
-    from harness.train.space import export as export_space  # noqa: PLC0415
-    from harness.train.space import run_space_training  # noqa: PLC0415
-    from harness.zoo.build import (  # noqa: PLC0415
-        check_token_data, data_paths, export_zoo, prepare_data, sandbox_isolation, write_zoo_index, zoo_dir_of)
+    from harness.zoo.build import data_paths, sandbox_isolation  # noqa: PLC0415
 
     unknown = [s for s in cmd.stages if s not in STAGES]
     if unknown:
@@ -158,12 +154,26 @@ def _build(cmd: ZooCommand) -> int:
             if d.exists():
                 shutil.rmtree(d)
                 print(f"[zoo] removed {d}")
+    with Progress(1 + len(cmd.stages), "zoo build", "stage") as bar:
+        return _build_stages(cmd, paths, root, bar)
+
+
+def _build_stages(cmd: ZooCommand, paths, root: Path, bar: Progress) -> int:
+    """The stages ``cmd.stages`` names, in the order they depend on each other (each a ``bar`` stage)."""
+    from harness.train.lm import make_job, run_lm_training  # noqa: PLC0415
+    from harness.train.medusa import run_medusa_training  # noqa: PLC0415
+    from harness.train.space import export as export_space  # noqa: PLC0415
+    from harness.train.space import run_space_training  # noqa: PLC0415
+    from harness.zoo.build import check_token_data, export_zoo, prepare_data, write_zoo_index, zoo_dir_of  # noqa: PLC0415
+
+    bar.start("data")
     prepare_data(cmd.data)
     fn_target = replace(cmd.target, name=FUNCTIONS_CHECKPOINT)
     cmd.target_functions_train.init_from = cmd.target_functions_train.init_from or str(root / cmd.target.name)
     for stage, model, train_cfg in (("draft", cmd.draft, cmd.draft_train), ("target", cmd.target, cmd.target_train),
                                     ("target_functions", fn_target, cmd.target_functions_train)):
         if stage in cmd.stages:
+            bar.start(stage)
             if stage == "target_functions":
                 _restart_if_init_changed(root / model.name, train_cfg.init_from)
             job = make_job(model, train_cfg, paths, str(root / model.name))
@@ -173,6 +183,7 @@ def _build(cmd: ZooCommand) -> int:
                 print(f"[zoo] {model.name} stopped before its plan ended: rerun to continue")
                 return 1
     if "target_unlikelihood" in cmd.stages:
+        bar.start("target_unlikelihood")
         from harness.train.unlikelihood import run_unlikelihood_training  # noqa: PLC0415
 
         ul = cmd.target_unlikelihood
@@ -184,6 +195,7 @@ def _build(cmd: ZooCommand) -> int:
             print(f"[zoo] {UNLIKELIHOOD_CHECKPOINT} stopped before its plan ended: rerun to continue")
             return 1
     if "export" in cmd.stages:
+        bar.start("export")
         cmd.export.models = [cmd.draft.name, cmd.target.name]
         cmd.export.draft_name, cmd.export.target_name = cmd.draft.name, cmd.target.name
         export_zoo(cmd.export, cmd.data, str(root))
@@ -191,6 +203,7 @@ def _build(cmd: ZooCommand) -> int:
     if {"draft_distill", "draft_top1", "medusa", "medusa_greedy", "space", "eagle", "eagle3", "chimera", "llm_to_slm"} & set(cmd.stages) and (zoo / cmd.target.name).exists():
         check_token_data(paths, zoo / cmd.target.name)  # their held-out figures read the cached token data
     if "selfdistill" in cmd.stages:
+        bar.start("selfdistill")
         from harness.zoo.corpus import load_corpus  # noqa: PLC0415
         from harness.zoo.selfdistill import generate_selfdistill  # noqa: PLC0415
 
@@ -202,7 +215,10 @@ def _build(cmd: ZooCommand) -> int:
     phases = (("draft_distill", cmd.draft_distill, DISTILL_CHECKPOINT, root / cmd.draft.name),
               ("draft_top1", cmd.draft_top1, TOP1_CHECKPOINT, root / DISTILL_CHECKPOINT))
     for stage, job, checkpoint, start in phases:
-        if stage in cmd.stages and not _distill_draft(cmd, job, checkpoint, start, paths, root, zoo):
+        if stage not in cmd.stages:
+            continue
+        bar.start(stage)
+        if not _distill_draft(cmd, job, checkpoint, start, paths, root, zoo):
             return 1
     # the heads and fine-tunes read this build's token data and self-distilled records (its data.cache_dir)
     for job, export_name in ((cmd.medusa, "target-medusa"), (cmd.medusa_greedy, "target-medusa"), (cmd.space, "target-space"),
@@ -215,11 +231,13 @@ def _build(cmd: ZooCommand) -> int:
         if cmd.export.zoo_dir:  # a zoo elsewhere (tests, experiments): train on and write into it
             job.base, job.export_dir = str(zoo / cmd.target.name), str(zoo / export_name)
     if "medusa" in cmd.stages:
+        bar.start("medusa")
         cmd.medusa.out_dir = cmd.medusa.out_dir or str(root / "medusa")
         _restart_if_base_changed(Path(cmd.medusa.out_dir), cmd.medusa.base)
         _res, summary = run_medusa_training(cmd.medusa)  # exports to medusa.export_dir at the end
         print(f"[zoo] trained medusa heads: {summary}")
     if "medusa_greedy" in cmd.stages:
+        bar.start("medusa_greedy")
         job = cmd.medusa_greedy
         job.out_dir = job.out_dir or str(root / "medusa-greedy")
         job.init_from = job.init_from or str(root / "medusa")
@@ -228,6 +246,7 @@ def _build(cmd: ZooCommand) -> int:
         _res, summary = run_medusa_training(job)  # exports over medusa_greedy.export_dir at the end
         print(f"[zoo] trained medusa heads, second phase: {summary}")
     if "space" in cmd.stages:
+        bar.start("space")
         cmd.space.out_dir = cmd.space.out_dir or str(root / "space")
         _restart_if_base_changed(Path(cmd.space.out_dir), cmd.space.base)
         res, summary = run_space_training(cmd.space)
@@ -237,6 +256,7 @@ def _build(cmd: ZooCommand) -> int:
     for stage, (trainer, checkpoint) in HEAD_STAGES.items():  # heads and drafters on the frozen target
         if stage not in cmd.stages:
             continue
+        bar.start(stage)
         job = getattr(cmd, stage)
         job.out_dir = job.out_dir or str(root / checkpoint)
         if stage == "llm_to_slm" and cmd.export.zoo_dir:
@@ -245,6 +265,7 @@ def _build(cmd: ZooCommand) -> int:
         module, function = HEAD_TRAINERS[trainer]
         _res, summary = getattr(importlib.import_module(module), function)(job)  # exports at the end
         print(f"[zoo] trained {stage}: {summary}")
+    bar.done()
     if zoo.exists():
         write_zoo_index(zoo)
     return 0

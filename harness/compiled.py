@@ -26,7 +26,7 @@ changes underneath:
   hidden state for free. After a shape's first call only the guards that tell the graphs
   apart are checked (``_call``): dynamo's full check costs more than a small model's step.
 * **Chosen layers, skipped sublayers, injected rows.** A forward that returns chosen layers'
-  hidden states (EAGLE-3's features) runs ``_decode_fused``: the decoder's own modules called in
+  hidden states (EAGLE-3's features) runs ``_decoder_forward_fused``: the decoder's own modules called in
   order inside one graph, the selection a fixed tuple, so one graph per bucket and selection. A
   layer-skipping forward (SWIFT) or one with injected rows (Hidden Transfer, FIRP) calls the
   sublayers it keeps one by one (``sublayer``), each its own graph per bucket: every skip set
@@ -174,8 +174,8 @@ class CompiledForward:
         self._resize(max(int(static_len), self.buckets[-1] + 1))
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
         options = compile_options(device)
-        self._step = torch.compile(self._decode, **options)
-        self._fused_step = torch.compile(self._decode_fused, **options)  # one graph per bucket and selection
+        self._step = torch.compile(self._decoder_forward, **options)
+        self._fused_step = torch.compile(self._decoder_forward_fused, **options)  # one graph per bucket and selection
         self.heads: dict[int, "CompiledHead"] = {}  # draft heads on this compiled path, by id of the module
         self._sublayer_steps = {"attn": torch.compile(self._attention_step, **options),  # one graph per
                                 "mlp": torch.compile(self._mlp_step, **options)}  # layer and bucket  # fmt: skip
@@ -227,14 +227,14 @@ class CompiledForward:
         cache.inner = bigger
 
     # ---- the forward -----------------------------------------------------------------------
-    def _decode(self, ids, positions, mask, cache: StaticCache, start) -> torch.Tensor:
+    def _decoder_forward(self, ids, positions, mask, cache: StaticCache, start) -> torch.Tensor:
         """The compiled function: write position = ``start`` in every layer, then the decoder."""
         for layer in cache.layers:
             layer.cumulative_length.copy_(start)
         return self.decoder(input_ids=ids, position_ids=positions, attention_mask=mask, cache=cache,
                             use_cache=True).last_hidden_state  # fmt: skip
 
-    def _decode_fused(self, ids, positions, mask, cache: StaticCache, start, layers: tuple[int, ...]):
+    def _decoder_forward_fused(self, ids, positions, mask, cache: StaticCache, start, layers: tuple[int, ...]):
         """The compiled function of a forward that also returns chosen layers' hidden states
         (EAGLE-3's features): the decoder's own modules called in its order (embedding, rotary
         tables, each decoder layer, final norm; Llama-family decoders), so every selection is a
@@ -340,7 +340,7 @@ class CompiledForward:
         """Logits (float32) and hidden states of the last ``keep`` rows (0 = all) of a forward
         of ``ids`` / ``positions`` ``[1, n]`` after the cached entries; ``attn`` is the
         engine's float mask ``[1, 1, n, past + n]`` (0 = attend) or None for causal. With
-        ``layers`` (a fixed selection, see ``_decode_fused``) the hidden states returned are
+        ``layers`` (a fixed selection, see ``_decoder_forward_fused``) the hidden states returned are
         those layers' concatenated; the logits still come from the last one."""
         if not isinstance(cache, StaticKVCache):
             raise TypeError("model.compile=true needs the engine's own caches (engine.new_cache())")
@@ -361,13 +361,13 @@ class CompiledForward:
             if compiled:
                 hidden, selected = self._call(self._fused_step, ("fused", layers, size), *args)
             else:  # longer than the largest bucket: one eager forward over the static cache
-                hidden, selected = self._decode_fused(*args)
+                hidden, selected = self._decoder_forward_fused(*args)
         elif compiled:
             hidden = self._call(self._step, ("decode", size), ids_p, pos_p, mask, cache.inner, start)
         elif past == 0 and allowed is None:  # a prompt longer than the largest bucket: see _prefill
             hidden = self._prefill(ids, positions, cache.inner)
         else:  # longer than the largest bucket after cached entries: one eager forward over the static cache
-            hidden = self._decode(ids_p, pos_p, mask, cache.inner, start)
+            hidden = self._decoder_forward(ids_p, pos_p, mask, cache.inner, start)
         cache.length = past + n
         rows = slice(max(n - keep, 0), n) if keep else slice(0, n)
         h = hidden[0, rows]

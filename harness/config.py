@@ -57,7 +57,7 @@ class ModelConfig:
     # forward sizes compiled (tokens): a forward is padded to the next one; a longer one (a prompt) runs eagerly.
     # 2 is a bucket of its own: speculative's gamma-1 verify and its draft's catch-up are 2-token forwards, which
     # would otherwise run the 4-row graph (make tables-buckets: results/compile-buckets.md; the measured gain is
-    # within a noisy machine's spread, see README "Compiled execution")
+    # within a noisy machine's spread, see docs/compiled.md)
     compile_buckets: list[int] = field(default_factory=lambda: [1, 2, 4, 16, 64])
     compile_cache_len: int = 0  # static KV cache entries; 0 = fitted by the runner (longest prompt + max_new_tokens + padding)
 
@@ -118,7 +118,7 @@ class RunSettings:
     # (harness/sandbox/__init__.py); "weak": run with what this machine has, recorded as weak
     # in the manifest, execution.jsonl, summary.csv and the leaderboards' pass@1 column
     execute_isolation: str = "full"
-    # the engine the methods run on: harness (this project's execution layer) | vllm (vLLM's own
+    # the engine the methods run on: harness (this project's own engine, harness/engine.py) | vllm (vLLM's own
     # implementation of each method, in .venv-vllm; docs/vllm.md)
     engine: str = "harness"
     # run.engine=vllm: requests kept in flight together, one run directory per value (e.g. [1,4,16])

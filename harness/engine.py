@@ -1,4 +1,4 @@
-"""The execution layer every method runs on.
+"""The engine every method runs on.
 
 It owns the model, its device and dtype, and the KV cache. Methods call
 ``Engine.forward(ids, positions, cache, mask)`` and the cache's ``truncate`` and

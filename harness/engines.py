@@ -1,4 +1,4 @@
-"""A run on the engine it names (``run.engine``): the harness's own execution layer
+"""A run on the engine it names (``run.engine``): the harness's own engine (harness/engine.py)
 (``harness.runner``) or vLLM's implementation of each method (``harness.serving``)."""
 
 from __future__ import annotations

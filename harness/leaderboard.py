@@ -18,7 +18,7 @@ from typing import Optional
 import pandas as pd
 from tabulate import tabulate
 
-from harness.report import (REFERENCE, REPETITION_NOTE, STOP_NOTE, Runs, dropped_note, header, metrics,
+from harness.report import (REFERENCE, REPETITION_NOTE, STOP_NOTE, Runs, dropped_note, forward_mode, header, metrics,
                             pass_at_1_label, provenance)
 from harness.results import commit_of
 
@@ -200,7 +200,7 @@ def run_leaderboard(table: pd.DataFrame, manifest: dict, dropped: Optional[list[
     head = (
         f"# Leaderboard\n\nmodel: {model.get('label', '?')} | device: {env.get('device', '?')} "
         f"({env.get('device_name', '?')}) | dtype: {model.get('dtype', '?')} | "
-        f"execution: {(manifest.get('execution') or {}).get('mode', 'eager')} | "  # model.compile (eager before it existed)
+        f"forwards: {forward_mode(manifest)} | "
         f"threads: {env.get('threads', '?')} | commit: {commit_of(manifest)} | "
         f"generated {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC\n\n"
         "speedup = tokens/s over `autoregressive` in this run; exact_match = share of outputs equal to greedy "

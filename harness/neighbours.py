@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from harness.engine import Engine
+from harness.progress import Progress
 
 KEYS_FILE, POSITIONS_FILE, DOCUMENTS_FILE, KEYS_MANIFEST = "keys.npy", "positions.npy", "documents.npy", "keys.json"
 
@@ -119,12 +120,14 @@ def build_keys(engine: Engine, tokens: np.ndarray, max_keys: int = 0, window: in
     docs = document_ids(tokens, engine.eos_ids)
     t0 = time.perf_counter()
     keys, positions = [], []
-    for start, end in windows(docs, window):
-        if end - start < 2:
-            continue
-        out = engine.forward(tokens[start:end].tolist(), engine.new_cache(), hidden=True)
-        keys.append(out.hidden[:-1].float().cpu())  # the state at j predicts token j + 1
-        positions.append(torch.arange(start + 1, end))
+    spans = [(start, end) for start, end in windows(docs, window) if end - start >= 2]
+    with Progress(len(spans), "kNN keys", "window") as bar:
+        for start, end in spans:
+            bar.item(f"tokens {start:,}-{end:,}")
+            out = engine.forward(tokens[start:end].tolist(), engine.new_cache(), hidden=True)
+            keys.append(out.hidden[:-1].float().cpu())  # the state at j predicts token j + 1
+            positions.append(torch.arange(start + 1, end))
+            bar.advance()
     if not keys:
         raise ValueError("no keys: the corpus has no window of two tokens or more")
     pos = torch.cat(positions).numpy()

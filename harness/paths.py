@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from harness.errors import HarnessError
 
@@ -40,6 +40,28 @@ def is_path_like(text: str) -> bool:
     """True when ``text`` can only be a local path, never a hub id (``name`` or ``owner/name``):
     absolute, starting with ``.`` or ``~``, or with more than one ``/`` (or any ``\\``)."""
     return text.startswith(("/", ".", "~")) or text.count("/") > 1 or "\\" in text
+
+
+def export_dir(path: str | os.PathLike, default: str = "") -> Path:
+    """Where an export writes: ``path`` (``default`` when empty), ``~`` expanded; a relative
+    path is inside the repository, whatever the current directory."""
+    p = Path(path or default).expanduser()
+    return p if p.is_absolute() else REPO_ROOT / p
+
+
+def export_component(
+    path: str | os.PathLike, save_weights, info: dict, card: Callable[[dict], str], log: Callable[[str], None], job: str
+) -> Path:
+    """Export a trained component to ``export_dir(path)`` (``write_component``): stamps ``info``
+    with ``exported_at``, writes the weights, ``info`` and ``card(info)``, and logs the step
+    exported under ``[train <job>]``. Returns the directory written."""
+    import time
+
+    info["exported_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    final = export_dir(path)
+    write_component(final, save_weights, info, card(info))
+    log(f"[train {job}] exported step {info['step']} -> {final}")
+    return final
 
 
 def write_component(final: Path, save_weights, info: dict, card: str) -> None:

@@ -225,6 +225,6 @@ def profile_phases(exp, method_names: list[str]) -> PhaseTable:
         "task": exp.task.name,
         "samples": len(prompts),
         "max_new_tokens": settings.max_new_tokens,
-        "execution": "compiled" if exp.model.compile else "eager",
+        "forward_mode": "compiled" if exp.model.compile else "eager",
     }
     return PhaseTable(rows, provenance)

@@ -208,7 +208,7 @@ def phases_block(results: Path, name: str) -> str:
     tree = "unknown tree" if git.get("dirty") is None else ("DIRTY tree" if git["dirty"] else "clean tree")
     load = data.get("load_average_1min") or {}
     header = (f"From `results/{name}`: model: {data['model']} | device: {data['device']} ({data['device_name']}) | "
-              f"execution: {data['execution']} | threads: {data['threads']} | {data['samples']} samples x "
+              f"forwards: {data['forward_mode']} | threads: {data['threads']} | {data['samples']} samples x "
               f"{data['max_new_tokens']} tokens | load average {load.get('before', float('nan')):.1f} -> "
               f"{load.get('after', float('nan')):.1f} | commit: {(git.get('commit') or '?')[:10]} ({tree})")  # fmt: skip
     columns = ["draft", "verify", "tree", "accept", "cache", "other"]
@@ -228,7 +228,7 @@ BLOCKS = {  # block name -> its table, from the results directory
     "eagle2-trees": lambda results: sweep_block(results, "eagle2-trees.md", "eagle2"),
     "speculative-tree": lambda results: sweep_block(results, "speculative-tree.md", "speculative", "speculative-tree"),
     "spec-bench-docs": lambda results: category_block(results, "leaderboard-docs.md"),
-    "modes": modes_block,  # eager vs compiled execution (make bench MODE=compiled)
+    "modes": modes_block,  # eager vs compiled forwards (make bench MODE=compiled)
     "profile-phases": lambda results: phases_block(results, "profile-phases.json"),  # make profile-phases
     "profile-phases-before": lambda results: phases_block(results, "profile-phases-before.json"),
 }

@@ -33,10 +33,14 @@ COMPATIBILITY = {
 }
 
 
+# the manifest key runs stored their forward mode under before it was ``forward_mode`` (read, never written)
+OLD_FORWARD_MODE_KEY = "execution"
+
+
 def forward_mode(manifest: dict) -> str:
-    """How a run's forwards ran: ``eager`` or ``compiled`` (the manifest's ``execution`` record;
-    runs made before the compiled mode existed are eager)."""
-    return (manifest.get("execution") or {}).get("mode", "eager")
+    """How a run's forwards ran: ``eager`` or ``compiled`` (the manifest's ``forward_mode`` record,
+    ``execution`` in older runs; runs made before the compiled mode existed are eager)."""
+    return (manifest.get("forward_mode") or manifest.get(OLD_FORWARD_MODE_KEY) or {}).get("mode", "eager")
 
 
 @dataclass
@@ -273,7 +277,7 @@ def header(runs: Runs) -> str:
         ("model", lambda m: m.get("model", {}).get("label")),
         ("device", lambda m: f"{m['environment'].get('device')} ({m['environment'].get('device_name')})"),
         ("dtype", lambda m: m.get("model", {}).get("dtype")),
-        ("execution", forward_mode),
+        ("forwards", forward_mode),
         ("threads", lambda m: m.get("environment", {}).get("threads")),
         ("torch", lambda m: m.get("packages", {}).get("torch")),
         ("transformers", lambda m: m.get("packages", {}).get("transformers")),

@@ -95,7 +95,7 @@ class Record:
     tokens: list[int]
     text: str
     wall_time_s: float
-    forward_time_s: float  # time inside model forwards (target and draft, execution layer), within wall_time_s
+    forward_time_s: float  # time inside model forwards (target and draft, through the engine), within wall_time_s
     prefill_time_s: Optional[float]  # the first target forward (the prompt); None if no forward was timed
     draft_forward_time_s: float  # time inside draft forwards (a draft model's, or a method's own draft heads)
     verify_tokens: int  # tokens fed to the target after prefill (sum of chunk sizes)
@@ -127,7 +127,7 @@ class Record:
     # which yields the first token): time to first token; None for a record written before it existed
     first_token_s: Optional[float] = None
     extra: dict[str, Any] = field(default_factory=dict)
-    engine: str = "harness"  # what ran the method: harness (this project's execution layer) | vllm
+    engine: str = "harness"  # what ran the method: harness (this project's engine, harness/engine.py) | vllm
 
     @property
     def key(self) -> tuple[str, str, str, int]:

@@ -22,7 +22,7 @@ from typing import Callable, Optional
 
 import pandas as pd
 import torch
-from tqdm import tqdm
+
 
 from harness.compiled import compile_count
 from harness.config import MethodConfig, ModelConfig, RunSettings, SamplingConfig, VllmSettings
@@ -31,6 +31,7 @@ from harness.errors import HarnessError
 from harness.leaderboard import run_leaderboard
 from harness.lossless import EXACT, NOT_CHECKED, compare
 from harness.paths import REPO_ROOT
+from harness.progress import Progress
 from harness.registry import METHODS, TASKS
 from harness.repetition import repetition_share
 from harness.report import load_runs, metrics
@@ -112,13 +113,13 @@ def make_manifest(exp: Experiment, engine: Engine) -> dict:
         },
         "seed": exp.run.seed,
         "reference": f"greedy {REFERENCE} of the same model ({model_label(engine)})",
-        "execution": forward_mode(engine),
+        "forward_mode": forward_mode_record(engine),
         "engine": {"name": "harness"},
     }
 
 
-def forward_mode(engine: Engine) -> dict:
-    """How forwards run, eager or compiled (model.compile), for the manifest's ``execution`` record:
+def forward_mode_record(engine: Engine) -> dict:
+    """How forwards run, eager or compiled (model.compile), for the manifest's ``forward_mode`` record:
     leaderboards show it and refuse to merge modes."""
     if engine.compiled is None:
         return {"mode": "eager"}
@@ -221,54 +222,52 @@ def run(exp: Experiment, log: Callable[[str], None] = print) -> RunResult:
     if pending:
         warm_up(engine, methods, samples[0], settings, log)
     # a bar with the method and sample in flight and an ETA; off with run.progress=false (--quiet) and
-    # when stderr is not a terminal (CI logs): tqdm's disable=None
-    bar = tqdm(total=pending, desc="decoding", unit="gen", disable=None if settings.progress else True,
-               dynamic_ncols=True)  # fmt: skip
-    for index, sample in enumerate(samples):
-        order = rotate(list(methods), index)  # the reference rotates with the others
-        reference_ids = encode_reference(engine, sample)
-        replies: list[str] = []
-        for turn in range(len(sample.turns)):
-            prompt_ids = encode(engine, render_prompt(sample, turn, replies, engine.tokenizer))
-            problem = length_problem(engine, methods, len(prompt_ids), settings.max_new_tokens)
-            if problem is not None and exp.task.too_long == "drop":  # this turn and the ones after it
-                if not any((sample.id, turn) == (d["sample_id"], d["turn"]) for d in rundir.dropped()):
-                    rundir.append_dropped(dropped_entry(engine, sample, turn, len(prompt_ids), problem))
-                log(f"dropped sample {sample.id} from turn {turn}: {problem} (task.too_long=drop)")
-                bar.update(sum(1 for t in range(turn, len(sample.turns)) for m in methods
-                               if (m, task_name, sample.id, t) not in done))
-                break
-            check_length(engine, methods, sample, turn, len(prompt_ids), settings.max_new_tokens)
-            stop = StopRule(settings.max_new_tokens, frozenset(engine.eos_ids), stop_strings(engine, task, sample))
-            seed = settings.seed + index
-            reference = done.get((REFERENCE, task_name, sample.id, turn))
-            waiting: list[Record] = []  # finished, not yet compared: appended once the reference exists
-            for position, name in enumerate(order):
-                if (name, task_name, sample.id, turn) in done:
-                    continue
-                bar.set_postfix_str(f"{name} on {sample.id}" + (f" turn {turn}" if turn else ""), refresh=False)
-                graphs = compile_count() if engine.compiled is not None else 0
-                record = run_one(exp, engine, methods[name], name, sample, turn, prompt_ids, stop, seed, position,
-                                 reference_ids)  # fmt: skip
-                if engine.compiled is not None and compile_count() > graphs:  # should not happen: say so
-                    log(f"notice: {name} compiled {compile_count() - graphs} graph(s) inside the timer "
-                        f"on sample {sample.id}")  # fmt: skip
-                bar.update(1)
-                if name == REFERENCE:
-                    reference = record
-                    rundir.append_text(sample_text(engine, sample.id, turn, prompt_ids, record.tokens))
-                    waiting.insert(0, record)  # written first, so a record never precedes its reference
-                else:
-                    waiting.append(record)
-                if reference is None:
-                    continue
-                for finished in waiting:
-                    finished = check(exp, engine, finished, prompt_ids, reference)
-                    rundir.append(finished)
-                    done[finished.key] = finished
-                waiting = []
-            replies.append(reference.text)
-    bar.close()
+    # when stderr is not a terminal (CI logs)
+    with Progress(pending, "decoding", "gen", enabled=settings.progress) as bar:
+        for index, sample in enumerate(samples):
+            order = rotate(list(methods), index)  # the reference rotates with the others
+            reference_ids = encode_reference(engine, sample)
+            replies: list[str] = []
+            for turn in range(len(sample.turns)):
+                prompt_ids = encode(engine, render_prompt(sample, turn, replies, engine.tokenizer))
+                problem = length_problem(engine, methods, len(prompt_ids), settings.max_new_tokens)
+                if problem is not None and exp.task.too_long == "drop":  # this turn and the ones after it
+                    if not any((sample.id, turn) == (d["sample_id"], d["turn"]) for d in rundir.dropped()):
+                        rundir.append_dropped(dropped_entry(engine, sample, turn, len(prompt_ids), problem))
+                    log(f"dropped sample {sample.id} from turn {turn}: {problem} (task.too_long=drop)")
+                    bar.advance(sum(1 for t in range(turn, len(sample.turns)) for m in methods
+                                    if (m, task_name, sample.id, t) not in done))
+                    break
+                check_length(engine, methods, sample, turn, len(prompt_ids), settings.max_new_tokens)
+                stop = StopRule(settings.max_new_tokens, frozenset(engine.eos_ids), stop_strings(engine, task, sample))
+                seed = settings.seed + index
+                reference = done.get((REFERENCE, task_name, sample.id, turn))
+                waiting: list[Record] = []  # finished, not yet compared: appended once the reference exists
+                for position, name in enumerate(order):
+                    if (name, task_name, sample.id, turn) in done:
+                        continue
+                    bar.item(f"{name} on {sample.id}" + (f" turn {turn}" if turn else ""))
+                    graphs = compile_count() if engine.compiled is not None else 0
+                    record = run_one(exp, engine, methods[name], name, sample, turn, prompt_ids, stop, seed, position,
+                                     reference_ids)  # fmt: skip
+                    if engine.compiled is not None and compile_count() > graphs:  # should not happen: say so
+                        log(f"notice: {name} compiled {compile_count() - graphs} graph(s) inside the timer "
+                            f"on sample {sample.id}")  # fmt: skip
+                    bar.advance()
+                    if name == REFERENCE:
+                        reference = record
+                        rundir.append_text(sample_text(engine, sample.id, turn, prompt_ids, record.tokens))
+                        waiting.insert(0, record)  # written first, so a record never precedes its reference
+                    else:
+                        waiting.append(record)
+                    if reference is None:
+                        continue
+                    for finished in waiting:
+                        finished = check(exp, engine, finished, prompt_ids, reference)
+                        rundir.append(finished)
+                        done[finished.key] = finished
+                    waiting = []
+                replies.append(reference.text)
     if settings.execute:
         execute(rundir, samples, rundir.records()[0], settings, log)
     table = rundir.write_summary(metrics(load_runs([out], one_shard=True)))

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from harness.errors import HarnessError
+from harness.progress import Progress
 
 # launcher name -> (module that provides it, pip extra of this project that installs it)
 LAUNCHERS: dict[str, tuple[str, str]] = {
@@ -35,6 +36,8 @@ LAUNCHERS: dict[str, tuple[str, str]] = {
     "submitit_slurm": ("hydra_plugins.hydra_submitit_launcher", "submitit"),
 }
 ERROR_FILE = "job_error.txt"  # written into a job's run directory when the job fails
+# the bar of the sweep running in this process; jobs a launcher runs here (basic) report to it
+_bar: Progress | None = None
 
 
 class SweepError(HarnessError, RuntimeError):
@@ -114,12 +117,29 @@ def plan(base: list[str], user: list[str], root: Path, launcher: str) -> SweepPl
     return SweepPlan(root=root, overrides=job_overrides + hydra_overrides)
 
 
+def job_count(overrides: list[str]) -> int | None:
+    """How many jobs the sweep expands into (the product of each swept key's number of values);
+    None when a sweep cannot be counted ahead (an unbounded range)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    count = 1
+    try:
+        for o in OverridesParser.create().parse_overrides(overrides):
+            if o.is_sweep_override():
+                count *= len(list(o.sweep_string_iterator()))
+    except Exception:  # noqa: BLE001 - only the bar's total: unknown, not wrong
+        return None
+    return count
+
+
 def _quote(key: str) -> str:
     return f"'{key}'" if any(c in key for c in "@/") else key
 
 
-def launch(sweep: SweepPlan) -> tuple[int, int]:
-    """Run the sweep through ``hydra.main``; returns (jobs done, jobs failed)."""
+def launch(sweep: SweepPlan, progress: bool = True) -> tuple[int, int]:
+    """Run the sweep through ``hydra.main``; returns (jobs done, jobs failed). With ``progress``,
+    a bar of the jobs run in this process (the basic launcher's) and their times at the end."""
+    global _bar
     import hydra
 
     from harness.hydra_setup import ROOT, register_configs
@@ -129,6 +149,7 @@ def launch(sweep: SweepPlan) -> tuple[int, int]:
     started = time.time()
     argv = sys.argv
     sys.argv = ["harness-run", "-m", *sweep.overrides]  # hydra.main reads its command line
+    _bar = Progress(job_count(sweep.overrides), "sweep", "job", enabled=progress)
     try:
         app()
     except SystemExit as exc:  # Hydra exits on a bad override; our jobs never raise
@@ -136,6 +157,8 @@ def launch(sweep: SweepPlan) -> tuple[int, int]:
             raise SweepError("the sweep could not start: see Hydra's message above") from None
     finally:
         sys.argv = argv
+        _bar.close([f"run directories under {sweep.root}"])
+        _bar = None
     # this launch's jobs: Hydra rewrites each job's .hydra/overrides.yaml when it starts it
     candidates = [p / ".hydra" / "overrides.yaml" for p in sweep.root.iterdir()] if sweep.root.exists() else []
     jobs = [f.parent.parent for f in candidates if f.exists() and f.stat().st_mtime >= started - 1]
@@ -158,6 +181,8 @@ def run_job(cfg) -> dict:
 
     out = Path(HydraConfig.get().runtime.output_dir)
     err_file = out / ERROR_FILE
+    bar = _bar or Progress(None, "sweep", "job", enabled=False)  # a job run elsewhere draws no sweep bar
+    bar.start(out.name)
     try:
         quiet_transformers()
         with open_dict(cfg):
@@ -167,10 +192,12 @@ def run_job(cfg) -> dict:
                 cfg.model.device = device
             result = engines.run(to_experiment(cfg))
         err_file.unlink(missing_ok=True)
+        bar.done()
         print(f"[sweep] job done: {result.path}", flush=True)
         return {"status": "ok", "path": str(result.path), "pid": os.getpid()}
     except Exception as exc:  # noqa: BLE001 - one line per failed job, the sweep goes on
         out.mkdir(parents=True, exist_ok=True)
         err_file.write_text(one_line(exc) + "\n")
+        bar.done(f"failed: {one_line(exc)}")
         print(f"error: job {out.name}: {one_line(exc)}", file=sys.stderr, flush=True)
         return {"status": "error", "path": str(out), "error": one_line(exc)}

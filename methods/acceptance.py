@@ -23,8 +23,9 @@ import torch
 
 from harness.config import SamplingConfig
 from harness.engine import Engine
+from harness.kvcache import KVCache
 from harness.stops import StopRule
-from methods.base import Generation, probabilities
+from methods.base import Generation, LoopEnd, probabilities
 from methods.verifier import Verifier, mean
 
 Draft = Sequence[int] | torch.Tensor  # proposed tokens d_1..d_g (a list, or a 1-D tensor on any device)
@@ -92,11 +93,6 @@ def sample_accept(
         weights = residual(p[a], None if q is None else q[a], int(d[a]))
     last = int(torch.multinomial(weights, 1, generator=gen))
     return d[:a].tolist() + [last]
-
-
-def one_hot_accept(draft: Draft, p: torch.Tensor, gen: Optional[torch.Generator]) -> list[int]:
-    """``sample_accept`` for a deterministic draft (prompt lookup, argmax candidates)."""
-    return sample_accept(draft, p, None, gen)
 
 
 # ---- n-gram lookup -------------------------------------------------------------------
@@ -244,6 +240,10 @@ class ChainVerifier(Verifier):
     def sample(self, draft: Draft, p: torch.Tensor, q: Optional[torch.Tensor]) -> list[int]:
         """The sampling rule (speculative sampling; a test swaps in a broken one as a control)."""
         return sample_accept(draft, p, q, self.gen)
+
+    def end(self, draft_cache: Optional[KVCache] = None, draft_forwards: int = 0, extra: Optional[dict] = None) -> LoopEnd:
+        """What a chain method's ``loop`` ends with: the result, the caches, the proposal lengths."""
+        return LoopEnd(self.result(draft_forwards, extra), self.cache, draft_cache, list(self.proposal_lengths))
 
     def result(self, draft_forwards: int = 0, extra: Optional[dict] = None) -> Generation:
         # mean draft tokens per verify step (speculative: the mean of the gamma history)

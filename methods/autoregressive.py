@@ -1,7 +1,7 @@
 """Autoregressive decoding: the baseline every other method is measured against.
 
 Greedy by default (the losslessness reference); temperature / top-k / top-p sampling
-with a seed when ``sampling.do_sample`` is set. It runs on the same execution layer,
+with a seed when ``sampling.do_sample`` is set. It runs on the same engine,
 model object and KV cache as every other method, so speedups compare algorithms only.
 """
 

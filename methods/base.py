@@ -16,6 +16,7 @@ import torch
 
 from harness.config import MethodConfig, SamplingConfig
 from harness.engine import DraftClock, Engine
+from harness.kvcache import KVCache
 from harness.stops import StopRule
 
 
@@ -30,6 +31,17 @@ class Generation:
     lossy: bool = False  # True for a mode that does not preserve the target distribution
     extra: dict = field(default_factory=dict)  # method-specific figures (tree size, gamma...)
     stop_reason: Optional[str] = None  # what ended it: eos | stop:<string> | max_new_tokens (Committer.reason)
+
+
+@dataclass
+class LoopEnd:
+    """What a method's ``loop`` ends with: the result and the state its steps leave behind, which
+    tests check (``generate`` returns the ``generation`` alone)."""
+
+    generation: Generation
+    cache: KVCache  # the target cache: prompt + committed tokens but the last
+    draft_cache: Optional[KVCache] = None  # the draft model's cache, for a method with one (a prefix of prompt + tokens)
+    proposed_per_step: list[int] = field(default_factory=list)  # draft tokens proposed per verify step (chain methods)
 
 
 # What a method needs besides the target model (``Method.needs``). Each is handed to the
@@ -66,8 +78,8 @@ class Method:
     sampling law, built from what ``needs`` declares.
 
     A method whose tests read the state its steps end in (the target cache after compaction,
-    a verifier, the draft cache) runs its steps in ``loop``, which returns that state beside
-    the result; ``generate`` returns the ``Generation`` alone."""
+    the draft cache, the proposal lengths) runs its steps in ``loop``, which returns a ``LoopEnd``:
+    that state beside the result; ``generate`` returns the ``Generation`` alone."""
 
     config_class: type[MethodConfig] = MethodConfig
     # what it needs besides the target (kinds from NEEDS, described by NEEDS_TEXT); () = nothing

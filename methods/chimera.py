@@ -28,10 +28,9 @@ import torch
 from harness.config import MethodConfig, SamplingConfig
 from harness.drafters.chimera import ChimeraDrafter, load_drafter
 from harness.engine import DraftClock, Engine
-from harness.kvcache import KVCache
 from harness.paths import resolve_repo_path
 from harness.stops import StopRule
-from methods.base import CHIMERA_DRAFTER, Generation, Method
+from methods.base import CHIMERA_DRAFTER, Generation, LoopEnd, Method
 from methods.eagle import EagleVerifier
 from methods.medusa import build_tree, tree_choices
 from methods.tree import DraftTree, TreeError
@@ -95,15 +94,15 @@ class Chimera(Method):
         return [self.clock]
 
     def generate(self, prompt_ids: list[int], stop: StopRule, seed: int = 0) -> Generation:
-        return self.loop(prompt_ids, stop, seed)[0]
+        return self.loop(prompt_ids, stop, seed).generation
 
     def headroom(self) -> int:
         """The deepest nodes of the last step reach depth - 1 positions past a full-length output."""
         return self.tree.max_depth - 1
 
     @torch.inference_mode()
-    def loop(self, prompt_ids: list[int], stop: StopRule, seed: int = 0) -> tuple[Generation, KVCache]:
-        """The loop; also returns the cache, which then holds prompt + tokens but the last."""
+    def loop(self, prompt_ids: list[int], stop: StopRule, seed: int = 0) -> LoopEnd:
+        """The steps; the ``LoopEnd``'s cache then holds prompt + tokens but the last."""
         self.check_context(len(prompt_ids), stop)
         verifier = self.verifier_class(self.engine, self.sampling, stop, prompt_ids, seed, hidden=True)
         # 1. prefill: every prompt row's state (the drafter's context) and the first token (the root)
@@ -119,7 +118,7 @@ class Chimera(Method):
                 context.extend(step.hidden)
         extra = {"tree": "custom" if self.cfg.choices else self.cfg.tree, "tree_size": self.tree.size,
                  "tree_depth": self.tree.max_depth}  # fmt: skip
-        return verifier.result(extra=extra), verifier.cache
+        return LoopEnd(verifier.result(extra=extra), verifier.cache)
 
     def candidates(self, seq: list[int], context: ContextState) -> torch.Tensor:
         """Token of every tree node: the root, then the heads' top-k picked by (depth, rank)."""

@@ -1,6 +1,6 @@
 """transformers' own ``generate`` (greedy): an independent reference implementation.
 
-It uses transformers' cache and loop rather than the execution layer's, so agreement
+It uses transformers' cache and loop rather than the engine's (harness/engine.py), so agreement
 with ``autoregressive`` shows the baseline is right, and its speed shows the baseline
 is not a strawman. ``hf_generate`` is shared with the other wrappers of ``generate``
 (hf-assisted, hf-prompt-lookup).

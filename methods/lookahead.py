@@ -48,9 +48,8 @@ import torch
 
 from harness.config import ConfigValueError, MethodConfig, SamplingConfig
 from harness.engine import Engine
-from harness.kvcache import KVCache
 from harness.stops import StopRule
-from methods.base import Generation, Method
+from methods.base import Generation, LoopEnd, Method
 from methods.tree import DraftTree, TreeVerifier
 
 
@@ -207,11 +206,11 @@ class Lookahead(Method):
         return self.cfg.window + self.cfg.ngram - 3
 
     def generate(self, prompt_ids: list[int], stop: StopRule, seed: int = 0) -> Generation:
-        return self.loop(prompt_ids, stop, seed)[0]
+        return self.loop(prompt_ids, stop, seed).generation
 
     @torch.inference_mode()
-    def loop(self, prompt_ids: list[int], stop: StopRule, seed: int = 0) -> tuple[Generation, KVCache]:
-        """The loop; also returns the cache, which then holds prompt + tokens but the last."""
+    def loop(self, prompt_ids: list[int], stop: StopRule, seed: int = 0) -> LoopEnd:
+        """The steps; the ``LoopEnd``'s cache then holds prompt + tokens but the last."""
         self.check_context(len(prompt_ids), stop)
         cfg, engine = self.cfg, self.engine
         W, N = cfg.window, cfg.ngram
@@ -263,7 +262,7 @@ class Lookahead(Method):
                  "mean_step_tokens": step_tokens / steps if steps else 0.0,  # rows per lookahead forward
                  "mean_verified": verified / steps if steps else 0.0,  # pool n-grams verified per step
                  "accepted_from_pool": from_pool, "accepted_from_window": from_window}  # fmt: skip
-        return verifier.result(extra=extra), verifier.cache
+        return LoopEnd(verifier.result(extra=extra), verifier.cache)
 
 
 class Filler:

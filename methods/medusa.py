@@ -31,10 +31,9 @@ import torch
 
 from harness.config import MethodConfig, SamplingConfig
 from harness.engine import DraftClock, Engine
-from harness.kvcache import KVCache
 from harness.paths import resolve_repo_path
 from harness.stops import StopRule
-from methods.base import MEDUSA_HEADS, Generation, Method, probabilities
+from methods.base import MEDUSA_HEADS, Generation, LoopEnd, Method, probabilities
 from methods.tree import DraftTree, TreeError, TreeShape, TreeVerifier, tree_shape
 
 Choices = tuple[tuple[int, ...], ...]
@@ -160,7 +159,7 @@ class Medusa(Method):
         return [self.clock]
 
     def generate(self, prompt_ids: list[int], stop: StopRule, seed: int = 0) -> Generation:
-        return self.loop(prompt_ids, stop, seed)[0]
+        return self.loop(prompt_ids, stop, seed).generation
 
     def headroom(self) -> int:
         """A step's nodes sit up to the tree's depth past the last committed token: the deepest
@@ -168,8 +167,8 @@ class Medusa(Method):
         return self.tree.max_depth - 1
 
     @torch.inference_mode()
-    def loop(self, prompt_ids: list[int], stop: StopRule, seed: int = 0) -> tuple[Generation, KVCache]:
-        """The loop; also returns the cache, which then holds prompt + tokens but the last."""
+    def loop(self, prompt_ids: list[int], stop: StopRule, seed: int = 0) -> LoopEnd:
+        """The steps; the ``LoopEnd``'s cache then holds prompt + tokens but the last."""
         self.check_context(len(prompt_ids), stop)
         verifier = self.verifier_class(self.engine, self.sampling, stop, prompt_ids, seed, hidden=True)
         accept = self.typical if self.mode == "typical" else None
@@ -185,7 +184,7 @@ class Medusa(Method):
             hidden = step.hidden[-1:]
         extra = {"tree": self.tree_name, "tree_size": self.tree.size, "tree_depth": self.tree.max_depth,
                  "acceptance": self.mode}  # fmt: skip
-        return verifier.result(lossy=self.cfg.acceptance == "typical", extra=extra), verifier.cache
+        return LoopEnd(verifier.result(lossy=self.cfg.acceptance == "typical", extra=extra), verifier.cache)
 
     @property
     def tree_name(self) -> str:

@@ -43,11 +43,10 @@ import torch
 from harness.config import MethodConfig, SamplingConfig
 from harness.datastore import Datastore, default_datastore_dir
 from harness.engine import Engine
-from harness.kvcache import KVCache
 from harness.neighbours import KeyIndex, Neighbours
 from harness.paths import resolve_repo_path
 from harness.stops import StopRule
-from methods.base import KNN_DATASTORE, Generation, Method
+from methods.base import KNN_DATASTORE, Generation, LoopEnd, Method
 from methods.rest import check_datastore, frequency_tree
 from methods.tree import DraftTree, TreeShape, TreeVerifier
 
@@ -125,11 +124,11 @@ class Nest(Method):
         self.scale = math.sqrt(hidden)  # distances are L2 / sqrt(hidden)
 
     def generate(self, prompt_ids: list[int], stop: StopRule, seed: int = 0) -> Generation:
-        return self.loop(prompt_ids, stop, seed)[0]
+        return self.loop(prompt_ids, stop, seed).generation
 
     @torch.inference_mode()
-    def loop(self, prompt_ids: list[int], stop: StopRule, seed: int = 0) -> tuple[Generation, KVCache]:
-        """The loop; also returns the cache, which then holds prompt + tokens but the last."""
+    def loop(self, prompt_ids: list[int], stop: StopRule, seed: int = 0) -> LoopEnd:
+        """The steps; the ``LoopEnd``'s cache then holds prompt + tokens but the last."""
         self.check_context(len(prompt_ids), stop)
         verifier = self.verifier_class(self.engine, self.sampling, stop, prompt_ids, seed, hidden=True)
         relaxed = self.cfg.mode == "relaxed"
@@ -155,7 +154,7 @@ class Nest(Method):
             self.attribute([int(tree.tokens[n]) for n in step.nodes[1:]], candidates, stats)
             query = step.hidden[-1:]
         extra = self.describe(stats, len(verifier.out.tokens))
-        return verifier.result(lossy=relaxed, extra=extra), verifier.cache
+        return LoopEnd(verifier.result(lossy=relaxed, extra=extra), verifier.cache)
 
     # ---- retrieval -------------------------------------------------------------------------
     def search(self, hidden: torch.Tensor) -> Neighbours:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from harness.config import MethodConfig
 from harness.stops import StopRule
 from methods.acceptance import ChainVerifier, NgramIndex
-from methods.base import Generation, Method
+from methods.base import Generation, LoopEnd, Method
 
 
 @dataclass
@@ -32,9 +32,9 @@ class PromptLookup(Method):
     main_settings = ("num_tokens", "max_ngram")
 
     def generate(self, prompt_ids: list[int], stop: StopRule, seed: int = 0) -> Generation:
-        return self.loop(prompt_ids, stop, seed).result()
+        return self.loop(prompt_ids, stop, seed).generation
 
-    def loop(self, prompt_ids: list[int], stop: StopRule, seed: int = 0) -> ChainVerifier:
+    def loop(self, prompt_ids: list[int], stop: StopRule, seed: int = 0) -> LoopEnd:
         cfg = self.cfg
         chain = ChainVerifier(self.engine, self.sampling, stop, prompt_ids, seed)
         index = NgramIndex(cfg.min_ngram, cfg.max_ngram)
@@ -46,4 +46,4 @@ class PromptLookup(Method):
             draft = index.lookup(chain.seq, min(cfg.num_tokens, chain.room()))
             # 3. one target forward verifies [last, *draft]; commit, roll the cache back
             chain.verify(draft)
-        return chain
+        return chain.end()

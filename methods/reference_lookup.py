@@ -24,7 +24,7 @@ from harness.config import MethodConfig, SamplingConfig
 from harness.engine import Engine
 from harness.stops import StopRule
 from methods.acceptance import ChainVerifier, ReferenceIndex
-from methods.base import Generation, Method
+from methods.base import Generation, LoopEnd, Method
 
 SOURCES = ("auto", "prompt", "sample")
 
@@ -70,11 +70,11 @@ class ReferenceLookup(Method):
         self, prompt_ids: list[int], stop: StopRule, seed: int = 0, reference_ids: Optional[list[int]] = None
     ) -> Generation:
         source = self.source_ids(prompt_ids, reference_ids)
-        chain = self.loop(prompt_ids, stop, source, seed)
         from_reference = self.cfg.source != "prompt" and reference_ids is not None  # else the prompt
-        return chain.result(extra={"source_tokens": len(source), "from_reference": from_reference})
+        return self.loop(prompt_ids, stop, source, seed, {"source_tokens": len(source), "from_reference": from_reference}).generation
 
-    def loop(self, prompt_ids: list[int], stop: StopRule, source: list[int], seed: int = 0) -> ChainVerifier:
+    def loop(self, prompt_ids: list[int], stop: StopRule, source: list[int], seed: int = 0,
+             extra: Optional[dict] = None) -> LoopEnd:
         cfg = self.cfg
         index = ReferenceIndex(source, cfg.min_match_tokens, cfg.match_tokens)
         chain = ChainVerifier(self.engine, self.sampling, stop, prompt_ids, seed)
@@ -88,4 +88,4 @@ class ReferenceLookup(Method):
             accepted = chain.verify(copy.tokens if copy else [])
             if copy is not None:
                 cursor = copy.start + accepted
-        return chain
+        return chain.end(extra=extra or {})

@@ -33,10 +33,9 @@ from typing import Optional, Sequence
 from harness.config import MethodConfig, SamplingConfig
 from harness.datastore import Datastore, DatastoreError, default_datastore_dir, tokenizer_fingerprint
 from harness.engine import Engine
-from harness.kvcache import KVCache
 from harness.paths import resolve_repo_path
 from harness.stops import StopRule
-from methods.base import DATASTORE, Generation, Method
+from methods.base import DATASTORE, Generation, LoopEnd, Method
 from methods.tree import DraftTree, TreeVerifier
 
 EDGE = 1 << 32  # trie edge key = parent * EDGE + token (token ids < 2^32)
@@ -117,10 +116,10 @@ class Rest(Method):
         self.store = datastore
 
     def generate(self, prompt_ids: list[int], stop: StopRule, seed: int = 0) -> Generation:
-        return self.loop(prompt_ids, stop, seed)[0]
+        return self.loop(prompt_ids, stop, seed).generation
 
-    def loop(self, prompt_ids: list[int], stop: StopRule, seed: int = 0) -> tuple[Generation, KVCache]:
-        """The loop; also returns the cache, which then holds prompt + tokens but the last."""
+    def loop(self, prompt_ids: list[int], stop: StopRule, seed: int = 0) -> LoopEnd:
+        """The steps; the ``LoopEnd``'s cache then holds prompt + tokens but the last."""
         self.check_context(len(prompt_ids), stop)
         verifier = self.verifier_class(self.engine, self.sampling, stop, prompt_ids, seed)
         stats = RestStats()
@@ -131,7 +130,7 @@ class Rest(Method):
             tree = self.propose(verifier.seq, verifier.room(), stats)
             # 3. one target forward over the tree, acceptance, commit, cache compaction
             verifier.verify(tree)
-        return verifier.result(extra=self.describe(stats)), verifier.cache
+        return LoopEnd(verifier.result(extra=self.describe(stats)), verifier.cache)
 
     def propose(self, seq: list[int], room: int, stats: RestStats) -> DraftTree:
         """The step's draft tree below ``seq[-1]`` (the root alone when nothing matches)."""

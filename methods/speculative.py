@@ -26,7 +26,7 @@ from harness.engine import Engine, ModelLoadError
 from harness.registry import MODELS
 from harness.stops import StopRule
 from methods.acceptance import ChainVerifier
-from methods.base import DRAFT_MODEL, Generation, Method, probabilities
+from methods.base import DRAFT_MODEL, Generation, LoopEnd, Method, probabilities
 
 SCHEDULES = ("constant", "heuristic")
 
@@ -109,11 +109,10 @@ class Speculative(DraftModelMethod):
         super().__init__(cfg, engine, sampling, draft)
 
     def generate(self, prompt_ids: list[int], stop: StopRule, seed: int = 0) -> Generation:
-        chain, _ = self.loop(prompt_ids, stop, seed)
-        return chain.result(draft_forwards=sum(chain.proposal_lengths))  # g draft forwards per proposal
+        return self.loop(prompt_ids, stop, seed).generation
 
-    def loop(self, prompt_ids: list[int], stop: StopRule, seed: int = 0):
-        """The loop; returns the verifier (tokens, target cache, counts) and the draft cache."""
+    def loop(self, prompt_ids: list[int], stop: StopRule, seed: int = 0) -> LoopEnd:
+        """The steps; the ``LoopEnd`` also holds the draft cache."""
         cfg = self.cfg
         chain = ChainVerifier(self.engine, self.sampling, stop, prompt_ids, seed)
         draft_cache = self.draft.new_cache()
@@ -131,7 +130,7 @@ class Speculative(DraftModelMethod):
             # 5. adapt gamma
             if cfg.schedule == "heuristic" and g:
                 gamma = min(gamma + 2, cfg.max_gamma) if accepted == g else max(1, gamma - 1)
-        return chain, draft_cache
+        return chain.end(draft_cache, draft_forwards=sum(chain.proposal_lengths))  # g draft forwards per proposal
 
     def propose(self, cache, seq: list[int], g: int, gen: Optional[torch.Generator]):
         """g draft tokens after ``seq`` as a 1-D tensor, and their distributions [g, vocab]

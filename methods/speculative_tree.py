@@ -57,7 +57,7 @@ from harness.config import MethodConfig, SamplingConfig
 from harness.engine import Engine
 from harness.kvcache import KVCache
 from harness.stops import StopRule
-from methods.base import Generation
+from methods.base import Generation, LoopEnd
 from methods.speculative import DraftModelMethod
 from methods.tree import DraftTree, TreeVerifier
 
@@ -118,10 +118,10 @@ class SpeculativeTree(DraftModelMethod):
         self.branching = [int(b) for b in cfg.branching]
 
     def generate(self, prompt_ids: list[int], stop: StopRule, seed: int = 0) -> Generation:
-        return self.loop(prompt_ids, stop, seed)[0]
+        return self.loop(prompt_ids, stop, seed).generation
 
-    def loop(self, prompt_ids: list[int], stop: StopRule, seed: int = 0) -> tuple[Generation, KVCache]:
-        """The loop; also returns the draft cache (a prefix of prompt + tokens, for the tests)."""
+    def loop(self, prompt_ids: list[int], stop: StopRule, seed: int = 0) -> LoopEnd:
+        """The steps; the ``LoopEnd`` also holds the draft cache (a prefix of prompt + tokens, for the tests)."""
         self.check_context(len(prompt_ids), stop)
         verifier = self.verifier_class(self.engine, self.sampling, stop, prompt_ids, seed)
         cache = self.draft.new_cache()
@@ -138,7 +138,7 @@ class SpeculativeTree(DraftModelMethod):
                 kept = [drafted.base + drafted.fed[n] for n in step.nodes[1:] if n in drafted.fed]
                 cache.keep(list(range(drafted.base)) + kept)
         extra = {"branching": list(self.branching), "max_nodes": self.cfg.max_nodes, "confidence": self.cfg.confidence}
-        return verifier.result(draft_forwards=forwards, extra=extra), cache
+        return LoopEnd(verifier.result(draft_forwards=forwards, extra=extra), verifier.cache, draft_cache=cache)
 
     def draft_tree(self, cache: KVCache, seq: list[int], room: int) -> DraftedTree:
         """The step's token tree (module doc, steps 1-2); ``room``: the deepest it may go."""

@@ -41,9 +41,8 @@ from typing import Optional, Sequence
 
 from harness.config import MethodConfig, SamplingConfig
 from harness.engine import Engine
-from harness.kvcache import KVCache
 from harness.stops import StopRule
-from methods.base import Generation, Method
+from methods.base import Generation, LoopEnd, Method
 from methods.tree import DraftTree, TreeVerifier
 
 
@@ -264,9 +263,9 @@ class Suffix(Method):
         self.global_tokens = 0
 
     def generate(self, prompt_ids: list[int], stop: StopRule, seed: int = 0) -> Generation:
-        return self.loop(prompt_ids, stop, seed)[0]
+        return self.loop(prompt_ids, stop, seed).generation
 
-    def loop(self, prompt_ids: list[int], stop: StopRule, seed: int = 0) -> tuple[Generation, KVCache]:
+    def loop(self, prompt_ids: list[int], stop: StopRule, seed: int = 0) -> LoopEnd:
         """The loop (the output then joins the global trie); also returns the cache, which
         then holds prompt + tokens but the last."""
         self.check_context(len(prompt_ids), stop)
@@ -315,7 +314,7 @@ class Suffix(Method):
             "global_outputs": len(self.global_outputs),
             "global_tokens": self.global_tokens,
         }
-        return verifier.result(extra=extra), verifier.cache
+        return LoopEnd(verifier.result(extra=extra), verifier.cache)
 
     def speculate(self, seq: list[int], room: int, local: SuffixTrie) -> Optional[Speculation]:
         """The highest-scoring tree over every match length in both tries (None: no candidate)."""

@@ -70,7 +70,8 @@ def test_decode_state_equals_the_parallel_training_computation(engine):
 @pytest.mark.parametrize("tree", ["chain", "small", "large"])
 def test_random_drafter_equals_autoregressive(engine, prompt, tree):
     ref = autoregressive(engine, prompt, n=N)
-    gen, cache = chimera(engine, random_drafter(engine), tree=tree).loop(prompt, StopRule(N))
+    end = chimera(engine, random_drafter(engine), tree=tree).loop(prompt, StopRule(N))
+    gen, cache = end.generation, end.cache
     assert gen.tokens == ref
     assert sum(gen.accepted_per_step) == N and len(gen.accepted_per_step) == gen.target_forwards
     check_cache(engine, cache, prompt + ref[:-1])
@@ -111,7 +112,8 @@ def test_a_drafter_that_learned_the_answer_is_accepted_and_exact(engine, taught_
 @pytest.mark.parametrize("limit", [1, 2, 3, 5, 9])
 def test_max_new_tokens_inside_an_accepted_path(engine, taught_drafter, limit):
     prompt, ref, drafter = taught_drafter
-    gen, cache = chimera(engine, drafter, tree="chain").loop(prompt, StopRule(limit))
+    end = chimera(engine, drafter, tree="chain").loop(prompt, StopRule(limit))
+    gen, cache = end.generation, end.cache
     assert gen.tokens == ref[:limit] and gen.stop_reason == "max_new_tokens"
     check_cache(engine, cache, prompt + ref[: limit - 1])
 

@@ -144,20 +144,20 @@ def test_run_records_the_mode_and_leaderboards_keep_modes_apart(model_dir, tmp_p
     printed = capsys.readouterr().out
     assert "graphs compiled" in printed and "inside the timer" not in printed
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["execution"]["mode"] == "compiled" and manifest["execution"]["buckets"] == BUCKETS
+    assert manifest["forward_mode"]["mode"] == "compiled" and manifest["forward_mode"]["buckets"] == BUCKETS
     assert manifest["environment"]["threads"] == 1
     # the cache fits the longest prompt + 8 new tokens + one largest bucket of padding
-    assert manifest["execution"]["static_cache_len"] <= 64
+    assert manifest["forward_mode"]["static_cache_len"] <= 64
     records = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     assert {r["status"] for r in records} == {EXACT}
     eager = tmp_path / "eager"
     shutil.copytree(out, eager)
-    manifest["execution"] = {"mode": "eager"}
+    manifest["forward_mode"] = {"mode": "eager"}
     (eager / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(RunDirError, match="forward mode"):
         load_runs([out, eager])
     assert main(["leaderboard", str(out)]) == 0
-    assert "execution: compiled" in capsys.readouterr().out
+    assert "forwards: compiled" in capsys.readouterr().out
 
 
 # ---- chosen layers, layer skipping, injected rows ----------------------------------------------

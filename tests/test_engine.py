@@ -1,4 +1,4 @@
-"""The execution layer: custom masks, positions, truncate() and keep()."""
+"""The engine (harness/engine.py): custom masks, positions, truncate() and keep()."""
 
 from __future__ import annotations
 

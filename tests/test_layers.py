@@ -18,8 +18,8 @@ PACKAGES = ("harness", "methods", "tasks")
 # covers package x and every module under it.
 FLOORS: list[dict[str, tuple[str, ...]]] = [
     {"foundation": ("harness", "harness.errors", "harness.paths", "harness.config", "harness.registry",
-                    "harness.models", "harness.stops", "harness.devices", "harness.repetition")},
-    {"execution layer": ("harness.kvcache", "harness.compiled", "harness.engine", "harness.drafters.*",
+                    "harness.models", "harness.stops", "harness.devices", "harness.repetition", "harness.progress")},
+    {"engine": ("harness.kvcache", "harness.compiled", "harness.engine", "harness.drafters.*",
                          "harness.lossless")},
     {"tasks and sandbox": ("tasks.*", "harness.sandbox.*")},
     {

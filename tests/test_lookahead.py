@@ -118,7 +118,8 @@ IDS = [f"W{w}-N{n}-G{g}{'-ctx' * context}" for w, n, g, context in SETTINGS]
 def test_equals_greedy_autoregressive(engine, w, n, g, context):
     stop = StopRule(N)
     for prompt in PROMPTS + [repetitive(engine, PROMPTS[0])]:
-        gen, cache = lookahead(engine, w, n, g, context).loop(prompt, stop)
+        end = lookahead(engine, w, n, g, context).loop(prompt, stop)
+        gen, cache = end.generation, end.cache
         assert gen.tokens == ar(engine, prompt, stop)
         assert sum(gen.accepted_per_step) == len(gen.tokens) == N
         assert gen.target_forwards == len(gen.accepted_per_step)
@@ -213,7 +214,8 @@ def test_another_family_with_a_sliding_window():
     engine = build("qwen2", seed=0)
     prompt = [0, 5, 9, 13, 5, 9, 13, 5]
     for w, n, g, context in ((4, 3, 4, True), (5, 2, 2, False)):
-        gen, cache = lookahead(engine, w, n, g, context).loop(prompt, StopRule(N))
+        end = lookahead(engine, w, n, g, context).loop(prompt, StopRule(N))
+        gen, cache = end.generation, end.cache
         assert gen.tokens == ar(engine, prompt, StopRule(N)) and len(gen.tokens) == N
         assert gen.target_forwards < N  # something was accepted
         assert len(cache) == len(prompt) + N - 1

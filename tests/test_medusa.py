@@ -116,7 +116,8 @@ def test_equals_greedy_autoregressive(engine, tree, kind):
     for prompt in PROMPTS:
         ref = ar(engine, prompt, stop)
         heads = random_heads(engine) if kind == "random" else LookupHeads(engine, prompt + ref, rank=sometimes_right)
-        gen, cache = medusa(engine, heads, tree=tree).loop(prompt, stop)
+        end = medusa(engine, heads, tree=tree).loop(prompt, stop)
+        gen, cache = end.generation, end.cache
         assert gen.tokens == ref
         assert sum(gen.accepted_per_step) == len(gen.tokens) == 40
         assert gen.target_forwards == len(gen.accepted_per_step)
@@ -138,7 +139,8 @@ def test_oracle_heads_accept_full_depth(engine, tree):
     prompt, n = PROMPTS[1], 30
     ref = prompt + ar(engine, prompt, StopRule(max_new_tokens=n))
     m = medusa(engine, LookupHeads(engine, ref), tree=tree)
-    gen, cache = m.loop(prompt, StopRule(max_new_tokens=n))
+    end = m.loop(prompt, StopRule(max_new_tokens=n))
+    gen, cache = end.generation, end.cache
     assert gen.tokens == ref[len(prompt) :]
     steps = (n - 1 + 3) // 4  # 1 from the prefill, then 4 per step
     assert gen.accepted_per_step == [1] + [4] * (steps - 1) + [n - 1 - 4 * (steps - 1)]
@@ -160,7 +162,8 @@ def test_stops_inside_an_accepted_path(engine):
     out = ref[len(prompt) :]
     m = medusa(engine, LookupHeads(engine, ref), tree="chain")
     # max_new_tokens = 6: the prefill gives 1, the first step 4, the second is cut after 1
-    gen, cache = m.loop(prompt, StopRule(max_new_tokens=6))
+    end = m.loop(prompt, StopRule(max_new_tokens=6))
+    gen, cache = end.generation, end.cache
     assert gen.tokens == out[:6] and gen.accepted_per_step == [1, 4, 1]
     check_cache(engine, cache, ref[: len(prompt) + 5])
     # EOS in the middle of the second step's path: nothing after it

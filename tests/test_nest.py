@@ -87,7 +87,8 @@ def test_datastore_with_the_continuation(engine, prompt, span):
     same context's, so every step's draft is right."""
     ref = autoregressive(engine, prompt, n=N)
     assert 1 not in ref  # no separator: one document, one window
-    gen, cache = nest(engine, prompt + ref, span=span).loop(prompt, StopRule(N, frozenset()))
+    end = nest(engine, prompt + ref, span=span).loop(prompt, StopRule(N, frozenset()))
+    gen, cache = end.generation, end.cache
     assert gen.tokens == ref
     check_stats(gen, N)
     assert gen.target_forwards == 1 + math.ceil((N - 1) / (span + 1))
@@ -110,7 +111,8 @@ def test_unrelated_datastore(engine, prompt):
 def test_max_new_tokens_inside_an_accepted_span(engine, limit):
     prompt = PROMPTS[0]
     ref = autoregressive(engine, prompt, n=N)
-    gen, cache = nest(engine, prompt + ref, span=6).loop(prompt, StopRule(limit, frozenset()))
+    end = nest(engine, prompt + ref, span=6).loop(prompt, StopRule(limit, frozenset()))
+    gen, cache = end.generation, end.cache
     assert gen.tokens == ref[:limit] and gen.stop_reason == "max_new_tokens"
     check_cache(engine, cache, prompt + ref[: limit - 1])
 

@@ -75,9 +75,9 @@ def test_lookup_saves_forwards(engine):
 
 def test_cache_is_rolled_back_to_the_committed_length(engine):
     for prompt in PROMPTS:
-        chain = lookup_method(engine).loop(prompt, StopRule(37, frozenset()))
-        assert chain.out.tokens == autoregressive(engine, prompt, n=37)
-        assert len(chain.cache) == len(prompt) + 37 - 1
+        end = lookup_method(engine).loop(prompt, StopRule(37, frozenset()))
+        assert end.generation.tokens == autoregressive(engine, prompt, n=37)
+        assert len(end.cache) == len(prompt) + 37 - 1
 
 
 def test_hf_prompt_lookup_equals_autoregressive(engine):

@@ -118,8 +118,8 @@ def test_reference_right_for_j_tokens(engine, j):
     assert gen.tokens == ref
     check_stats(gen, N)
     assert gen.accepted_per_step[1] == j + 1
-    chain = method(engine).loop(prompt, StopRule(N, frozenset()), reference)
-    assert chain.proposal_lengths[0] == j + 1  # j + 1 proposed, j accepted (+ the correction)
+    end = method(engine).loop(prompt, StopRule(N, frozenset()), reference)
+    assert end.proposed_per_step[0] == j + 1  # j + 1 proposed, j accepted (+ the correction)
 
 
 @pytest.mark.parametrize("limit", range(1, 16))
@@ -129,10 +129,11 @@ def test_max_new_tokens_inside_an_accepted_block(engine, limit):
     gen = method(engine, copy_tokens=6).generate(prompt, StopRule(limit, frozenset()), reference_ids=ref)
     assert gen.tokens == ref[:limit] and gen.stop_reason == "max_new_tokens"
     check_stats(gen, limit)
-    chain = method(engine, copy_tokens=6).loop(prompt, StopRule(limit, frozenset()), ref)
-    committed = [sum(chain.per_step[: i + 1]) for i in range(len(chain.per_step))]
+    end = method(engine, copy_tokens=6).loop(prompt, StopRule(limit, frozenset()), ref)
+    per_step = end.generation.accepted_per_step
+    committed = [sum(per_step[: i + 1]) for i in range(len(per_step))]
     # each copy fits what is left: g <= min(copy_tokens, limit - committed - 1)
-    assert all(g <= min(6, limit - c - 1) for g, c in zip(chain.proposal_lengths, committed))
+    assert all(g <= min(6, limit - c - 1) for g, c in zip(end.proposed_per_step, committed))
 
 
 def test_cache_is_rolled_back_to_the_committed_length(engine):
@@ -140,9 +141,9 @@ def test_cache_is_rolled_back_to_the_committed_length(engine):
         ref = autoregressive(engine, prompt, n=37)
         wrong = absent(engine, prompt, ref)
         half_right = [x for i, t in enumerate(ref) for x in ((t, wrong) if i % 5 == 4 else (t,))]
-        chain = method(engine).loop(prompt, StopRule(37, frozenset()), half_right)
-        assert chain.out.tokens == ref
-        assert len(chain.cache) == len(prompt) + 37 - 1
+        end = method(engine).loop(prompt, StopRule(37, frozenset()), half_right)
+        assert end.generation.tokens == ref
+        assert len(end.cache) == len(prompt) + 37 - 1
 
 
 def test_source_rule(engine):

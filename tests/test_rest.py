@@ -179,7 +179,8 @@ def test_datastore_with_the_exact_continuation(engine, prompt, copy_tokens):
     """The datastore is prompt + the autoregressive output: every step's tree holds the right path."""
     ref = autoregressive(engine, prompt, n=N)
     store = Datastore.from_tokens(prompt + ref)
-    gen, cache = rest(engine, store, copy_tokens=copy_tokens).loop(prompt, StopRule(N, frozenset()))
+    end = rest(engine, store, copy_tokens=copy_tokens).loop(prompt, StopRule(N, frozenset()))
+    gen, cache = end.generation, end.cache
     assert gen.tokens == ref
     check_stats(gen, N)
     assert gen.extra["hits"] == gen.extra["lookups"]
@@ -218,7 +219,8 @@ def test_datastore_right_for_j_tokens(engine, j):
 def test_max_new_tokens_inside_an_accepted_path(engine, limit):
     prompt = PROMPTS[2]
     ref = autoregressive(engine, prompt, n=N)
-    gen, cache = rest(engine, Datastore.from_tokens(prompt + ref), copy_tokens=5).loop(prompt, StopRule(limit, frozenset()))
+    end = rest(engine, Datastore.from_tokens(prompt + ref), copy_tokens=5).loop(prompt, StopRule(limit, frozenset()))
+    gen, cache = end.generation, end.cache
     assert gen.tokens == ref[:limit] and gen.stop_reason == "max_new_tokens"
     check_stats(gen, limit)
     assert len(gen.proposed_per_position) <= max(limit - 2, 0)  # no tree deeper than what may be committed

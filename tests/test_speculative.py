@@ -171,14 +171,14 @@ def test_caches_are_rolled_back_to_the_committed_length(engine, tokenizer, right
     other = Engine.from_model(tiny_model(len(tokenizer), seed=2), tokenizer)
     drafts = [OracleDraft(engine, prompt + ref, right), other]
     for draft in drafts:
-        chain, draft_cache = speculative(engine, draft, gamma=4).loop(prompt, StopRule(23, frozenset()))
-        assert chain.out.tokens == ref
-        assert len(chain.cache) == len(prompt) + len(ref) - 1  # everything but the last token
-        assert len(draft_cache) <= len(prompt) + len(ref) - 1
+        end = speculative(engine, draft, gamma=4).loop(prompt, StopRule(23, frozenset()))
+        assert end.generation.tokens == ref
+        assert len(end.cache) == len(prompt) + len(ref) - 1  # everything but the last token
+        assert len(end.draft_cache) <= len(prompt) + len(ref) - 1
         # a rolled-back cache continues exactly like a fresh one
         fresh = engine.new_cache()
         expect = engine.forward(prompt + ref, fresh).logits[-1]
-        got = engine.forward([ref[-1]], chain.cache).logits[-1]
+        got = engine.forward([ref[-1]], end.cache).logits[-1]
         assert torch.allclose(expect, got, atol=1e-5)
 
 

@@ -97,7 +97,8 @@ class OracleTreeDraft:
 def test_target_as_draft_accepts_the_whole_chain(engine, prompt):
     ref = autoregressive(engine, prompt)
     method = tree_method(engine, engine, branching=[1, 1, 1], max_nodes=3)
-    gen, cache = method.loop(prompt, StopRule(N))
+    end = method.loop(prompt, StopRule(N))
+    gen, cache = end.generation, end.draft_cache
     assert gen.tokens == ref
     full, rest = divmod(N - 1, 4)
     assert gen.accepted_per_step == [1] + [4] * full + ([rest] if rest else [])
@@ -116,7 +117,8 @@ def test_rank_one_drafts_need_a_tree(engine, prompt):
     draft = OracleTreeDraft(engine, ref, rank=1)
     chain = Speculative(SpeculativeConfig(gamma=3), engine, GREEDY, draft=draft).generate(prompt, StopRule(N))
     assert chain.tokens == ref[len(prompt) :] and chain.accepted_per_step == [1] * N
-    gen, cache = tree_method(engine, draft, branching=[2, 2, 2], max_nodes=14).loop(prompt, StopRule(N))
+    end = tree_method(engine, draft, branching=[2, 2, 2], max_nodes=14).loop(prompt, StopRule(N))
+    gen, cache = end.generation, end.draft_cache
     assert gen.tokens == ref[len(prompt) :]
     full, rest = divmod(N - 1, 4)
     assert gen.accepted_per_step == [1] + [4] * full + ([rest] if rest else [])
@@ -129,7 +131,8 @@ def test_rank_one_drafts_need_a_tree(engine, prompt):
 def test_right_for_j_tokens_then_wrong(engine, prompt, right):
     ref = prompt + autoregressive(engine, prompt)
     draft = OracleTreeDraft(engine, ref, rank=0, right=right)
-    gen, cache = tree_method(engine, draft, branching=[3, 2, 2, 1], max_nodes=8).loop(prompt, StopRule(N))
+    end = tree_method(engine, draft, branching=[3, 2, 2, 1], max_nodes=8).loop(prompt, StopRule(N))
+    gen, cache = end.generation, end.draft_cache
     assert gen.tokens == ref[len(prompt) :]
     assert max(gen.accepted_per_step[1:]) == right + 1
     assert sum(gen.accepted_per_step) == N and gen.target_forwards == len(gen.accepted_per_step)
@@ -141,7 +144,8 @@ def test_independent_random_draft_equals_autoregressive(engine, tokenizer):
     other = Engine.from_model(tiny_model(len(tokenizer), seed=1), tokenizer)
     for prompt in PROMPTS:
         for branching, budget in (([2, 2, 1], 5), ([4, 1, 1, 1], 3), ([1], 1)):
-            gen, cache = tree_method(engine, other, branching=branching, max_nodes=budget).loop(prompt, StopRule(N))
+            end = tree_method(engine, other, branching=branching, max_nodes=budget).loop(prompt, StopRule(N))
+            gen, cache = end.generation, end.draft_cache
             assert gen.tokens == autoregressive(engine, prompt)
             assert sum(gen.accepted_per_step) == N and len(gen.accepted_per_step) == gen.target_forwards
             assert gen.extra["mean_tree_size"] <= budget + 1
@@ -201,7 +205,8 @@ def test_llmcad_confidence_with_an_independent_draft_equals_autoregressive(engin
     for prompt in PROMPTS:
         for confidence in (0.05, 0.5):
             method = tree_method(engine, other, branching=[2, 2, 1, 1, 1, 1], max_nodes=8, confidence=confidence)
-            gen, cache = method.loop(prompt, StopRule(N))
+            end = method.loop(prompt, StopRule(N))
+            gen, cache = end.generation, end.draft_cache
             assert gen.tokens == autoregressive(engine, prompt)
             check_cache(other, cache, (prompt + gen.tokens)[: len(cache)])
 
@@ -213,7 +218,8 @@ def test_stops_inside_an_accepted_path(engine):
     out = ref[len(prompt) :]
     method = tree_method(engine, OracleTreeDraft(engine, ref), branching=[2, 1, 1, 1], max_nodes=6)
     # max_new_tokens = 8: the prefill gives 1, the first step 5, the second is only 1 deep (room)
-    gen, cache = method.loop(prompt, StopRule(8))
+    end = method.loop(prompt, StopRule(8))
+    gen, cache = end.generation, end.draft_cache
     assert gen.tokens == out[:8] and gen.accepted_per_step == [1, 5, 2]
     assert cache.tokens == ref[: len(cache)]
     at = next(i for i in range(7, 10) if out[i] not in out[:i])  # an EOS inside the second path (6-10)

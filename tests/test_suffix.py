@@ -149,7 +149,8 @@ def test_equals_greedy_autoregressive(engine, prompt, kind):
         prompt = repetitive(engine, prompt)
     ref = autoregressive(engine, prompt, n=N)
     method = suffix(engine)
-    gen, cache = method.loop(prompt, StopRule(N, frozenset()))
+    end = method.loop(prompt, StopRule(N, frozenset()))
+    gen, cache = end.generation, end.cache
     assert gen.tokens == ref
     check_stats(gen, N)
     check_cache(engine, cache, prompt + ref[:-1])
@@ -176,7 +177,8 @@ def test_max_new_tokens_inside_an_accepted_path(engine, limit):
     ref = autoregressive(engine, prompt, n=N)
     method = suffix(engine)
     method.generate(prompt, StopRule(N, frozenset()))  # the global trie now holds the whole output
-    gen, cache = method.loop(prompt, StopRule(limit, frozenset()))
+    end = method.loop(prompt, StopRule(limit, frozenset()))
+    gen, cache = end.generation, end.cache
     assert gen.tokens == ref[:limit] and gen.stop_reason == "max_new_tokens"
     check_stats(gen, limit)
     assert len(gen.proposed_per_position) <= max(limit - 2, 0)  # no tree deeper than what may be committed

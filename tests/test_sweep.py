@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 import pytest
+from test_progress import Terminal
 
 from harness import sweep
 from harness.cli import main
@@ -126,15 +128,23 @@ def test_missing_launcher_extra_is_one_clear_line(model_dir, prompts, tmp_path, 
     assert "unknown launcher 'condor'" in capsys.readouterr().err
 
 
-def test_failed_job_is_reported_and_the_others_finish(model_dir, prompts, tmp_path, capsys):
+def test_failed_job_is_reported_and_the_others_finish(model_dir, prompts, tmp_path, capsys, monkeypatch):
+    terminal = Terminal()  # the sweep's bar draws on a terminal only
+    monkeypatch.setattr(sys, "stderr", terminal)
+    monkeypatch.delenv("CI", raising=False)
     out = tmp_path / "sweep"
     args = sweep_args(model_dir, prompts, out, "run.max_new_tokens=8,-3")
     assert main(args) == 2
-    captured = capsys.readouterr()
-    assert "2 of 4 jobs done" in captured.out
+    assert "2 of 4 jobs done" in capsys.readouterr().out
     failed = [j for j in job_dirs(out) if (j / sweep.ERROR_FILE).exists()]
     assert len(failed) == 2 and all("max_new_tokens--3" in j.name for j in failed)
-    assert captured.err.count("error: job ") == 2
+    err = terminal.getvalue()
+    assert err.count("error: job ") == 2
+    # the bar counted the 4 jobs ahead; its summary gives each job's time, the failed ones with their reason
+    summary = err.rsplit("sweep: ", 1)[1].splitlines()
+    assert summary[0].startswith("4 of 4 done in ")
+    assert sorted(line.split(":")[0] for line in summary[1:5]) == sorted(j.name for j in job_dirs(out))
+    assert sum("(failed: " in line and "max_new_tokens" in line for line in summary[1:5]) == 2
 
 
 def test_each_parallel_job_holds_its_own_gpu(tmp_path):

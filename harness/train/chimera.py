@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from harness.drafters.chimera import ChimeraConfig, ChimeraDrafter, ngram_ids, parameter_count, save_drafter
-from harness.paths import REPO_ROOT, write_component
+from harness.paths import export_component
 from harness.train.data import as_padded, check_data_choice, data_spec, load_training_data, tokens_dir
 from harness.paths import default_cache_dir
 from harness.train.loop import TrainLoopConfig, TrainResult, load_checkpoint, run_record, train
@@ -185,12 +185,8 @@ def export_chimera(cfg: ChimeraTrainConfig, base: torch.nn.Module | None = None,
     acc = acceptance(base, drafter, rows)
     log(f"[train chimera] held-out chain acceptance {acc['chain_acceptance']} in {time.time() - t0:.0f} s")
     info = {"base_model": extra["base"], "drafter": extra["drafter"], "parameters": extra["n_params"],
-            "data": extra["data"], **run_record(ckpt), "heldout": where, "heldout_acceptance": acc,
-            "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}  # fmt: skip
-    final = Path(cfg.export_dir).expanduser()
-    final = final if final.is_absolute() else REPO_ROOT / final
-    write_component(final, lambda d: save_drafter(drafter, d), info, chimera_card(info))
-    log(f"[train chimera] exported step {info['step']} -> {final}")
+            "data": extra["data"], **run_record(ckpt), "heldout": where, "heldout_acceptance": acc}  # fmt: skip
+    final = export_component(cfg.export_dir, lambda d: save_drafter(drafter, d), info, chimera_card, log, "chimera")
     return {"dir": str(final), "step": info["step"], "acceptance": acc}
 
 

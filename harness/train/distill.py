@@ -60,8 +60,7 @@ class DraftDistillConfig(TrainLoopConfig):
     lr: float = 5e-4  # peak learning rate (a fine-tune: a sixth of the draft's from-scratch 3e-3)
     warmup_steps: int = 20  # linear warm-up steps
     weight_decay: float = 0.0  # no decay towards 0 in a short fine-tune
-    # the shipped run: 40.6 minutes on one thread beside the Medusa stage (~0.49 s per step of 16 records,
-    # padded to the batch's longest) on 12,288 self-distilled records
+    # (the shipped run's time and records: zoo/draft/training.json)
     max_steps: int = 5000  # optimiser steps (the cosine runs over them; 5,000 x 16 records = 6.5 passes over 12,288)
     threads: int = 1  # torch threads (0 = leave as is)
     batch_size: int = 16  # records per step (one record per row)

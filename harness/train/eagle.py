@@ -57,7 +57,7 @@ import torch.nn.functional as F
 
 from harness.drafters.eagle import (EagleHead, EagleHeadConfig, HeadCache, describe, save_head, target_features,
                                     vocab_map)  # fmt: skip
-from harness.paths import default_cache_dir, write_component
+from harness.paths import default_cache_dir, export_component
 from harness.train.data import (PaddedBatch, as_padded, check_data_choice, data_spec, load_training_data, selfdistill_dir,
                                 tokens_dir)  # fmt: skip
 from harness.train.loop import TrainLoopConfig, TrainResult, load_checkpoint, run_record, train
@@ -101,11 +101,9 @@ def resolve_paths(cfg: EagleTrainConfig) -> tuple[Path, Path, Path]:
     return tokens_dir(cfg.data_dir), selfdistill_dir(cfg.selfdistill_dir, cfg.base), out
 
 
-def export_path(cfg: EagleTrainConfig) -> Path:
-    from harness.paths import REPO_ROOT  # noqa: PLC0415
-
-    final = Path(cfg.export_dir or ("zoo/target-eagle" if cfg.version == 1 else "zoo/target-eagle3")).expanduser()
-    return final if final.is_absolute() else REPO_ROOT / final  # relative = inside the repository
+def export_path(cfg: EagleTrainConfig) -> str:
+    """The export directory as configured, or the version's shipped one (``export_dir`` resolves it)."""
+    return cfg.export_dir or ("zoo/target-eagle" if cfg.version == 1 else "zoo/target-eagle3")
 
 
 def check_config(cfg: EagleTrainConfig) -> None:
@@ -413,12 +411,10 @@ def export_eagle(cfg: EagleTrainConfig, base: torch.nn.Module | None = None, log
         "eval": {"prompts_per_language": cfg.eval_prompts, "prompt_len": cfg.eval_prompt_len,
                  "new_tokens": cfg.eval_new_tokens, "depth": cfg.eval_depth},
         "heldout_chain_acceptance": acc,
-        "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    final = export_path(cfg)
     extra = {"format": f"EAGLE-{head.config.version} head (harness), released layout", "base_model": info["base_model"]}
-    write_component(final, lambda d: save_head(head, head.config, d, dtype=torch.float16, extra=extra), info, eagle_card(info))
-    log(f"[train eagle] exported step {info['step']} -> {final}")
+    final = export_component(export_path(cfg), lambda d: save_head(head, head.config, d, dtype=torch.float16, extra=extra),
+                             info, eagle_card, log, "eagle")  # fmt: skip
     return {"dir": str(final), **{k: info[k] for k in ("step", "training_tokens", "wall_time_min")}, "acceptance": acc["all"]}
 
 

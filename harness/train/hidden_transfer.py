@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from harness.config import ModelConfig
 from harness.drafters.transfer import TransferConfig, TransferLayers, pseudo_rows, save_transfer
 from harness.engine import Engine, LayerSkip
-from harness.paths import REPO_ROOT, write_component
+from harness.paths import export_component, export_dir
 from harness.train.data import as_padded, check_data_choice, data_spec, load_training_data
 from harness.paths import default_cache_dir
 from harness.train.loop import TrainLoopConfig, TrainResult, load_checkpoint, require_checkpoint, run_record, train
@@ -84,8 +84,7 @@ def check_preset(cfg: TransferTrainConfig) -> bool:
 def cache_paths(cfg: TransferTrainConfig) -> tuple[Path, Path]:
     """(checkpoint dir, export dir) with the defaults filled in."""
     out = Path(cfg.out_dir).expanduser() if cfg.out_dir else default_cache_dir() / "train" / cfg.preset
-    export = Path(cfg.export_dir or f"zoo/target-{cfg.preset}").expanduser()
-    return out, export if export.is_absolute() else REPO_ROOT / export
+    return out, export_dir(cfg.export_dir, f"zoo/target-{cfg.preset}")
 
 
 def load_target(path: str, device: str = "cpu") -> Engine:
@@ -245,9 +244,8 @@ def export_transfer(cfg: TransferTrainConfig, engine: Engine | None = None, log:
     info = {"preset": extra.get("preset", cfg.preset), "base_model": extra.get("base", cfg.base),
             "transfer": extra["transfer"], "parameters": extra.get("n_params"), "anchors_per_row": extra.get("anchors"),
             "position_weights": extra.get("position_weights"), "labels": extra.get("labels", "tokens"), "data": extra.get("data"), **run_record(ckpt),
-            "heldout_acceptance": acc, "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}  # fmt: skip
-    write_component(final, lambda d: save_transfer(layers, d, dtype=torch.float16), info, transfer_card(info))
-    log(f"[train {cfg.preset}] exported step {info['step']} -> {final}")
+            "heldout_acceptance": acc}  # fmt: skip
+    export_component(final, lambda d: save_transfer(layers, d, dtype=torch.float16), info, transfer_card, log, cfg.preset)
     return {"dir": str(final), **{k: info[k] for k in ("step", "training_tokens", "wall_time_min")}, "acceptance": acc}
 
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 import sys
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -28,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from harness.drafters.projector import Projector, ProjectorConfig, save_projector
-from harness.paths import REPO_ROOT, write_component
+from harness.paths import export_component
 from harness.train.chimera import FrozenTargetTrainConfig, heldout_rows, out_path
 from harness.train.data import PaddedBatch, as_padded, check_data_choice, data_spec, load_training_data
 from harness.train.loop import TrainLoopConfig, TrainResult, load_checkpoint, run_record, train
@@ -146,12 +145,8 @@ def export_llm_to_slm(cfg: LlmToSlmTrainConfig, large=None, small=None, log: Cal
     agree = agreement(large, small, projector, rows)
     log(f"[train llm-to-slm] held-out agreement with the target's argmax {agree} in {time.time() - t0:.0f} s")
     info = {"projector": extra["projector"], "parameters": extra["n_params"], "data": extra["data"], **run_record(ckpt),
-            "heldout": where, "heldout_agreement": agree,
-            "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}  # fmt: skip
-    final = Path(cfg.export_dir).expanduser()
-    final = final if final.is_absolute() else REPO_ROOT / final
-    write_component(final, lambda d: save_projector(projector, d), info, projector_card(info))
-    log(f"[train llm-to-slm] exported step {info['step']} -> {final}")
+            "heldout": where, "heldout_agreement": agree}  # fmt: skip
+    final = export_component(cfg.export_dir, lambda d: save_projector(projector, d), info, projector_card, log, "llm-to-slm")
     return {"dir": str(final), "step": info["step"], "agreement": agree}
 
 

@@ -10,8 +10,8 @@ The caller supplies what differs between jobs:
 - ``batches``: an iterator of batches that can report and restore its position
   (``state_dict()`` / ``load_state_dict()``), see :class:`ResumableBatches`.
 
-The loop gives: seeding, AdamW, linear warm-up then cosine decay, gradient clipping, a tqdm
-bar with loss and tokens/s, and a checkpoint (module, optimiser, step, RNG states, data
+The loop gives: seeding, AdamW, linear warm-up then cosine decay, gradient clipping, a progress
+bar with loss and tokens/s (``harness.progress``), and a checkpoint (module, optimiser, step, RNG states, data
 position, elapsed time) written atomically every ``checkpoint_minutes`` and at the end.
 Calling :func:`train` again with the same ``out_dir`` continues from that checkpoint; a
 ``kill -9`` loses at most one checkpoint interval. SIGTERM/SIGINT save and stop cleanly.
@@ -46,6 +46,8 @@ from typing import Any, Callable, Protocol
 import numpy as np
 import torch
 
+from harness.progress import Progress
+
 CHECKPOINT_NAME = "checkpoint.pt"
 STATE_NAME = "train_state.json"
 
@@ -69,8 +71,8 @@ class TrainLoopConfig:
     checkpoint_minutes: float = 5.0  # write a checkpoint this often (and at the end)
     seed: int = 0  # seeds python, numpy and torch at the first start
     threads: int = 0  # torch.set_num_threads (0 = leave as is)
-    compile: bool = False  # torch.compile the module for the training steps (measured 1.19x on the zoo target, 2 CPU threads; checkpoints stay plain)
-    progress: bool = True  # show a tqdm progress bar
+    compile: bool = False  # torch.compile the module for the training steps (checkpoints stay plain)
+    progress: bool = True  # show a progress bar (harness.progress: never when stderr is not a terminal)
 
 
 class ResumableBatches(Protocol):
@@ -301,16 +303,9 @@ def train(
             f"{tokens:,} tokens, {elapsed() / 60:.1f} min")
 
     finished = False
-    bar = None
-    if cfg.progress:
-        from tqdm.auto import tqdm  # noqa: PLC0415
-
-        interactive = sys.stderr.isatty()
-        bar = tqdm(total=planned or None, initial=step, desc=desc, dynamic_ncols=True,
-                   mininterval=0.5 if interactive else 30.0, file=sys.stderr)
-
     module.train()
     step_module = torch.compile(module) if cfg.compile else module  # shares the parameters
+    bar = Progress(planned, desc, "step", initial=step, enabled=cfg.progress)
     try:
         while True:
             if mode == "steps" and planned > 0 and step >= planned:
@@ -353,8 +348,7 @@ def train(
                     (s0, _, e0, _), (s1, _, e1, _) = history[max(0, len(history) - 12)], history[-1]
                     if s1 > s0 and e1 > e0:
                         planned = s1 + int(max(0.0, budget_s - e1) * (s1 - s0) / (e1 - e0))
-                        if bar is not None:
-                            bar.total = planned
+                        bar.set_total(planned)
             # turn the time budget into a planned number of steps (once, after calibration)
             if planned <= 0 and mode == "steps":
                 if calib_t0 is None:
@@ -367,18 +361,15 @@ def train(
                         planned = step + max(1, int(remaining / sec_per_step))
                         log(f"[{desc}] {sec_per_step:.2f} s/step: planning {planned} steps "
                             f"for the {cfg.max_minutes} min budget")
-                        if bar is not None:
-                            bar.total = planned
-                            bar.refresh()
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss_ema:.3f}", tok_s=f"{tok_s:,.0f}", lr=f"{cfg.lr * mult:.2e}", refresh=False)
+                        bar.set_total(planned)
+            bar.item(f"loss {loss_ema:.3f}, {tok_s:,.0f} tok/s, lr {cfg.lr * mult:.2e}")
+            bar.advance()
             if now - last_ckpt >= cfg.checkpoint_minutes * 60.0:
                 save("interval")
                 last_ckpt = time.monotonic()
     finally:
-        if bar is not None:
-            bar.close()
+        bar.close([f"loss (EMA) {loss_ema if loss_ema is None else round(loss_ema, 4)}, {tokens:,} tokens, "
+                   + ("finished" if finished else "stopped before the plan's end: run again to resume")])
         for s, h in old_handlers.items():
             signal.signal(s, h)
     save("end" if finished else "stopped")

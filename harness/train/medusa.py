@@ -50,7 +50,7 @@ import torch
 import torch.nn.functional as F
 
 from harness.drafters.medusa import MedusaHeads, MedusaHeadsConfig, load_heads, save_heads
-from harness.paths import default_cache_dir, resolve_repo_path, write_component
+from harness.paths import default_cache_dir, export_component, resolve_repo_path
 from harness.train.data import as_padded, check_data_choice, data_spec, load_training_data, tokens_dir
 from harness.train.distill import check_loss, per_token_loss
 from harness.train.loop import TrainLoopConfig, TrainResult, load_checkpoint, require_checkpoint, run_record, train
@@ -102,7 +102,7 @@ def head_weights(cfg: MedusaTrainConfig) -> list[float]:
 
 
 def load_base(path: str, device: str = "cpu") -> torch.nn.Module:
-    """The frozen base causal LM in float32 (through the execution layer's loader)."""
+    """The frozen base causal LM in float32 (through the engine's loader)."""
     from harness.config import ModelConfig  # noqa: PLC0415
     from harness.engine import Engine  # noqa: PLC0415
 
@@ -297,8 +297,6 @@ def heldout_accuracy(base, heads, data_dir: Path, max_tokens_per_lang: int = 0, 
 def export_medusa(cfg: MedusaTrainConfig, base: torch.nn.Module | None = None, log: Callable[[str], None] | None = None) -> dict:
     """Write the latest checkpoint's heads to ``cfg.export_dir``: fp16 safetensors (upstream
     key layout), config.json, training.json and a README.md card with held-out accuracy."""
-    from harness.paths import REPO_ROOT  # noqa: PLC0415
-
     log = log or (lambda s: print(s, file=sys.stderr, flush=True))
     data_dir, out_dir = cache_paths(cfg)
     ckpt = require_checkpoint(out_dir, "Medusa")
@@ -322,13 +320,10 @@ def export_medusa(cfg: MedusaTrainConfig, base: torch.nn.Module | None = None, l
         "data": extra.get("data") or {"source": "corpus", "path": extra.get("data_dir")},  # older checkpoints: corpus
         **run_record(ckpt),
         "heldout_accuracy": acc,
-        "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    final = Path(cfg.export_dir).expanduser()
-    final = final if final.is_absolute() else REPO_ROOT / final  # relative = inside the repository
     extra = {"format": "medusa-1 heads (harness); upstream key layout"}
-    write_component(final, lambda d: save_heads(heads, d, dtype=torch.float16, extra=extra), info, medusa_card(info))
-    log(f"[train medusa] exported step {info['step']} -> {final}")
+    final = export_component(cfg.export_dir, lambda d: save_heads(heads, d, dtype=torch.float16, extra=extra), info,
+                             medusa_card, log, "medusa")  # fmt: skip
     return {"dir": str(final), **{k: info[k] for k in ("step", "training_tokens", "wall_time_min")}, "accuracy": acc["all"]}
 
 

@@ -49,7 +49,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from harness.paths import REPO_ROOT, default_cache_dir, replace_dir, resolve_repo_path
+from harness.paths import default_cache_dir, export_dir, replace_dir, resolve_repo_path
 from harness.train.data import DataSpec, RecordBatches, check_data_choice, load_training_data
 from harness.train.lm import TokenBlockBatches
 from harness.train.loop import TrainLoopConfig, TrainResult, load_checkpoint, train
@@ -93,12 +93,6 @@ def loop_config(cfg: SpaceTrainConfig) -> TrainLoopConfig:
 
 def cache_path(value: str, default: Path) -> Path:
     return Path(value).expanduser() if value else default
-
-
-def out_path(value: str) -> Path:
-    """An output location: absolute as given, relative from the repository root."""
-    p = Path(value).expanduser()
-    return p if p.is_absolute() else REPO_ROOT / p
 
 
 def paths_of(cfg: SpaceTrainConfig) -> tuple[Path, Path]:
@@ -288,7 +282,7 @@ def export(cfg: SpaceTrainConfig, log: Optional[Callable[[str], None]] = None) -
     if cfg.evaluate:
         base = AutoModelForCausalLM.from_pretrained(str(resolve_repo_path(info["base_model"])), dtype=torch.float32)
         quality = space_quality(model, base, tok, data_dir, info["k"], info["mask_token_id"], cfg, log=log)
-    final = out_path(cfg.export_dir)
+    final = export_dir(cfg.export_dir)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.with_name(f".{final.name}.tmp")
     if tmp.exists():

@@ -58,8 +58,8 @@ class UnlikelihoodTrainConfig(LMTrainConfig):
     # optimiser steps (~4 s of CPU each on one thread). Measured from the target_functions checkpoint (zoo v3):
     # over 150 steps the rollouts' repeated-4-gram share fell 0.56 -> 0.20, but the rollouts ending with </s>
     # rose from 23 to ~40 of 80 per 10 steps until step ~50 and then collapsed to 1-4 (the model stopped
-    # ending functions: 0 of 20 HumanEval completions ended before 128 tokens); a 50-step cosine kept both:
-    # repetition 0.26 and 18 of 20 ending with </s> (HumanEval report split, 20 problems)
+    # ending functions: 0 of 20 HumanEval completions ended before 128 tokens); a 50-step cosine kept both
+    # (the shipped target's figures: zoo/target/README.md)
     max_steps: int = 50
     batch_size: int = 4  # corpus rows per step for the CE term
     function_share: float = 0.5  # share of the CE rows that are function samples ending in </s>

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from harness.paths import REPO_ROOT, default_cache_dir, replace_dir, resolve_repo_path
+from harness.progress import Progress
 from harness.zoo.corpus import CorpusConfig, build_corpus, load_corpus, save_corpus, write_json
 from harness.zoo.functions import FUNCTIONS_META, FunctionSamplesConfig, encode_function_samples
 from harness.zoo.tokenizer import TokenizerConfig, check_tokenizer, load_tokenizer, train_tokenizer
@@ -74,7 +75,8 @@ def prepare_data(cfg: ZooDataConfig, log=print) -> DataPaths:
     from harness.train.lm import encode_corpus  # noqa: PLC0415
 
     p = data_paths(cfg)
-    with _lock(p.root / "zoo-data" / ".lock"):
+    with _lock(p.root / "zoo-data" / ".lock"), Progress(4, "zoo data", "step") as bar:
+        bar.start("corpus")
         if cfg.force or not (p.corpus / "corpus_manifest.json").exists():
             t0 = time.time()
             docs, manifest = build_corpus(cfg.corpus, log=log)
@@ -87,6 +89,7 @@ def prepare_data(cfg: ZooDataConfig, log=print) -> DataPaths:
         else:
             cfg_force_rest = cfg.force
             docs = None
+        bar.start("tokenizer")
         if cfg.tokenizer_from:  # never trained here: the given model's, copied when the cached one differs
             source = resolve_repo_path(cfg.tokenizer_from)
             if tokenizer_hash(p.tokenizer) != tokenizer_hash(source):
@@ -106,6 +109,7 @@ def prepare_data(cfg: ZooDataConfig, log=print) -> DataPaths:
             check_tokenizer(tok, [d.text for d in docs[:20]])
             log(f"[zoo] tokenizer: {len(tok)} tokens in {time.time() - t0:.0f} s -> {p.tokenizer}")
             cfg_force_rest = True
+        bar.start("token data")
         if cfg_force_rest or not (p.tokens / "data_meta.json").exists():
             if docs is None:
                 docs, _ = load_corpus(p.corpus)
@@ -122,6 +126,7 @@ def prepare_data(cfg: ZooDataConfig, log=print) -> DataPaths:
                                                         "pad": tok.pad_token, "mask": tok.mask_token}}
             write_json(p.corpus / "corpus_manifest.json", manifest)
             log(f"[zoo] token data: {meta['train_tokens']:,} train / {meta['heldout_tokens']:,} held-out tokens -> {p.tokens}")
+        bar.start("function samples")
         if cfg_force_rest or not (p.tokens / FUNCTIONS_META).exists():
             if docs is None:
                 docs, _ = load_corpus(p.corpus)
@@ -129,6 +134,7 @@ def prepare_data(cfg: ZooDataConfig, log=print) -> DataPaths:
             fmeta = encode_function_samples(docs, load_tokenizer(p.tokenizer), p.tokens, cfg.functions)
             log(f"[zoo] function-level samples: {fmeta['samples']:,} functions, {fmeta['tokens']:,} tokens "
                 f"in {time.time() - t0:.0f} s -> {p.tokens / FUNCTIONS_META}")
+        bar.done()
     return p
 
 
@@ -180,8 +186,7 @@ class ExportConfig:
     # exported name -> checkpoint directory under the train root, where they differ (zoo v3: zoo/target is
     # the target continued on function-level samples, zoo/draft the draft distilled from it, second phase
     # draft_top1; a source without a checkpoint yet, e.g. draft-top1 before its stage ran, falls back to the model's own)
-    # shipped: target = the unlikelihood fine-tune (repetition 0.61 -> 0.26, 50% -> 90% of HumanEval completions
-    # ending before 128 tokens, held-out ppl 5.25 -> 6.67: measured, zoo/target/README.md)
+    # shipped: target = the unlikelihood fine-tune (what it changed, measured: zoo/target/README.md)
     sources: dict[str, str] = field(default_factory=lambda: {"target": "target-unlikelihood", "draft": "draft-top1"})
     dtype: str = "float16"  # float16 | bfloat16 | float32 weights on disk
     evaluate: bool = True  # compute quality figures (held-out ppl, HumanEval, agreement)

@@ -1,5 +1,5 @@
 """Microbenchmarks (pytest-benchmark): short decodes of each method on the shipped zoo,
-and the execution layer's keep().
+and the engine's keep().
 
 In the normal test run they execute once as smoke tests (``--benchmark-disable`` in
 pyproject). To measure and compare:
