@@ -57,7 +57,7 @@ class CoralTrainConfig(SpaceTrainConfig):
     mask_groups: int = 6  # blocks of 2k+1 slots appended per training row (each at its own split point)
     corrupt_prob: float = 0.25  # probability that a filled slot holds a wrong token (drawn from the same row)
     max_minutes: float = 40.0  # wall-clock budget over all resumed runs
-    eval_problems: int = 40  # HumanEval prompts (tuning split) for the held-out per-position acceptance at export
+    eval_problems: int = 20  # HumanEval prompts (tuning split) for the held-out per-position acceptance at export
     eval_new_tokens: int = 64  # greedy tokens decoded per prompt for it
 
 

@@ -329,6 +329,7 @@ def finetune_record(ckpt: dict, cfg: SpaceTrainConfig, config, tok, kind: str) -
     trained = ckpt.get("extra", {}).get(kind, {})
     mask_id = int(getattr(config, f"{kind}_mask_token_id"))
     return {
+        "method": kind,
         "base_model": trained.get("base", cfg.base),
         "k": int(getattr(config, f"{kind}_k")),
         "mask_token_id": mask_id,
