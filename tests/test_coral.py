@@ -6,14 +6,13 @@ fine-tune (packed blocks, loss going down, resume, export with held-out acceptan
 from __future__ import annotations
 
 import json
-import math
 
 import numpy as np
 import pytest
 import torch
 from conftest import tiny_model
-from sampling_law import CONTROL_RUNS, PVALUE_FLOOR, RUNS, sampled_pvalue
-from test_space import GREEDY, PROMPTS, UpstreamRule, grid
+from test_space import (GREEDY, PROMPTS, OracleProposals, UpstreamRule, check_oracle_blocks, check_sampling_law,
+                        grid)
 
 from harness.config import ModelConfig, SamplingConfig
 from harness.engine import Engine
@@ -68,17 +67,8 @@ def test_strict_equals_greedy_autoregressive_on_random_models(engines, k):
             assert got.proposed_per_position == [got.target_forwards - 1] * k and got.extra["chunk_tokens"] == 3 * k + 2
 
 
-class Oracle(Coral):
+class Oracle(OracleProposals, Coral):
     """Drafts the reference continuation, right for the first `right` drafts, then wrong."""
-
-    def __init__(self, *a, reference, prompt_len, right, **kw):
-        super().__init__(*a, **kw)
-        self.reference, self.prompt_len, self.right = reference, prompt_len, right
-
-    def propose(self, refined, seq):
-        done = len(seq) - self.prompt_len
-        true = (self.reference + [0] * (self.k + 1))[done : done + self.k]
-        return torch.tensor([t if i < self.right else (t + 1) % 300 for i, t in enumerate(true)])
 
 
 @pytest.mark.parametrize("k,right", [(3, 3), (3, 1), (3, 0), (4, 4), (4, 2)])
@@ -87,14 +77,8 @@ def test_oracle_drafts_commit_the_expected_blocks(engines, k, right):
     eng, n = engines[1], 25
     for prompt in PROMPTS[:2]:
         ref = greedy_tokens(eng, prompt, StopRule(n, frozenset()))
-        got = Oracle(CoralConfig(k=k), eng, GREEDY, reference=ref, prompt_len=len(prompt), right=right).generate(
-            prompt, StopRule(n, frozenset()))  # fmt: skip
-        assert got.tokens == ref
-        block = right + 1
-        steps = math.ceil((n - 1) / block)
-        assert got.target_forwards == 1 + steps
-        assert got.accepted_per_step == [1] + [block] * (steps - 1) + [n - 1 - block * (steps - 1)]
-        assert got.accepted_per_position[right:] == [0] * (k - right)
+        oracle = Oracle(CoralConfig(k=k), eng, GREEDY, reference=ref, prompt_len=len(prompt), right=right)
+        check_oracle_blocks(oracle.generate(prompt, StopRule(n, frozenset())), ref, k, right)
 
 
 def test_stop_rules_inside_an_accepted_block(engines):
@@ -158,17 +142,7 @@ class UpstreamCoral(Coral):
 def test_sampling_matches_the_target_distribution_and_catches_a_wrong_rule():
     """The law of the first four tokens (tests/sampling_law.py) on a 6-token model with k = 2; the
     control verifies with SPACE upstream's rule (accept with p(c), resample from all of p)."""
-    vocab, mask_id, prompt, length = 6, 5, [0, 4, 2, 3], 4
-    eng = Engine.from_model(tiny_model(vocab, initializer_range=0.3), None)
-    s = SamplingConfig(do_sample=True, temperature=0.9, top_k=4)
-    cfg = CoralConfig(k=2, mask_id=mask_id)
-    plain, _ = sampled_pvalue(Autoregressive(AutoregressiveConfig(), eng, s), eng, RUNS, length, prompt)
-    assert plain > PVALUE_FLOOR
-    method = Coral(cfg, eng, s)
-    assert sum(method.generate(prompt, StopRule(30), seed=0).accepted_per_position) > 0  # drafts get accepted
-    pvalue, multi_step = sampled_pvalue(method, eng, RUNS, length, prompt)
-    assert pvalue > PVALUE_FLOOR and multi_step > 0.9
-    assert sampled_pvalue(UpstreamCoral(cfg, eng, s), eng, CONTROL_RUNS, length, prompt)[0] < PVALUE_FLOOR
+    check_sampling_law(Coral, UpstreamCoral, CoralConfig(k=2, mask_id=5))
 
 
 # ---- the fine-tune -----------------------------------------------------------------------------
