@@ -48,7 +48,9 @@ from harness.train.space_batch import IGNORE, split_bounds
 
 @dataclass
 class CoralTrainConfig(SpaceTrainConfig):
-    """One COrAL fine-tune: SPACE's settings (base, data, loop, export) with the block's below."""
+    """One COrAL fine-tune: SPACE's settings (base, data, loop, export) with the block's below.
+    SPACE's quality settings (eval_tokens_per_lang, humaneval_limit, max_new_tokens) are not read:
+    the export measures the held-out acceptance below instead."""
 
     out_dir: str = ""  # checkpoint dir ("" = <cache>/train/coral)
     export_dir: str = "zoo/target-coral"  # where export() writes the model (relative = from the repo root)
