@@ -3,8 +3,8 @@ SHELL := /bin/bash
 #   make bench   set up, then run the default benchmark on the shipped zoo
 #   make test    set up, then run the tests
 # Also: make leaderboard (regenerates the published results/leaderboard*.md and reports),
-# make tables (the speculative gamma, Medusa tree and SPACE k sweeps: results/speculative-gamma.md,
-# results/medusa-trees.md, results/space-k.md).
+# make tables (the speculative gamma, Medusa tree, SPACE k and COrAL k sweeps: results/speculative-gamma.md,
+# results/medusa-trees.md, results/space-k.md, results/coral-k.md).
 # Tuning apart from reporting: make tables sweeps on HumanEval's tuning split (problems 0-39,
 # task.split=tune), where the defaults below and in methods/ are chosen; make bench and make
 # leaderboard report on the other problems (40-163, task.split=report).
@@ -50,10 +50,11 @@ RUN := .venv/bin/harness run --task humaneval --limit $(LIMIT) --max-new-tokens 
 setup:
 	bash scripts/setup.sh
 
-# target + draft + Medusa heads, then SPACE on its own fine-tuned model (its own reference)
+# target + draft + Medusa heads, then SPACE and COrAL each on its own fine-tuned model (its own reference)
 bench: setup
 	$(RUN) task.split=$(SPLIT) --methods $(BENCH_METHODS) $(DRAFT_ARGS) --out $(OUT) $(ARGS)
 	$(RUN) task.split=$(SPLIT) --model zoo-space --methods autoregressive,space $(if $(SPACE_K),method.space.k=$(SPACE_K)) --out $(OUT)-space $(ARGS)
+	$(RUN) task.split=$(SPLIT) --model zoo-coral --methods autoregressive,coral --out $(OUT)-coral $(ARGS)
 
 # the tests also run the cluster launchers (joblib, a local Ray cluster, submitit): their
 # extras are installed, and a missing one fails the tests instead of skipping them
@@ -90,12 +91,16 @@ datastore: setup
 
 leaderboard: setup datastore
 	ALLOW_DIRTY=$(ALLOW_DIRTY) .venv/bin/python -m harness.publish clean-tree
-	rm -rf results/runs/zoo results/runs/zoo-space
+	rm -rf results/runs/zoo results/runs/zoo-space results/runs/zoo-coral
 	$(MAKE) bench OUT=results/runs/zoo BENCH_METHODS=$(LEADERBOARD_METHODS)
 	rm -rf results/runs/zoo-nest-relaxed
 	$(RUN) task.split=$(SPLIT) --methods autoregressive,nest method.nest.mode=relaxed --out results/runs/zoo-nest-relaxed $(ARGS)
 	.venv/bin/harness leaderboard results/runs/zoo --out results/leaderboard.md
 	.venv/bin/harness leaderboard results/runs/zoo-nest-relaxed --out results/leaderboard-nest-relaxed.md
+	rm -rf results/runs/zoo-coral-paper
+	$(RUN) task.split=$(SPLIT) --model zoo-coral --methods autoregressive,coral method.coral.mode=paper --out results/runs/zoo-coral-paper $(ARGS)
+	.venv/bin/harness leaderboard results/runs/zoo-coral --out results/leaderboard-coral.md
+	.venv/bin/harness leaderboard results/runs/zoo-coral-paper --out results/leaderboard-coral-paper.md
 	.venv/bin/harness leaderboard results/runs/zoo --format html --out results/report.html
 	.venv/bin/harness leaderboard results/runs/zoo-space --out results/leaderboard-space.md
 	.venv/bin/harness leaderboard results/runs/zoo-space --format html --out results/report-space.html
@@ -131,7 +136,7 @@ leaderboard-docs: setup datastore
 # and draft-tree budget, each with its own autoregressive reference, on the tuning split; --by run_dir
 # gives one row per job, step_cost is t(one step's forwards) / t(1-token forward). Each sweep is its own
 # target (make tables-lookahead ...); make tables runs them all.
-TABLES := tables-gamma tables-medusa tables-space tables-lookahead tables-eagle2 tables-spec-tree tables-buckets tables-transfer tables-llmcad tables-family-b
+TABLES := tables-gamma tables-medusa tables-space tables-coral tables-lookahead tables-eagle2 tables-spec-tree tables-buckets tables-transfer tables-llmcad tables-family-b
 TUNE := $(RUN) task.split=tune
 tables: setup
 	ALLOW_DIRTY=$(ALLOW_DIRTY) .venv/bin/python -m harness.publish clean-tree
@@ -152,6 +157,11 @@ tables-space:
 	rm -rf results/runs/space-k
 	$(TUNE) -m --model zoo-space --methods autoregressive,space 'method.space.k=1,2,3,4,5' --out results/runs/space-k $(ARGS)
 	.venv/bin/harness leaderboard results/runs/space-k/*/ --by run_dir --allow-mixed --out results/space-k.md
+
+tables-coral:
+	rm -rf results/runs/coral-k
+	$(TUNE) -m --model zoo-coral --methods autoregressive,coral 'method.coral.k=1,2,3' --out results/runs/coral-k $(ARGS)
+	.venv/bin/harness leaderboard results/runs/coral-k/*/ --by run_dir --allow-mixed --out results/coral-k.md
 
 # lookahead: chosen (W, N, G) points, not their cartesian product; the last without the prompt's n-grams
 LOOKAHEAD_GRID := 2,3,2,true 4,3,4,true 4,5,4,true 8,5,8,true 4,5,4,false

@@ -25,7 +25,7 @@ from harness.train.lm import DRAFT, TARGET, LMTrainConfig, ModelConfig
 from harness.zoo.build import ZooDataConfig
 
 USAGE = (
-    "usage: harness train {lm model=target|draft | medusa | space | eagle version=1|3 | hidden-transfer "
+    "usage: harness train {lm model=target|draft | medusa | space | coral | eagle version=1|3 | hidden-transfer "
     "preset=hidden-transfer|firp | chimera | llm-to-slm} [key=value ...] [--quiet]   "
     "(harness train <job> --help shows all keys)"
 )
@@ -54,6 +54,9 @@ def register_configs() -> None:
 
     cs.store(name="train_medusa", node=MedusaTrainConfig)
     cs.store(name="train_space", node=SpaceTrainConfig)
+    from harness.train.coral import CoralTrainConfig  # noqa: PLC0415
+
+    cs.store(name="train_coral", node=CoralTrainConfig)
     from harness.train.eagle import EagleTrainConfig  # noqa: PLC0415
 
     cs.store(name="train_eagle", node=EagleTrainConfig)
@@ -132,8 +135,16 @@ HEAD_TRAINERS = {
 }
 
 
+# the fine-tunes of the whole target that export when their schedule ends: name -> (module, training function)
+FINETUNES = {
+    "space": ("harness.train.space", "run_space_training"),
+    "coral": ("harness.train.coral", "run_coral_training"),
+}
+
+
 def main(argv: list[str]) -> int:
-    runners = {"lm": run_train_lm, "space": run_train_space}
+    runners = {"lm": run_train_lm}
+    runners.update({name: functools.partial(run_finetune, name) for name in FINETUNES})
     runners.update({name: functools.partial(run_head_trainer, name) for name in HEAD_TRAINERS})
     return dispatch(argv, USAGE, runners, lambda what: f"train_{what}", "training job")
 
@@ -157,14 +168,14 @@ def run_head_trainer(name: str, cfg) -> int:
     return 0
 
 
-def run_train_space(cfg) -> int:
-    """SPACE SAR fine-tune (resumable), then export with quality figures and card."""
-    from harness.train.space import export, run_space_training  # noqa: PLC0415
-
-    result, summary = run_space_training(cfg)
-    print(f"[train space] done: {summary}")
+def run_finetune(name: str, cfg) -> int:
+    """One of ``FINETUNES`` (resumable), then its export (quality figures and card) once the schedule ends."""
+    module_name, function = FINETUNES[name]
+    module = importlib.import_module(module_name)
+    result, summary = getattr(module, function)(cfg)
+    print(f"[train {name}] done: {summary}")
     if result.finished:
-        print(f"[train space] exported to {export(cfg)}")
+        print(f"[train {name}] exported to {module.export(cfg)}")
     return 0
 
 

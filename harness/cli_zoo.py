@@ -8,7 +8,8 @@
   the target's self-distillation data (``selfdistill``), fine-tune the draft on it
   (``draft_distill``: next-token CE on its outputs; ``draft_top1``: then CE against its argmax, the target run
   on each batch; each re-exported as zoo/draft with new figures, zoo/target untouched), then train and export the
-  target's Medusa heads (on the self-distilled data; ``medusa_greedy``: then on its greedy records only), its SPACE fine-tune and its EAGLE-1/2 and EAGLE-3 heads (``eagle``,
+  target's Medusa heads (on the self-distilled data; ``medusa_greedy``: then on its greedy records only), its SPACE and
+  COrAL fine-tunes (``space``, ``coral``) and its EAGLE-1/2 and EAGLE-3 heads (``eagle``,
   ``eagle3``, on the self-distilled data), its Hidden Transfer and FIRP maps (``hidden_transfer``,
   ``firp``), Chimera's drafter (``chimera``) and the LLM-to-SLM projector into the draft
   (``llm_to_slm``), on the same data. ``stages=[...]``
@@ -29,10 +30,11 @@ import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from harness.cli_train import HEAD_TRAINERS
+from harness.cli_train import FINETUNES, HEAD_TRAINERS
 from harness.progress import Progress
 from harness.train.lm import DRAFT, TARGET, LMTrainConfig, ModelConfig
 from harness.train.chimera import ChimeraTrainConfig
+from harness.train.coral import CoralTrainConfig
 from harness.train.llm_to_slm import LlmToSlmTrainConfig
 from harness.train.medusa import MedusaTrainConfig
 from harness.train.distill import DraftDistillConfig
@@ -49,7 +51,8 @@ HEAD_STAGES = {"eagle": ("eagle", "eagle"), "eagle3": ("eagle", "eagle3"),
                "hidden_transfer": ("hidden-transfer", "hidden-transfer"), "firp": ("hidden-transfer", "firp"),
                "chimera": ("chimera", "chimera"), "llm_to_slm": ("llm-to-slm", "llm-to-slm")}  # fmt: skip
 STAGES = ("draft", "target", "target_functions", "target_unlikelihood", "export", "selfdistill", "draft_distill", "draft_top1",
-          "medusa", "medusa_greedy", "space", "eagle", "eagle3", "hidden_transfer", "firp", "chimera", "llm_to_slm")
+          "medusa", "medusa_greedy", "space", "coral", "eagle", "eagle3", "hidden_transfer", "firp", "chimera",
+          "llm_to_slm")
 FUNCTIONS_CHECKPOINT = "target-functions"  # <train_root>/<this>: the target_functions stage's checkpoint
 UNLIKELIHOOD_CHECKPOINT = "target-unlikelihood"  # <train_root>/<this>: the target_unlikelihood stage's checkpoint
 DISTILL_CHECKPOINT = "draft-distill"  # <train_root>/<this>: the draft_distill stage's checkpoint
@@ -99,6 +102,8 @@ class ZooCommand:
         greedy_only=True, lr=3e-4, max_minutes=40, group_by_length=True))
     # SAR fine-tune of the exported target; every block's masks carry a loss (the AR loss is always there)
     space: SpaceTrainConfig = field(default_factory=lambda: SpaceTrainConfig(mask_prob=1.0, max_minutes=60))
+    # COrAL's order-agnostic block fine-tune of the exported target (42 minutes on one loaded thread)
+    coral: CoralTrainConfig = field(default_factory=lambda: CoralTrainConfig(max_minutes=42))
     # EAGLE heads on the exported target, trained on its self-distilled data (corpus windows if there is none)
     eagle: EagleTrainConfig = field(default_factory=lambda: EagleTrainConfig(version=1, max_minutes=30))
     eagle3: EagleTrainConfig = field(default_factory=lambda: EagleTrainConfig(version=3, max_minutes=25))
@@ -149,7 +154,7 @@ def _build(cmd: ZooCommand) -> int:
         for d in (paths.corpus, paths.tokenizer, paths.tokens, root / cmd.draft.name, root / cmd.target.name,
                   root / cmd.export.sources.get(cmd.target.name, cmd.target.name),
                   root / FUNCTIONS_CHECKPOINT, root / UNLIKELIHOOD_CHECKPOINT, root / DISTILL_CHECKPOINT, root / TOP1_CHECKPOINT,
-                  root / "medusa", root / "medusa-greedy", root / "space", root / "eagle", root / "eagle3",
+                  root / "medusa", root / "medusa-greedy", root / "space", root / "coral", root / "eagle", root / "eagle3",
                   root / "hidden-transfer", root / "firp", paths.root / "zoo-data" / "selfdistill"):  # fmt: skip
             if d.exists():
                 shutil.rmtree(d)
@@ -162,8 +167,6 @@ def _build_stages(cmd: ZooCommand, paths, root: Path, bar: Progress) -> int:
     """The stages ``cmd.stages`` names, in the order they depend on each other (each a ``bar`` stage)."""
     from harness.train.lm import make_job, run_lm_training  # noqa: PLC0415
     from harness.train.medusa import run_medusa_training  # noqa: PLC0415
-    from harness.train.space import export as export_space  # noqa: PLC0415
-    from harness.train.space import run_space_training  # noqa: PLC0415
     from harness.zoo.build import check_token_data, export_zoo, prepare_data, write_zoo_index, zoo_dir_of  # noqa: PLC0415
 
     bar.start("data")
@@ -200,7 +203,7 @@ def _build_stages(cmd: ZooCommand, paths, root: Path, bar: Progress) -> int:
         cmd.export.draft_name, cmd.export.target_name = cmd.draft.name, cmd.target.name
         export_zoo(cmd.export, cmd.data, str(root))
     zoo = zoo_dir_of(cmd.export)
-    if {"draft_distill", "draft_top1", "medusa", "medusa_greedy", "space", "eagle", "eagle3", "chimera", "llm_to_slm"} & set(cmd.stages) and (zoo / cmd.target.name).exists():
+    if {"draft_distill", "draft_top1", "medusa", "medusa_greedy", "space", "coral", "eagle", "eagle3", "chimera", "llm_to_slm"} & set(cmd.stages) and (zoo / cmd.target.name).exists():
         check_token_data(paths, zoo / cmd.target.name)  # their held-out figures read the cached token data
     if "selfdistill" in cmd.stages:
         bar.start("selfdistill")
@@ -222,7 +225,7 @@ def _build_stages(cmd: ZooCommand, paths, root: Path, bar: Progress) -> int:
             return 1
     # the heads and fine-tunes read this build's token data and self-distilled records (its data.cache_dir)
     for job, export_name in ((cmd.medusa, "target-medusa"), (cmd.medusa_greedy, "target-medusa"), (cmd.space, "target-space"),
-                             (cmd.eagle, "target-eagle"), (cmd.eagle3, "target-eagle3"),
+                             (cmd.coral, "target-coral"),                             (cmd.eagle, "target-eagle"), (cmd.eagle3, "target-eagle3"),
                              (cmd.hidden_transfer, "target-hidden-transfer"), (cmd.firp, "target-firp"),
                              (cmd.chimera, "target-chimera"), (cmd.llm_to_slm, "target-llm-to-slm")):  # fmt: skip
         job.data_dir = job.data_dir or str(paths.tokens)
@@ -245,14 +248,17 @@ def _build_stages(cmd: ZooCommand, paths, root: Path, bar: Progress) -> int:
         _restart_if_init_changed(Path(job.out_dir), job.init_from)
         _res, summary = run_medusa_training(job)  # exports over medusa_greedy.export_dir at the end
         print(f"[zoo] trained medusa heads, second phase: {summary}")
-    if "space" in cmd.stages:
-        bar.start("space")
-        cmd.space.out_dir = cmd.space.out_dir or str(root / "space")
-        _restart_if_base_changed(Path(cmd.space.out_dir), cmd.space.base)
-        res, summary = run_space_training(cmd.space)
-        print(f"[zoo] trained space: {summary}")
+    for stage, (module_name, function) in FINETUNES.items():  # fine-tunes of the whole target, then their export
+        if stage not in cmd.stages:
+            continue
+        bar.start(stage)
+        job, module = getattr(cmd, stage), importlib.import_module(module_name)
+        job.out_dir = job.out_dir or str(root / stage)
+        _restart_if_base_changed(Path(job.out_dir), job.base)
+        res, summary = getattr(module, function)(job)
+        print(f"[zoo] trained {stage}: {summary}")
         if res.finished:
-            print(f"[zoo] exported {export_space(cmd.space)}")
+            print(f"[zoo] exported {module.export(job)}")
     for stage, (trainer, checkpoint) in HEAD_STAGES.items():  # heads and drafters on the frozen target
         if stage not in cmd.stages:
             continue

@@ -14,3 +14,5 @@ ZOO_DRAFT = ModelConfig(name="zoo-draft", path="zoo/draft")
 # Later zoo members: the SPACE fine-tune of the zoo target (generate with `space`; the
 # losslessness reference is then autoregressive decoding of this same fine-tuned model).
 ZOO_SPACE = ModelConfig(name="zoo-space", path="zoo/target-space")
+# The COrAL fine-tune of the zoo target (generate with `coral`; the reference is this model's own greedy decoding).
+ZOO_CORAL = ModelConfig(name="zoo-coral", path="zoo/target-coral")

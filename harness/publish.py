@@ -132,9 +132,20 @@ def sources(files: list[Published]) -> str:
     return "\n\n".join(f"From `results/{f.path.name}`: {f.header}" for f in files)
 
 
+# the lossless leaderboards of make leaderboard, one per model (each method against autoregressive of its own model);
+# the last ones join once make leaderboard has written them
+LEADERBOARDS = ("leaderboard.md", "leaderboard-space.md")
+LATER_LEADERBOARDS = ("leaderboard-coral.md",)
+
+
+def per_model_leaderboards(results: Path) -> list[Published]:
+    names = LEADERBOARDS + tuple(n for n in LATER_LEADERBOARDS if (results / n).exists())
+    return [read_leaderboard(results / name) for name in names]
+
+
 def methods_block(results: Path) -> str:
     """Every non-reference method of the published leaderboards, one row each."""
-    files = [read_leaderboard(results / name) for name in ("leaderboard.md", "leaderboard-space.md")]
+    files = per_model_leaderboards(results)
     rows = []
     for f in files:
         for row in f.rows:
@@ -184,7 +195,7 @@ def modes_block(results: Path) -> str:
 def headline_block(results: Path) -> str:
     """The README's excerpt: every method of the published leaderboards, fastest first, few columns
 (each speedup is over ``autoregressive`` of the same model)."""
-    files = [read_leaderboard(results / name) for name in ("leaderboard.md", "leaderboard-space.md")]
+    files = per_model_leaderboards(results)
     rows = [dict(row, model=f.model) for f in files for row in f.rows if row["method"] != REFERENCE]
     def fastest_first(row: dict[str, str]) -> tuple[bool, float]:
         speedup = float(row.get("speedup") or "nan")

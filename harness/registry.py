@@ -115,6 +115,7 @@ METHODS.add("firp", "methods.hidden_transfer:Firp")
 METHODS.add("nest", "methods.nest:Nest")
 METHODS.add("chimera", "methods.chimera:Chimera")
 METHODS.add("llm-to-slm", "methods.llm_to_slm:LlmToSlm")
+METHODS.add("coral", "methods.coral:Coral")
 
 # --- tasks: one file each under tasks/ ---
 TASKS.add("humaneval", "tasks.humaneval:HumanEval")
@@ -127,3 +128,4 @@ MODELS.add("random-tiny", "harness.models:RANDOM_TINY")
 MODELS.add("zoo-target", "harness.models:ZOO_TARGET")
 MODELS.add("zoo-draft", "harness.models:ZOO_DRAFT")
 MODELS.add("zoo-space", "harness.models:ZOO_SPACE")
+MODELS.add("zoo-coral", "harness.models:ZOO_CORAL")

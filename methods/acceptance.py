@@ -231,8 +231,13 @@ class ChainVerifier(Verifier):
                 tokens = self.sample(draft, probabilities(logits, self.sampling), q)
             else:
                 tokens = greedy_accept(draft, logits)
-            accepted = min(self._commit(tokens), len(tokens) - 1)
-        g = len(draft)
+            return self.commit(len(draft), tokens)
+
+    def commit(self, g: int, tokens: list[int]) -> int:
+        """Commit ``tokens`` (an accepted prefix of a draft of ``g`` tokens, then one more) as one
+        step, stop rules applied, and count it; returns how many draft tokens were committed.
+        ``accept`` decides ``tokens`` by the target's rows; a lossy mode may decide them by its own rule."""
+        accepted = min(self._commit(tokens), len(tokens) - 1)
         self.proposal_lengths.append(g)
         self._count(g, accepted)
         return accepted
@@ -245,6 +250,6 @@ class ChainVerifier(Verifier):
         """What a chain method's ``loop`` ends with: the result, the caches, the proposal lengths."""
         return LoopEnd(self.result(draft_forwards, extra), self.cache, draft_cache, list(self.proposal_lengths))
 
-    def result(self, draft_forwards: int = 0, extra: Optional[dict] = None) -> Generation:
+    def result(self, draft_forwards: int = 0, extra: Optional[dict] = None, lossy: bool = False) -> Generation:
         # mean draft tokens per verify step (speculative: the mean of the gamma history)
-        return self._generation(draft_forwards, False, {"mean_proposal": mean(self.proposal_lengths), **(extra or {})})
+        return self._generation(draft_forwards, lossy, {"mean_proposal": mean(self.proposal_lengths), **(extra or {})})

@@ -56,8 +56,9 @@ TRANSFER_MAPS = "transfer-maps"  # trained Hidden Transfer / FIRP maps: keyword 
 CHIMERA_DRAFTER = "chimera-drafter"  # a trained Chimera drafter: keyword drafter= (harness.drafters.chimera)
 KNN_DATASTORE = "knn-datastore"  # a datastore with hidden-state keys: keywords datastore=, keys= (harness.neighbours)
 PROJECTOR = "projector"  # a trained LLM-to-SLM projector: keyword projector= (harness.drafters.projector)
+BLOCK_FINETUNE = "block-finetune"  # the target fine-tuned to fill and refine a block (COrAL; config k, mask_id)
 NEEDS = (DRAFT_MODEL, MEDUSA_HEADS, EAGLE_HEAD, MASK_FINETUNE, DATASTORE, TRANSFER_MAPS, CHIMERA_DRAFTER, KNN_DATASTORE,
-         PROJECTOR)
+         PROJECTOR, BLOCK_FINETUNE)
 NEEDS_TEXT = {  # how `harness list` says each
     DRAFT_MODEL: "a draft model",
     MEDUSA_HEADS: "trained Medusa heads",
@@ -68,6 +69,7 @@ NEEDS_TEXT = {  # how `harness list` says each
     CHIMERA_DRAFTER: "a trained Chimera drafter",
     KNN_DATASTORE: "a datastore with hidden-state keys (harness datastore build keys=...)",
     PROJECTOR: "a trained projector",
+    BLOCK_FINETUNE: "a COrAL fine-tune of the target (--model zoo-coral)",
 }
 
 

@@ -116,31 +116,33 @@ def vocab_size(engine: Engine) -> int:
     return int(engine.config.get_text_config().vocab_size)
 
 
-def resolve_k_and_mask(cfg: SpaceConfig, engine: Engine) -> tuple[int, int]:
-    """k and the mask id: method config, then the checkpoint config, then (mask) the tokenizer."""
+def resolve_k_and_mask(cfg, engine: Engine, kind: str = "space", hint: str = " (cteant's released checkpoints use "
+                       "k=5, mask id 32002)") -> tuple[int, int]:  # fmt: skip
+    """k and the mask id: method config, then the checkpoint config (``<kind>_k``,
+    ``<kind>_mask_token_id``, written by ``harness train <kind>``), then (mask) the tokenizer."""
     model_cfg = engine.config
-    k = cfg.k if cfg.k is not None else getattr(model_cfg, "space_k", None)
+    k = cfg.k if cfg.k is not None else getattr(model_cfg, f"{kind}_k", None)
     if k is None:
         raise SpaceSetupError(
-            "this model's config has no space_k (not a checkpoint from `harness train space`); "
-            "give k explicitly: method.space.k=<int> (cteant's released checkpoints use k=5)"
+            f"this model's config has no {kind}_k (not a checkpoint from `harness train {kind}`); "
+            f"give k explicitly: method.{kind}.k=<int>{hint}"
         )
-    mask = cfg.mask_id if cfg.mask_id is not None else getattr(model_cfg, "space_mask_token_id", None)
+    mask = cfg.mask_id if cfg.mask_id is not None else getattr(model_cfg, f"{kind}_mask_token_id", None)
     if mask is None and engine.tokenizer is not None:
         mask = engine.tokenizer.mask_token_id
     if mask is None:
         raise SpaceSetupError(
-            "no mask token id: the config has no space_mask_token_id and the tokenizer no mask token; "
-            "set method.space.mask_id=<int> (cteant's vicuna-v1.3-7b-space uses 32002)"
+            f"no mask token id: the config has no {kind}_mask_token_id and the tokenizer no mask token; "
+            f"set method.{kind}.mask_id=<int>{hint}"
         )
     k, mask = int(k), int(mask)
     if k < 1:
-        raise SpaceSetupError(f"SPACE needs k >= 1, got k={k}")
+        raise SpaceSetupError(f"{kind} needs k >= 1, got k={k}")
     vocab = vocab_size(engine)
     if not 0 <= mask < vocab:
         raise SpaceSetupError(
             f"mask id {mask} is outside the model's vocabulary of {vocab} tokens "
-            "(wrong checkpoint, or the embeddings were never resized for [M]); set method.space.mask_id"
+            f"(wrong checkpoint, or the embeddings were never resized for [M]); set method.{kind}.mask_id"
         )
     return k, mask
 

@@ -29,7 +29,7 @@ import torch
 from harness.config import MethodConfig, SamplingConfig
 from harness.datastore import Datastore
 from harness.engine import Engine
-from harness.models import ZOO_DRAFT, ZOO_SPACE, ZOO_TARGET
+from harness.models import ZOO_CORAL, ZOO_DRAFT, ZOO_SPACE, ZOO_TARGET
 from harness.registry import METHODS, Registry, RegistryError
 from methods.acceptance import ChainVerifier
 from methods.autoregressive import Autoregressive, AutoregressiveConfig
@@ -38,8 +38,9 @@ from harness.drafters.chimera import ChimeraConfig, ChimeraDrafter
 from harness.drafters.projector import Projector, ProjectorConfig
 from harness.drafters.transfer import TransferConfig, TransferLayers
 from harness.neighbours import build_keys
-from methods.base import (CHIMERA_DRAFTER, DATASTORE, DRAFT_MODEL, EAGLE_HEAD, KNN_DATASTORE, MASK_FINETUNE,
-                          MEDUSA_HEADS, PROJECTOR, TRANSFER_MAPS, Generation, Method, check_method)  # fmt: skip
+from methods.base import (BLOCK_FINETUNE, CHIMERA_DRAFTER, DATASTORE, DRAFT_MODEL, EAGLE_HEAD, KNN_DATASTORE,
+                          MASK_FINETUNE, MEDUSA_HEADS, PROJECTOR, TRANSFER_MAPS, Generation, Method,
+                          check_method)  # fmt: skip
 from tasks.humaneval import HumanEval, HumanEvalConfig
 from tests.conftest import tiny_model
 from tests.sampling_law import (METHOD_RUNS, PVALUE_FLOOR, SAMPLE_PROMPT, SAMPLING, SMALL, V,
@@ -102,11 +103,12 @@ class Target:
     engine: Engine
     prompts: list[list[int]]
     needs: dict[str, Callable[[type], Given]]  # need -> (method class) -> what it is given
-    space_engine: Optional[Engine] = None  # the target fine-tuned for SPACE (else: the target itself)
+    # need -> the target fine-tuned for it (SPACE's, COrAL's); a need not here runs on the target itself
+    finetuned: dict[str, Engine] = field(default_factory=dict)
     cache: dict = field(default_factory=dict)  # methods built once per (name, sampling mode)
 
     def engine_for(self, cls: type) -> Engine:
-        return self.space_engine if MASK_FINETUNE in cls.needs and self.space_engine is not None else self.engine
+        return next((self.finetuned[n] for n in cls.needs if n in self.finetuned), self.engine)
 
     def method(self, name: str, sampling: SamplingConfig = GREEDY, fresh: bool = False) -> Method:
         """The registered method ``name`` on this target with its defaults and what it needs."""
@@ -162,6 +164,7 @@ def random_needs(engine: Engine, draft: Engine, corpus: list[int], mask_id: int)
         MEDUSA_HEADS: lambda cls: Given({"heads": seeded(random_heads, engine)}),
         EAGLE_HEAD: lambda cls: Given({"head": random_eagle_head(engine, cls.head_version, engine.config.vocab_size // 2)}),
         MASK_FINETUNE: lambda cls: Given(settings={"k": 2, "mask_id": mask_id}),
+        BLOCK_FINETUNE: lambda cls: Given(settings={"k": 2, "mask_id": mask_id}),
         DATASTORE: lambda cls: Given({"datastore": Datastore.from_tokens(corpus)}),
     }
 
@@ -173,7 +176,7 @@ def greedy(engine: Engine, prompt: list[int], stop: StopRule) -> Generation:
 @functools.lru_cache(maxsize=1)
 def zoo() -> Target:
     """The shipped zoo: the target, its draft, its trained heads (the methods' defaults load
-    them), its SPACE fine-tune, and a datastore of other HumanEval prompts."""
+    them), its SPACE and COrAL fine-tunes, and a datastore of other HumanEval prompts."""
     torch.set_num_threads(1)
     engine = Engine.load(ZOO_TARGET)
     texts = [s.turns[0] for s in HumanEval(HumanEvalConfig(limit=6)).samples()]
@@ -185,13 +188,15 @@ def zoo() -> Target:
         MEDUSA_HEADS: lambda cls: Given(),  # the default: zoo/target-medusa
         EAGLE_HEAD: lambda cls: Given(),  # the defaults: zoo/target-eagle, zoo/target-eagle3
         MASK_FINETUNE: lambda cls: Given(),  # zoo/target-space knows its k and mask id
+        BLOCK_FINETUNE: lambda cls: Given(),  # zoo/target-coral knows its k and mask id
         DATASTORE: lambda cls: Given({"datastore": Datastore.from_tokens(corpus)}),
         TRANSFER_MAPS: lambda cls: Given(),  # the defaults: zoo/target-hidden-transfer, zoo/target-firp
         CHIMERA_DRAFTER: lambda cls: Given(),  # the default: zoo/target-chimera
         KNN_DATASTORE: lambda cls: knn_store(engine, corpus),
         PROJECTOR: lambda cls: Given(),  # the default: zoo/target-llm-to-slm
     }
-    return Target(engine, prompts, needs, space_engine=Engine.load(ZOO_SPACE))
+    finetuned = {MASK_FINETUNE: Engine.load(ZOO_SPACE), BLOCK_FINETUNE: Engine.load(ZOO_CORAL)}
+    return Target(engine, prompts, needs, finetuned=finetuned)
 
 
 @functools.lru_cache(maxsize=1)

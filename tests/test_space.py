@@ -101,18 +101,23 @@ def test_equals_greedy_autoregressive_on_random_models(engines, k):
             assert got.proposed_per_position == [got.target_forwards - 1] * k and got.extra["k"] == k
 
 
-class Oracle(Space):
-    """Proposes the reference continuation, right for the first `right` candidates, then wrong."""
+class OracleProposals:
+    """Mixed into a method with ``propose(what the model gave, seq)`` and ``k``: proposes the
+    reference continuation, right for the first `right` candidates, then wrong."""
 
     def __init__(self, *a, reference, prompt_len, right, **kw):
         super().__init__(*a, **kw)
         self.reference, self.prompt_len, self.right = reference, prompt_len, right
 
-    def propose(self, group_logits, seq):
+    def propose(self, _model_output, seq):
         done = len(seq) - self.prompt_len
         true = (self.reference + [0] * (self.k + 1))[done : done + self.k]
-        vocab = group_logits.shape[-1]
+        vocab = int(self.engine.config.vocab_size)
         return torch.tensor([t if i < self.right else (t + 1) % vocab for i, t in enumerate(true)])
+
+
+class Oracle(OracleProposals, Space):
+    pass
 
 
 @pytest.mark.parametrize("k,right", [(3, 3), (3, 1), (3, 0), (5, 5), (5, 2)])
@@ -123,15 +128,17 @@ def test_oracle_proposals_commit_the_expected_blocks(engines, k, right):
     for prompt in PROMPTS[:2]:
         ref = Autoregressive(AutoregressiveConfig(), eng, GREEDY).generate(prompt, StopRule(n, frozenset())).tokens
         sp = Oracle(SpaceConfig(k=k), eng, GREEDY, reference=ref, prompt_len=len(prompt), right=right)
-        got = sp.generate(prompt, StopRule(n, frozenset()))
-        assert got.tokens == ref
-        block = right + 1
-        steps = math.ceil((n - 1) / block)
-        assert got.target_forwards == 1 + steps
-        assert got.accepted_per_step == [1] + [block] * (steps - 1) + [n - 1 - block * (steps - 1)]
-        assert got.accepted_per_position[right:] == [0] * (k - right)
-        assert got.accepted_per_position[0] == (steps if right else 0)
-        assert sum(got.accepted_per_step) / got.target_forwards >= 1
+        check_oracle_blocks(sp.generate(prompt, StopRule(n, frozenset())), ref, k, right)
+
+
+def check_oracle_blocks(got, ref: list[int], k: int, right: int) -> None:
+    """An oracle right for ``right`` of its k proposals commits ``ref`` in blocks of right + 1 after the first token."""
+    n, block = len(ref), right + 1
+    steps = math.ceil((n - 1) / block)
+    assert got.tokens == ref and got.target_forwards == 1 + steps
+    assert got.accepted_per_step == [1] + [block] * (steps - 1) + [n - 1 - block * (steps - 1)]
+    assert got.accepted_per_position[right:] == [0] * (k - right)
+    assert got.accepted_per_position[0] == (steps if right else 0)
 
 
 def test_stop_rules_inside_an_accepted_block(engines):
@@ -186,17 +193,22 @@ def test_sampling_matches_the_target_distribution_and_catches_upstreams_rule():
     a step commits at most three, so in ~95% of the runs they take two or more chunk steps
     (the KV kept after a sampled verify is under test). Calibrated: p = 0.29 and 0.99 for seeds
     0-1499 and 5000-6499; upstream's rule: p = 1e-14 at 400 runs, 4e-33 at 800."""
-    vocab, mask_id, prompt, length = 6, 5, [0, 4, 2, 3], 4
-    eng = Engine.from_model(tiny_model(vocab, initializer_range=0.3), None)
+    check_sampling_law(Space, UpstreamSpace, SpaceConfig(k=2, mask_id=5))
+
+
+def check_sampling_law(cls: type, control: type, cfg) -> None:
+    """``cls(cfg)`` samples the law of a 6-token model's first four tokens and ``control(cfg)``
+    (the same method with a wrong rule) fails it; ``cfg`` holds k = 2 and mask id 5."""
+    prompt, length = [0, 4, 2, 3], 4
+    eng = Engine.from_model(tiny_model(6, initializer_range=0.3), None)
     s = SamplingConfig(do_sample=True, temperature=0.9, top_k=4)
-    cfg = SpaceConfig(k=2, mask_id=mask_id)
     plain, _ = sampled_pvalue(Autoregressive(AutoregressiveConfig(), eng, s), eng, RUNS, length, prompt)
     assert plain > PVALUE_FLOOR  # the statistic accepts plain sampling
-    method = Space(cfg, eng, s)
+    method = cls(cfg, eng, s)
     assert sum(method.generate(prompt, StopRule(30), seed=0).accepted_per_position) > 0  # candidates get accepted
     pvalue, multi_step = sampled_pvalue(method, eng, RUNS, length, prompt)
     assert pvalue > PVALUE_FLOOR and multi_step > 0.9
-    assert sampled_pvalue(UpstreamSpace(cfg, eng, s), eng, CONTROL_RUNS, length, prompt)[0] < PVALUE_FLOOR
+    assert sampled_pvalue(control(cfg, eng, s), eng, CONTROL_RUNS, length, prompt)[0] < PVALUE_FLOOR
 
 
 # ---- the fine-tune -----------------------------------------------------------------------------

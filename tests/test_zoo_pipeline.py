@@ -315,6 +315,8 @@ def test_cli_zoo_build_micro(tmp_path):
         "medusa.max_steps=2", "medusa.batch_size=2", "medusa.seq_len=32", "medusa.eval_tokens=200", "medusa.progress=false",
         "space.max_steps=2", "space.batch_size=2", "space.seq_len=32", "space.k=2", "space.mask_groups=2",
         "space.eval_tokens_per_lang=200", "space.humaneval_limit=2", "space.max_new_tokens=4", "space.progress=false",
+        "coral.max_steps=2", "coral.batch_size=2", "coral.seq_len=32", "coral.k=2", "coral.mask_groups=2",
+        "coral.eval_problems=1", "coral.eval_new_tokens=4", "coral.progress=false",
         "selfdistill.n_prompts=4", "selfdistill.max_new_tokens=3", "selfdistill.batch_size=2",
         "selfdistill.prompt_max_tokens=32", "selfdistill.speed_prompts=0",
         "target_unlikelihood.max_steps=2", "target_unlikelihood.batch_size=2", "target_unlikelihood.seq_len=32",
@@ -376,6 +378,10 @@ def test_cli_zoo_build_micro(tmp_path):
         assert maps_info["data"]["source"] == "selfdistill" and maps_info["heldout_acceptance"]["problems"] == 1
     sd = json.loads((tmp_path / "cache" / "zoo-data" / "selfdistill" / "target" / "manifest.json").read_text())
     assert sd["prompts"] == 4 and sd["model"] == str(tmp_path / "zoo" / "target")
+    coral = json.loads((tmp_path / "zoo" / "target-coral" / "training.json").read_text())  # COrAL's fine-tune
+    assert coral["step"] == 2 and coral["k"] == 2 and coral["data"]["source"] == "selfdistill"
+    assert json.loads((tmp_path / "zoo" / "target-coral" / "quality.json").read_text())["problems"] == 1
+    assert "COrAL fine-tune" in (tmp_path / "zoo" / "README.md").read_text()
     space_cfg = json.loads((tmp_path / "zoo" / "target-space" / "config.json").read_text())
     assert space_cfg["vocab_size"] == json.loads((tmp_path / "zoo" / "target" / "config.json").read_text())["vocab_size"]
     # more steps on the same cache: training resumes rather than restarting; the heads and

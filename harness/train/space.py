@@ -95,10 +95,10 @@ def cache_path(value: str, default: Path) -> Path:
     return Path(value).expanduser() if value else default
 
 
-def paths_of(cfg: SpaceTrainConfig) -> tuple[Path, Path]:
-    """(data_dir, out_dir) with the defaults filled in."""
+def paths_of(cfg: SpaceTrainConfig, kind: str = "space") -> tuple[Path, Path]:
+    """(data_dir, out_dir) with the defaults filled in (``kind``: the fine-tune's name, its default out_dir)."""
     root = default_cache_dir()
-    return cache_path(cfg.data_dir, root / "zoo-data" / "tokens"), cache_path(cfg.out_dir, root / "train" / "space")
+    return cache_path(cfg.data_dir, root / "zoo-data" / "tokens"), cache_path(cfg.out_dir, root / "train" / kind)
 
 
 # ----------------------------------------------------------------------------- the mask token
@@ -154,7 +154,10 @@ class SpaceBatches:
     def __next__(self) -> dict[str, Any]:
         place = [self.seed, self.blocks.epoch, self.blocks.cursor]
         block = next(self.blocks)
-        rng = np.random.default_rng(place)
+        return self.pack(block, np.random.default_rng(place))
+
+    def pack(self, block, rng: np.random.Generator) -> dict[str, Any]:
+        """One packed batch of ``block`` (subclasses pack other layouts over the same AR part)."""
         return pack_space_batch(block, self.k, self.groups, self.mask_prob, self.mask_id, rng)
 
     def state_dict(self) -> dict:
@@ -167,28 +170,29 @@ class SpaceBatches:
 # ----------------------------------------------------------------------------- training
 
 
-def _load_for_training(cfg: SpaceTrainConfig, out_dir: Path, log):
+def _load_for_training(cfg: SpaceTrainConfig, out_dir: Path, log, kind: str = "space"):
     """The model to train and its tokenizer: from ``out_dir/model_init`` when resuming,
-    else from the base (mask token added, SPACE fields set, model_init written)."""
+    else from the base (mask token added, ``<kind>_k`` / ``<kind>_mask_token_id`` set, model_init written)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer  # noqa: PLC0415
 
     init = out_dir / INIT_DIR
     if (init / "config.json").exists() and load_checkpoint(out_dir) is not None:
         config = AutoConfig.from_pretrained(str(init))
-        if int(config.space_k) != cfg.k:
-            raise ValueError(f"{out_dir} holds a SPACE fine-tune with k={config.space_k}; resume it with k="
-                             f"{config.space_k} or pick another out_dir")
+        saved_k = int(getattr(config, f"{kind}_k"))
+        if saved_k != cfg.k:
+            raise ValueError(f"{out_dir} holds a {kind} fine-tune with k={saved_k}; resume it with k={saved_k} "
+                             "or pick another out_dir")
         tok = AutoTokenizer.from_pretrained(str(init))
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)  # weights come from the checkpoint
-        return model, tok, int(config.space_mask_token_id)
+        return model, tok, int(getattr(config, f"{kind}_mask_token_id"))
     base = str(resolve_repo_path(cfg.base))
-    log(f"[space] fine-tuning {base}")
+    log(f"[{kind}] fine-tuning {base}")
     tok = AutoTokenizer.from_pretrained(base)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     mask_id = ensure_mask_token(model, tok, cfg.mask_token)
-    model.config.space_k = cfg.k
-    model.config.space_mask_token_id = mask_id
-    model.config.space_base_model = cfg.base
+    setattr(model.config, f"{kind}_k", cfg.k)
+    setattr(model.config, f"{kind}_mask_token_id", mask_id)
+    setattr(model.config, f"{kind}_base_model", cfg.base)
     if init.exists():
         shutil.rmtree(init)
     init.mkdir(parents=True)
@@ -199,8 +203,11 @@ def _load_for_training(cfg: SpaceTrainConfig, out_dir: Path, log):
     return model, tok, mask_id
 
 
-def run_space_training(cfg: SpaceTrainConfig, log: Optional[Callable[[str], None]] = None) -> tuple[TrainResult, dict]:
-    """Fine-tune (or resume) and return the loop result and a summary (also ``summary.json``)."""
+def run_mask_finetune(cfg: SpaceTrainConfig, kind: str, make_batches: Callable[[Any, int], Any],
+                      log: Optional[Callable[[str], None]] = None) -> tuple[TrainResult, dict]:  # fmt: skip
+    """Fine-tune (or resume) the base with appended mask tokens; ``make_batches(blocks, mask_id)``
+    packs the data (SPACE's groups or another layout over the same AR part and loss). Returns the
+    loop result and a summary (also ``summary.json``)."""
     log = log or (lambda s: print(s, file=sys.stderr, flush=True))
     if not 0.0 <= cfg.mask_prob <= 1.0:
         raise ValueError(f"mask_prob must be in [0, 1], got {cfg.mask_prob}")
@@ -208,18 +215,18 @@ def run_space_training(cfg: SpaceTrainConfig, log: Optional[Callable[[str], None
         raise ValueError(f"k and mask_groups must be >= 1, got k={cfg.k}, mask_groups={cfg.mask_groups}")
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
-    check_data_choice(cfg.data, "space")
-    data_dir, out_dir = paths_of(cfg)
-    model, _tok, mask_id = _load_for_training(cfg, out_dir, log)
+    check_data_choice(cfg.data, kind)
+    data_dir, out_dir = paths_of(cfg, kind)
+    model, _tok, mask_id = _load_for_training(cfg, out_dir, log, kind)
     spec = DataSpec(cfg.data, cfg.base, cfg.selfdistill_dir, str(data_dir), cfg.batch_size, cfg.seq_len,
                     seed=cfg.seed + 1)  # not the base's order  # fmt: skip
-    data = load_training_data(spec, log, "space")
-    log(f"[space] on {data.source} data ({data.rows:,} rows, {data.tokens:,} tokens from {data.path})")
-    batches = SpaceBatches(data.batches, cfg.k, cfg.mask_groups, cfg.mask_prob, mask_id, seed=cfg.seed)
-    extra = {"space": asdict(cfg), "mask_id": mask_id, "data_dir": str(data_dir), "data": data.describe(),
+    data = load_training_data(spec, log, kind)
+    log(f"[{kind}] on {data.source} data ({data.rows:,} rows, {data.tokens:,} tokens from {data.path})")
+    batches = make_batches(data.batches, mask_id)
+    extra = {kind: asdict(cfg), "mask_id": mask_id, "data_dir": str(data_dir), "data": data.describe(),
              "n_params": sum(p.numel() for p in model.parameters())}
     result = train(model, make_space_loss(cfg.mask_weight), batches, loop_config(cfg), out_dir,
-                   extra_state=extra, desc="train space", log=log)
+                   extra_state=extra, desc=f"train {kind}", log=log)
     summary = {"step": result.step, "planned_steps": result.planned_steps, "tokens": result.tokens,
                "epochs": round(data.batches.epochs_done, 3), "elapsed_min": round(result.elapsed_s / 60, 2),
                "finished": result.finished, "last_loss": result.last_loss, "k": cfg.k, "mask_id": mask_id}
@@ -227,11 +234,64 @@ def run_space_training(cfg: SpaceTrainConfig, log: Optional[Callable[[str], None
     return result, summary
 
 
+def run_space_training(cfg: SpaceTrainConfig, log: Optional[Callable[[str], None]] = None) -> tuple[TrainResult, dict]:
+    """Fine-tune (or resume) and return the loop result and a summary (also ``summary.json``)."""
+
+    def make_batches(blocks, mask_id: int) -> SpaceBatches:
+        return SpaceBatches(blocks, cfg.k, cfg.mask_groups, cfg.mask_prob, mask_id, seed=cfg.seed)
+
+    return run_mask_finetune(cfg, "space", make_batches, log)
+
+
 # ----------------------------------------------------------------------------- export
+
+
+EXPORT_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 def _write_json(path: Path, obj: Any) -> None:
     path.write_text(json.dumps(obj, indent=1, default=str), encoding="utf-8")
+
+
+def load_finetuned(cfg: SpaceTrainConfig, kind: str):
+    """(model, tokenizer, checkpoint) of the latest checkpoint of a ``kind`` fine-tune, the weights
+    rounded to ``export_dtype`` and back to float32 (figures then describe what ships), eval mode."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig  # noqa: PLC0415
+
+    _data_dir, out_dir = paths_of(cfg, kind)
+    ckpt = load_checkpoint(out_dir)
+    init = out_dir / INIT_DIR
+    if ckpt is None or not (init / "config.json").exists():
+        raise FileNotFoundError(f"no {kind} checkpoint in {out_dir}; run the fine-tune first (harness train {kind})")
+    if cfg.export_dtype not in EXPORT_DTYPES:
+        raise ValueError(f"export_dtype must be one of {', '.join(EXPORT_DTYPES)}, got {cfg.export_dtype!r}")
+    tok = AutoTokenizer.from_pretrained(str(init))
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(init)), dtype=torch.float32)
+    model.load_state_dict(ckpt["model"])
+    model.eval()
+    model.to(EXPORT_DTYPES[cfg.export_dtype]).float()
+    if (init / "generation_config.json").exists():
+        model.generation_config = GenerationConfig.from_pretrained(str(init))
+    return model, tok, ckpt
+
+
+def save_finetuned(model, tok, cfg: SpaceTrainConfig, files: dict[str, Any], card: Callable[[Path], None]) -> Path:
+    """Write ``model`` in ``export_dtype`` with its tokenizer, the JSON ``files`` and the card
+    (``card(dir)`` writes README.md) to ``cfg.export_dir``, replacing it whole; returns it."""
+    final = export_dir(cfg.export_dir)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".{final.name}.tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    model.to(EXPORT_DTYPES[cfg.export_dtype])
+    model.config.dtype = cfg.export_dtype
+    model.save_pretrained(str(tmp))
+    tok.save_pretrained(str(tmp))
+    for name, obj in files.items():
+        _write_json(tmp / name, obj)
+    card(tmp)
+    replace_dir(tmp, final)
+    return final
 
 
 def export(cfg: SpaceTrainConfig, log: Optional[Callable[[str], None]] = None) -> Path:
@@ -239,32 +299,35 @@ def export(cfg: SpaceTrainConfig, log: Optional[Callable[[str], None]] = None) -
     ``export_dtype`` safetensors, tokenizer (with the mask token), config (with
     ``space_k`` / ``space_mask_token_id``), ``training.json``, and, with ``evaluate``,
     ``quality.json``; then the card ``README.md``. Returns the directory."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig  # noqa: PLC0415
+    from transformers import AutoModelForCausalLM  # noqa: PLC0415
 
     log = log or (lambda s: print(s, file=sys.stderr, flush=True))
-    data_dir, out_dir = paths_of(cfg)
-    ckpt = load_checkpoint(out_dir)
-    init = out_dir / INIT_DIR
-    if ckpt is None or not (init / "config.json").exists():
-        raise FileNotFoundError(f"no SPACE checkpoint in {out_dir}; run the fine-tune first (run_space_training)")
-    dtypes = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-    if cfg.export_dtype not in dtypes:
-        raise ValueError(f"export_dtype must be one of {', '.join(dtypes)}, got {cfg.export_dtype!r}")
-    config = AutoConfig.from_pretrained(str(init))
-    tok = AutoTokenizer.from_pretrained(str(init))
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.load_state_dict(ckpt["model"])
-    model.eval()
-    # round to the shipped dtype first, so the figures describe the exported weights
-    model.to(dtypes[cfg.export_dtype]).float()
-    if (init / "generation_config.json").exists():
-        model.generation_config = GenerationConfig.from_pretrained(str(init))
-    trained = ckpt.get("extra", {}).get("space", {})
-    info = {
+    data_dir, _out_dir = paths_of(cfg)
+    model, tok, ckpt = load_finetuned(cfg, "space")
+    info = finetune_record(ckpt, cfg, model.config, tok, "space")
+    quality = None
+    if cfg.evaluate:
+        base = AutoModelForCausalLM.from_pretrained(str(resolve_repo_path(info["base_model"])), dtype=torch.float32)
+        quality = space_quality(model, base, tok, data_dir, info["k"], info["mask_token_id"], cfg, log=log)
+    files = {"training.json": info, **({"quality.json": quality} if quality is not None else {})}
+    final = save_finetuned(model, tok, cfg, files, lambda d: write_card(d, cfg.export_dir, info, quality))
+    log(f"[space] exported step {info['step']}/{info['planned_steps']} (k={info['k']}, mask id "
+        f"{info['mask_token_id']}) -> {final}")
+    return final
+
+
+def finetune_record(ckpt: dict, cfg: SpaceTrainConfig, config, tok, kind: str) -> dict[str, Any]:
+    """``training.json`` of an exported ``kind`` fine-tune: base, k, mask token, the run's steps,
+    tokens, time, loss and data (from the checkpoint)."""
+    data_dir, _out_dir = paths_of(cfg, kind)
+    trained = ckpt.get("extra", {}).get(kind, {})
+    mask_id = int(getattr(config, f"{kind}_mask_token_id"))
+    return {
+        "method": kind,
         "base_model": trained.get("base", cfg.base),
-        "k": int(config.space_k),
-        "mask_token_id": int(config.space_mask_token_id),
-        "mask_token": tok.convert_ids_to_tokens(int(config.space_mask_token_id)),
+        "k": int(getattr(config, f"{kind}_k")),
+        "mask_token_id": mask_id,
+        "mask_token": tok.convert_ids_to_tokens(mask_id),
         "step": ckpt["step"],
         "planned_steps": ckpt["planned_steps"],
         "schedule_complete": bool(ckpt["planned_steps"]) and ckpt["step"] >= ckpt["planned_steps"],
@@ -278,27 +341,6 @@ def export(cfg: SpaceTrainConfig, log: Optional[Callable[[str], None]] = None) -
         "exported_dtype": cfg.export_dtype,
         "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    quality = None
-    if cfg.evaluate:
-        base = AutoModelForCausalLM.from_pretrained(str(resolve_repo_path(info["base_model"])), dtype=torch.float32)
-        quality = space_quality(model, base, tok, data_dir, info["k"], info["mask_token_id"], cfg, log=log)
-    final = export_dir(cfg.export_dir)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f".{final.name}.tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    model.to(dtypes[cfg.export_dtype])
-    model.config.dtype = cfg.export_dtype
-    model.save_pretrained(str(tmp))
-    tok.save_pretrained(str(tmp))
-    _write_json(tmp / "training.json", info)
-    if quality is not None:
-        _write_json(tmp / "quality.json", quality)
-    write_card(tmp, cfg.export_dir, info, quality)
-    replace_dir(tmp, final)
-    log(f"[space] exported step {info['step']}/{info['planned_steps']} (k={info['k']}, mask id "
-        f"{info['mask_token_id']}) -> {final}")
-    return final
 
 
 def _cell(x: Any) -> str:

@@ -756,6 +756,11 @@ def write_zoo_index(zoo_dir: Path) -> None:
             desc = (f"LLM-to-SLM projector `{p['large_model']}` -> `{p['small_model']}` (lossy method), "
                     f"{_fmt_int(info.get('parameters'))} params, {_fmt_int(info['training_tokens'])} training tokens, "
                     f"{info['wall_time_min']} min")
+        elif info and info.get("method") == "coral":  # COrAL fine-tune
+            acc = q.get("acceptance")
+            desc = (f"COrAL fine-tune (k = {info['k']}, blocks of {2 * info['k'] + 1}, mask id {info['mask_token_id']}) "
+                    f"of {info['base_model']}, {_fmt_int(info['training_tokens'])} training tokens, "
+                    f"{info['wall_time_min']} min; held-out acceptance per draft {acc}")
         elif info and "k" in info:  # SPACE fine-tune
             ppl = q.get("space", {}).get("heldout", {}).get("ppl", "n/a")
             source = (info.get("data") or {}).get("source", "corpus")
@@ -793,7 +798,7 @@ def write_zoo_index(zoo_dir: Path) -> None:
         "continued on the file + function-level mix (`target_functions`) -> its unlikelihood fine-tune against "
         "its own greedy loops (`target_unlikelihood`; `export.sources` picks which is exported as `target`) -> export -> "
         "quality -> cards -> the target's self-distillation data (`selfdistill`) -> the draft fine-tuned on it "
-        "(`draft_distill`, then `draft_top1` against the target's argmax, each re-exported as `draft`), then the target's Medusa heads, SPACE fine-tune, EAGLE heads and Hidden Transfer / FIRP maps; `stages=[...]` runs some of them, `clean=true` drops "
+        "(`draft_distill`, then `draft_top1` against the target's argmax, each re-exported as `draft`), then the target's Medusa heads, SPACE and COrAL fine-tunes, EAGLE heads and Hidden Transfer / FIRP maps; `stages=[...]` runs some of them, `clean=true` drops "
         "cached data and checkpoints first. Every stage resumes from its last checkpoint when re-run. "
         "Intermediate files and checkpoints live in `$HARNESS_CACHE` (default `~/.cache/harness`).",
         "- `harness train lm model=target train.max_steps=8400 train.threads=2` trains (or resumes) one "
