@@ -395,6 +395,22 @@ def test_signals_do_not_reach_the_harness():
     assert res.status in ("passed", "error", "failed"), res  # and this test process is still alive
 
 
+def test_uid_slots_are_host_wide_whatever_the_temporary_directory(monkeypatch, tmp_path):
+    """Two runs with different TMPDIRs must not claim the same sandbox uid (each sweeps its uid)."""
+    first = sandbox_module._Slot()
+    first.claim()
+    try:
+        monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+        second = sandbox_module._Slot()
+        second.claim()
+        try:
+            assert second.uid != first.uid
+        finally:
+            second.release()
+    finally:
+        first.release()
+
+
 def test_unshare_layer_confines_signals_without_bubblewrap():
     """Without bubblewrap the program runs inside unshare's namespaces: it is PID 1 of its own
     PID namespace, kill(-1) reaches only its own processes, and a child it leaves behind dies with it."""

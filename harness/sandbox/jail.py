@@ -41,7 +41,8 @@ SANDBOX_UID_BASE = 61000  # uids SANDBOX_UID_BASE .. + SANDBOX_SLOTS - 1, used o
 SANDBOX_SLOTS = 256
 # without bubblewrap: new user (mapped to the caller's uid), PID, network, IPC and UTS namespaces; the
 # forked program is PID 1 there, so kill(-1) reaches only its own processes, and --kill-child ends it
-# (and with it its namespace) when unshare is killed on a timeout
+# (and with it its namespace) when unshare is killed on a timeout; util-linux's setsid then gives it a
+# session of its own, so kill(0) (its process group) cannot reach unshare outside the namespace
 UNSHARE_ARGS = ("--user", "--map-current-user", "--pid", "--fork", "--kill-child", "--net", "--ipc", "--uts")
 # What a program sees of the host, read-only, besides its own working directory (read-write),
 # a fresh /proc of its PID namespace and a minimal /dev: the toolchains and their libraries.
@@ -240,8 +241,11 @@ def _bwrap_args(work: str, capped_mb: Optional[int] = None) -> list[str]:
 
 
 def _state_dir() -> Path:
-    """A private directory for uid locks and build seeds (per harness user)."""
-    d = Path(tempfile.gettempdir()) / f"spec-harness-sandbox-{os.geteuid()}"
+    """A private directory for uid locks and build seeds (per harness user). Always under /tmp,
+    never $TMPDIR: the sandbox uids are the host's, so every harness process on the host (another
+    TMPDIR, another checkout) must see the same locks, or two runs share a uid and each one's
+    sweep kills the other's programs."""
+    d = Path("/tmp") / f"spec-harness-sandbox-{os.geteuid()}"
     d.mkdir(mode=0o700, exist_ok=True)
     st = d.stat()
     if st.st_uid != os.geteuid() or st.st_mode & 0o077:
@@ -454,7 +458,7 @@ class Sandbox:
                     cmd += ["--seccomp", str(fd)]
                 cmd.append("--")
             elif self.iso.unshare:  # the program is PID 1 of its own namespace; it dies with unshare
-                cmd += [self.iso.unshare, *UNSHARE_ARGS, "--"]
+                cmd += [self.iso.unshare, *UNSHARE_ARGS, "--", "setsid"]
             cmd += [exe, *argv[1:]]
             user: dict[str, Any] = {"user": self.uid, "group": self.uid, "extra_groups": []} if self.uid is not None else {}
             t0 = time.monotonic()
@@ -550,7 +554,7 @@ def isolation(refresh: bool = False) -> Isolation:
         program, why = _seccomp_program_cached()
         if program is None:
             notes.append(why)
-        unshare = None if bwrap else shutil.which("unshare", path=SANDBOX_PATH)
+        unshare = None if bwrap or not shutil.which("setsid", path=SANDBOX_PATH) else shutil.which("unshare", path=SANDBOX_PATH)
         users = ["dedicated uid", "root"] if os.geteuid() == 0 else ["own uid"]
         sandboxes: list[tuple[Optional[str], bool, Optional[str]]] = []  # (bwrap, seccomp, unshare), strongest first
         if bwrap and program is not None:
