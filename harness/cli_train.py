@@ -142,6 +142,19 @@ FINETUNES = {
 }
 
 
+# a fine-tune's held-out measure that runs its decoding method (training code cannot import methods):
+# name -> (module, function), handed to the fine-tune's export as ``evaluate``
+EVALUATORS = {"coral": ("harness.heldout", "coral_heldout_acceptance")}
+
+
+def export_finetune(name: str, module, cfg):
+    """``module.export(cfg)``, with the fine-tune's evaluator when it has one; returns the directory."""
+    if name not in EVALUATORS:
+        return module.export(cfg)
+    where, function = EVALUATORS[name]
+    return module.export(cfg, evaluate=getattr(importlib.import_module(where), function))
+
+
 def main(argv: list[str]) -> int:
     runners = {"lm": run_train_lm}
     runners.update({name: functools.partial(run_finetune, name) for name in FINETUNES})
@@ -175,7 +188,7 @@ def run_finetune(name: str, cfg) -> int:
     result, summary = getattr(module, function)(cfg)
     print(f"[train {name}] done: {summary}")
     if result.finished:
-        print(f"[train {name}] exported to {module.export(cfg)}")
+        print(f"[train {name}] exported to {export_finetune(name, module, cfg)}")
     return 0
 
 

@@ -30,7 +30,7 @@ import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from harness.cli_train import FINETUNES, HEAD_TRAINERS
+from harness.cli_train import FINETUNES, HEAD_TRAINERS, export_finetune
 from harness.progress import Progress
 from harness.train.lm import DRAFT, TARGET, LMTrainConfig, ModelConfig
 from harness.train.chimera import ChimeraTrainConfig
@@ -258,7 +258,7 @@ def _build_stages(cmd: ZooCommand, paths, root: Path, bar: Progress) -> int:
         res, summary = getattr(module, function)(job)
         print(f"[zoo] trained {stage}: {summary}")
         if res.finished:
-            print(f"[zoo] exported {module.export(job)}")
+            print(f"[zoo] exported {export_finetune(stage, module, job)}")
     for stage, (trainer, checkpoint) in HEAD_STAGES.items():  # heads and drafters on the frozen target
         if stage not in cmd.stages:
             continue

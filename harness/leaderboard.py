@@ -109,8 +109,10 @@ def brief(table: pd.DataFrame) -> str:
         per_step = pooled if pooled == pooled else r.get("mean_accepted_tokens", float("nan"))  # wrappers: no steps
         setting = r.get("best_setting")
         best = f", best {setting} (ran {r['setting_run']})" if isinstance(setting, str) and setting else ""
+        limit = r.get("limit_speedup", float("nan"))
+        limit_text = f"  limit {limit:.2f}x" if limit == limit else ""  # none where forwards are not timed (vLLM)
         lines.append(f"{r['method']:>18}  {r['speedup']:.2f}x  {per_step:.2f} tokens/step  "
-                     f"exact {r['exact_match']:.0%}  limit {r.get('limit_speedup', float('nan')):.2f}x{best}")  # fmt: skip
+                     f"exact {r['exact_match']:.0%}{limit_text}{best}")  # fmt: skip
     return "\n".join(lines)
 
 

@@ -21,6 +21,7 @@ from harness.train.coral import CoralTrainConfig, export, pack_coral_batch, run_
 from harness.train.data import PaddedBatch
 from harness.train.loop import load_checkpoint
 from harness.train.space import space_losses
+from harness.heldout import coral_heldout_acceptance
 from methods.autoregressive import Autoregressive, AutoregressiveConfig
 from methods.coral import Coral, CoralConfig, block_layout
 from methods.space import SpaceSetupError
@@ -204,7 +205,7 @@ def test_training_lowers_the_loss_resumes_and_exports(tmp_path, model_dir, token
     again, _ = run_coral_training(cfg, log=lambda _s: None)
     assert again.resumed_from == 30 and again.step == 40
 
-    out = export(cfg, log=lambda _s: None)
+    out = export(cfg, log=lambda _s: None, evaluate=coral_heldout_acceptance)
     config = json.loads((out / "config.json").read_text())
     assert config["coral_k"] == 2 and config["coral_mask_token_id"] == 3 and config["dtype"] == "float16"
     quality = json.loads((out / "quality.json").read_text())

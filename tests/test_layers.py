@@ -28,7 +28,7 @@ FLOORS: list[dict[str, tuple[str, ...]]] = [
         "results": ("harness.detail", "harness.results", "harness.report", "harness.page", "harness.leaderboard",
                     "harness.compare", "harness.gate", "harness.publish", "harness.browser"),
     },
-    {"runner": ("harness.runner", "harness.profile", "harness.serving.*", "harness.engines", "harness.sweep",
+    {"runner": ("harness.runner", "harness.profile", "harness.heldout", "harness.serving.*", "harness.engines", "harness.sweep",
                 "harness.hydra_setup")},
     {"command line": ("harness.cli", "harness.cli_train", "harness.cli_zoo", "harness.cli_datastore",
                       "harness.catalogue")},

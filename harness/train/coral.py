@@ -137,42 +137,22 @@ def run_coral_training(cfg: CoralTrainConfig, log: Optional[Callable[[str], None
 # ----------------------------------------------------------------------------- export
 
 
-def heldout_acceptance(engine, problems: int, new_tokens: int) -> dict[str, Any]:
-    """Per-position acceptance of ``methods/coral.py`` (strict, greedy) decoding the first
-    ``problems`` prompts of HumanEval's tuning split (never trained on) for ``new_tokens`` tokens,
-    no stop rule: the share of steps whose draft j was committed, and tokens per forward."""
-    from harness.config import SamplingConfig  # noqa: PLC0415
-    from harness.stops import StopRule  # noqa: PLC0415
-    from methods.coral import Coral, CoralConfig  # noqa: PLC0415
-    from tasks.humaneval import HumanEval, HumanEvalConfig  # noqa: PLC0415
-
-    method = Coral(CoralConfig(), engine, SamplingConfig())
-    proposed, accepted, tokens, forwards = [0] * method.k, [0] * method.k, 0, 0
-    samples = HumanEval(HumanEvalConfig(split="tune", limit=problems)).samples()
-    for sample in samples:
-        gen = method.generate(engine.tokenizer(sample.turns[0]).input_ids, StopRule(new_tokens))
-        for j in range(method.k):
-            proposed[j] += gen.proposed_per_position[j] if j < len(gen.proposed_per_position) else 0
-            accepted[j] += gen.accepted_per_position[j] if j < len(gen.accepted_per_position) else 0
-        tokens, forwards = tokens + len(gen.tokens), forwards + gen.target_forwards
-    return {"problems": len(samples), "split": "tune", "new_tokens": new_tokens, "steps": proposed[0],
-            "acceptance": [round(a / p, 4) if p else 0.0 for a, p in zip(accepted, proposed)],
-            "tokens_per_forward": round(tokens / forwards, 3) if forwards else 0.0}  # fmt: skip
-
-
-def export(cfg: CoralTrainConfig, log: Optional[Callable[[str], None]] = None) -> Path:
+def export(cfg: CoralTrainConfig, log: Optional[Callable[[str], None]] = None,
+           evaluate: Optional[Callable[[Any, int, int], dict[str, Any]]] = None) -> Path:
     """Write the latest checkpoint to ``cfg.export_dir``: ``export_dtype`` safetensors, tokenizer
     (with the mask token), config (``coral_k``, ``coral_mask_token_id``), ``training.json``, with
-    ``evaluate`` the held-out per-position acceptance in ``quality.json``, and the card."""
+    ``evaluate`` the held-out per-position acceptance in ``quality.json``, and the card.
+    ``evaluate(engine)``: that measure (it runs ``methods/coral.py``, which training code does not
+    import; ``harness.cli_train`` passes ``harness.heldout.coral_heldout_acceptance``); None: no quality file."""
     from harness.engine import Engine  # noqa: PLC0415
 
     log = log or (lambda s: print(s, file=sys.stderr, flush=True))
     model, tok, ckpt = load_finetuned(cfg, "coral")
     info = finetune_record(ckpt, cfg, model.config, tok, "coral")
     quality = None
-    if cfg.evaluate:
+    if cfg.evaluate and evaluate is not None:
         t0 = time.time()
-        quality = heldout_acceptance(Engine.from_model(model, tok), cfg.eval_problems, cfg.eval_new_tokens)
+        quality = evaluate(Engine.from_model(model, tok), cfg.eval_problems, cfg.eval_new_tokens)
         log(f"[coral] held-out acceptance {quality['acceptance']} in {time.time() - t0:.0f} s")
     files = {"training.json": info, **({"quality.json": quality} if quality is not None else {})}
     final = save_finetuned(model, tok, cfg, files, lambda d: (d / "README.md").write_text(card(cfg, info, quality)))
