@@ -192,9 +192,13 @@ def modes_block(results: Path) -> str:
     return sources(files) + "\n\n" + markdown_table(head, rows)
 
 
+HEADLINE_ROWS = 12  # the README's excerpt fits a screen; the rest are one link away
+
+
 def headline_block(results: Path) -> str:
-    """The README's excerpt: every method of the published leaderboards, fastest first, few columns
-(each speedup is over ``autoregressive`` of the same model)."""
+    """The README's excerpt: the ``HEADLINE_ROWS`` fastest methods of the published leaderboards,
+    few columns (each speedup is over ``autoregressive`` of the same model), then how many more
+    there are and where."""
     files = per_model_leaderboards(results)
     rows = [dict(row, model=f.model) for f in files for row in f.rows if row["method"] != REFERENCE]
     def fastest_first(row: dict[str, str]) -> tuple[bool, float]:
@@ -202,10 +206,13 @@ def headline_block(results: Path) -> str:
         return (speedup != speedup, -speedup)  # a missing or nan speedup last
 
     rows.sort(key=fastest_first)
+    shown, rest = rows[:HEADLINE_ROWS], rows[HEADLINE_ROWS:]
     cells = [[row["method"], f"`{row['model']}`", two_decimals(row.get("exact_match")), two_decimals(row.get("mean_accepted_tokens")),
-              f"{two_decimals(row.get('speedup'))} {row.get('speedup_ci', '')}".strip()] for row in rows]
+              f"{two_decimals(row.get('speedup'))} {row.get('speedup_ci', '')}".strip()] for row in shown]
     head = ["method", "model", "exact match", "tokens per step", "speedup [95% CI]"]
-    return sources(files) + "\n\n" + markdown_table(head, cells)
+    more = (f"\n\nand {len(rest)} more, slowest last: {', '.join(row['method'] for row in rest)} "
+            f"({', '.join(f'[{f.path.name}](results/{f.path.name})' for f in files)})") if rest else ""
+    return sources(files) + "\n\n" + markdown_table(head, cells) + more
 
 
 def phases_block(results: Path, name: str) -> str:
