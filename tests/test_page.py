@@ -107,3 +107,12 @@ def test_check_fails_on_a_broken_page(tmp_path):
     assert any(p.startswith("horizontal overflow: the page is 30") for p in problems)
     assert any("plot empty is not drawn" in p for p in problems)
     assert "console.error: boom" in problems
+
+
+def test_tokens_per_step_plot_leaves_out_methods_lossy_by_design():
+    from harness.page import Figures, accepted_figure
+
+    rows = [{"method": "speculative", "lossless": "checked", "mismatches": 0, "accepted_pooled": 1.6, "speedup": 1.1},
+            {"method": "llm-to-slm", "lossless": "lossy mode", "mismatches": 0, "accepted_pooled": 66.0, "speedup": 3.3}]
+    html = accepted_figure(Figures(), rows)
+    assert '"name":"speculative"' in html and '"name":"llm-to-slm"' not in html
