@@ -18,6 +18,7 @@ outside the blocks quotes a measured figure.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import re
@@ -76,12 +77,14 @@ class Published:
 
 
 def read_leaderboard(path: Path) -> Published:
-    """Parse a markdown leaderboard written by ``harness leaderboard``."""
+    """Parse a markdown leaderboard written by ``harness leaderboard``: its first table (the ranked,
+    lossless one; a "Lossy methods" section's table, with other columns, follows it)."""
     if not path.exists():
         raise PublishError(f"{path} is missing; regenerate it with make leaderboard / make tables")
     lines = path.read_text().splitlines()
     header = next((line for line in lines if line.startswith("model: ")), "")
-    table = [line for line in lines if line.startswith("|")]
+    start = next((i for i, line in enumerate(lines) if line.startswith("|")), len(lines))
+    table = list(itertools.takewhile(lambda line: line.startswith("|"), lines[start:]))
     if len(table) < 2 or not header:
         raise PublishError(f"{path} holds no leaderboard table; regenerate it with harness leaderboard")
     names = [c.strip() for c in table[0].strip("|").split("|")]
@@ -132,15 +135,12 @@ def sources(files: list[Published]) -> str:
     return "\n\n".join(f"From `results/{f.path.name}`: {f.header}" for f in files)
 
 
-# the lossless leaderboards of make leaderboard, one per model (each method against autoregressive of its own model);
-# the last ones join once make leaderboard has written them
-LEADERBOARDS = ("leaderboard.md", "leaderboard-space.md")
-LATER_LEADERBOARDS = ("leaderboard-coral.md",)
+# the lossless leaderboards of make leaderboard, one per model (each method against autoregressive of its own model)
+LEADERBOARDS = ("leaderboard.md", "leaderboard-space.md", "leaderboard-coral.md")
 
 
 def per_model_leaderboards(results: Path) -> list[Published]:
-    names = LEADERBOARDS + tuple(n for n in LATER_LEADERBOARDS if (results / n).exists())
-    return [read_leaderboard(results / name) for name in names]
+    return [read_leaderboard(results / name) for name in LEADERBOARDS]
 
 
 def methods_block(results: Path) -> str:

@@ -12,7 +12,7 @@ import pytest
 
 from harness.cli import main
 from harness.paths import REPO_ROOT
-from harness.publish import BEGIN, BLOCKS, END, PublishError, documents, job_label, render_readme, two_decimals
+from harness.publish import BEGIN, BLOCKS, END, LEADERBOARDS, PublishError, documents, job_label, render_readme, two_decimals
 from harness.report import load_runs, metrics
 
 README = REPO_ROOT / "README.md"
@@ -108,7 +108,7 @@ def test_blocks_carry_the_repetition_column_and_the_commit_of_a_fresh_leaderboar
     assert main(["run", "--model", str(model_dir), "--task", "jsonl", f"task.path={prompts}", "--max-new-tokens", "8",
                  "--methods", "autoregressive,hf-generate", "--out", str(run), "run.progress=false"]) == 0  # fmt: skip
     results = tmp_path / "results"
-    for name in ("leaderboard.md", "leaderboard-space.md"):
+    for name in LEADERBOARDS:  # every per-model leaderboard the README reads
         assert main(["leaderboard", str(run), "--out", str(results / name)]) == 0
     table = metrics(load_runs([run])).set_index("method")
     block = render_readme("<!-- results-table: leaderboard -->\n<!-- /results-table -->\n", results)
@@ -197,3 +197,14 @@ def test_every_readme_command_runs(model_dir, tmp_path):
                 args[args.index("--limit") + 1] = "1"
             args += ["--max-new-tokens", "4", "run.progress=false"]
         assert main(args) == 0, shlex.join(command)
+
+
+def test_a_leaderboards_lossy_section_is_not_read_as_its_ranked_table(tmp_path):
+    """A leaderboard with a "Lossy methods" section (other columns) publishes its first table only."""
+    from harness.publish import read_leaderboard
+
+    board = tmp_path / "leaderboard.md"
+    board.write_text("# Leaderboard\n\nmodel: m | commit: c (clean tree)\n\n| method | speedup |\n|---|---|\n"
+                     "| autoregressive | 1.000 |\n| suffix | 1.400 |\n\n## Lossy methods\n\n"
+                     "| method | mean_accepted_tokens | speedup |\n|---|---|---|\n| llm-to-slm (lossy) | 66.000 | 3.3 |\n")
+    assert [(r["method"], r["speedup"]) for r in read_leaderboard(board).rows] == [("autoregressive", "1.000"), ("suffix", "1.400")]
