@@ -102,6 +102,9 @@ class Method:
     uses_reference: bool = False
     # True: every sample must have a reference (the runner refuses the run before it starts)
     requires_reference: bool = False
+    # the clock of a draft module the method runs itself (an EAGLE, Medusa or Chimera head), set by
+    # that method: its forwards are timed as the step's draft forwards; None: no such module
+    draft_clock: Optional[DraftClock] = None
 
     def __init__(self, cfg: MethodConfig, engine: Engine, sampling: SamplingConfig):
         self.cfg = cfg
@@ -120,7 +123,7 @@ class Method:
         """What the runner times as draft forwards: the draft engines, and the ``DraftClock`` of
         a method that runs its own draft module (an EAGLE or Medusa head). Each has
         ``start_timing()`` and ``stop_timing() -> [(new tokens, seconds)]``."""
-        return list(self.draft_engines())
+        return [*self.draft_engines(), *([self.draft_clock] if self.draft_clock is not None else [])]
 
     def reset(self) -> None:
         """Forget what earlier ``generate`` calls taught this object (state kept across the

@@ -88,10 +88,7 @@ class Chimera(Method):
         self.tree = build_tree(tree_choices(cfg), str(engine.device))
         if self.tree.max_depth > drafter.num_heads:
             raise TreeError(f"the tree is {self.tree.max_depth} deep but the Chimera drafter has {drafter.num_heads} heads")
-        self.clock = DraftClock(engine)  # the drafter's forwards are the step's draft forwards
-
-    def draft_timers(self) -> list[Engine | DraftClock]:
-        return [self.clock]
+        self.draft_clock = DraftClock(engine)  # the drafter's forwards are the step's draft forwards
 
     def generate(self, prompt_ids: list[int], stop: StopRule, seed: int = 0) -> Generation:
         return self.loop(prompt_ids, stop, seed).generation
@@ -114,7 +111,7 @@ class Chimera(Method):
             # 3. one target forward over the tree, acceptance, commit, cache compaction
             step = verifier.verify(DraftTree(tokens, self.tree.shape.parents))
             # 4. the kept nodes' states (root + accepted) join the drafter's context
-            with self.clock.timed(len(step.hidden)):
+            with self.draft_clock.timed(len(step.hidden)):
                 context.extend(step.hidden)
         extra = {"tree": "custom" if self.cfg.choices else self.cfg.tree, "tree_size": self.tree.size,
                  "tree_depth": self.tree.max_depth}  # fmt: skip
@@ -126,7 +123,7 @@ class Chimera(Method):
         last = seq[-n:]
         last = [last[0]] * (n - len(last)) + last  # the first token repeated before the start
         embeds = self.embed(torch.tensor(last, device=self.engine.device))  # [ngram, H]
-        with self.clock.timed(1):
+        with self.draft_clock.timed(1):
             logits = self.lm_head(context.head_states(embeds)[: self.tree.max_depth])  # [depth, V]
         top = torch.topk(logits, self.tree.top_k, dim=-1).indices.flatten()
         return torch.cat((top.new_tensor([seq[-1]]), top[self.tree.gather]))

@@ -243,10 +243,7 @@ class Eagle(Method):
         self.head = head.to(device=engine.device, dtype=engine.dtype).eval()
         # what the verifier returns per node: the last hidden state (v1) or the fused layers (v3)
         self.features: bool | tuple[int, ...] = True if head.config.version == 1 else head.config.fused_layers
-        self.clock = DraftClock(engine)  # the head's forwards are the step's draft forwards
-
-    def draft_timers(self) -> list[Engine | DraftClock]:
-        return [self.clock]
+        self.draft_clock = DraftClock(engine)  # the head's forwards are the step's draft forwards
 
     def check_settings(self) -> None:
         cfg = self.cfg
@@ -267,7 +264,7 @@ class Eagle(Method):
     def generate(self, prompt_ids: list[int], stop: StopRule, seed: int = 0) -> Generation:
         self.check_context(len(prompt_ids), stop)
         verifier = self.verifier_class(self.engine, self.sampling, stop, prompt_ids, seed, hidden=self.features)
-        drafter = HeadDrafter(self.head, self.engine, self.clock)
+        drafter = HeadDrafter(self.head, self.engine, self.draft_clock)
         draw = make_generator(seed + 7919, self.engine.device) if self.sampling.do_sample else None  # the draft's own draws
         # 1. prefill: the prompt's features, paired with the tokens after them (prompt[1:] + the first token)
         drafter.add(verifier.prefill().hidden, verifier.seq[1:])

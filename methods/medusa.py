@@ -153,10 +153,7 @@ class Medusa(Method):
         if self.tree.max_depth > heads.num_heads:
             raise TreeError(f"the tree is {self.tree.max_depth} deep but there are only {heads.num_heads} Medusa heads")
         self.mode = cfg.acceptance if sampling.do_sample else "greedy"
-        self.clock = DraftClock(engine)  # the heads' forwards are the step's draft forwards
-
-    def draft_timers(self) -> list[Engine | DraftClock]:
-        return [self.clock]
+        self.draft_clock = DraftClock(engine)  # the heads' forwards are the step's draft forwards
 
     def generate(self, prompt_ids: list[int], stop: StopRule, seed: int = 0) -> Generation:
         return self.loop(prompt_ids, stop, seed).generation
@@ -193,7 +190,7 @@ class Medusa(Method):
     # ---- the phases of a step --------------------------------------------------------
     def candidates(self, root: int, hidden: torch.Tensor) -> torch.Tensor:
         """Token of every tree node: [root, then heads' top-k picked by (depth, rank)]."""
-        with self.clock.timed(1):
+        with self.draft_clock.timed(1):
             logits = self.heads(hidden)[:, -1]
         return node_tokens(self.tree, root, logits)
 
