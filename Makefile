@@ -46,7 +46,7 @@ DRAFT_ARGS = $(if $(call benched,speculative),$(GAMMA_ARG)) \
 BENCH_METHODS ?= $(if $(filter compiled,$(MODE)),$(COMPILED_METHODS),$(METHODS))
 RUN := .venv/bin/harness run --task humaneval --limit $(LIMIT) --max-new-tokens 128 run.threads=1 $(MODE_ARGS)
 
-.PHONY: vllm test-vllm vllm-tables setup bench test profile-phases leaderboard leaderboard-docs report-check tables readme datastore $(TABLES)
+.PHONY: vllm test-vllm vllm-tables setup bench test profile-phases profile-phases-before leaderboard leaderboard-docs report-check tables readme datastore $(TABLES)
 setup:
 	bash scripts/setup.sh
 
@@ -224,13 +224,20 @@ tables-buckets:
 # the README's result tables, generated from results/*.md (tests/test_readme.py compares them)
 # results/profile-phases.json (docs/performance.md): each method's decode step split by phase (draft, verify,
 # tree, accept, cache, other; `harness profile --phases`, wall clocks), from a clean tree
-PHASE_METHODS := autoregressive,speculative,medusa,eagle,eagle2,eagle3,suffix,recycling,lookahead
+PHASE_METHODS := autoregressive,speculative,medusa,eagle,eagle2,eagle3,suffix,recycling,lookahead,rest,nest,hf-assisted,hf-prompt-lookup
 PHASES_OUT ?= results/profile-phases.json
 profile-phases: setup
 	ALLOW_DIRTY=$(ALLOW_DIRTY) .venv/bin/python -m harness.publish clean-tree
 	.venv/bin/harness profile --phases --methods $(PHASE_METHODS) --task humaneval task.split=$(SPLIT) --limit $(LIMIT) \
 	  --max-new-tokens 128 run.threads=1 $(MODE_ARGS) --json $(PHASES_OUT) $(ARGS)
 	$(MAKE) readme
+
+# the "before" profile: the same command run by an older commit's own code (scripts/profile-before.sh); run
+# `make profile-phases-before profile-phases` so that before and after share one sitting and core
+BEFORE_COMMIT ?= eed22b1
+profile-phases-before: setup
+	ALLOW_DIRTY=$(ALLOW_DIRTY) .venv/bin/python -m harness.publish clean-tree
+	bash scripts/profile-before.sh $(BEFORE_COMMIT) results/profile-phases-before.json $(PHASE_METHODS) $(SPLIT) $(LIMIT) $(MODE_ARGS) $(ARGS)
 
 readme:
 	.venv/bin/python -m harness.publish readme

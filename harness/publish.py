@@ -132,7 +132,7 @@ def markdown_table(head: list[str], rows: list[list[str]]) -> str:
 
 def sources(files: list[Published]) -> str:
     """Where a block's figures come from: each file with its header (commit, tree, model, device)."""
-    return "\n\n".join(f"From `results/{f.path.name}`: {f.header}" for f in files)
+    return "<br>\n".join(f"From `results/{f.path.name}`: {f.header}" for f in files)
 
 
 # the lossless leaderboards of make leaderboard, one per model (each method against autoregressive of its own model)
@@ -236,6 +236,47 @@ def phases_block(results: Path, name: str) -> str:
     return header + "\n\n" + markdown_table(head, rows)
 
 
+def phases_compare_block(results: Path, before: str = "profile-phases-before.json",
+                         after: str = "profile-phases.json") -> str:
+    """The README's per-phase table: each method's ms per decode step by phase, ``before -> after``,
+    from two stored profiles (a method profiled only after shows ``-`` before)."""
+    files = {}
+    for name in (before, after):
+        path = results / name
+        if not path.is_file():
+            raise PublishError(f"results/{name} is missing; run make profile-phases (PHASES_OUT=results/{name})")
+        files[name] = json.loads(path.read_text())
+    lines = []
+    for label, name in (("before", before), ("after", after)):
+        data = files[name]
+        git = data.get("git") or {}
+        tree = "unknown tree" if git.get("dirty") is None else ("DIRTY tree" if git["dirty"] else "clean tree")
+        load = data.get("load_average_1min") or {}
+        lines.append(f"{label.capitalize()}: `results/{name}`, commit {(git.get('commit') or '?')[:10]} ({tree}), "
+                     f"{data['device']} ({data['device_name']}), {data['forward_mode']}, {data['threads']} thread, "
+                     f"{data['samples']} samples x {data['max_new_tokens']} tokens, load average "
+                     f"{load.get('before', float('nan')):.1f} -> {load.get('after', float('nan')):.1f}")  # fmt: skip
+    columns = ["draft", "verify", "tree", "accept", "cache", "other"]
+    old_rows = {r["method"]: r for r in files[before]["rows"]}
+
+    def cell(row: dict | None, value) -> str:
+        return "-" if row is None else f"{value(row):.1f}"
+
+    def outside(row: dict) -> float:  # per cent of the step's wall time outside the forwards
+        host = sum(row["ms_per_step"][c] for c in ("tree", "accept", "cache", "other"))
+        return 100 * host / row["wall_ms_per_step"] if row["wall_ms_per_step"] else float("nan")
+
+    rows = []
+    for r in files[after]["rows"]:
+        b = old_rows.get(r["method"])
+        figures = [lambda x, c=c: x["ms_per_step"][c] for c in columns] + [lambda x: x["wall_ms_per_step"], outside]
+        tokens = "-" if b is None else f"{b['tokens_per_step']:.2f}"
+        rows.append([r["method"], f"{tokens} → {r['tokens_per_step']:.2f}",
+                     *(f"{cell(b, f)} → {cell(r, f)}" for f in figures)])  # fmt: skip
+    head = ["method", "tokens per step", *(f"{c} ms" for c in columns), "wall ms per step", "% outside forwards"]
+    return "<br>\n".join(lines) + "\n\n" + markdown_table(head, rows)
+
+
 BLOCKS = {  # block name -> its table, from the results directory
     "headline": headline_block,  # the README's excerpt
     "leaderboard": methods_block,
@@ -249,6 +290,7 @@ BLOCKS = {  # block name -> its table, from the results directory
     "modes": modes_block,  # eager vs compiled forwards (make bench MODE=compiled)
     "profile-phases": lambda results: phases_block(results, "profile-phases.json"),  # make profile-phases
     "profile-phases-before": lambda results: phases_block(results, "profile-phases-before.json"),
+    "phases": phases_compare_block,  # the README's before -> after table
 }
 
 

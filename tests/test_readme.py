@@ -98,6 +98,33 @@ def test_phase_blocks_follow_their_files(tmp_path):
         render_readme(text, results)
 
 
+def test_the_readme_phase_table_sets_before_beside_after(tmp_path):
+    """The README's per-phase block: each cell is ``before -> after`` from the two stored profiles;
+    a method profiled only after shows ``-`` before; both commits are named."""
+    import json
+
+    results = tmp_path / "results"
+    shutil.copytree(RESULTS, results)
+    assert "phases" in BEGIN.findall(README.read_text())
+    after = results / "profile-phases.json"
+    data = json.loads(after.read_text())
+    row = data["rows"][0]
+    row["ms_per_step"]["tree"] = 9.87
+    data["rows"].append({**row, "method": "only-after"})
+    after.write_text(json.dumps(data))
+    before = json.loads((results / "profile-phases-before.json").read_text())
+    old_tree = next(r for r in before["rows"] if r["method"] == row["method"])["ms_per_step"]["tree"]
+    new = render_readme(README.read_text(), results)
+    line = next(x for x in new.splitlines() if x.startswith(f"| {row['method']} |"))
+    assert line.split(" | ")[4] == f"{old_tree:.1f} → 9.9"  # method, tokens, draft, verify, tree
+    added = next(x for x in new.splitlines() if x.startswith("| only-after |"))
+    assert added.split(" | ")[2].startswith("- → ")
+    assert new.count("(clean tree)") >= 2 and "Before: `results/profile-phases-before.json`" in new
+    (results / "profile-phases-before.json").unlink()
+    with pytest.raises(PublishError, match="profile-phases-before.json is missing"):
+        render_readme(README.read_text(), results)
+
+
 def test_blocks_carry_the_repetition_column_and_the_commit_of_a_fresh_leaderboard(model_dir, tmp_path):
     """End to end: a run, its leaderboard written as results/ would hold it, the README block."""
     import json
