@@ -165,7 +165,8 @@ class SuffixTrie:
 
 class Appender:
     """Appends tokens to one sequence of a trie: ``active[i]`` is the node of the sequence's
-    last i + 1 tokens (kept while shorter than the trie's depth, so they can be extended)."""
+    last i + 1 tokens (kept while shorter than the trie's depth, so they can be extended).
+    They are also the sequence's matches (``SuffixTrie.matches`` of it, without a lookup)."""
 
     def __init__(self, trie: SuffixTrie):
         self.trie = trie
@@ -173,18 +174,53 @@ class Appender:
 
     def extend(self, tokens: Sequence[int]) -> None:
         trie = self.trie
-        edges, count = trie.edges, trie.count
+        edges, count, new_child = trie.edges, trie.count, trie._new_child
+        keep = trie.depth - 1
         for t in tokens:
             count[ROOT] += 1
             extended = []
-            for node in [ROOT, *self.active]:
+            for node in (ROOT, *self.active):
                 c = edges.get(node * EDGE + t, -1)
                 if c == -1:
-                    c = trie._new_child(node, t)
+                    c = new_child(node, t)
                 count[c] += 1
                 extended.append(c)
             trie.ops += len(extended)
-            self.active = extended[: trie.depth - 1]
+            self.active = extended[:keep]
+
+    def matches(self) -> list[tuple[int, int]]:
+        """``trie.matches(sequence)``: every suffix of the sequence shorter than the depth occurs."""
+        return list(enumerate(self.active, start=1))
+
+
+class Follower:
+    """The matches of a growing context in a trie that does not change meanwhile (the global
+    one during a generation): ``nodes[i]`` is the node of the context's last i + 1 tokens, for
+    as many as occur (and are shorter than the depth). Each token extends the previous
+    matches by one edge, instead of looking every suffix up from the root each step."""
+
+    def __init__(self, trie: SuffixTrie):
+        self.trie = trie
+        self.nodes: list[int] = []
+
+    def extend(self, tokens: Sequence[int]) -> None:
+        trie = self.trie
+        edges, keep = trie.edges, trie.depth - 1
+        if len(tokens) >= keep:  # the matches after them depend on their last depth - 1 only
+            self.nodes, tokens = [], tokens[len(tokens) - keep :]
+        for t in tokens:
+            found = []
+            for node in (ROOT, *self.nodes):  # the suffix one token shorter, then + t
+                c = edges.get(node * EDGE + t, -1)
+                if c == -1:  # a substring's extensions occur only if it does
+                    break
+                found.append(c)
+            trie.ops += len(found) + 1
+            self.nodes = found[:keep]
+
+    def matches(self) -> list[tuple[int, int]]:
+        """``trie.matches(context)``."""
+        return list(enumerate(self.nodes, start=1))
 
 
 @dataclass
@@ -275,6 +311,8 @@ class Suffix(Method):
         start = time.perf_counter()
         appender = local.appender()
         appender.extend(prompt_ids)
+        follower = Follower(self.global_trie)  # the global trie's matches, followed token by token
+        follower.extend(prompt_ids)
         stats.seconds += time.perf_counter() - start
         # 1. prefill: the prompt's last row gives the first token (the first tree's root)
         committed = 0  # output tokens already in the local trie
@@ -282,13 +320,16 @@ class Suffix(Method):
         while True:
             # 2. the committed tokens into the local trie
             start = time.perf_counter()
-            appender.extend(verifier.out.tokens[committed:])
+            new = verifier.out.tokens[committed:]
+            appender.extend(new)
             committed = len(verifier.out.tokens)
             if verifier.done:
                 stats.seconds += time.perf_counter() - start
                 break
-            # 3. the best speculation tree of both tries
-            best = self.speculate(verifier.seq, verifier.room(), local)
+            # 3. the best speculation tree of both tries, over the matches of the context's suffixes
+            follower.extend(new)
+            sources = (("local", local, appender.matches()), ("global", self.global_trie, follower.matches()))
+            best = self.speculate(verifier.seq[-1], verifier.room(), sources)
             stats.seconds += time.perf_counter() - start
             if best is not None:
                 stats.matched += best.match
@@ -316,20 +357,22 @@ class Suffix(Method):
         }
         return LoopEnd(verifier.result(extra=extra), verifier.cache)
 
-    def speculate(self, seq: list[int], room: int, local: SuffixTrie) -> Optional[Speculation]:
-        """The highest-scoring tree over every match length in both tries (None: no candidate)."""
+    def speculate(self, root: int, room: int, sources: Sequence[tuple[str, SuffixTrie, list[tuple[int, int]]]]
+                  ) -> Optional[Speculation]:  # fmt: skip
+        """The highest-scoring tree over every match (m, node) of each source (name, trie,
+        matches of the context), after the last context token ``root`` (None: no candidate)."""
         cfg = self.cfg
         if room <= 0:
             return None
         best: Optional[Speculation] = None
-        for source, trie in (("local", local), ("global", self.global_trie)):
-            for m, node in trie.matches(seq):
+        for source, trie, matches in sources:
+            for m, node in matches:
                 if trie.first[node] == -1:  # no continuation seen
                     continue
                 budget = min(cfg.max_nodes, int(cfg.max_spec_factor * m + cfg.max_spec_offset + 1e-6))
                 if budget < 1:
                     continue
-                tree, score = grow(seq[-1], node, budget, cfg.min_token_prob, room, trie)
+                tree, score = grow(root, node, budget, cfg.min_token_prob, room, trie)
                 if len(tree.tokens) > 1 and (best is None or (score, m) > (best.score, best.match)):
                     best = Speculation(tree, score, m, source)
         return best

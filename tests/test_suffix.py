@@ -16,7 +16,7 @@ from test_tree import check_cache
 from harness.config import SamplingConfig
 from harness.registry import METHODS
 from harness.stops import StopRule
-from methods.suffix import ROOT, Suffix, SuffixConfig, SuffixTrie, grow
+from methods.suffix import ROOT, Follower, Suffix, SuffixConfig, SuffixTrie, grow
 
 PROMPTS = [[0, 17, 42, 99, 5], [0, 3], [0, 250, 251, 252, 253, 254, 255, 10, 11], [0, 5, 6, 7, 8, 5, 6, 7, 8, 5, 6]]
 N = 60
@@ -96,6 +96,26 @@ def test_matches_are_the_occurring_context_suffixes():
             want.append(m)
         assert [m for m, _ in found] == want
         assert all(trie.count[node] == counts[tuple(context[-m:])] for m, node in found)
+
+
+def test_followed_matches_equal_looked_up_ones():
+    """The appender's active nodes are the matches of its own sequence; a follower's are those
+    of a context extended in pieces (in a fixed trie), as ``matches`` finds them from the root."""
+    rng = random.Random(3)
+    for _ in range(200):
+        depth = rng.randrange(2, 7)
+        trie = SuffixTrie(depth)
+        trie.add([rng.randrange(3) for _ in range(rng.randrange(0, 30))])
+        follower, context = Follower(trie), []
+        local = SuffixTrie(depth)
+        appender = local.appender()
+        for _ in range(rng.randrange(1, 6)):
+            piece = [rng.randrange(3) for _ in range(rng.randrange(0, 2 * depth))]
+            context += piece
+            follower.extend(piece)
+            appender.extend(piece)
+            assert follower.matches() == trie.matches(context)
+            assert appender.matches() == local.matches(context)
 
 
 def test_speculation_tree_hand_checked():
