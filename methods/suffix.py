@@ -96,20 +96,6 @@ class SuffixTrie:
             c = self.sibling[c]
         return reversed(kids)
 
-    def _new_child(self, node: int, token: int) -> int:
-        if self.free:
-            c = self.free.pop()
-            self.count[c], self.token[c], self.first[c], self.sibling[c] = 0, token, -1, self.first[node]
-        else:
-            c = len(self.count)
-            self.count.append(0)
-            self.token.append(token)
-            self.first.append(-1)
-            self.sibling.append(self.first[node])
-        self.first[node] = c
-        self.edges[node * EDGE + token] = c
-        return c
-
     def _drop_child(self, node: int, c: int) -> None:
         del self.edges[node * EDGE + self.token[c]]
         if self.first[node] == c:
@@ -173,16 +159,29 @@ class Appender:
         self.active: list[int] = []
 
     def extend(self, tokens: Sequence[int]) -> None:
+        # one loop with the trie's lists bound locally and no call per node: a prompt adds
+        # thousands of nodes (prompt length x depth), inside the timed generation
         trie = self.trie
-        edges, count, new_child = trie.edges, trie.count, trie._new_child
+        edges, count, token, first, sibling, free = trie.edges, trie.count, trie.token, trie.first, trie.sibling, trie.free
         keep = trie.depth - 1
         for t in tokens:
             count[ROOT] += 1
             extended = []
             for node in (ROOT, *self.active):
-                c = edges.get(node * EDGE + t, -1)
-                if c == -1:
-                    c = new_child(node, t)
+                key = node * EDGE + t
+                c = edges.get(key, -1)
+                if c == -1:  # a new child of node, newest first among its children (an id freed by remove, or a new one)
+                    if free:
+                        c = free.pop()
+                        count[c], token[c], first[c], sibling[c] = 0, t, -1, first[node]
+                    else:
+                        c = len(count)
+                        count.append(0)
+                        token.append(t)
+                        first.append(-1)
+                        sibling.append(first[node])
+                    first[node] = c
+                    edges[key] = c
                 count[c] += 1
                 extended.append(c)
             trie.ops += len(extended)
@@ -360,17 +359,21 @@ class Suffix(Method):
     def speculate(self, root: int, room: int, sources: Sequence[tuple[str, SuffixTrie, list[tuple[int, int]]]]
                   ) -> Optional[Speculation]:  # fmt: skip
         """The highest-scoring tree over every match (m, node) of each source (name, trie,
-        matches of the context), after the last context token ``root`` (None: no candidate)."""
+        matches of the context), after the last context token ``root`` (None: no candidate).
+
+        Longest match first, and a match is grown only if its tree could win: a tree scores at
+        most one per depth (the path probabilities at one depth sum to at most 1) and one per
+        node, so at most min(budget, room); a shorter match's bound is no higher."""
         cfg = self.cfg
         if room <= 0:
             return None
         best: Optional[Speculation] = None
         for source, trie, matches in sources:
-            for m, node in matches:
-                if trie.first[node] == -1:  # no continuation seen
-                    continue
+            for m, node in reversed(matches):
                 budget = min(cfg.max_nodes, int(cfg.max_spec_factor * m + cfg.max_spec_offset + 1e-6))
-                if budget < 1:
+                if best is not None and (min(budget, room), m) <= (best.score, best.match):
+                    break  # neither this match nor a shorter one can beat the best tree
+                if budget < 1 or trie.first[node] == -1:  # no node allowed, or no continuation seen
                     continue
                 tree, score = grow(root, node, budget, cfg.min_token_prob, room, trie)
                 if len(tree.tokens) > 1 and (best is None or (score, m) > (best.score, best.match)):
