@@ -33,6 +33,7 @@ insert, match and grow, per committed token) and, for information only, the host
 
 from __future__ import annotations
 
+import bisect
 import heapq
 import time
 from collections import deque
@@ -236,6 +237,7 @@ def grow(root: int, node: int, budget: int, min_prob: float, max_depth: int, tri
     """The greedy speculation tree below trie node ``node`` (module doc): at most ``budget``
     nodes, each the most probable remaining candidate, none below ``min_prob`` or deeper than
     ``max_depth``."""
+    count, first, sibling, token = trie.count, trie.first, trie.sibling, trie.token  # bound once: a grow runs every step
     tokens, parents, score = [root], [-1], 0.0
     heap: list[tuple[float, int, int, int, int, int]] = []  # (-prob, serial, token, parent, trie node, depth)
     serial = 0
@@ -244,12 +246,17 @@ def grow(root: int, node: int, budget: int, min_prob: float, max_depth: int, tri
         nonlocal serial
         if depth > max_depth:
             return
-        total = trie.count[trie_node]
-        for t, child in trie.children(trie_node):
-            p = prob * trie.count[child] / total
-            trie.ops += 1
+        kids = []  # newest first
+        c = first[trie_node]
+        while c != -1:
+            kids.append(c)
+            c = sibling[c]
+        trie.ops += len(kids)
+        total = count[trie_node]
+        for child in reversed(kids):  # oldest first (the order ties are broken in)
+            p = prob * count[child] / total
             if p >= min_prob:
-                heapq.heappush(heap, (-p, serial, t, parent, child, depth))
+                heapq.heappush(heap, (-p, serial, token[child], parent, child, depth))
                 serial += 1
 
     push(0, node, 1.0, 1)
@@ -369,11 +376,14 @@ class Suffix(Method):
             return None
         best: Optional[Speculation] = None
         for source, trie, matches in sources:
-            for m, node in reversed(matches):
+            # the matches with a continuation seen are the shortest ones up to some length (a
+            # substring's shorter suffixes occur wherever it does, followed by the same token)
+            ends = bisect.bisect_left(matches, True, key=lambda match: trie.first[match[1]] == -1)
+            for m, node in reversed(matches[:ends]):
                 budget = min(cfg.max_nodes, int(cfg.max_spec_factor * m + cfg.max_spec_offset + 1e-6))
                 if best is not None and (min(budget, room), m) <= (best.score, best.match):
                     break  # neither this match nor a shorter one can beat the best tree
-                if budget < 1 or trie.first[node] == -1:  # no node allowed, or no continuation seen
+                if budget < 1:
                     continue
                 tree, score = grow(root, node, budget, cfg.min_token_prob, room, trie)
                 if len(tree.tokens) > 1 and (best is None or (score, m) > (best.score, best.match)):
