@@ -24,6 +24,11 @@ score (sum of its path probabilities: the expected accepted tokens under the sta
 ties: the longer match, then local before global) is verified by the shared tree step
 (methods/tree.py); nothing matched: a plain one-token step.
 
+Host work per step is kept small: the matches are followed token by token (the local trie's
+are the appender's own nodes, the global trie's a ``Follower``'s), not looked up from the root,
+and a match is grown only when its tree could still win (longest first; a tree scores at most
+min(its budget, the room left)), which picks the same tree as growing every one.
+
 Greedy: the longest root path the target agrees with (lossless). Sampling: the candidates
 are deterministic, so the one-hot-draft rule over several candidates applies (lossless).
 ``Generation.extra`` reports the cost as counts (``trie_ops_per_token``: trie nodes visited to
@@ -163,7 +168,8 @@ class Appender:
         # one loop with the trie's lists bound locally and no call per node: a prompt adds
         # thousands of nodes (prompt length x depth), inside the timed generation
         trie = self.trie
-        edges, count, token, first, sibling, free = trie.edges, trie.count, trie.token, trie.first, trie.sibling, trie.free
+        edges, count, token, first, sibling = trie.edges, trie.count, trie.token, trie.first, trie.sibling
+        free = trie.free
         keep = trie.depth - 1
         for t in tokens:
             count[ROOT] += 1
@@ -171,7 +177,7 @@ class Appender:
             for node in (ROOT, *self.active):
                 key = node * EDGE + t
                 c = edges.get(key, -1)
-                if c == -1:  # a new child of node, newest first among its children (an id freed by remove, or a new one)
+                if c == -1:  # a new child, first in node's list (an id freed by remove, or a new one)
                     if free:
                         c = free.pop()
                         count[c], token[c], first[c], sibling[c] = 0, t, -1, first[node]
@@ -237,7 +243,7 @@ def grow(root: int, node: int, budget: int, min_prob: float, max_depth: int, tri
     """The greedy speculation tree below trie node ``node`` (module doc): at most ``budget``
     nodes, each the most probable remaining candidate, none below ``min_prob`` or deeper than
     ``max_depth``."""
-    count, first, sibling, token = trie.count, trie.first, trie.sibling, trie.token  # bound once: a grow runs every step
+    count, first, sibling, token = trie.count, trie.first, trie.sibling, trie.token  # bound once: grows run every step
     tokens, parents, score = [root], [-1], 0.0
     heap: list[tuple[float, int, int, int, int, int]] = []  # (-prob, serial, token, parent, trie node, depth)
     serial = 0
