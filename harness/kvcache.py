@@ -47,10 +47,27 @@ class KVCache:
             raise ValueError(f"keep() needs strictly increasing indices in [0, {n}), got {idx.tolist()}")
         target = torch.arange(idx.numel())
         moved = (idx != target).nonzero().flatten()
-        if moved.numel():
-            start = int(moved[0])  # entries before this one are already in place
-            src = idx[start:]
-            for layer in self.inner.layers:
-                for tensor in (layer.keys, layer.values):
-                    tensor[:, :, start : idx.numel()] = tensor.index_select(2, src.to(tensor.device))
+        start = int(moved[0]) if moved.numel() else idx.numel()  # entries before this one are already in place
+        self._move(start, idx[start:])
         self.truncate(idx.numel())
+
+    def keep_after(self, start: int, rows: list[int]) -> None:
+        """``keep(list(range(start)) + rows)`` without building or checking the prefix: the
+        first ``start`` entries stay, then the entries ``rows`` (strictly increasing, from
+        ``start`` on). A tree step's compaction: prefix + accepted nodes."""
+        n = len(self)
+        if any(b <= a for a, b in zip([start - 1] + rows, rows)) or (rows and rows[-1] >= n):
+            raise ValueError(f"keep_after({start}) needs strictly increasing rows in [{start}, {n}), got {rows}")
+        first = next((i for i, r in enumerate(rows) if r != start + i), len(rows))  # rows already in place
+        if first < len(rows):
+            self._move(start + first, torch.tensor(rows[first:], dtype=torch.long))
+        self.truncate(start + len(rows))
+
+    @torch.inference_mode()
+    def _move(self, start: int, src: torch.Tensor) -> None:
+        """Entries ``src`` (a tensor of indices) copied to ``start``, ``start + 1``, ..."""
+        if not src.numel():
+            return
+        for layer in self.inner.layers:
+            for tensor in (layer.keys, layer.values):
+                tensor[:, :, start : start + src.numel()] = tensor.index_select(2, src.to(tensor.device))

@@ -42,7 +42,7 @@ from harness.config import MethodConfig, SamplingConfig
 from harness.engine import Engine
 from harness.stops import StopRule
 from methods.base import Generation, Method
-from methods.tree import DraftTree, TreeError, TreeVerifier, tree_shape
+from methods.tree import DraftTree, TreeError, TreeVerifier
 
 Choices = tuple[tuple[int, ...], ...]
 
@@ -87,8 +87,8 @@ class Template:
 
     choices: Choices  # node i + 1 is choices[i]
     parents: tuple[int, ...]  # template parent of each node (-1 for the root)
-    ranks: torch.Tensor  # [T] rank of each node among its parent's candidates (root: 0)
-    levels: tuple[torch.Tensor, ...]  # levels[d]: the template nodes at depth d + 1
+    ranks: tuple[int, ...]  # rank of each node among its parent's candidates (root: 0)
+    depths: tuple[int, ...]  # depth of each node (root: 0), non-decreasing
     top_k: int  # candidates the template needs per token
 
     @property
@@ -97,7 +97,7 @@ class Template:
 
     @property
     def max_depth(self) -> int:
-        return len(self.levels)
+        return self.depths[-1]
 
 
 @functools.lru_cache(maxsize=16)
@@ -112,10 +112,8 @@ def build_template(choices: Choices) -> Template:
     if missing:
         raise TreeError(f"tree template node {missing[0]} has no parent {missing[0][:-1]}")
     parents = (-1,) + tuple(index[c[:-1]] if len(c) > 1 else 0 for c in nodes)
-    depth = tree_shape(parents).depth
-    levels = tuple((depth == d).nonzero().flatten() for d in range(1, int(depth.max()) + 1))
-    ranks = torch.tensor([0] + [c[-1] for c in nodes])
-    return Template(tuple(nodes), parents, ranks, levels, int(ranks.max()) + 1)
+    ranks = (0,) + tuple(c[-1] for c in nodes)
+    return Template(tuple(nodes), parents, ranks, (0,) + tuple(len(c) for c in nodes), max(ranks) + 1)
 
 
 def template_choices(cfg: RecyclingConfig) -> Choices:
@@ -129,10 +127,13 @@ def template_choices(cfg: RecyclingConfig) -> Choices:
 
 class AdjacencyTable:
     """Row t: the k tokens the target ranked highest after a t, best first; -1 = never seen.
-    Held on the host (int32), where the tree is built; ``update`` takes top-k from the device."""
+    Held on the host (int32), where the tree is built; ``update`` takes top-k from the device.
+    The tree is read and written through a numpy view of the same memory: a step touches a
+    few dozen entries, which numpy's scalar indexing reads far faster than torch ops would."""
 
     def __init__(self, vocab: int, k: int):
         self.rows = torch.full((vocab, k), -1, dtype=torch.int32)
+        self.view = self.rows.numpy()  # the same memory
 
     @property
     def k(self) -> int:
@@ -151,25 +152,26 @@ class AdjacencyTable:
 
     def update(self, tokens: torch.Tensor | list[int], logits: torch.Tensor) -> None:
         """Row ``tokens[i]`` <- the top-k of ``logits[i]``; a token given twice keeps its last row."""
-        top = logits.topk(self.k, dim=-1).indices.to("cpu", torch.int32)
-        ids = torch.as_tensor(tokens, dtype=torch.long).to("cpu")
-        later = (ids[:, None] == ids[None, :]).triu(1).any(dim=1)  # the same token again further on
-        keep = (~later).nonzero().flatten()
-        self.rows[ids[keep]] = top[keep]
+        top = logits.topk(self.k, dim=-1).indices.to("cpu", torch.int32).numpy()
+        last = {int(t): i for i, t in enumerate(tokens)}  # each token's last node
+        self.view[list(last)] = top[list(last.values())]
 
     def expand(self, root: int, template: Template, depth: int) -> DraftTree:
         """The template filled breadth first from ``root`` (module doc, step 1), at most ``depth`` deep."""
-        tok = torch.full((template.size,), -1, dtype=torch.long)
-        tok[0] = root
-        parents = torch.tensor(template.parents)
-        for nodes in template.levels[:depth]:
-            above = tok[parents[nodes]]
-            cand = self.rows[above.clamp_min(0), template.ranks[nodes]].long()
-            tok[nodes] = torch.where(above >= 0, cand, -1)
-        kept = (tok >= 0).nonzero().flatten().tolist()  # in template order: parents before children
-        where = {old: new for new, old in enumerate(kept)}
-        tree_parents = tuple(-1 if old == 0 else where[template.parents[old]] for old in kept)
-        return DraftTree(tok[kept].tolist(), tree_parents)
+        tokens, parents = [root], [-1]
+        where = [0] * template.size  # template node -> tree node (-1: left out)
+        for i in range(1, template.size):  # parents before children, shallow before deep
+            if template.depths[i] > depth:
+                break
+            above = where[template.parents[i]]
+            token = int(self.view[tokens[above], template.ranks[i]]) if above >= 0 else -1
+            if token < 0:  # the parent is left out, or its row is still empty
+                where[i] = -1
+                continue
+            where[i] = len(tokens)
+            tokens.append(token)
+            parents.append(above)
+        return DraftTree(tokens, tuple(parents))
 
 
 class Recycling(Method):

@@ -24,6 +24,11 @@ score (sum of its path probabilities: the expected accepted tokens under the sta
 ties: the longer match, then local before global) is verified by the shared tree step
 (methods/tree.py); nothing matched: a plain one-token step.
 
+Host work per step is kept small: the matches are followed token by token (the local trie's
+are the appender's own nodes, the global trie's a ``Follower``'s), not looked up from the root,
+and a match is grown only when its tree could still win (longest first; a tree scores at most
+min(its budget, the room left)), which picks the same tree as growing every one.
+
 Greedy: the longest root path the target agrees with (lossless). Sampling: the candidates
 are deterministic, so the one-hot-draft rule over several candidates applies (lossless).
 ``Generation.extra`` reports the cost as counts (``trie_ops_per_token``: trie nodes visited to
@@ -33,6 +38,7 @@ insert, match and grow, per committed token) and, for information only, the host
 
 from __future__ import annotations
 
+import bisect
 import heapq
 import time
 from collections import deque
@@ -96,20 +102,6 @@ class SuffixTrie:
             c = self.sibling[c]
         return reversed(kids)
 
-    def _new_child(self, node: int, token: int) -> int:
-        if self.free:
-            c = self.free.pop()
-            self.count[c], self.token[c], self.first[c], self.sibling[c] = 0, token, -1, self.first[node]
-        else:
-            c = len(self.count)
-            self.count.append(0)
-            self.token.append(token)
-            self.first.append(-1)
-            self.sibling.append(self.first[node])
-        self.first[node] = c
-        self.edges[node * EDGE + token] = c
-        return c
-
     def _drop_child(self, node: int, c: int) -> None:
         del self.edges[node * EDGE + self.token[c]]
         if self.first[node] == c:
@@ -165,26 +157,76 @@ class SuffixTrie:
 
 class Appender:
     """Appends tokens to one sequence of a trie: ``active[i]`` is the node of the sequence's
-    last i + 1 tokens (kept while shorter than the trie's depth, so they can be extended)."""
+    last i + 1 tokens (kept while shorter than the trie's depth, so they can be extended).
+    They are also the sequence's matches (``SuffixTrie.matches`` of it, without a lookup)."""
 
     def __init__(self, trie: SuffixTrie):
         self.trie = trie
         self.active: list[int] = []
 
     def extend(self, tokens: Sequence[int]) -> None:
+        # one loop with the trie's lists bound locally and no call per node: a prompt adds
+        # thousands of nodes (prompt length x depth), inside the timed generation
         trie = self.trie
-        edges, count = trie.edges, trie.count
+        edges, count, token, first, sibling = trie.edges, trie.count, trie.token, trie.first, trie.sibling
+        free = trie.free
+        keep = trie.depth - 1
         for t in tokens:
             count[ROOT] += 1
             extended = []
-            for node in [ROOT, *self.active]:
-                c = edges.get(node * EDGE + t, -1)
-                if c == -1:
-                    c = trie._new_child(node, t)
+            for node in (ROOT, *self.active):
+                key = node * EDGE + t
+                c = edges.get(key, -1)
+                if c == -1:  # a new child, first in node's list (an id freed by remove, or a new one)
+                    if free:
+                        c = free.pop()
+                        count[c], token[c], first[c], sibling[c] = 0, t, -1, first[node]
+                    else:
+                        c = len(count)
+                        count.append(0)
+                        token.append(t)
+                        first.append(-1)
+                        sibling.append(first[node])
+                    first[node] = c
+                    edges[key] = c
                 count[c] += 1
                 extended.append(c)
             trie.ops += len(extended)
-            self.active = extended[: trie.depth - 1]
+            self.active = extended[:keep]
+
+    def matches(self) -> list[tuple[int, int]]:
+        """``trie.matches(sequence)``: every suffix of the sequence shorter than the depth occurs."""
+        return list(enumerate(self.active, start=1))
+
+
+class Follower:
+    """The matches of a growing context in a trie that does not change meanwhile (the global
+    one during a generation): ``nodes[i]`` is the node of the context's last i + 1 tokens, for
+    as many as occur (and are shorter than the depth). Each token extends the previous
+    matches by one edge, instead of looking every suffix up from the root each step."""
+
+    def __init__(self, trie: SuffixTrie):
+        self.trie = trie
+        self.nodes: list[int] = []
+
+    def extend(self, tokens: Sequence[int]) -> None:
+        trie = self.trie
+        edges, keep = trie.edges, trie.depth - 1
+        if len(tokens) >= keep:  # the matches after them depend on their last depth - 1 only
+            self.nodes, tokens = [], tokens[len(tokens) - keep :]
+        for t in tokens:
+            found = []
+            for node in (ROOT, *self.nodes):  # the suffix one token shorter, then + t
+                c = edges.get(node * EDGE + t, -1)
+                if c == -1:  # a substring's extensions occur only if it does
+                    break
+                found.append(c)
+            trie.ops += len(found) + 1
+            self.nodes = found[:keep]
+
+    def matches(self) -> list[tuple[int, int]]:
+        """``trie.matches(context)``."""
+        return list(enumerate(self.nodes, start=1))
 
 
 @dataclass
@@ -201,6 +243,7 @@ def grow(root: int, node: int, budget: int, min_prob: float, max_depth: int, tri
     """The greedy speculation tree below trie node ``node`` (module doc): at most ``budget``
     nodes, each the most probable remaining candidate, none below ``min_prob`` or deeper than
     ``max_depth``."""
+    count, first, sibling, token = trie.count, trie.first, trie.sibling, trie.token  # bound once: grows run every step
     tokens, parents, score = [root], [-1], 0.0
     heap: list[tuple[float, int, int, int, int, int]] = []  # (-prob, serial, token, parent, trie node, depth)
     serial = 0
@@ -209,12 +252,17 @@ def grow(root: int, node: int, budget: int, min_prob: float, max_depth: int, tri
         nonlocal serial
         if depth > max_depth:
             return
-        total = trie.count[trie_node]
-        for t, child in trie.children(trie_node):
-            p = prob * trie.count[child] / total
-            trie.ops += 1
+        kids = []  # newest first
+        c = first[trie_node]
+        while c != -1:
+            kids.append(c)
+            c = sibling[c]
+        trie.ops += len(kids)
+        total = count[trie_node]
+        for child in reversed(kids):  # oldest first (the order ties are broken in)
+            p = prob * count[child] / total
             if p >= min_prob:
-                heapq.heappush(heap, (-p, serial, t, parent, child, depth))
+                heapq.heappush(heap, (-p, serial, token[child], parent, child, depth))
                 serial += 1
 
     push(0, node, 1.0, 1)
@@ -275,6 +323,8 @@ class Suffix(Method):
         start = time.perf_counter()
         appender = local.appender()
         appender.extend(prompt_ids)
+        follower = Follower(self.global_trie)  # the global trie's matches, followed token by token
+        follower.extend(prompt_ids)
         stats.seconds += time.perf_counter() - start
         # 1. prefill: the prompt's last row gives the first token (the first tree's root)
         committed = 0  # output tokens already in the local trie
@@ -282,13 +332,16 @@ class Suffix(Method):
         while True:
             # 2. the committed tokens into the local trie
             start = time.perf_counter()
-            appender.extend(verifier.out.tokens[committed:])
+            new = verifier.out.tokens[committed:]
+            appender.extend(new)
             committed = len(verifier.out.tokens)
             if verifier.done:
                 stats.seconds += time.perf_counter() - start
                 break
-            # 3. the best speculation tree of both tries
-            best = self.speculate(verifier.seq, verifier.room(), local)
+            # 3. the best speculation tree of both tries, over the matches of the context's suffixes
+            follower.extend(new)
+            sources = (("local", local, appender.matches()), ("global", self.global_trie, follower.matches()))
+            best = self.speculate(verifier.seq[-1], verifier.room(), sources)
             stats.seconds += time.perf_counter() - start
             if best is not None:
                 stats.matched += best.match
@@ -316,20 +369,29 @@ class Suffix(Method):
         }
         return LoopEnd(verifier.result(extra=extra), verifier.cache)
 
-    def speculate(self, seq: list[int], room: int, local: SuffixTrie) -> Optional[Speculation]:
-        """The highest-scoring tree over every match length in both tries (None: no candidate)."""
+    def speculate(self, root: int, room: int, sources: Sequence[tuple[str, SuffixTrie, list[tuple[int, int]]]]
+                  ) -> Optional[Speculation]:  # fmt: skip
+        """The highest-scoring tree over every match (m, node) of each source (name, trie,
+        matches of the context), after the last context token ``root`` (None: no candidate).
+
+        Longest match first, and a match is grown only if its tree could win: a tree scores at
+        most one per depth (the path probabilities at one depth sum to at most 1) and one per
+        node, so at most min(budget, room); a shorter match's bound is no higher."""
         cfg = self.cfg
         if room <= 0:
             return None
         best: Optional[Speculation] = None
-        for source, trie in (("local", local), ("global", self.global_trie)):
-            for m, node in trie.matches(seq):
-                if trie.first[node] == -1:  # no continuation seen
-                    continue
+        for source, trie, matches in sources:
+            # the matches with a continuation seen are the shortest ones up to some length (a
+            # substring's shorter suffixes occur wherever it does, followed by the same token)
+            ends = bisect.bisect_left(matches, True, key=lambda match: trie.first[match[1]] == -1)
+            for m, node in reversed(matches[:ends]):
                 budget = min(cfg.max_nodes, int(cfg.max_spec_factor * m + cfg.max_spec_offset + 1e-6))
+                if best is not None and (min(budget, room), m) <= (best.score, best.match):
+                    break  # neither this match nor a shorter one can beat the best tree
                 if budget < 1:
                     continue
-                tree, score = grow(seq[-1], node, budget, cfg.min_token_prob, room, trie)
+                tree, score = grow(root, node, budget, cfg.min_token_prob, room, trie)
                 if len(tree.tokens) > 1 and (best is None or (score, m) > (best.score, best.match)):
                     best = Speculation(tree, score, m, source)
         return best

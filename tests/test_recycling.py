@@ -55,8 +55,8 @@ def test_templates_hand_checked():
     assert [len(TREES[t]) for t in ("chain", "small", "medium", "large")] == [4, 15, 31, 63]
     t = build_template(((1,), (0,), (0, 0), (1, 0), (0, 1)))
     assert t.choices == ((0,), (1,), (0, 0), (0, 1), (1, 0))
-    assert t.parents == (-1, 0, 0, 1, 1, 2) and t.ranks.tolist() == [0, 0, 1, 0, 1, 0]
-    assert [lv.tolist() for lv in t.levels] == [[1, 2], [3, 4, 5]] and t.top_k == 2 and t.max_depth == 2
+    assert t.parents == (-1, 0, 0, 1, 1, 2) and t.ranks == (0, 0, 1, 0, 1, 0)
+    assert t.depths == (0, 1, 1, 2, 2, 2) and t.top_k == 2 and t.max_depth == 2
     with pytest.raises(TreeError, match="has no parent"):
         build_template(((0,), (1, 0)))
     with pytest.raises(TreeError, match="distinct non-empty"):

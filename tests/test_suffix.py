@@ -7,6 +7,7 @@ hits), max_new_tokens inside an accepted path, stats, and determinism for a samp
 from __future__ import annotations
 
 import random
+from types import SimpleNamespace
 from collections import Counter
 
 import pytest
@@ -16,7 +17,7 @@ from test_tree import check_cache
 from harness.config import SamplingConfig
 from harness.registry import METHODS
 from harness.stops import StopRule
-from methods.suffix import ROOT, Suffix, SuffixConfig, SuffixTrie, grow
+from methods.suffix import ROOT, Follower, Suffix, SuffixConfig, SuffixTrie, grow
 
 PROMPTS = [[0, 17, 42, 99, 5], [0, 3], [0, 250, 251, 252, 253, 254, 255, 10, 11], [0, 5, 6, 7, 8, 5, 6, 7, 8, 5, 6]]
 N = 60
@@ -98,6 +99,26 @@ def test_matches_are_the_occurring_context_suffixes():
         assert all(trie.count[node] == counts[tuple(context[-m:])] for m, node in found)
 
 
+def test_followed_matches_equal_looked_up_ones():
+    """The appender's active nodes are the matches of its own sequence; a follower's are those
+    of a context extended in pieces (in a fixed trie), as ``matches`` finds them from the root."""
+    rng = random.Random(3)
+    for _ in range(200):
+        depth = rng.randrange(2, 7)
+        trie = SuffixTrie(depth)
+        trie.add([rng.randrange(3) for _ in range(rng.randrange(0, 30))])
+        follower, context = Follower(trie), []
+        local = SuffixTrie(depth)
+        appender = local.appender()
+        for _ in range(rng.randrange(1, 6)):
+            piece = [rng.randrange(3) for _ in range(rng.randrange(0, 2 * depth))]
+            context += piece
+            follower.extend(piece)
+            appender.extend(piece)
+            assert follower.matches() == trie.matches(context)
+            assert appender.matches() == local.matches(context)
+
+
 def test_speculation_tree_hand_checked():
     """After "1 2": 2 -> 3 (twice), 2 -> 4 (once); 3 -> 5 (twice); 4 -> 6."""
     trie = SuffixTrie(6)
@@ -134,6 +155,41 @@ def test_speculation_tree_is_greedy_by_path_probability():
         assert len(tree.tokens) - 1 <= budget and score == pytest.approx(sum(probs[1:]))
         assert all(p >= 0.05 for p in probs)
         assert all(a >= b - 1e-12 for a, b in zip(probs[1:], probs[2:]))  # added most probable first
+
+
+def test_speculate_grows_only_matches_that_can_win(monkeypatch):
+    """The best tree over both tries equals the brute-force one (every match grown, the best
+    by score, then match length, then local before global), with fewer trees grown."""
+    import methods.suffix as module
+
+    grown = []
+    monkeypatch.setattr(module, "grow", lambda *a: grown.append(a) or grow(*a))
+    rng = random.Random(4)
+    brute_count = 0
+    for _ in range(300):
+        cfg = SuffixConfig(max_depth=rng.randrange(3, 8), max_spec_factor=rng.choice([0.5, 1.0, 4.0]),
+                           max_nodes=rng.randrange(1, 10), min_token_prob=rng.choice([0.0, 0.1, 0.3]))  # fmt: skip
+        local, glob = SuffixTrie(cfg.max_depth), SuffixTrie(cfg.max_depth)
+        glob.add([rng.randrange(3) for _ in range(rng.randrange(0, 40))])
+        context = [rng.randrange(3) for _ in range(rng.randrange(1, 30))]
+        local.add(context)
+        room = rng.randrange(1, 6)
+        sources = (("local", local, local.matches(context)), ("global", glob, glob.matches(context)))
+        want = None
+        for source, trie, matches in sources:
+            for m, node in matches:
+                budget = min(cfg.max_nodes, int(cfg.max_spec_factor * m + 1e-6))
+                if budget >= 1 and trie.first[node] != -1:
+                    brute_count += 1
+                    tree, score = grow(context[-1], node, budget, cfg.min_token_prob, room, trie)
+                    if len(tree.tokens) > 1 and (want is None or (score, m) > want[1:3]):
+                        want = (tree, score, m, source)
+        best = Suffix.speculate(SimpleNamespace(cfg=cfg), context[-1], room, sources)
+        if want is None:
+            assert best is None
+        else:
+            assert (best.tree, best.score, best.match, best.source) == want
+    assert 0 < len(grown) < brute_count
 
 
 # ---- equality with greedy AR ---------------------------------------------------------------

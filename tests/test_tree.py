@@ -56,6 +56,30 @@ def test_trie_merges_shared_prefixes():
     assert list(capped.tokens) == [7, 1, 2, 3] and capped.parents == (-1, 0, 1, 2)
 
 
+def test_compaction_keeps_the_accepted_rows_and_moves_only_those_out_of_place(engine):
+    """``KVCache.keep_after`` (the tree step's compaction) equals ``keep`` of prefix + rows; rows
+    already in place are not copied (one ``_move``, from the first row out of place on)."""
+    prompt, tree = PROMPTS[1], [5, 6, 7, 8]
+    past = len(prompt)
+    shape = tree_shape((-1, 0, 0, 2))
+    mask = torch.cat((torch.ones(4, past, dtype=torch.bool), shape.mask), dim=1)
+    for rows, moved in (([], None), ([0, 1], None), ([0, 2, 3], [2, 3]), ([1], [1])):
+        caches = [engine.new_cache() for _ in range(2)]
+        for cache in caches:
+            engine.forward(prompt, cache)
+            engine.forward(tree, cache, positions=shape.depth + past, mask=mask)
+        calls, move = [], caches[1]._move
+        caches[1]._move = lambda start, src: calls.append(src.tolist()) or move(start, src)
+        caches[0].keep(list(range(past)) + [past + r for r in rows])
+        caches[1].keep_after(past, [past + r for r in rows])
+        assert len(caches[1]) == past + len(rows) and calls == ([] if moved is None else [[past + r for r in moved]])
+        for a, b in zip(caches[0].inner.layers, caches[1].inner.layers):
+            assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+    for bad in ([past + 2, past + 1], [past - 1], [past + 4]):
+        with pytest.raises(ValueError, match="strictly increasing rows"):
+            caches[1].keep_after(past, bad)
+
+
 def oracle(ref: list[int], right: int, rng: random.Random, vocab: int, depth: int = 4):
     """A proposer whose tree holds the true continuation for ``right`` tokens on one branch
     (then wrong tokens), beside wrong branches, in a random order."""
