@@ -218,20 +218,18 @@ class Datastore:
             best.probes = probes
         return best
 
-    def continuations(self, match: Match, count: int, length: int) -> list[list[int]]:
-        """Up to ``count`` continuations (``length`` tokens at most) of the matched suffix: all
-        when it occurs at most ``count`` times, else ``count`` occurrences evenly spread over its
-        suffix array range (equal continuations are adjacent there, so the spread keeps their
-        frequencies). Empty ones (the corpus's end) are dropped."""
+    def continuations(self, match: Match, count: int, length: int) -> np.ndarray:
+        """Up to ``count`` continuations (``length`` tokens at most) of the matched suffix, one
+        int64 row each, -1 past the corpus's end: all when it occurs at most ``count`` times,
+        else ``count`` occurrences evenly spread over its suffix array range (equal
+        continuations are adjacent there, so the spread keeps their frequencies). Empty ones
+        (the corpus's end) are dropped."""
         n = match.count
-        ranks = range(match.lo, match.hi) if n <= count else [match.lo + (i * n) // count for i in range(count)]
-        out = []
-        for r in ranks:
-            start = int(self.sa[r]) + match.length
-            seq = self.tokens[start : start + length].tolist()
-            if seq:
-                out.append(seq)
-        return out
+        ranks = np.arange(match.lo, match.hi) if n <= count else match.lo + (np.arange(count) * n) // count
+        cells = self.sa[ranks].astype(np.int64)[:, None] + match.length + np.arange(length)  # [rows, length]
+        inside = cells < len(self.tokens)
+        rows = np.where(inside, self.tokens[np.where(inside, cells, 0)], -1).astype(np.int64)
+        return rows[inside[:, 0]]
 
 
 def build(tokens: np.ndarray, sources: list[dict], tokenizer: dict, out: Path, log=print) -> Datastore:

@@ -30,6 +30,7 @@ import time
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
+import numpy as np
 from harness.config import MethodConfig, SamplingConfig
 from harness.datastore import Datastore, DatastoreError, default_datastore_dir, tokenizer_fingerprint
 from harness.engine import Engine
@@ -37,8 +38,6 @@ from harness.paths import resolve_repo_path
 from harness.stops import StopRule
 from methods.base import DATASTORE, Generation, LoopEnd, Method
 from methods.tree import DraftTree, TreeVerifier
-
-EDGE = 1 << 32  # trie edge key = parent * EDGE + token (token ids < 2^32)
 
 
 @dataclass
@@ -54,33 +53,52 @@ class RestConfig(MethodConfig):
     max_nodes: int = 16
 
 
-def frequency_tree(root: int, continuations: Sequence[Sequence[int]], max_nodes: int) -> DraftTree:
-    """The trie of ``continuations`` below ``root``, pruned to its ``max_nodes`` most frequent
-    nodes (ties: shallower, then first seen); children in that order."""
-    # trie node i (0 = root): its token, parent, depth and how many continuations pass through it;
-    # integer ids and integer edge keys, so nothing per node is left for the garbage collector
-    token, parent, depth, count = [root], [-1], [0], [0]
-    edges: dict[int, int] = {}  # parent * EDGE + token -> node
-    for seq in continuations:
-        node = 0
-        for t in seq:
-            child = edges.get(node * EDGE + t)
-            if child is None:
-                child = edges[node * EDGE + t] = len(token)
-                token.append(t)
-                parent.append(node)
-                depth.append(depth[node] + 1)
-                count.append(0)
-            count[child] += 1
-            node = child
-    ranked = sorted(range(1, len(token)), key=lambda i: (-count[i], depth[i]))  # stable: first seen among ties
-    position = {0: 0}  # trie node -> draft tree node
-    tokens, parents = [root], [-1]
-    for i in ranked[:max_nodes]:  # a parent always ranks before its children
-        position[i] = len(tokens)
-        tokens.append(token[i])
-        parents.append(position[parent[i]])
-    return DraftTree(tokens, tuple(parents))
+def padded(continuations: np.ndarray | Sequence[Sequence[int]]) -> np.ndarray:
+    """Continuations as one int64 matrix [n, longest], -1 after each one's end."""
+    if isinstance(continuations, np.ndarray):
+        return continuations.astype(np.int64, copy=False)
+    rows = np.full((len(continuations), max((len(c) for c in continuations), default=0)), -1, dtype=np.int64)
+    for i, seq in enumerate(continuations):
+        rows[i, : len(seq)] = seq
+    return rows
+
+
+def frequency_tree(root: int, continuations: np.ndarray | Sequence[Sequence[int]], max_nodes: int) -> DraftTree:
+    """The trie of ``continuations`` (lists, or a matrix with -1 after each one's end) below
+    ``root``, pruned to its ``max_nodes`` most frequent nodes (ties: shallower, then first
+    seen); children in that order. Array operations over all continuations at once: a trie node
+    is a distinct prefix, and sorted continuations hold each prefix in one run of rows."""
+    rows = padded(continuations)
+    n, width = rows.shape
+    if n == 0 or width == 0:
+        return DraftTree([root], (-1,))
+    # 1. sort the rows (stable); a (row, depth) cell opens a new node where the row's first
+    #    depth + 1 tokens differ from the previous row's
+    order = np.lexsort(rows.T[::-1])
+    rows = rows[order]
+    opens = np.ones((n, width), dtype=bool)
+    opens[1:] = np.logical_or.accumulate(rows[1:] != rows[:-1], axis=1)
+    # 2. node ids 1.. numbered depth by depth (0 = the root); every cell gets its node's id
+    node = np.cumsum(opens.T).reshape(width, n).T
+    real = rows >= 0  # cells before a continuation's end
+    size = int(node[-1, -1]) + 1
+    # 3. per node: continuations through it, depth, token, parent, first continuation holding it
+    count = np.bincount(node[real], minlength=size)
+    depth = np.zeros(size, dtype=np.int64)
+    depth[node] = np.arange(width)
+    token = np.zeros(size, dtype=np.int64)
+    token[node] = rows
+    parent = np.zeros(size, dtype=np.int64)
+    parent[node[:, 1:]] = node[:, :-1]
+    first = np.full(size, n, dtype=np.int64)
+    np.minimum.at(first, node[real], np.broadcast_to(order[:, None], node.shape)[real])
+    # 4. rank the nodes by (-count, depth, first seen) and keep max_nodes; a parent ranks before
+    #    its children (it counts at least as many continuations and is shallower)
+    nodes = np.flatnonzero(count)
+    kept = nodes[np.lexsort((first[nodes], depth[nodes], -count[nodes]))][:max_nodes]
+    position = np.zeros(size, dtype=np.int64)  # node -> draft tree node (the root's 0)
+    position[kept] = np.arange(1, len(kept) + 1)
+    return DraftTree([root, *token[kept].tolist()], (-1, *position[parent[kept]].tolist()))
 
 
 @dataclass
@@ -139,14 +157,15 @@ class Rest(Method):
             return DraftTree([seq[-1]], (-1,))
         start = time.perf_counter()
         stats.lookups += 1
-        match = self.store.longest_match(seq, cfg.min_suffix, cfg.max_suffix)
-        tree = DraftTree([seq[-1]], (-1,))
-        if match is not None:
-            stats.hits += 1
-            stats.matched += match.length
-            stats.probes += match.probes
-            continuations = self.store.continuations(match, cfg.max_candidates, min(cfg.copy_tokens, room))
-            tree = frequency_tree(seq[-1], continuations, cfg.max_nodes)
+        with self.engine.phase("tree"):
+            match = self.store.longest_match(seq, cfg.min_suffix, cfg.max_suffix)
+            tree = DraftTree([seq[-1]], (-1,))
+            if match is not None:
+                stats.hits += 1
+                stats.matched += match.length
+                stats.probes += match.probes
+                rows = self.store.continuations(match, cfg.max_candidates, min(cfg.copy_tokens, room))
+                tree = frequency_tree(seq[-1], rows, cfg.max_nodes)
         stats.seconds += time.perf_counter() - start
         return tree
 

@@ -20,7 +20,7 @@ from harness.config import SamplingConfig
 from harness.datastore import Datastore, DatastoreError, suffix_array
 from harness.registry import METHODS
 from harness.stops import StopRule
-from methods.rest import Rest, RestConfig, frequency_tree
+from methods.rest import Rest, RestConfig, frequency_tree, padded
 
 PROMPTS = [[0, 17, 42, 99, 5], [0, 3], [0, 250, 251, 252, 253, 254, 255, 10, 11], [0, 5, 6, 7, 8, 5, 6, 7, 8, 5, 6]]
 N = 60
@@ -94,10 +94,11 @@ def test_continuations_spread_over_the_matches():
     store = Datastore.from_tokens(tokens)
     match = store.longest_match([9, 5, 1], 1, 4)
     assert match.length == 2 and match.count == 5
-    every = store.continuations(match, 10, 2)
+    every = store.continuations(match, 10, 2).tolist()
     assert sorted(every) == [[2, 5]] * 3 + [[3, 5]]  # the occurrence at the corpus's end has none
-    spread = store.continuations(match, 3, 1)  # ranks lo, lo + 1, lo + 3 of the 5; the first is the end
+    spread = store.continuations(match, 3, 1).tolist()  # ranks lo, lo + 1, lo + 3 of the 5; the first is the end
     assert len(spread) == 2 and all(c in ([2], [3]) for c in spread)
+    assert store.continuations(match, 10, 4).tolist().count([2, 5, 1, -1]) == 1  # -1 past the corpus's end
 
 
 def test_frequency_tree_hand_checked():
@@ -109,6 +110,8 @@ def test_frequency_tree_hand_checked():
     small = frequency_tree(9, conts, max_nodes=3)
     assert small.tokens == [9, 1, 2, 3] and small.parents == (-1, 0, 1, 2)
     assert frequency_tree(9, [], 5).tokens == [9]
+    rows = padded(conts)  # a matrix, -1 after each continuation's end: the same tree
+    assert rows[2].tolist() == [1, 5, -1] and frequency_tree(9, rows, max_nodes=100) == tree
 
 
 def test_frequency_tree_pruning_is_prefix_closed_and_keeps_the_most_frequent():
