@@ -178,45 +178,61 @@ class Datastore:
         start = 4 * self._starts[rank]
         return bytes(self._bytes[start : start + 4 * m])  # big-endian: bytes order = token order
 
-    def find(self, pattern: Sequence[int]) -> tuple[int, int, int]:
-        """(lo, hi, probes): the suffix array range of the suffixes that start with ``pattern``."""
-        key, m = np.asarray(pattern, dtype=TOKEN_DTYPE).tobytes(), len(pattern)
-        probes = 0
-        lo, hi = 0, len(self.sa)
-        while lo < hi:  # first suffix >= pattern
+    def _lower_bound(self, key: bytes, m: int, lo: int) -> tuple[int, int]:
+        """(the first rank from ``lo`` whose suffix's first ``m`` tokens are >= ``key``, probes)."""
+        hi, probes = len(self.sa), 0
+        while lo < hi:
             mid = (lo + hi) // 2
             probes += 1
             if self._prefix(mid, m) < key:
                 lo = mid + 1
             else:
                 hi = mid
-        first, hi = lo, len(self.sa)
-        while lo < hi:  # first suffix whose first m tokens > pattern
+        return lo, probes
+
+    def _upper_bound(self, key: bytes, m: int, lo: int) -> tuple[int, int]:
+        """(the first rank from ``lo`` whose suffix's first ``m`` tokens are > ``key``, probes)."""
+        hi, probes = len(self.sa), 0
+        while lo < hi:
             mid = (lo + hi) // 2
             probes += 1
             if self._prefix(mid, m) <= key:
                 lo = mid + 1
             else:
                 hi = mid
-        return first, lo, probes
+        return lo, probes
+
+    def find(self, pattern: Sequence[int]) -> tuple[int, int, int]:
+        """(lo, hi, probes): the suffix array range of the suffixes that start with ``pattern``."""
+        key, m = np.asarray(pattern, dtype=TOKEN_DTYPE).tobytes(), len(pattern)
+        first, p1 = self._lower_bound(key, m, 0)
+        last, p2 = self._upper_bound(key, m, first)
+        return first, last, p1 + p2
 
     def longest_match(self, context: Sequence[int], min_len: int, max_len: int) -> Optional[Match]:
         """The longest suffix of ``context`` (``min_len`` to ``max_len`` tokens) that occurs
-        followed by at least one token; None when not even ``min_len`` tokens do."""
-        lo_len, hi_len = min_len, min(max_len, len(context))
-        best: Optional[Match] = None
-        probes = 0
+        followed by at least one token; None when not even ``min_len`` tokens do. Each length
+        tried costs one binary search (the range's start); the range's end is searched once,
+        for the length found."""
+        tail = np.asarray(context[len(context) - min(max_len, len(context)) :], dtype=TOKEN_DTYPE).tobytes()
+        lo_len, hi_len = min_len, len(tail) // 4
+        found, probes = None, 0  # (length, key, first rank) of the longest occurring suffix so far
         while lo_len <= hi_len:  # occurs(m) is monotone: a suffix of an occurring pattern occurs
             m = (lo_len + hi_len) // 2
-            lo, hi, p = self.find(context[len(context) - m :])
+            key = tail[len(tail) - 4 * m :]
+            first, p = self._lower_bound(key, m, 0)
             probes += p
-            if hi - lo > 1 or (hi > lo and int(self.sa[lo]) + m < len(self.tokens)):
-                best, lo_len = Match(m, lo, hi, 0), m + 1
+            # it occurs with a token after it: at `first` short of the corpus's end, or again at first + 1
+            at = [r for r in (first, first + 1) if r < len(self.sa) and self._prefix(r, m) == key]
+            if at and (len(at) == 2 or int(self.sa[first]) + m < len(self.tokens)):
+                found, lo_len = (m, key, first), m + 1
             else:
                 hi_len = m - 1
-        if best is not None:
-            best.probes = probes
-        return best
+        if found is None:
+            return None
+        m, key, first = found
+        last, p = self._upper_bound(key, m, first)
+        return Match(m, first, last, probes + p)
 
     def continuations(self, match: Match, count: int, length: int) -> np.ndarray:
         """Up to ``count`` continuations (``length`` tokens at most) of the matched suffix, one

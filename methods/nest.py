@@ -100,6 +100,16 @@ class NestStats:
     mixture_lambda: list[float] = field(default_factory=list)  # relaxed: lambda at each committed step's last row
 
 
+def spans_after(tokens: np.ndarray, count: int, span: int, eos: np.ndarray) -> np.ndarray:
+    """[count, span] int64: row p holds the ``span`` tokens after corpus position p, -1 past the
+    corpus's end or past its document's end (the document's EOS is its last token)."""
+    cells = np.arange(count)[:, None] + 1 + np.arange(span)
+    rows = np.where(cells < len(tokens), tokens[np.minimum(cells, len(tokens) - 1)], -1)
+    ended = np.isin(rows, eos)
+    rows[np.cumsum(ended, axis=1) - ended > 0] = -1  # an EOS before the cell
+    return rows
+
+
 class Nest(Method):
     """NEST: spans retrieved by kNN over the target's hidden states in a datastore, verified as a tree (strict) or relaxed (lossy)."""
 
@@ -132,7 +142,9 @@ class Nest(Method):
                              f"{hidden}: build them with this model (harness datastore build keys=<model>)")  # fmt: skip
         self.store, self.keys = datastore, keys
         self.tokens = datastore.tokens.astype("int64")  # corpus tokens (host order)
-        self.eos = np.array(sorted(engine.eos_ids), dtype=np.int64)  # a document's last token
+        # the ``span`` tokens after every keyed corpus position, -1 past its document's end (built once)
+        self.after = spans_after(self.tokens, int(keys.positions.max()) + 1 if len(keys) else 0, cfg.span,
+                                 np.array(sorted(engine.eos_ids), dtype=np.int64))  # fmt: skip
         self.by_token = TokenKeys(keys, self.tokens) if cfg.mode == "strict" else None  # strict's search
         self.scale = math.sqrt(hidden)  # distances are L2 / sqrt(hidden)
 
@@ -190,10 +202,7 @@ class Nest(Method):
             return Candidates(np.zeros((0, 0), dtype=np.int64), np.zeros(0, dtype=np.int64))
         positions, documents = found.positions[0].numpy(), found.documents[0].numpy()
         keep = self.tokens[positions] == last
-        cells = positions[keep, None] + 1 + np.arange(min(self.cfg.span, room))  # [n, length] corpus positions
-        rows = np.where(cells < len(self.tokens), self.tokens[np.minimum(cells, len(self.tokens) - 1)], -1)
-        ended = np.isin(rows, self.eos)
-        rows[np.cumsum(ended, axis=1) - ended > 0] = -1  # past a document's end (an EOS before the cell)
+        rows = self.after[positions[keep], : min(self.cfg.span, room)]
         nonempty = rows[:, 0] >= 0 if rows.shape[1] else np.zeros(len(rows), dtype=bool)
         return Candidates(rows[nonempty], documents[keep][nonempty])
 

@@ -26,7 +26,7 @@ from harness.engine import Engine
 from harness.neighbours import KeyIndex, KeysMissing, TokenKeys, build_keys, document_ids, windows
 from harness.registry import METHODS
 from harness.stops import StopRule
-from methods.nest import Nest, NestConfig
+from methods.nest import Nest, NestConfig, spans_after
 
 PROMPTS = [[0, 17, 42, 99, 5], [0, 5, 6, 7, 8, 5, 6, 7, 8, 5, 6]]  # outputs without the EOS id (one document)
 N = 40
@@ -54,6 +54,11 @@ def test_documents_and_windows():
     docs = document_ids(np.array([5, 6, 1, 7, 1, 8, 9, 9]), {1})
     assert docs.tolist() == [0, 0, 0, 1, 1, 2, 2, 2]  # a separator belongs to the document it ends
     assert windows(docs, 2) == [(0, 2), (2, 3), (3, 5), (5, 7), (7, 8)]
+
+
+def test_spans_after_each_position_stop_at_the_document_end():
+    rows = spans_after(np.array([5, 6, 1, 7, 8]), 5, 3, np.array([1]))
+    assert rows.tolist() == [[6, 1, -1], [1, -1, -1], [7, 8, -1], [8, -1, -1], [-1, -1, -1]]
 
 
 def test_keys_are_the_hidden_states_before_each_token(engine):
