@@ -78,25 +78,22 @@ def frequency_tree(root: int, continuations: np.ndarray | Sequence[Sequence[int]
     rows = rows[order]
     opens = np.ones((n, width), dtype=bool)
     opens[1:] = np.logical_or.accumulate(rows[1:] != rows[:-1], axis=1)
-    # 2. node ids 1.. numbered depth by depth (0 = the root); every cell gets its node's id
-    node = np.cumsum(opens.T).reshape(width, n).T
-    real = rows >= 0  # cells before a continuation's end
-    size = int(node[-1, -1]) + 1
-    # 3. per node: continuations through it, depth, token, parent, first continuation holding it
-    count = np.bincount(node[real], minlength=size)
-    depth = np.zeros(size, dtype=np.int64)
-    depth[node] = np.arange(width)
-    token = np.zeros(size, dtype=np.int64)
-    token[node] = rows
-    parent = np.zeros(size, dtype=np.int64)
-    parent[node[:, 1:]] = node[:, :-1]
-    first = np.full(size, n, dtype=np.int64)
-    np.minimum.at(first, node[real], np.broadcast_to(order[:, None], node.shape)[real])
+    # 2. the cells depth by depth (column-major): node i (0-based, the root apart) opens at
+    #    cell starts[i] and holds the cells up to the next opening
+    cells = opens.T.ravel()
+    starts = np.flatnonzero(cells)
+    node = np.cumsum(cells) - 1  # each cell's node
+    # 3. per node: depth, token, parent, continuations through it, first continuation holding it
+    depth = starts // n
+    token = rows.T.ravel()[starts]
+    parent = np.where(depth > 0, node[starts - n], -1)  # the node of the same row one depth up
+    count = np.add.reduceat((rows >= 0).T.ravel(), starts)  # 0: past every continuation's end
+    first = np.minimum.reduceat(np.tile(order, width), starts)
     # 4. rank the nodes by (-count, depth, first seen) and keep max_nodes; a parent ranks before
     #    its children (it counts at least as many continuations and is shallower)
     nodes = np.flatnonzero(count)
     kept = nodes[np.lexsort((first[nodes], depth[nodes], -count[nodes]))][:max_nodes]
-    position = np.zeros(size, dtype=np.int64)  # node -> draft tree node (the root's 0)
+    position = np.zeros(len(starts) + 1, dtype=np.int64)  # node -> draft tree node; [-1]: the root's 0
     position[kept] = np.arange(1, len(kept) + 1)
     return DraftTree([root, *token[kept].tolist()], (-1, *position[parent[kept]].tolist()))
 
