@@ -19,7 +19,8 @@ suffixes still sorted (all of them only in the first rounds).
 
 Lookup: the suffixes starting with a pattern form one range of the suffix array (two binary
 searches); the longest context suffix that occurs is found by a binary search over its
-length (a pattern that occurs has every suffix of it occurring too).
+length (a pattern that occurs has every suffix of it occurring too), each length tried costing
+one binary search (the range's start), the range's end searched once for the length found.
 """
 
 from __future__ import annotations
