@@ -20,7 +20,10 @@ suffixes still sorted (all of them only in the first rounds).
 Lookup: the suffixes starting with a pattern form one range of the suffix array (two binary
 searches); the longest context suffix that occurs is found by a binary search over its
 length (a pattern that occurs has every suffix of it occurring too), each length tried costing
-one binary search (the range's start), the range's end searched once for the length found.
+one binary search (the range's start), the longest allowed length tried first (a caller that
+bounds it by the last match plus the tokens added since often meets the bound), the range's
+end searched once for the length found. Every search starts inside the range of the pattern's
+first token (the suffixes starting with token t: one per occurrence of t, counted at load).
 """
 
 from __future__ import annotations
@@ -123,6 +126,9 @@ class Datastore:
         # what the binary search reads, as Python sequences (no numpy scalar per probe)
         self._bytes = memoryview(np.ascontiguousarray(self.tokens)).cast("B")
         self._starts = memoryview(np.ascontiguousarray(self.sa, dtype=np.int32)).cast("B").cast("i")
+        # the suffixes that start with token t are ranks [_first[t], _first[t + 1]): one per occurrence of t
+        counts = np.bincount(self.tokens.astype(np.int32)) if len(self.tokens) else np.zeros(0, dtype=np.int64)
+        self._first = [0, *np.cumsum(counts).tolist()]
 
     @classmethod
     def from_tokens(cls, tokens: Sequence[int] | np.ndarray, manifest: Optional[dict] = None) -> "Datastore":
@@ -179,9 +185,15 @@ class Datastore:
         start = 4 * self._starts[rank]
         return bytes(self._bytes[start : start + 4 * m])  # big-endian: bytes order = token order
 
-    def _lower_bound(self, key: bytes, m: int, lo: int) -> tuple[int, int]:
-        """(the first rank from ``lo`` whose suffix's first ``m`` tokens are >= ``key``, probes)."""
-        hi, probes = len(self.sa), 0
+    def _bucket(self, token: int) -> tuple[int, int]:
+        """The suffix array range of the suffixes that start with ``token``."""
+        if token + 1 < len(self._first):
+            return self._first[token], self._first[token + 1]
+        return len(self.sa), len(self.sa)  # a token past the corpus's largest: none, at the end
+
+    def _lower_bound(self, key: bytes, m: int, lo: int, hi: int) -> tuple[int, int]:
+        """(the first rank in [lo, hi) whose suffix's first ``m`` tokens are >= ``key``, else hi; probes)."""
+        probes = 0
         while lo < hi:
             mid = (lo + hi) // 2
             probes += 1
@@ -191,9 +203,9 @@ class Datastore:
                 hi = mid
         return lo, probes
 
-    def _upper_bound(self, key: bytes, m: int, lo: int) -> tuple[int, int]:
-        """(the first rank from ``lo`` whose suffix's first ``m`` tokens are > ``key``, probes)."""
-        hi, probes = len(self.sa), 0
+    def _upper_bound(self, key: bytes, m: int, lo: int, hi: int) -> tuple[int, int]:
+        """(the first rank in [lo, hi) whose suffix's first ``m`` tokens are > ``key``, else hi; probes)."""
+        probes = 0
         while lo < hi:
             mid = (lo + hi) // 2
             probes += 1
@@ -206,8 +218,9 @@ class Datastore:
     def find(self, pattern: Sequence[int]) -> tuple[int, int, int]:
         """(lo, hi, probes): the suffix array range of the suffixes that start with ``pattern``."""
         key, m = np.asarray(pattern, dtype=TOKEN_DTYPE).tobytes(), len(pattern)
-        first, p1 = self._lower_bound(key, m, 0)
-        last, p2 = self._upper_bound(key, m, first)
+        lo, hi = self._bucket(int(pattern[0])) if m else (0, len(self.sa))
+        first, p1 = self._lower_bound(key, m, lo, hi)
+        last, p2 = self._upper_bound(key, m, first, hi)
         return first, last, p1 + p2
 
     def longest_match(self, context: Sequence[int], min_len: int, max_len: int) -> Optional[Match]:
@@ -217,22 +230,24 @@ class Datastore:
         for the length found."""
         tail = np.asarray(context[len(context) - min(max_len, len(context)) :], dtype=TOKEN_DTYPE).tobytes()
         lo_len, hi_len = min_len, len(tail) // 4
-        found, probes = None, 0  # (length, key, first rank) of the longest occurring suffix so far
+        found, probes = None, 0  # (length, key, first rank, its first token's range end) of the longest so far
+        m = hi_len  # the longest first: a caller's bound is often met (a match that goes on)
         while lo_len <= hi_len:  # occurs(m) is monotone: a suffix of an occurring pattern occurs
-            m = (lo_len + hi_len) // 2
             key = tail[len(tail) - 4 * m :]
-            first, p = self._lower_bound(key, m, 0)
+            lo, hi = self._bucket(int(context[len(context) - m]))
+            first, p = self._lower_bound(key, m, lo, hi)
             probes += p
             # it occurs with a token after it: at `first` short of the corpus's end, or again at first + 1
             at = [r for r in (first, first + 1) if r < len(self.sa) and self._prefix(r, m) == key]
             if at and (len(at) == 2 or int(self.sa[first]) + m < len(self.tokens)):
-                found, lo_len = (m, key, first), m + 1
+                found, lo_len = (m, key, first, hi), m + 1
             else:
                 hi_len = m - 1
+            m = (lo_len + hi_len) // 2
         if found is None:
             return None
-        m, key, first = found
-        last, p = self._upper_bound(key, m, first)
+        m, key, first, hi = found
+        last, p = self._upper_bound(key, m, first, hi)
         return Match(m, first, last, probes + p)
 
     def continuations(self, match: Match, count: int, length: int) -> np.ndarray:

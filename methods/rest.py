@@ -4,7 +4,9 @@ The datastore is a token corpus with its suffix array (harness/datastore.py, bui
 ``harness datastore build``). One step:
 
   1. lookup: the longest suffix of the context (prompt + output; ``max_suffix`` tokens down
-     to ``min_suffix``) that occurs in the datastore, by binary search;
+     to ``min_suffix``) that occurs in the datastore, by binary search; never longer than the
+     last step's match plus the tokens committed since (a suffix that occurs, less those
+     tokens, occurred before them), which is tried first;
   2. candidates: the ``copy_tokens`` tokens that follow up to ``max_candidates`` of its
      occurrences (all of them, or an even spread over its suffix array range);
   3. tree: the continuations merged into a trie whose nodes count the continuations through
@@ -140,22 +142,27 @@ class Rest(Method):
         stats = RestStats()
         # 1. prefill: the prompt's last row gives the first token (the first tree's root)
         verifier.prefill()
+        reach = self.cfg.max_suffix  # the longest suffix the next lookup can match
         while not verifier.done:
             # 2. retrieve continuations of the longest matching context suffix; a frequency tree of them
-            tree = self.propose(verifier.seq, verifier.room(), stats)
+            before = len(verifier.seq)
+            tree, reach = self.propose(verifier.seq, verifier.room(), reach, stats)
             # 3. one target forward over the tree, acceptance, commit, cache compaction
             verifier.verify(tree)
+            # 4. a suffix that occurs, less the tokens just committed, is one that occurred before them
+            reach += len(verifier.seq) - before
         return LoopEnd(verifier.result(extra=self.describe(stats)), verifier.cache)
 
-    def propose(self, seq: list[int], room: int, stats: RestStats) -> DraftTree:
-        """The step's draft tree below ``seq[-1]`` (the root alone when nothing matches)."""
+    def propose(self, seq: list[int], room: int, reach: int, stats: RestStats) -> tuple[DraftTree, int]:
+        """The step's draft tree below ``seq[-1]`` (the root alone when nothing matches) and the
+        longest suffix of ``seq`` that occurs (at most ``reach``; under ``min_suffix``: min_suffix - 1)."""
         cfg = self.cfg
         if room <= 0:
-            return DraftTree([seq[-1]], (-1,))
+            return DraftTree([seq[-1]], (-1,)), reach
         start = time.perf_counter()
         stats.lookups += 1
         with self.engine.phase("tree"):
-            match = self.store.longest_match(seq, cfg.min_suffix, cfg.max_suffix)
+            match = self.store.longest_match(seq, cfg.min_suffix, min(reach, cfg.max_suffix))
             tree = DraftTree([seq[-1]], (-1,))
             if match is not None:
                 stats.hits += 1
@@ -164,7 +171,7 @@ class Rest(Method):
                 rows = self.store.continuations(match, cfg.max_candidates, min(cfg.copy_tokens, room))
                 tree = frequency_tree(seq[-1], rows, cfg.max_nodes)
         stats.seconds += time.perf_counter() - start
-        return tree
+        return tree, match.length if match is not None else cfg.min_suffix - 1
 
     def describe(self, stats: RestStats) -> dict:
         return {

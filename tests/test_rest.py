@@ -89,6 +89,41 @@ def test_find_and_longest_match_match_brute_force():
                 assert sorted(store.sa[match.lo : match.hi].tolist()) == sorted(brute_range(tokens, context[-want:]))
 
 
+def test_a_longer_context_matches_at_most_the_tokens_added_more():
+    """What the lookups' ``reach`` rests on: if the longest suffix of a context that occurs
+    (followed by a token) has L tokens, after a more tokens the longest has at most L + a."""
+    rng = random.Random(4)
+    for _ in range(300):
+        tokens = random_corpus(rng)
+        store = Datastore.from_tokens(tokens)
+        context = [rng.randrange(3) for _ in range(rng.randrange(1, 10))]
+        added = [rng.randrange(3) for _ in range(rng.randrange(1, 4))]
+        before = store.longest_match(context, 1, 20)
+        after = store.longest_match(context + added, 1, 20)
+        if after is not None:
+            assert after.length <= (before.length if before else 0) + len(added)
+
+
+def test_a_bounded_lookup_finds_the_same_drafts(engine):
+    """REST bounds each lookup by the last match plus the tokens committed since: the same
+    matches, hence the same steps, with fewer suffix comparisons than unbounded lookups."""
+
+    class Unbounded(Rest):
+        def propose(self, seq, room, reach, stats):
+            return super().propose(seq, room, self.cfg.max_suffix, stats)
+
+    prompt = PROMPTS[3]
+    ref = autoregressive(engine, prompt, n=N)
+    rng = random.Random(5)
+    store = Datastore.from_tokens([t for _ in range(20) for t in ref[: rng.randrange(2, N)] + [3, 4]])
+    bounded = rest(engine, store).generate(prompt, StopRule(N, frozenset()))
+    unbounded = Unbounded(RestConfig(), engine, GREEDY, datastore=store).generate(prompt, StopRule(N, frozenset()))
+    assert bounded.tokens == unbounded.tokens == ref
+    assert bounded.accepted_per_step == unbounded.accepted_per_step and len(bounded.accepted_per_step) < N
+    assert bounded.extra["mean_match_length"] == unbounded.extra["mean_match_length"]
+    assert bounded.extra["lookup_probes"] < unbounded.extra["lookup_probes"]
+
+
 def test_continuations_spread_over_the_matches():
     tokens = [5, 1, 2, 5, 1, 3, 5, 1, 2, 5, 1, 2, 5, 1]
     store = Datastore.from_tokens(tokens)
