@@ -19,7 +19,11 @@ suffixes still sorted (all of them only in the first rounds).
 
 Lookup: the suffixes starting with a pattern form one range of the suffix array (two binary
 searches); the longest context suffix that occurs is found by a binary search over its
-length (a pattern that occurs has every suffix of it occurring too).
+length (a pattern that occurs has every suffix of it occurring too), each length tried costing
+one binary search (the range's start), the longest allowed length tried first (a caller that
+bounds it by the last match plus the tokens added since often meets the bound), the range's
+end searched once for the length found. Every search starts inside the range of the pattern's
+first token (the suffixes starting with token t: one per occurrence of t, counted at load).
 """
 
 from __future__ import annotations
@@ -122,6 +126,9 @@ class Datastore:
         # what the binary search reads, as Python sequences (no numpy scalar per probe)
         self._bytes = memoryview(np.ascontiguousarray(self.tokens)).cast("B")
         self._starts = memoryview(np.ascontiguousarray(self.sa, dtype=np.int32)).cast("B").cast("i")
+        # the suffixes that start with token t are ranks [_first[t], _first[t + 1]): one per occurrence of t
+        counts = np.bincount(self.tokens.astype(np.int32)) if len(self.tokens) else np.zeros(0, dtype=np.int64)
+        self._first = [0, *np.cumsum(counts).tolist()]
 
     @classmethod
     def from_tokens(cls, tokens: Sequence[int] | np.ndarray, manifest: Optional[dict] = None) -> "Datastore":
@@ -178,60 +185,83 @@ class Datastore:
         start = 4 * self._starts[rank]
         return bytes(self._bytes[start : start + 4 * m])  # big-endian: bytes order = token order
 
-    def find(self, pattern: Sequence[int]) -> tuple[int, int, int]:
-        """(lo, hi, probes): the suffix array range of the suffixes that start with ``pattern``."""
-        key, m = np.asarray(pattern, dtype=TOKEN_DTYPE).tobytes(), len(pattern)
+    def _bucket(self, token: int) -> tuple[int, int]:
+        """The suffix array range of the suffixes that start with ``token``."""
+        if token + 1 < len(self._first):
+            return self._first[token], self._first[token + 1]
+        return len(self.sa), len(self.sa)  # a token past the corpus's largest: none, at the end
+
+    def _lower_bound(self, key: bytes, m: int, lo: int, hi: int) -> tuple[int, int]:
+        """(the first rank in [lo, hi) whose suffix's first ``m`` tokens are >= ``key``, else hi; probes)."""
         probes = 0
-        lo, hi = 0, len(self.sa)
-        while lo < hi:  # first suffix >= pattern
+        while lo < hi:
             mid = (lo + hi) // 2
             probes += 1
             if self._prefix(mid, m) < key:
                 lo = mid + 1
             else:
                 hi = mid
-        first, hi = lo, len(self.sa)
-        while lo < hi:  # first suffix whose first m tokens > pattern
+        return lo, probes
+
+    def _upper_bound(self, key: bytes, m: int, lo: int, hi: int) -> tuple[int, int]:
+        """(the first rank in [lo, hi) whose suffix's first ``m`` tokens are > ``key``, else hi; probes)."""
+        probes = 0
+        while lo < hi:
             mid = (lo + hi) // 2
             probes += 1
             if self._prefix(mid, m) <= key:
                 lo = mid + 1
             else:
                 hi = mid
-        return first, lo, probes
+        return lo, probes
+
+    def find(self, pattern: Sequence[int]) -> tuple[int, int, int]:
+        """(lo, hi, probes): the suffix array range of the suffixes that start with ``pattern``."""
+        key, m = np.asarray(pattern, dtype=TOKEN_DTYPE).tobytes(), len(pattern)
+        lo, hi = self._bucket(int(pattern[0])) if m else (0, len(self.sa))
+        first, p1 = self._lower_bound(key, m, lo, hi)
+        last, p2 = self._upper_bound(key, m, first, hi)
+        return first, last, p1 + p2
 
     def longest_match(self, context: Sequence[int], min_len: int, max_len: int) -> Optional[Match]:
         """The longest suffix of ``context`` (``min_len`` to ``max_len`` tokens) that occurs
-        followed by at least one token; None when not even ``min_len`` tokens do."""
-        lo_len, hi_len = min_len, min(max_len, len(context))
-        best: Optional[Match] = None
-        probes = 0
+        followed by at least one token; None when not even ``min_len`` tokens do. Each length
+        tried costs one binary search (the range's start); the range's end is searched once,
+        for the length found."""
+        tail = np.asarray(context[len(context) - min(max_len, len(context)) :], dtype=TOKEN_DTYPE).tobytes()
+        lo_len, hi_len = min_len, len(tail) // 4
+        found, probes = None, 0  # (length, key, first rank, its first token's range end) of the longest so far
+        m = hi_len  # the longest first: a caller's bound is often met (a match that goes on)
         while lo_len <= hi_len:  # occurs(m) is monotone: a suffix of an occurring pattern occurs
-            m = (lo_len + hi_len) // 2
-            lo, hi, p = self.find(context[len(context) - m :])
+            key = tail[len(tail) - 4 * m :]
+            lo, hi = self._bucket(int(context[len(context) - m]))
+            first, p = self._lower_bound(key, m, lo, hi)
             probes += p
-            if hi - lo > 1 or (hi > lo and int(self.sa[lo]) + m < len(self.tokens)):
-                best, lo_len = Match(m, lo, hi, 0), m + 1
+            # it occurs with a token after it: at `first` short of the corpus's end, or again at first + 1
+            at = [r for r in (first, first + 1) if r < len(self.sa) and self._prefix(r, m) == key]
+            if at and (len(at) == 2 or int(self.sa[first]) + m < len(self.tokens)):
+                found, lo_len = (m, key, first, hi), m + 1
             else:
                 hi_len = m - 1
-        if best is not None:
-            best.probes = probes
-        return best
+            m = (lo_len + hi_len) // 2
+        if found is None:
+            return None
+        m, key, first, hi = found
+        last, p = self._upper_bound(key, m, first, hi)
+        return Match(m, first, last, probes + p)
 
-    def continuations(self, match: Match, count: int, length: int) -> list[list[int]]:
-        """Up to ``count`` continuations (``length`` tokens at most) of the matched suffix: all
-        when it occurs at most ``count`` times, else ``count`` occurrences evenly spread over its
-        suffix array range (equal continuations are adjacent there, so the spread keeps their
-        frequencies). Empty ones (the corpus's end) are dropped."""
+    def continuations(self, match: Match, count: int, length: int) -> np.ndarray:
+        """Up to ``count`` continuations (``length`` tokens at most) of the matched suffix, one
+        int64 row each, -1 past the corpus's end: all when it occurs at most ``count`` times,
+        else ``count`` occurrences evenly spread over its suffix array range (equal
+        continuations are adjacent there, so the spread keeps their frequencies). Empty ones
+        (the corpus's end) are dropped."""
         n = match.count
-        ranks = range(match.lo, match.hi) if n <= count else [match.lo + (i * n) // count for i in range(count)]
-        out = []
-        for r in ranks:
-            start = int(self.sa[r]) + match.length
-            seq = self.tokens[start : start + length].tolist()
-            if seq:
-                out.append(seq)
-        return out
+        ranks = np.arange(match.lo, match.hi) if n <= count else match.lo + (np.arange(count) * n) // count
+        cells = self.sa[ranks].astype(np.int64)[:, None] + match.length + np.arange(length)  # [rows, length]
+        inside = cells < len(self.tokens)
+        rows = np.where(inside, self.tokens[np.where(inside, cells, 0)], -1).astype(np.int64)
+        return rows[inside[:, 0]]
 
 
 def build(tokens: np.ndarray, sources: list[dict], tokenizer: dict, out: Path, log=print) -> Datastore:

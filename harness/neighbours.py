@@ -16,6 +16,10 @@ so a key has read at most ``window`` tokens of its own document and nothing of a
 
 ``KeyIndex.search(queries, k)`` is exact (brute-force) L2 search over all keys: the datastores
 here are small (some 10^5 keys), where one matrix product per query costs less than an index.
+``TokenKeys`` holds the same keys grouped by the token each one predicts (one contiguous block
+per token, sorted once): ``TokenKeys.search(query, k, token)`` is the exact search among the keys
+of one token, a matrix product over that block only (on the zoo's nest datastore 548 keys on
+average, weighted by how often a token occurs, against 49,803 in all).
 """
 
 from __future__ import annotations
@@ -86,11 +90,50 @@ class KeyIndex:
 
     def search(self, queries: torch.Tensor, k: int) -> Neighbours:
         """The ``k`` nearest keys (L2) of each row of ``queries`` [Q, hidden]."""
-        q = queries.detach().float().cpu().view(-1, self.hidden_size)
-        d2 = (q * q).sum(dim=1, keepdim=True) - 2 * q @ self.keys.T + self.norms  # [Q, K]
-        k = min(k, len(self))
-        best = torch.topk(d2, k, dim=1, largest=False)
-        return Neighbours(best.values.clamp_min(0).sqrt(), self.positions[best.indices], self.documents[best.indices])
+        arrays = (self.keys.numpy(), self.norms.numpy(), self.positions.numpy(), self.documents.numpy())
+        return nearest(queries, *arrays, k)
+
+
+class TokenKeys:
+    """The keys of a ``KeyIndex`` grouped by the token each one predicts, for exact search among
+    the keys of one token."""
+
+    def __init__(self, index: KeyIndex, corpus: np.ndarray):
+        label = np.asarray(corpus, dtype=np.int64)[index.positions.numpy()]  # the token each key predicts
+        order = np.argsort(label, kind="stable")  # one block per token, corpus order inside it
+        self.keys = np.ascontiguousarray(index.keys.numpy()[order])
+        self.norms = index.norms.numpy()[order]
+        self.positions = index.positions.numpy()[order]
+        self.documents = index.documents.numpy()[order]
+        self.blocks = {}  # token -> [start, end) of its block
+        start = 0
+        for token, count in enumerate(np.bincount(label).tolist() if len(label) else []):
+            if count:
+                self.blocks[token] = (start, start + count)
+            start += count
+
+    def search(self, query: torch.Tensor, k: int, token: int) -> Neighbours:
+        """The ``k`` nearest keys (L2) to ``query`` [1, hidden] among those that predict ``token``."""
+        start, end = self.blocks.get(token, (0, 0))
+        part = slice(start, end)
+        return nearest(query, self.keys[part], self.norms[part], self.positions[part], self.documents[part], k)
+
+
+def nearest(queries: torch.Tensor, keys: np.ndarray, norms: np.ndarray, positions: np.ndarray,
+            documents: np.ndarray, k: int) -> Neighbours:  # fmt: skip
+    """Exact L2 search: the ``k`` nearest of ``keys`` [K, hidden] (``norms``: their |k|^2) to each
+    row of ``queries``, nearest first, with their positions and documents (numpy: a step's search
+    is a few small operations, where each torch call costs more than its arithmetic)."""
+    q = queries.detach().float().cpu().numpy().reshape(-1, keys.shape[1])
+    d2 = norms - 2 * (q @ keys.T) + (q * q).sum(axis=1, keepdims=True)  # [Q, K]
+    k = min(k, len(keys))
+    if k == 0:
+        best = np.zeros((len(q), 0), dtype=np.int64)
+    else:  # the k smallest of each row, then in order
+        best = np.argpartition(d2, k - 1, axis=1)[:, :k] if k < len(keys) else np.tile(np.arange(k), (len(q), 1))
+        best = np.take_along_axis(best, np.argsort(np.take_along_axis(d2, best, axis=1), axis=1, kind="stable"), axis=1)
+    dist = np.sqrt(np.maximum(np.take_along_axis(d2, best, axis=1), 0))
+    return Neighbours(torch.from_numpy(dist), torch.from_numpy(positions[best]), torch.from_numpy(documents[best]))
 
 
 def document_ids(tokens: np.ndarray, separators: set[int]) -> np.ndarray:

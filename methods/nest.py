@@ -6,7 +6,9 @@ The datastore is a REST datastore (harness/datastore.py) with kNN keys beside it
 (harness/neighbours.py: the target's hidden state before each corpus token), built by
 ``harness datastore build name=nest keys=<the model>``. One step:
 
-  1. search: the k keys nearest to the hidden state that chose the last committed token;
+  1. search: the k keys nearest to the hidden state that chose the last committed token (strict:
+     among the keys whose own next token is that same token, one block of the keys grouped by
+     token, harness/neighbours.py ``TokenKeys``; relaxed: among all keys);
   2. draft: the neighbours whose own next token is that same token lend the ``span`` tokens
      that followed it in their document (cut at the document's end);
   3. verify (two modes):
@@ -25,7 +27,8 @@ The datastore is a REST datastore (harness/datastore.py) with kNN keys beside it
      the output so credited; ``documents``: how many documents were cited).
 
 Where this differs from the paper: the paper retrieves passages first (a dense retriever) and
-runs the kNN inside them; here the kNN searches the whole (small) datastore exactly. The
+runs the kNN inside them; here the kNN is exact over the whole (small) datastore, and strict
+mode searches only the keys whose next token is the committed one (the ones it can use). The
 paper's confidence is its "relative retrieval confidence" of the neighbour distances; here it
 is exp(-d_1 / lambda_scale) of the nearest (normalised) distance. Distances are L2 divided by
 sqrt(hidden size). The paper samples or decodes greedily from the mixture; the relaxed mode
@@ -38,12 +41,13 @@ import math
 from dataclasses import dataclass, field
 from typing import Optional
 
+import numpy as np
 import torch
 
 from harness.config import MethodConfig, SamplingConfig
 from harness.datastore import Datastore, default_datastore_dir
 from harness.engine import Engine
-from harness.neighbours import KeyIndex, Neighbours
+from harness.neighbours import KeyIndex, Neighbours, TokenKeys
 from harness.paths import resolve_repo_path
 from harness.stops import StopRule
 from methods.base import KNN_DATASTORE, Generation, LoopEnd, Method
@@ -71,11 +75,18 @@ class NestConfig(MethodConfig):
 
 
 @dataclass
-class Candidate:
-    """One neighbour's continuation."""
+class Candidates:
+    """The continuations of the neighbours that predicted the last token, nearest first."""
 
-    tokens: list[int]  # the tokens that followed its token in its document
-    document: int  # the document they come from
+    rows: np.ndarray  # [n, length] int64: the tokens that followed in the neighbour's document, -1 past its end
+    documents: np.ndarray  # [n] the document each row comes from
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def first(self) -> list[int]:
+        """The nearest neighbour's continuation (empty when there is none)."""
+        return [t for t in self.rows[0].tolist() if t >= 0] if len(self) else []
 
 
 @dataclass
@@ -87,6 +98,16 @@ class NestStats:
     attributed: int = 0  # output tokens credited to a document (accepted draft tokens)
     documents: set[int] = field(default_factory=set)  # documents credited
     mixture_lambda: list[float] = field(default_factory=list)  # relaxed: lambda at each committed step's last row
+
+
+def spans_after(tokens: np.ndarray, count: int, span: int, eos: np.ndarray) -> np.ndarray:
+    """[count, span] int64: row p holds the ``span`` tokens after corpus position p, -1 past the
+    corpus's end or past its document's end (the document's EOS is its last token)."""
+    cells = np.arange(count)[:, None] + 1 + np.arange(span)
+    rows = np.where(cells < len(tokens), tokens[np.minimum(cells, len(tokens) - 1)], -1)
+    ended = np.isin(rows, eos)
+    rows[np.cumsum(ended, axis=1) - ended > 0] = -1  # an EOS before the cell
+    return rows
 
 
 class Nest(Method):
@@ -121,6 +142,10 @@ class Nest(Method):
                              f"{hidden}: build them with this model (harness datastore build keys=<model>)")  # fmt: skip
         self.store, self.keys = datastore, keys
         self.tokens = datastore.tokens.astype("int64")  # corpus tokens (host order)
+        # the ``span`` tokens after every keyed corpus position, -1 past its document's end (built once)
+        self.after = spans_after(self.tokens, int(keys.positions.max()) + 1 if len(keys) else 0, cfg.span,
+                                 np.array(sorted(engine.eos_ids), dtype=np.int64))  # fmt: skip
+        self.by_token = TokenKeys(keys, self.tokens) if cfg.mode == "strict" else None  # strict's search
         self.scale = math.sqrt(hidden)  # distances are L2 / sqrt(hidden)
 
     def generate(self, prompt_ids: list[int], stop: StopRule, seed: int = 0) -> Generation:
@@ -136,19 +161,22 @@ class Nest(Method):
         # 1. prefill: the prompt's last row gives the first token and the first query
         query = verifier.prefill().hidden[-1:]
         while not verifier.done:
-            # 2. search the keys near the state that chose the last token; their continuations
-            found = self.search(query) if verifier.room() > 0 else None
-            candidates = self.candidates(verifier.seq[-1], found, verifier.room()) if found is not None else []
-            stats.searches += found is not None
-            stats.drafts += bool(candidates)
-            # 3. verify: a trie against the target (strict), or the nearest span by the mixture (relaxed)
+            # 2. search the keys near the state that chose the last token; their continuations as a tree
+            with self.engine.phase("tree"):
+                found = self.search(query, verifier.seq[-1]) if verifier.room() > 0 else None
+                candidates = self.candidates(verifier.seq[-1], found, max(verifier.room(), 0))
+                stats.searches += found is not None
+                stats.drafts += len(candidates) > 0
+                if relaxed:  # the nearest span, when the retrieval is confident
+                    confident = found is not None and self.confidence(found)[0] >= self.cfg.span_threshold
+                    chain = candidates.first() if confident else []
+                    tree = DraftTree([verifier.seq[-1], *chain], tuple(range(-1, len(chain))))
+                else:  # a frequency trie of the continuations
+                    tree = frequency_tree(verifier.seq[-1], candidates.rows, self.cfg.max_nodes)
+            # 3. verify: against the target (strict), or by the mixture and relaxed acceptance (relaxed)
             if relaxed:
-                confident = found is not None and self.confidence(found)[0] >= self.cfg.span_threshold
-                chain = candidates[0].tokens if candidates and confident else []
-                tree = DraftTree([verifier.seq[-1], *chain], tuple(range(-1, len(chain))))
                 step = verifier.verify(tree, lambda t, s, logits, _gen: self.relaxed_accept(t, s, logits, verifier, stats))
             else:
-                tree = frequency_tree(verifier.seq[-1], [c.tokens for c in candidates], self.cfg.max_nodes)
                 step = verifier.verify(tree)
             # 4. credit the accepted draft tokens to a document; the last kept row is the next query
             self.attribute([int(tree.tokens[n]) for n in step.nodes[1:]], candidates, stats)
@@ -157,36 +185,35 @@ class Nest(Method):
         return LoopEnd(verifier.result(lossy=relaxed, extra=extra), verifier.cache)
 
     # ---- retrieval -------------------------------------------------------------------------
-    def search(self, hidden: torch.Tensor) -> Neighbours:
-        found = self.keys.search(hidden, self.cfg.neighbours)
+    def search(self, hidden: torch.Tensor, last: Optional[int] = None) -> Neighbours:
+        """The neighbours of ``hidden``'s rows: among the keys that predict ``last`` (strict's
+        drafts) or, for the mixture, among all keys (``last`` None or relaxed mode)."""
+        if last is not None and self.by_token is not None:
+            found = self.by_token.search(hidden, self.cfg.neighbours, last)
+        else:
+            found = self.keys.search(hidden, self.cfg.neighbours)
         found.distances = found.distances / self.scale
         return found
 
-    def candidates(self, last: int, found: Neighbours, room: int) -> list[Candidate]:
+    def candidates(self, last: int, found: Optional[Neighbours], room: int) -> Candidates:
         """Continuations of the neighbours (nearest first) whose next token is ``last``: up to
-        ``span`` (and ``room``) tokens after it, within its document."""
-        out = []
-        length = min(self.cfg.span, room)
-        for pos, doc in zip(found.positions[0].tolist(), found.documents[0].tolist()):
-            if int(self.tokens[pos]) != last:
-                continue
-            seq = []
-            for t in self.tokens[pos + 1 : pos + 1 + length].tolist():
-                seq.append(t)
-                if t in self.engine.eos_ids:  # the document ends here
-                    break
-            if seq:
-                out.append(Candidate(seq, doc))
-        return out
+        ``span`` (and ``room``) tokens after it, within its document (its EOS the last)."""
+        if found is None:
+            return Candidates(np.zeros((0, 0), dtype=np.int64), np.zeros(0, dtype=np.int64))
+        positions, documents = found.positions[0].numpy(), found.documents[0].numpy()
+        keep = self.tokens[positions] == last
+        rows = self.after[positions[keep], : min(self.cfg.span, room)]
+        nonempty = rows[:, 0] >= 0 if rows.shape[1] else np.zeros(len(rows), dtype=bool)
+        return Candidates(rows[nonempty], documents[keep][nonempty])
 
-    def attribute(self, accepted: list[int], candidates: list[Candidate], stats: NestStats) -> None:
+    def attribute(self, accepted: list[int], candidates: Candidates, stats: NestStats) -> None:
         """Credit ``accepted`` draft tokens to the nearest candidate that holds them."""
         if not accepted:
             return
-        source = next((c for c in candidates if c.tokens[: len(accepted)] == accepted), None)
-        if source is not None:
+        holds = np.flatnonzero((candidates.rows[:, : len(accepted)] == accepted).all(axis=1))
+        if len(holds):
             stats.attributed += len(accepted)
-            stats.documents.add(source.document)
+            stats.documents.add(int(candidates.documents[holds[0]]))
 
     # ---- the mixture (relaxed mode) -----------------------------------------------------------
     def confidence(self, found: Neighbours) -> torch.Tensor:

@@ -4,7 +4,9 @@ The datastore is a token corpus with its suffix array (harness/datastore.py, bui
 ``harness datastore build``). One step:
 
   1. lookup: the longest suffix of the context (prompt + output; ``max_suffix`` tokens down
-     to ``min_suffix``) that occurs in the datastore, by binary search;
+     to ``min_suffix``) that occurs in the datastore, by binary search; never longer than the
+     last step's match plus the tokens committed since (a suffix that occurs, less those
+     tokens, occurred before them), which is tried first;
   2. candidates: the ``copy_tokens`` tokens that follow up to ``max_candidates`` of its
      occurrences (all of them, or an even spread over its suffix array range);
   3. tree: the continuations merged into a trie whose nodes count the continuations through
@@ -30,6 +32,7 @@ import time
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
+import numpy as np
 from harness.config import MethodConfig, SamplingConfig
 from harness.datastore import Datastore, DatastoreError, default_datastore_dir, tokenizer_fingerprint
 from harness.engine import Engine
@@ -37,8 +40,6 @@ from harness.paths import resolve_repo_path
 from harness.stops import StopRule
 from methods.base import DATASTORE, Generation, LoopEnd, Method
 from methods.tree import DraftTree, TreeVerifier
-
-EDGE = 1 << 32  # trie edge key = parent * EDGE + token (token ids < 2^32)
 
 
 @dataclass
@@ -54,33 +55,49 @@ class RestConfig(MethodConfig):
     max_nodes: int = 16
 
 
-def frequency_tree(root: int, continuations: Sequence[Sequence[int]], max_nodes: int) -> DraftTree:
-    """The trie of ``continuations`` below ``root``, pruned to its ``max_nodes`` most frequent
-    nodes (ties: shallower, then first seen); children in that order."""
-    # trie node i (0 = root): its token, parent, depth and how many continuations pass through it;
-    # integer ids and integer edge keys, so nothing per node is left for the garbage collector
-    token, parent, depth, count = [root], [-1], [0], [0]
-    edges: dict[int, int] = {}  # parent * EDGE + token -> node
-    for seq in continuations:
-        node = 0
-        for t in seq:
-            child = edges.get(node * EDGE + t)
-            if child is None:
-                child = edges[node * EDGE + t] = len(token)
-                token.append(t)
-                parent.append(node)
-                depth.append(depth[node] + 1)
-                count.append(0)
-            count[child] += 1
-            node = child
-    ranked = sorted(range(1, len(token)), key=lambda i: (-count[i], depth[i]))  # stable: first seen among ties
-    position = {0: 0}  # trie node -> draft tree node
-    tokens, parents = [root], [-1]
-    for i in ranked[:max_nodes]:  # a parent always ranks before its children
-        position[i] = len(tokens)
-        tokens.append(token[i])
-        parents.append(position[parent[i]])
-    return DraftTree(tokens, tuple(parents))
+def padded(continuations: np.ndarray | Sequence[Sequence[int]]) -> np.ndarray:
+    """Continuations as one int64 matrix [n, longest], -1 after each one's end."""
+    if isinstance(continuations, np.ndarray):
+        return continuations.astype(np.int64, copy=False)
+    rows = np.full((len(continuations), max((len(c) for c in continuations), default=0)), -1, dtype=np.int64)
+    for i, seq in enumerate(continuations):
+        rows[i, : len(seq)] = seq
+    return rows
+
+
+def frequency_tree(root: int, continuations: np.ndarray | Sequence[Sequence[int]], max_nodes: int) -> DraftTree:
+    """The trie of ``continuations`` (lists, or a matrix with -1 after each one's end) below
+    ``root``, pruned to its ``max_nodes`` most frequent nodes (ties: shallower, then first
+    seen); children in that order. Array operations over all continuations at once: a trie node
+    is a distinct prefix, and sorted continuations hold each prefix in one run of rows."""
+    rows = padded(continuations)
+    n, width = rows.shape
+    if n == 0 or width == 0:
+        return DraftTree([root], (-1,))
+    # 1. sort the rows (stable); a (row, depth) cell opens a new node where the row's first
+    #    depth + 1 tokens differ from the previous row's
+    order = np.lexsort(rows.T[::-1])
+    rows = rows[order]
+    opens = np.ones((n, width), dtype=bool)
+    opens[1:] = np.logical_or.accumulate(rows[1:] != rows[:-1], axis=1)
+    # 2. the cells depth by depth (column-major): node i (0-based, the root apart) opens at
+    #    cell starts[i] and holds the cells up to the next opening
+    cells = opens.T.ravel()
+    starts = np.flatnonzero(cells)
+    node = np.cumsum(cells) - 1  # each cell's node
+    # 3. per node: depth, token, parent, continuations through it, first continuation holding it
+    depth = starts // n
+    token = rows.T.ravel()[starts]
+    parent = np.where(depth > 0, node[starts - n], -1)  # the node of the same row one depth up
+    count = np.add.reduceat((rows >= 0).T.ravel(), starts)  # 0: past every continuation's end
+    first = np.minimum.reduceat(np.tile(order, width), starts)
+    # 4. rank the nodes by (-count, depth, first seen) and keep max_nodes; a parent ranks before
+    #    its children (it counts at least as many continuations and is shallower)
+    nodes = np.flatnonzero(count)
+    kept = nodes[np.lexsort((first[nodes], depth[nodes], -count[nodes]))][:max_nodes]
+    position = np.zeros(len(starts) + 1, dtype=np.int64)  # node -> draft tree node; [-1]: the root's 0
+    position[kept] = np.arange(1, len(kept) + 1)
+    return DraftTree([root, *token[kept].tolist()], (-1, *position[parent[kept]].tolist()))
 
 
 @dataclass
@@ -125,30 +142,36 @@ class Rest(Method):
         stats = RestStats()
         # 1. prefill: the prompt's last row gives the first token (the first tree's root)
         verifier.prefill()
+        reach = self.cfg.max_suffix  # the longest suffix the next lookup can match
         while not verifier.done:
             # 2. retrieve continuations of the longest matching context suffix; a frequency tree of them
-            tree = self.propose(verifier.seq, verifier.room(), stats)
+            before = len(verifier.seq)
+            tree, reach = self.propose(verifier.seq, verifier.room(), reach, stats)
             # 3. one target forward over the tree, acceptance, commit, cache compaction
             verifier.verify(tree)
+            # 4. a suffix that occurs, less the tokens just committed, is one that occurred before them
+            reach += len(verifier.seq) - before
         return LoopEnd(verifier.result(extra=self.describe(stats)), verifier.cache)
 
-    def propose(self, seq: list[int], room: int, stats: RestStats) -> DraftTree:
-        """The step's draft tree below ``seq[-1]`` (the root alone when nothing matches)."""
+    def propose(self, seq: list[int], room: int, reach: int, stats: RestStats) -> tuple[DraftTree, int]:
+        """The step's draft tree below ``seq[-1]`` (the root alone when nothing matches) and the
+        longest suffix of ``seq`` that occurs (at most ``reach``; under ``min_suffix``: min_suffix - 1)."""
         cfg = self.cfg
         if room <= 0:
-            return DraftTree([seq[-1]], (-1,))
+            return DraftTree([seq[-1]], (-1,)), reach
         start = time.perf_counter()
         stats.lookups += 1
-        match = self.store.longest_match(seq, cfg.min_suffix, cfg.max_suffix)
-        tree = DraftTree([seq[-1]], (-1,))
-        if match is not None:
-            stats.hits += 1
-            stats.matched += match.length
-            stats.probes += match.probes
-            continuations = self.store.continuations(match, cfg.max_candidates, min(cfg.copy_tokens, room))
-            tree = frequency_tree(seq[-1], continuations, cfg.max_nodes)
+        with self.engine.phase("tree"):
+            match = self.store.longest_match(seq, cfg.min_suffix, min(reach, cfg.max_suffix))
+            tree = DraftTree([seq[-1]], (-1,))
+            if match is not None:
+                stats.hits += 1
+                stats.matched += match.length
+                stats.probes += match.probes
+                rows = self.store.continuations(match, cfg.max_candidates, min(cfg.copy_tokens, room))
+                tree = frequency_tree(seq[-1], rows, cfg.max_nodes)
         stats.seconds += time.perf_counter() - start
-        return tree
+        return tree, match.length if match is not None else cfg.min_suffix - 1
 
     def describe(self, stats: RestStats) -> dict:
         return {

@@ -23,10 +23,10 @@ from harness.cli import main
 from harness.config import SamplingConfig
 from harness.datastore import Datastore
 from harness.engine import Engine
-from harness.neighbours import KeyIndex, KeysMissing, build_keys, document_ids, windows
+from harness.neighbours import KeyIndex, KeysMissing, TokenKeys, build_keys, document_ids, windows
 from harness.registry import METHODS
 from harness.stops import StopRule
-from methods.nest import Nest, NestConfig
+from methods.nest import Nest, NestConfig, spans_after
 
 PROMPTS = [[0, 17, 42, 99, 5], [0, 5, 6, 7, 8, 5, 6, 7, 8, 5, 6]]  # outputs without the EOS id (one document)
 N = 40
@@ -56,6 +56,11 @@ def test_documents_and_windows():
     assert windows(docs, 2) == [(0, 2), (2, 3), (3, 5), (5, 7), (7, 8)]
 
 
+def test_spans_after_each_position_stop_at_the_document_end():
+    rows = spans_after(np.array([5, 6, 1, 7, 8]), 5, 3, np.array([1]))
+    assert rows.tolist() == [[6, 1, -1], [1, -1, -1], [7, 8, -1], [8, -1, -1], [-1, -1, -1]]
+
+
 def test_keys_are_the_hidden_states_before_each_token(engine):
     corpus = [0, 5, 6, 7, 1, 8, 9, 10, 11, 12]
     keys = build_keys(engine, np.array(corpus), window=3, log=lambda _s: None)
@@ -66,6 +71,27 @@ def test_keys_are_the_hidden_states_before_each_token(engine):
     torch.testing.assert_close(keys.keys[3:5], hidden[:2].half().float())
     found = keys.search(hidden[1:2], 2)  # exact search: itself first
     assert found.positions[0, 0] == 7 and float(found.distances[0, 0]) < 1e-2
+
+
+def test_search_among_the_keys_of_one_token_is_exact():
+    """``TokenKeys.search`` = brute force over the keys whose predicted token is the one asked
+    for: k of them when there are k (a search over all keys, filtered after, finds fewer)."""
+    gen = torch.Generator().manual_seed(0)
+    corpus = np.array([int(t) for t in torch.randint(0, 4, (301,), generator=gen)])
+    positions = np.arange(1, 301)
+    index = KeyIndex(torch.randn(300, 8, generator=gen), positions, np.zeros(300, dtype=np.int64))
+    by_token = TokenKeys(index, corpus)
+    query = torch.randn(1, 8, generator=gen)
+    for token in range(4):
+        found = by_token.search(query, 5, token)
+        mine = np.flatnonzero(corpus[positions] == token)
+        dist = (index.keys[mine] - query).norm(dim=1)
+        order = torch.argsort(dist)[:5]
+        assert found.positions[0].tolist() == positions[mine][order.numpy()].tolist()
+        torch.testing.assert_close(found.distances[0], dist[order], atol=1e-4, rtol=1e-4)
+        nearest_overall = [p for p in index.search(query, 5).positions[0].tolist() if corpus[p] == token]
+        assert found.positions[0].tolist()[: len(nearest_overall)] == nearest_overall  # theirs lead ours
+    assert by_token.search(query, 5, 9).positions.shape == (1, 0)  # a token no key predicts: none
 
 
 def test_missing_keys_say_how_to_build_them(tmp_path, engine):
@@ -133,7 +159,9 @@ def test_random_init_qwen2():
     engine = build("qwen2", 0)
     ref = autoregressive(engine, PROMPT, n=N)
     assert len(set(ref)) > 5
-    gen = nest(engine, PROMPT + ref).generate(PROMPT, StopRule(N))
+    # one neighbour: the same context's key, so every draft is right (with more, other keys of the
+    # same token also vote in the frequency tree)
+    gen = nest(engine, PROMPT + ref, neighbours=1).generate(PROMPT, StopRule(N))
     assert gen.tokens == ref and gen.target_forwards == 1 + math.ceil((N - 1) / 7)
 
 

@@ -20,7 +20,7 @@ from harness.config import SamplingConfig
 from harness.datastore import Datastore, DatastoreError, suffix_array
 from harness.registry import METHODS
 from harness.stops import StopRule
-from methods.rest import Rest, RestConfig, frequency_tree
+from methods.rest import Rest, RestConfig, frequency_tree, padded
 
 PROMPTS = [[0, 17, 42, 99, 5], [0, 3], [0, 250, 251, 252, 253, 254, 255, 10, 11], [0, 5, 6, 7, 8, 5, 6, 7, 8, 5, 6]]
 N = 60
@@ -89,15 +89,51 @@ def test_find_and_longest_match_match_brute_force():
                 assert sorted(store.sa[match.lo : match.hi].tolist()) == sorted(brute_range(tokens, context[-want:]))
 
 
+def test_a_longer_context_matches_at_most_the_tokens_added_more():
+    """What the lookups' ``reach`` rests on: if the longest suffix of a context that occurs
+    (followed by a token) has L tokens, after a more tokens the longest has at most L + a."""
+    rng = random.Random(4)
+    for _ in range(300):
+        tokens = random_corpus(rng)
+        store = Datastore.from_tokens(tokens)
+        context = [rng.randrange(3) for _ in range(rng.randrange(1, 10))]
+        added = [rng.randrange(3) for _ in range(rng.randrange(1, 4))]
+        before = store.longest_match(context, 1, 20)
+        after = store.longest_match(context + added, 1, 20)
+        if after is not None:
+            assert after.length <= (before.length if before else 0) + len(added)
+
+
+def test_a_bounded_lookup_finds_the_same_drafts(engine):
+    """REST bounds each lookup by the last match plus the tokens committed since: the same
+    matches, hence the same steps, with fewer suffix comparisons than unbounded lookups."""
+
+    class Unbounded(Rest):
+        def propose(self, seq, room, reach, stats):
+            return super().propose(seq, room, self.cfg.max_suffix, stats)
+
+    prompt = PROMPTS[3]
+    ref = autoregressive(engine, prompt, n=N)
+    rng = random.Random(5)
+    store = Datastore.from_tokens([t for _ in range(20) for t in ref[: rng.randrange(2, N)] + [3, 4]])
+    bounded = rest(engine, store).generate(prompt, StopRule(N, frozenset()))
+    unbounded = Unbounded(RestConfig(), engine, GREEDY, datastore=store).generate(prompt, StopRule(N, frozenset()))
+    assert bounded.tokens == unbounded.tokens == ref
+    assert bounded.accepted_per_step == unbounded.accepted_per_step and len(bounded.accepted_per_step) < N
+    assert bounded.extra["mean_match_length"] == unbounded.extra["mean_match_length"]
+    assert bounded.extra["lookup_probes"] < unbounded.extra["lookup_probes"]
+
+
 def test_continuations_spread_over_the_matches():
     tokens = [5, 1, 2, 5, 1, 3, 5, 1, 2, 5, 1, 2, 5, 1]
     store = Datastore.from_tokens(tokens)
     match = store.longest_match([9, 5, 1], 1, 4)
     assert match.length == 2 and match.count == 5
-    every = store.continuations(match, 10, 2)
+    every = store.continuations(match, 10, 2).tolist()
     assert sorted(every) == [[2, 5]] * 3 + [[3, 5]]  # the occurrence at the corpus's end has none
-    spread = store.continuations(match, 3, 1)  # ranks lo, lo + 1, lo + 3 of the 5; the first is the end
+    spread = store.continuations(match, 3, 1).tolist()  # ranks lo, lo + 1, lo + 3 of the 5; the first is the end
     assert len(spread) == 2 and all(c in ([2], [3]) for c in spread)
+    assert store.continuations(match, 10, 4).tolist().count([2, 5, 1, -1]) == 1  # -1 past the corpus's end
 
 
 def test_frequency_tree_hand_checked():
@@ -109,6 +145,8 @@ def test_frequency_tree_hand_checked():
     small = frequency_tree(9, conts, max_nodes=3)
     assert small.tokens == [9, 1, 2, 3] and small.parents == (-1, 0, 1, 2)
     assert frequency_tree(9, [], 5).tokens == [9]
+    rows = padded(conts)  # a matrix, -1 after each continuation's end: the same tree
+    assert rows[2].tolist() == [1, 5, -1] and frequency_tree(9, rows, max_nodes=100) == tree
 
 
 def test_frequency_tree_pruning_is_prefix_closed_and_keeps_the_most_frequent():
