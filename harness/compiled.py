@@ -11,7 +11,7 @@ changes underneath:
   ``keep`` compacts in place (the inherited ``KVCache.keep``), and everything past it is
   hidden by the attention mask, which always spans the whole static length.
 * **Buckets.** A forward of n tokens is padded to the smallest bucket >= n
-  (``model.compile_buckets``, default 1, 4, 16, 64); padded rows come after the real ones,
+  (``model.compile_buckets``, default 1, 2, 4, 16, 64); padded rows come after the real ones,
   attend causally like them (so a real row never sees one), sit at position 0 and write
   their KV past the logical length, where the mask hides it. A forward longer than the
   largest bucket runs once, eagerly: a prompt on an empty cache over a fresh dynamic cache
