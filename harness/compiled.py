@@ -11,7 +11,7 @@ changes underneath:
   ``keep`` compacts in place (the inherited ``KVCache.keep``), and everything past it is
   hidden by the attention mask, which always spans the whole static length.
 * **Buckets.** A forward of n tokens is padded to the smallest bucket >= n
-  (``model.compile_buckets``, default 1, 4, 16, 64); padded rows come after the real ones,
+  (``model.compile_buckets``, default 1, 2, 4, 16, 64); padded rows come after the real ones,
   attend causally like them (so a real row never sees one), sit at position 0 and write
   their KV past the logical length, where the mask hides it. A forward longer than the
   largest bucket runs once, eagerly: a prompt on an empty cache over a fresh dynamic cache
@@ -28,7 +28,9 @@ changes underneath:
 * **Chosen layers, skipped sublayers, injected rows.** A forward that returns chosen layers'
   hidden states (EAGLE-3's features) runs ``_decoder_forward_fused``: the decoder's own modules called in
   order inside one graph, the selection a fixed tuple, so one graph per bucket and selection. A
-  layer-skipping forward (SWIFT) or one with injected rows (Hidden Transfer, FIRP) calls the
+  forward with injected rows (Hidden Transfer, FIRP) runs the layers before the injection layer
+  and those from it as one graph each (``layers``, one graph per range and bucket). A
+  layer-skipping forward (SWIFT) calls the
   sublayers it keeps one by one (``sublayer``), each its own graph per bucket: every skip set
   SWIFT's search tries reuses the same 2 x layers graphs per bucket, where one whole-model graph
   per skip set would compile again for every set a generation scores (and a gated whole-model
@@ -37,8 +39,10 @@ changes underneath:
   decoders only (the engine's ``SKIPPABLE``), as in eager mode.
 * **Warm-up.** ``warm_up()`` compiles every bucket (the runner calls it before timing);
   ``graphs`` counts what each engine compiled, ``compile_count()`` what the process did. The
-  fused and sublayer graphs are compiled for what a method's warm-up generation ran (every
-  bucket of each selection; every sublayer at each bucket layer-skipping forwards used).
+  fused, layer-range and sublayer graphs are compiled for what a method's warm-up generation ran
+  (every bucket of each selection and layer range, whatever bucket the warm-up's prompt needed,
+  since a later prompt's length picks its own; every sublayer at each bucket layer-skipping
+  forwards used).
 
 The CUDA branch (``mode="reduce-overhead"``, ``cudagraph_mark_step_begin``, the output
 cloned before the next replay) follows PyTorch's documented CUDA-graph rules but has not
@@ -171,6 +175,7 @@ class CompiledForward:
         self._seen: set[tuple] = set()  # (graph kind, bucket, static length) already run with full guards
         self.fused: set[tuple[int, ...]] = set()  # hidden-state selections the fused forward has run
         self.sublayer_sizes: set[int] = set()  # buckets layer-skipping forwards have run
+        self.spans: set[tuple[int, int]] = set()  # decoder layer ranges [lo, hi) run as one graph (injected rows)
         self._resize(max(int(static_len), self.buckets[-1] + 1))
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
         options = compile_options(device)
@@ -179,6 +184,7 @@ class CompiledForward:
         self.heads: dict[int, "CompiledHead"] = {}  # draft heads on this compiled path, by id of the module
         self._sublayer_steps = {"attn": torch.compile(self._attention_step, **options),  # one graph per
                                 "mlp": torch.compile(self._mlp_step, **options)}  # layer and bucket  # fmt: skip
+        self._span_step = torch.compile(self._layers_step, **options)  # one graph per layer range and bucket
 
     # ---- the static length -----------------------------------------------------------------
     def _resize(self, static_len: int) -> None:
@@ -263,6 +269,15 @@ class CompiledForward:
         """The compiled function of one MLP sublayer (decoder layer ``index``)."""
         return mlp_sublayer(self.decoder.layers[index], h)
 
+    def _layers_step(self, lo: int, hi: int, h, mask, positions, cos, sin, cache: StaticCache, start):
+        """The compiled function of decoder layers ``lo``..``hi - 1`` run whole, sublayer by sublayer
+        as the layerwise forward calls them, writing their keys and values from slot ``start``."""
+        for index in range(lo, hi):
+            cache.layers[index].cumulative_length.copy_(start)
+            layer = self.decoder.layers[index]
+            h = mlp_sublayer(layer, attention_sublayer(layer, h, mask, positions, (cos, sin), cache))
+        return h
+
     def mask(self, start: int, allowed: Optional[torch.Tensor], size: int) -> torch.Tensor:
         """The float mask of a (padded) forward; see ``_mask``."""
         return self._mask(start, allowed, size)
@@ -335,6 +350,18 @@ class CompiledForward:
         self.sublayer_sizes.add(size)
         return self._call(self._sublayer_steps[kind], (kind, index, size), *args)
 
+    def layers(self, lo: int, hi: int, h: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
+               rotary: tuple[torch.Tensor, torch.Tensor], cache: StaticKVCache, start: int) -> torch.Tensor:  # fmt: skip
+        """``h`` (``[1, rows, hidden]``, rows padded to a bucket by the caller) through decoder layers
+        ``lo``..``hi - 1``, nothing skipped: one graph per layer range and bucket (a forward with
+        injected rows runs the layers before the injection and those from it as two graphs, not one
+        per sublayer). Rows past the largest bucket run eagerly."""
+        args = (lo, hi, h, mask, positions, rotary[0], rotary[1], cache.inner, torch.tensor(start, device=self.device))
+        self.spans.add((lo, hi))  # even run eagerly: a shorter later forward runs it at a bucket
+        if h.shape[1] > self.buckets[-1]:
+            return self._layers_step(*args)
+        return self._call(self._span_step, ("layers", lo, hi, h.shape[1]), *args)
+
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, attn, cache: StaticKVCache, keep: int,
                 layers: Optional[tuple[int, ...]] = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
         """Logits (float32) and hidden states of the last ``keep`` rows (0 = all) of a forward
@@ -389,7 +416,8 @@ class CompiledForward:
     @torch.inference_mode()
     def warm_up(self) -> int:
         """Compile every bucket now (forwards on a scratch cache); returns the graphs made. Every
-        bucket of each hidden-state selection run so far too (EAGLE-3's verify), and every
+        bucket of each hidden-state selection and each layer range run so far too (EAGLE-3's
+        verify, injected rows' forwards), and every
         sublayer at each bucket layer-skipping forwards have run (a skip set of a later
         generation may keep a sublayer this one skipped). On CUDA each graph runs three times:
         CUDA graph trees record on a graph's second run, not its first."""
@@ -403,10 +431,12 @@ class CompiledForward:
                 for layers in [None, *sorted(self.fused)]:
                     self.forward(ids, positions, None, cache, keep=1, layers=layers)
                     cache.truncate(0)
-                if bucket not in self.sublayer_sizes:
-                    continue
                 h = torch.zeros((1, bucket, hidden), dtype=self.dtype, device=self.device)
                 rotary = self.decoder.rotary_emb(h, positions)
+                for lo, hi in sorted(self.spans):
+                    self.layers(lo, hi, h, self._mask(0, None, bucket), positions, rotary, cache, 0)
+                if bucket not in self.sublayer_sizes:
+                    continue
                 for index in range(len(cache.inner.layers)):
                     for kind in SUBLAYERS:
                         self.sublayer(kind, index, h, self._mask(0, None, bucket), positions, rotary, cache, 0)

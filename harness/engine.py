@@ -13,7 +13,8 @@ their cache keeps every entry so it can roll back (see harness/kvcache.py, ``_at
 A ``LayerSkip`` forward (self-speculation, ``swift``) leaves sublayers out, and an ``Injection``
 forward (``hidden-transfer``, ``firp``) adds rows of hidden states at one decoder layer; both call
 the model's own modules one by one (``_layerwise_forward``), Llama-family decoders only; compiled,
-each sublayer is a graph of its own (harness/compiled.py).
+each kept sublayer of a skipping forward is a graph of its own, and the layers before and from an
+injection one graph each (harness/compiled.py).
 
 Timing: between ``start_timing()`` and ``stop_timing()`` every forward's duration is
 recorded without synchronising the device inside a generation (``ForwardTimer``: the
@@ -557,12 +558,18 @@ class Engine:
         are appended to ``h`` (their positions and mask rows with them). ``allowed`` is the tokens'
         boolean mask ``[new, past + new]``; ``cache`` None runs without one. Compiled
         (model.compile=true, with a cache): the rows are padded to a bucket and each kept sublayer
-        is its own compiled graph (``CompiledForward.sublayer``), shared by every skip set."""
+        is its own compiled graph (``CompiledForward.sublayer``), shared by every skip set; with
+        nothing skipped, the layers before the injection and those from it are one graph each
+        (``CompiledForward.layers``)."""
         decoder = self.model.get_decoder()
         compiled = self.compiled if cache is not None else None
         new = rows = ids_t.shape[1]  # rows: the real rows of h (the tokens, then any injected rows)
         h, pos_p, attn, rotary = self._layer_inputs(decoder.embed_tokens(ids_t), pos_t, allowed, past, cache, compiled)
-        for i, layer in enumerate(decoder.layers[: self.config.get_text_config().num_hidden_layers]):
+        layers = self.config.get_text_config().num_hidden_layers
+        whole = compiled is not None and not skip  # compiled, nothing skipped: layer ranges as single graphs
+        cuts = [0, *([inject.layer] if inject is not None else []), layers] if whole else range(layers + 1)
+        for i, end in zip(cuts, cuts[1:]):  # layers i..end-1: one range compiled whole, else one layer
+            layer = decoder.layers[i]
             if inject is not None and i == inject.layer:
                 made = inject.make(h[0, :new]).to(h.dtype)
                 m = made.shape[0]
@@ -577,6 +584,9 @@ class Engine:
                     cache.length = past + new  # the tokens' entries so far, kept if the cache must grow
                 h, pos_p, attn, rotary = self._layer_inputs(torch.cat((h[:, :new], made.unsqueeze(0)), dim=1), pos_t,
                                                             allowed, past, cache, compiled)  # fmt: skip
+            if whole:
+                h = compiled.layers(i, end, h, attn, pos_p, rotary, cache, past)
+                continue
             for kind in ("attn", "mlp"):
                 if i in (skip.attn if kind == "attn" else skip.mlp):
                     continue

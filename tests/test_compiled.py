@@ -36,7 +36,7 @@ from methods.prompt_lookup import PromptLookup, PromptLookupConfig
 from methods.space import Space, SpaceConfig
 from methods.speculative import Speculative, SpeculativeConfig
 from tests.test_eagle import random_head
-from tests.test_hidden_transfer import random_transfer
+from tests.test_hidden_transfer import LAYER as INJECTED_AT, random_transfer
 from tests.test_medusa import random_heads
 
 GREEDY = SamplingConfig()
@@ -163,6 +163,7 @@ def test_run_records_the_mode_and_leaderboards_keep_modes_apart(model_dir, tmp_p
 # ---- chosen layers, layer skipping, injected rows ----------------------------------------------
 LAYERWISE_BUCKETS = [1, 4]
 LAYERS = 3  # SWIFT keeps the first and last layer: one layer's two sublayers may be skipped
+SHORT = [42]  # prefill: 1 token, then 1 + 3 injected rows: both layer ranges at buckets no step of PROMPTS runs
 
 
 @pytest.fixture(scope="module")
@@ -193,26 +194,30 @@ def layerwise_methods(engine: Engine) -> dict:
 def test_layerwise_methods_compiled_are_token_exact_with_fixed_graphs(layerwise):
     """EAGLE, EAGLE-3, SWIFT, Hidden Transfer and FIRP compiled equal eager greedy decoding token
     for token; the graphs: per bucket one plain forward, one with EAGLE-3's fused layers, one per
-    sublayer (2 x layers) once layer-skipping or injected-row forwards ran at that bucket (so
-    every skip set SWIFT's search tries runs on the same graphs), and the draft heads' (EAGLE's
+    sublayer (2 x layers) once layer-skipping forwards ran at that bucket (so every skip set
+    SWIFT's search tries runs on the same graphs), one per layer range of the injected-row
+    forwards (before the injection layer, from it) at every bucket, and the draft heads' (EAGLE's
     one input width, EAGLE-3's two: fused target features, its own outputs); a second run
-    compiles nothing."""
+    compiles nothing, though its one-token prompt runs the injected-row forwards at buckets the
+    warm-up's prompt never used."""
     eager, compiled = layerwise
     stop = StopRule(N, frozenset())
+    prompts = PROMPTS + [SHORT]
     reference = {tuple(p): Autoregressive(AutoregressiveConfig(), eager, GREEDY).generate(p, stop).tokens
-                 for p in PROMPTS}  # fmt: skip
+                 for p in prompts}  # fmt: skip
     methods = layerwise_methods(compiled)
     for method in methods.values():
         method.generate(PROMPTS[0], stop)  # the warm-up's generation: what it runs is compiled below
     before = compiled.compiled.graphs
     warmed = compiled.compiled.warm_up()
     assert compiled.compiled.fused and compiled.compiled.sublayer_sizes == set(LAYERWISE_BUCKETS)
+    assert compiled.compiled.spans == {(0, INJECTED_AT), (INJECTED_AT, LAYERS)}
     assert [sorted(h.widths) for h in compiled.compiled.heads.values()] == [[64], [64, 3 * 64]]
-    per_bucket = 1 + len(compiled.compiled.fused) + 2 * LAYERS + 1 + 2
+    per_bucket = 1 + len(compiled.compiled.fused) + 2 * LAYERS + 2 + 1 + 2
     assert compiled.compiled.graphs == per_bucket * len(LAYERWISE_BUCKETS), (before, warmed)
     start = compile_count()
     for name, method in methods.items():
-        for prompt in PROMPTS:
+        for prompt in prompts:
             got = method.generate(prompt, stop)
             assert got.tokens == reference[tuple(prompt)], name
             assert sum(got.accepted_per_step) == N and len(got.accepted_per_step) == got.target_forwards
