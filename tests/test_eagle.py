@@ -143,6 +143,34 @@ def test_head_drafter_cache_and_masks_equal_a_full_forward(engine, version):
     torch.testing.assert_close(d.out[0], fresh(feats, ids)[-1], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("version", [1, 3])
+def test_lean_decoding_forward_equals_the_plain_one(engine, version):
+    """for_decoding (fused q|k|v and gate|up, RoPE from a table) gives the plain forward's outputs
+    (float noise at most) through a prompt, a tree-masked forward and a longer run; the RoPE table
+    is built once and reused while it covers the positions, grown when it does not."""
+    plain = random_head(engine, version, attention_bias=True)
+    lean = random_head(engine, version, attention_bias=True).for_decoding()
+    embed = engine.model.get_input_embeddings()
+    gen = torch.Generator().manual_seed(3)
+    caches = (DecodingHeadCache(), DecodingHeadCache())
+
+    def both(rows: int, positions: torch.Tensor, mask=None) -> None:
+        feats = torch.randn(1, rows, plain.config.feature_size, generator=gen)
+        ids = torch.randint(0, engine.config.vocab_size, (1, rows), generator=gen)
+        a, b = (h(feats, ids, embed, positions, c, mask) for h, c in zip((plain, lean), caches))
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+
+    both(7, torch.arange(7))
+    table = lean.rope_table
+    tree = torch.ones(3, 10, dtype=torch.bool).tril(7)  # nodes a, b (siblings) and c (a's child)
+    tree[1, 7] = tree[2, 8] = False  # b does not see a; c does not see b
+    both(3, torch.tensor([7, 7, 8]), tree)
+    assert lean.rope_table is table and table[0].shape[0] == 256
+    both(300, torch.arange(10, 310))
+    assert lean.rope_table is not table and lean.rope_table[0].shape[0] == 512
+    assert plain.rope_table is None  # the plain forward computes RoPE per call
+
+
 def test_head_cache_keep_and_truncate():
     cache = HeadCache()
     keys = torch.arange(6.0).view(1, 1, 6, 1)
