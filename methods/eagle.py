@@ -242,7 +242,7 @@ class Eagle(Method):
             raise ValueError(f"method {cfg.name} reads an EAGLE-{self.head_version} head, got EAGLE-{head.config.version}")
         self.head = head.to(device=engine.device, dtype=engine.dtype).eval()
         if engine.compiled is None:  # eager: the lean forward (the compiled path traces the plain one)
-            self.head.for_decoding()
+            self.head.for_decoding(engine.model.get_output_embeddings())
         # what the verifier returns per node: the last hidden state (v1) or the fused layers (v3)
         self.features: bool | tuple[int, ...] = True if head.config.version == 1 else head.config.fused_layers
         self.draft_clock = DraftClock(engine)  # the head's forwards are the step's draft forwards

@@ -459,17 +459,25 @@ class EagleHead(nn.Module):
         self.rotary_emb = LlamaRotaryEmbedding(rope_cfg)
         self.decoding = False  # set by for_decoding: fused projections, RoPE from a table
         self.rope_table: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # decoding: cos, signed sin per position
+        self.lm_transposed: Optional[tuple[nn.Module, torch.Tensor, Optional[torch.Tensor]]] = None  # decoding: (LM head, its weight^T, bias)
+        self.target_ids: Optional[torch.Tensor] = None  # decoding, v3 with a map: the target id of each draft id
 
     @torch.no_grad()
-    def for_decoding(self) -> "EagleHead":
+    def for_decoding(self, target_lm_head: Optional[nn.Module] = None) -> "EagleHead":
         """Make the forward lean for decoding: q|k|v and gate|up each one matmul over stacked
-        copies of their weights, and RoPE read from a table of positions (``rope``) instead of
-        recomputed per forward. The outputs are the same; the weights must not change
-        afterwards (call it again if they do; training never calls it). Returns the head."""
+        copies of their weights, RoPE read from a table of positions (``rope``) instead of
+        recomputed per forward, and the logits (v1: of ``target_lm_head``) from a transposed copy
+        of the LM head's weight: a product over a few rows reads it row by row, far faster once
+        the target's forward has pushed it out of the CPU's caches. The outputs are the same; the
+        weights must not change afterwards (call it again if they do; training never calls it)."""
         for module in self.modules():
             if isinstance(module, (Attention, MLP)):
                 module.fuse()
         self.decoding, self.rope_table = True, None
+        lm_head = target_lm_head if self.config.version == 1 else self.lm_head
+        self.lm_transposed = (lm_head, lm_head.weight.t().contiguous(), lm_head.bias) if lm_head is not None else None
+        if self.config.maps_vocab:
+            self.target_ids = torch.arange(self.config.draft_vocab_size, device=self.d2t.device) + self.d2t
         return self
 
     def rope(self, positions: torch.Tensor, end: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -559,9 +567,12 @@ class EagleHead(nn.Module):
 
     def logits(self, hidden: torch.Tensor, target_lm_head: nn.Module) -> torch.Tensor:
         """v1: the target's LM head on the output; v3: the head's own norm + LM head (draft vocabulary)."""
-        if self.config.version == 1:
-            return target_lm_head(hidden)
-        return self.lm_head(self.norm(hidden))
+        lm_head = target_lm_head if self.config.version == 1 else self.lm_head
+        x = hidden if self.config.version == 1 else self.norm(hidden)
+        if self.lm_transposed is None or self.lm_transposed[0] is not lm_head:
+            return lm_head(x)
+        _, weight_t, bias = self.lm_transposed
+        return x @ weight_t if bias is None else x @ weight_t + bias
 
     def target_logits(self, hidden: torch.Tensor, target_lm_head: nn.Module) -> torch.Tensor:
         """Logits over the target vocabulary (v3 with a map: -inf for tokens outside the draft one)."""
@@ -569,6 +580,8 @@ class EagleHead(nn.Module):
         if not self.config.maps_vocab:
             return logits
         full = logits.new_full((*logits.shape[:-1], self.config.vocab_size), float("-inf"))
+        if self.target_ids is not None:  # decoding: the ids tabulated once
+            return full.index_copy_(-1, self.target_ids, logits)
         index = (torch.arange(self.config.draft_vocab_size, device=logits.device) + self.d2t).expand_as(logits)
         return full.scatter(-1, index, logits)
 
