@@ -64,25 +64,22 @@ class Eagle2(Eagle):
 
     def propose(self, drafter: HeadDrafter, root: int, depth: int, draw: Optional[torch.Generator]) -> DraftTree:
         k = int(self.cfg.top_k)
-        logp = torch.log_softmax(drafter.start(root), dim=-1)
+        logits = drafter.start(root)
         if depth < 1:
             return drafter.finish()
-        scores = [0.0]  # per drafter node: cumulative draft log-probability (root 0)
-        top = torch.topk(logp, k)
-        frontier = []
-        for token, s in zip(top.indices.tolist(), top.values.tolist()):
-            frontier.append(drafter.node(0, token))
-            scores.append(s)
+        # a row's top-k by log-probability are its top-k logits; their log-probabilities are the
+        # logits less the row's logsumexp (no log-softmax over the whole vocabulary)
+        top = torch.topk(logits, k)
+        scores = [0.0] + (top.values - torch.logsumexp(logits, dim=-1)).tolist()  # per drafter node (root 0)
+        frontier = [drafter.node(0, token) for token in top.indices.tolist()]
         for _ in range(depth - 1):
-            logp = torch.log_softmax(drafter.expand(frontier), dim=-1)  # [len(frontier), V]
-            top = torch.topk(logp, k, dim=-1)
-            base = torch.tensor([scores[n] for n in frontier], device=logp.device)
+            logits = drafter.expand(frontier)  # [len(frontier), V]
+            top = torch.topk(logits, k, dim=-1)
+            base = torch.tensor([scores[n] for n in frontier], device=logits.device) - torch.logsumexp(logits, dim=-1)
             cum = (base[:, None] + top.values).flatten().tolist()
             tokens = top.indices.flatten().tolist()
-            children = []
-            for i, (token, s) in enumerate(zip(tokens, cum)):
-                children.append(drafter.node(frontier[i // k], token))
-                scores.append(s)
+            children = [drafter.node(frontier[i // k], token) for i, token in enumerate(tokens)]
+            scores.extend(cum)
             best = sorted(range(len(children)), key=lambda i: (-cum[i], i))[:k]
             frontier = [children[i] for i in sorted(best)]
         return self.rerank(drafter, scores)
