@@ -88,6 +88,6 @@ class Eagle2(Eagle):
         ranked = sorted(range(1, len(scores)), key=lambda n: (-scores[n], n))
         keep = [0] + sorted(ranked[: int(self.cfg.total_tokens)])
         index = {n: i for i, n in enumerate(keep)}
-        tree = drafter.finish()
+        drafter.release()
         parents = tuple(-1 if n == 0 else index[drafter.parents[n]] for n in keep)
-        return DraftTree(torch.tensor([drafter.tokens[n] for n in keep]), parents, tree.q)
+        return DraftTree(torch.tensor([drafter.tokens[n] for n in keep]), parents)
