@@ -67,8 +67,6 @@ class Eagle2(Eagle):
         logits = drafter.start(root)
         if depth < 1:
             return drafter.finish()
-        # log-softmax, then top-k (torch's log_softmax is one vectorised pass: cheaper here than
-        # the top-k logits less a logsumexp, measured)
         top = torch.topk(torch.log_softmax(logits, dim=-1), k)
         scores = [0.0] + top.values.tolist()  # per drafter node: cumulative draft log-probability (root 0)
         frontier = [drafter.node(0, token) for token in top.indices.tolist()]
