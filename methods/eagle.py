@@ -154,8 +154,9 @@ class HeadDrafter:
         itself. Returns their logits over the target vocabulary [len(nodes), V]."""
         committed = len(self.cache) - len(self.slots)
         feats = torch.stack([self.out[self.parents[n]] for n in nodes])[None]
-        ids = torch.tensor([[self.tokens[n] for n in nodes]], device=self.device)
-        pos = torch.tensor([committed - 1 + self.depth[n] for n in nodes], device=self.device)
+        ids, pos = torch.tensor([[self.tokens[n] for n in nodes], [committed - 1 + self.depth[n] for n in nodes]],
+                                device=self.device)  # one host-to-device copy  # fmt: skip
+        ids = ids[None]
         mask = torch.ones(len(nodes), len(self.cache) + len(nodes), dtype=torch.bool, device=self.device)
         mask[:, committed:] = self.tree_rows(nodes)  # the committed pairs, then the drafted slots
         with self.clock.timed(len(nodes)):
@@ -192,10 +193,14 @@ class HeadDrafter:
 
     def finish(self, q: Optional[torch.Tensor] = None) -> DraftTree:
         """The drafted tree; the head's cache goes back to the committed pairs."""
+        self.release()
+        return DraftTree(torch.tensor(self.tokens), tuple(self.parents), q)
+
+    def release(self) -> None:
+        """The head's cache back to the committed pairs (the drafted nodes' entries dropped)."""
         with self.engine.phase("cache"):
             self.cache.truncate(len(self.cache) - len(self.slots))
         self.clear_slots()
-        return DraftTree(torch.tensor(self.tokens), tuple(self.parents), q)
 
 
 def template(choices: tuple[tuple[int, ...], ...]) -> tuple[tuple[tuple[int, ...], ...], tuple[int, ...]]:
@@ -241,6 +246,8 @@ class Eagle(Method):
         if head.config.version != self.head_version:
             raise ValueError(f"method {cfg.name} reads an EAGLE-{self.head_version} head, got EAGLE-{head.config.version}")
         self.head = head.to(device=engine.device, dtype=engine.dtype).eval()
+        if engine.compiled is None:  # eager: the lean forward (the compiled path traces the plain one)
+            self.head.for_decoding(engine.model.get_output_embeddings())
         # what the verifier returns per node: the last hidden state (v1) or the fused layers (v3)
         self.features: bool | tuple[int, ...] = True if head.config.version == 1 else head.config.fused_layers
         self.draft_clock = DraftClock(engine)  # the head's forwards are the step's draft forwards

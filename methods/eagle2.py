@@ -64,25 +64,19 @@ class Eagle2(Eagle):
 
     def propose(self, drafter: HeadDrafter, root: int, depth: int, draw: Optional[torch.Generator]) -> DraftTree:
         k = int(self.cfg.top_k)
-        logp = torch.log_softmax(drafter.start(root), dim=-1)
+        logits = drafter.start(root)
         if depth < 1:
             return drafter.finish()
-        scores = [0.0]  # per drafter node: cumulative draft log-probability (root 0)
-        top = torch.topk(logp, k)
-        frontier = []
-        for token, s in zip(top.indices.tolist(), top.values.tolist()):
-            frontier.append(drafter.node(0, token))
-            scores.append(s)
+        top = torch.topk(torch.log_softmax(logits, dim=-1), k)
+        scores = [0.0] + top.values.tolist()  # per drafter node: cumulative draft log-probability (root 0)
+        frontier = [drafter.node(0, token) for token in top.indices.tolist()]
         for _ in range(depth - 1):
-            logp = torch.log_softmax(drafter.expand(frontier), dim=-1)  # [len(frontier), V]
-            top = torch.topk(logp, k, dim=-1)
-            base = torch.tensor([scores[n] for n in frontier], device=logp.device)
+            top = torch.topk(torch.log_softmax(drafter.expand(frontier), dim=-1), k, dim=-1)  # [len(frontier), k]
+            base = torch.tensor([scores[n] for n in frontier], device=top.values.device)
             cum = (base[:, None] + top.values).flatten().tolist()
             tokens = top.indices.flatten().tolist()
-            children = []
-            for i, (token, s) in enumerate(zip(tokens, cum)):
-                children.append(drafter.node(frontier[i // k], token))
-                scores.append(s)
+            children = [drafter.node(frontier[i // k], token) for i, token in enumerate(tokens)]
+            scores.extend(cum)
             best = sorted(range(len(children)), key=lambda i: (-cum[i], i))[:k]
             frontier = [children[i] for i in sorted(best)]
         return self.rerank(drafter, scores)
@@ -92,6 +86,6 @@ class Eagle2(Eagle):
         ranked = sorted(range(1, len(scores)), key=lambda n: (-scores[n], n))
         keep = [0] + sorted(ranked[: int(self.cfg.total_tokens)])
         index = {n: i for i, n in enumerate(keep)}
-        tree = drafter.finish()
+        drafter.release()
         parents = tuple(-1 if n == 0 else index[drafter.parents[n]] for n in keep)
-        return DraftTree(torch.tensor([drafter.tokens[n] for n in keep]), parents, tree.q)
+        return DraftTree(torch.tensor([drafter.tokens[n] for n in keep]), parents)

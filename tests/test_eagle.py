@@ -143,6 +143,45 @@ def test_head_drafter_cache_and_masks_equal_a_full_forward(engine, version):
     torch.testing.assert_close(d.out[0], fresh(feats, ids)[-1], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("version", [1, 3])
+def test_lean_decoding_forward_equals_the_plain_one(engine, version):
+    """for_decoding (fused q|k|v and gate|up, RoPE from a table, the LM head's weight transposed,
+    EAGLE-3's vocabulary map tabulated) gives the plain forward's outputs and logits (float noise
+    at most) through a prompt, a tree-masked forward and a longer run; the RoPE table is built
+    once and reused while it covers the positions, grown when it does not."""
+    sizes = {"draft_vocab_size": 100} if version == 3 else {}  # EAGLE-3: a draft vocabulary mapped to the target's
+    lm_head = engine.model.get_output_embeddings()
+    plain = random_head(engine, version, attention_bias=True, **sizes)
+    lean = random_head(engine, version, attention_bias=True, **sizes).for_decoding(lm_head)
+    embed = engine.model.get_input_embeddings()
+    gen = torch.Generator().manual_seed(3)
+    caches = (DecodingHeadCache(), DecodingHeadCache())
+
+    def both(rows: int, positions: torch.Tensor, mask=None) -> None:
+        feats = torch.randn(1, rows, plain.config.feature_size, generator=gen)
+        ids = torch.randint(0, engine.config.vocab_size, (1, rows), generator=gen)
+        a, b = (h(feats, ids, embed, positions, c, mask) for h, c in zip((plain, lean), caches))
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(plain.target_logits(a, lm_head), lean.target_logits(a, lm_head), atol=1e-5, rtol=1e-5)
+
+    both(7, torch.arange(7))
+    table = lean.rope_table
+    tree = torch.ones(3, 10, dtype=torch.bool).tril(7)  # nodes a, b (siblings) and c (a's child)
+    tree[1, 7] = tree[2, 8] = False  # b does not see a; c does not see b
+    both(3, torch.tensor([7, 7, 8]), tree)
+    assert lean.rope_table is table and table[0].shape[0] == 256
+    both(300, torch.arange(10, 310))
+    assert lean.rope_table is not table and lean.rope_table[0].shape[0] == 512
+    assert plain.rope_table is None  # the plain forward computes RoPE per call
+    # RoPE rotates: attention sees relative positions only, so shifted positions give the same outputs
+    feats = torch.randn(1, 6, plain.config.feature_size, generator=gen)
+    ids = torch.randint(0, engine.config.vocab_size, (1, 6), generator=gen)
+    for head in (plain, lean):
+        near, far = (head(feats, ids, embed, torch.arange(6) + shift, DecodingHeadCache()) for shift in (0, 40))
+        torch.testing.assert_close(near, far, atol=1e-4, rtol=1e-4)
+    assert lean.lm_transposed[1].shape == (lean.lm_transposed[0].weight.shape[1], lean.lm_transposed[0].weight.shape[0])
+
+
 def test_head_cache_keep_and_truncate():
     cache = HeadCache()
     keys = torch.arange(6.0).view(1, 1, 6, 1)

@@ -312,9 +312,11 @@ class DecodingHeadCache(HeadCache):
         return self.keys[index][:, :, :n], self.values[index][:, :, :n]
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+def _signed_sin(sin: torch.Tensor) -> torch.Tensor:
+    """``sin`` with its first half negated: RoPE's ``x * cos + rotate_half(x) * sin`` is then
+    ``x * cos + x.roll(half) * signed_sin`` (the same products, one op instead of three)."""
+    half = sin.shape[-1] // 2
+    return torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
 
 
 class Attention(nn.Module):
@@ -327,23 +329,38 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(in_features, self.kv_heads * self.head_dim, bias=cfg.attention_bias)
         self.v_proj = nn.Linear(in_features, self.kv_heads * self.head_dim, bias=cfg.attention_bias)
         self.o_proj = nn.Linear(self.heads * self.head_dim, cfg.hidden_size, bias=False)
+        self.fused: Optional[tuple[torch.Tensor, Optional[torch.Tensor]]] = None  # q|k|v weight, bias (decoding)
+
+    def fuse(self) -> None:
+        """Decoding: q, k and v from one matmul over a copy of their weights stacked (the same
+        products, one call instead of three). The weights must not change afterwards."""
+        projections = (self.q_proj, self.k_proj, self.v_proj)
+        bias = torch.cat([p.bias for p in projections]) if self.q_proj.bias is not None else None
+        self.fused = (torch.cat([p.weight for p in projections]).detach(), bias.detach() if bias is not None else None)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], allowed: Optional[torch.Tensor],
                 cache: Optional[HeadCache], layer: int) -> torch.Tensor:  # fmt: skip
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
-        cos, sin = (r.unsqueeze(1) for r in rope)  # [B, 1, T, d]
-        q = q * cos + _rotate_half(q) * sin
-        k = k * cos + _rotate_half(k) * sin
+        heads, kv_heads = self.heads, self.kv_heads
+        # 1. q, k, v as one [B, heads + 2 kv_heads, T, d] tensor
+        if self.fused is not None:
+            qkv = F.linear(x, *self.fused)
+        else:
+            qkv = torch.cat((self.q_proj(x), self.k_proj(x), self.v_proj(x)), dim=-1)
+        qkv = qkv.view(b, t, heads + 2 * kv_heads, self.head_dim).transpose(1, 2)
+        # 2. RoPE on q and k at once (rope: cos and the signed sin, [B, T, d])
+        cos, signed_sin = (r.unsqueeze(1) for r in rope)
+        qk = qkv[:, : heads + kv_heads]
+        qk = qk * cos + qk.roll(self.head_dim // 2, dims=-1) * signed_sin
+        q, k, v = qk[:, :heads], qk[:, heads:], qkv[:, heads + kv_heads :]
+        # 3. attention over the cached entries and the new ones
         if cache is not None:
             k, v = cache.append(layer, k, v)
-        group = self.heads // self.kv_heads
+        group = heads // kv_heads
         if group > 1:
             k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
-        return self.o_proj(out.transpose(1, 2).reshape(b, t, self.heads * self.head_dim))
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, heads * self.head_dim))
 
 
 class MLP(nn.Module):
@@ -357,9 +374,18 @@ class MLP(nn.Module):
         if cfg.hidden_act not in ACT2FN:
             raise EagleHeadError(f"EAGLE head config: unknown hidden_act '{cfg.hidden_act}'")
         self.act = ACT2FN[cfg.hidden_act]
+        self.fused: Optional[torch.Tensor] = None  # gate|up weight (decoding)
+
+    def fuse(self) -> None:
+        """Decoding: gate and up from one matmul over a copy of their weights stacked."""
+        self.fused = torch.cat((self.gate_proj.weight, self.up_proj.weight)).detach()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        if self.fused is not None:
+            gate, up = F.linear(x, self.fused).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(self.act(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -431,6 +457,42 @@ class EagleHead(nn.Module):
                                rope_theta=cfg.rope_theta, rope_scaling=cfg.rope_scaling,
                                max_position_embeddings=max(cfg.max_position_embeddings, 1))  # fmt: skip
         self.rotary_emb = LlamaRotaryEmbedding(rope_cfg)
+        self.decoding = False  # set by for_decoding: fused projections, RoPE from a table
+        self.rope_table: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # decoding: cos, signed sin per position
+        self.lm_transposed: Optional[tuple[nn.Module, torch.Tensor, Optional[torch.Tensor]]] = None  # decoding: (LM head, its weight^T, bias)
+        self.target_ids: Optional[torch.Tensor] = None  # decoding, v3 with a map: the target id of each draft id
+
+    @torch.no_grad()
+    def for_decoding(self, target_lm_head: Optional[nn.Module] = None) -> "EagleHead":
+        """Make the forward lean for decoding: q|k|v and gate|up each one matmul over stacked
+        copies of their weights, RoPE read from a table of positions (``rope``) instead of
+        recomputed per forward, and the logits (v1: of ``target_lm_head``) from a transposed copy
+        of the LM head's weight: a product over a few rows reads it row by row, far faster once
+        the target's forward has pushed it out of the CPU's caches. The outputs are the same; the
+        weights must not change afterwards (call it again if they do; training never calls it)."""
+        for module in self.modules():
+            if isinstance(module, (Attention, MLP)):
+                module.fuse()
+        self.decoding, self.rope_table = True, None
+        lm_head = target_lm_head if self.config.version == 1 else self.lm_head
+        self.lm_transposed = (lm_head, lm_head.weight.t().contiguous(), lm_head.bias) if lm_head is not None else None
+        if self.config.maps_vocab:
+            self.target_ids = torch.arange(self.config.draft_vocab_size, device=self.d2t.device) + self.d2t
+        return self
+
+    def rope(self, positions: torch.Tensor, end: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, signed sin) [B, T, d] of ``positions``. After ``for_decoding``: rows of a table
+        covering positions ``0..end-1`` (grown by doubling; the rows are what the rotary embedding
+        gives, position by position); else computed by the rotary embedding."""
+        if not self.decoding or self.rotary_emb.rope_type in ("dynamic", "longrope"):  # these depend on the length
+            cos, sin = self.rotary_emb(like, positions)
+            return cos, _signed_sin(sin)
+        table = self.rope_table
+        if table is None or table[0].shape[0] < end or table[0].dtype != like.dtype:
+            size = max(end, 2 * table[0].shape[0] if table is not None else 256)
+            cos, sin = self.rotary_emb(like, torch.arange(size, device=like.device)[None])
+            table = self.rope_table = (cos[0], _signed_sin(sin[0]))
+        return table[0][positions], table[1][positions]
 
     # ---- the vocabulary map (EAGLE-3) ------------------------------------------------------
     @torch.no_grad()
@@ -464,7 +526,8 @@ class EagleHead(nn.Module):
         features: [B, T, F] target features (``feature_size`` wide) or the head's own outputs
             (h wide; v3 then skips fc; v1 reads either, both are h wide).
         input_ids: [B, T] the token after each feature's token; embed: the target's input embedding.
-        positions: [B, T] or [T] position ids (upstream: the pair index j).
+        positions: [B, T] or [T] position ids (upstream: the pair index j); after ``for_decoding``
+            each must be below ``len(cache) + T`` (a pair's index is: the RoPE table's extent).
         cache: appended to when given (None: no past, nothing kept).
         mask: bool [T, past + T] or [B, T, past + T], True = may attend; default causal.
         """
@@ -472,7 +535,7 @@ class EagleHead(nn.Module):
         past = len(cache) if cache is not None else 0
         embeds = embed(input_ids).to(features.dtype)
         pos = torch.as_tensor(positions, device=input_ids.device).long().reshape(-1, t).expand(b, t)
-        rope = self.rotary_emb(embeds, pos)
+        rope = self.rope(pos, past + t, embeds)
         allowed = self._allowed(mask, b, t, past, input_ids.device)
         cfg = self.config
         if cfg.version == 1:
@@ -504,9 +567,12 @@ class EagleHead(nn.Module):
 
     def logits(self, hidden: torch.Tensor, target_lm_head: nn.Module) -> torch.Tensor:
         """v1: the target's LM head on the output; v3: the head's own norm + LM head (draft vocabulary)."""
-        if self.config.version == 1:
-            return target_lm_head(hidden)
-        return self.lm_head(self.norm(hidden))
+        lm_head = target_lm_head if self.config.version == 1 else self.lm_head
+        x = hidden if self.config.version == 1 else self.norm(hidden)
+        if self.lm_transposed is None or self.lm_transposed[0] is not lm_head:
+            return lm_head(x)
+        _, weight_t, bias = self.lm_transposed
+        return x @ weight_t if bias is None else x @ weight_t + bias
 
     def target_logits(self, hidden: torch.Tensor, target_lm_head: nn.Module) -> torch.Tensor:
         """Logits over the target vocabulary (v3 with a map: -inf for tokens outside the draft one)."""
@@ -514,6 +580,8 @@ class EagleHead(nn.Module):
         if not self.config.maps_vocab:
             return logits
         full = logits.new_full((*logits.shape[:-1], self.config.vocab_size), float("-inf"))
+        if self.target_ids is not None:  # decoding: the ids tabulated once
+            return full.index_copy_(-1, self.target_ids, logits)
         index = (torch.arange(self.config.draft_vocab_size, device=logits.device) + self.d2t).expand_as(logits)
         return full.scatter(-1, index, logits)
 
