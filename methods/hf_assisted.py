@@ -4,10 +4,11 @@ The comparison point for ``speculative``: the same draft model (``draft`` resolv
 exactly as there), with the draft length and schedule set explicitly, and the
 confidence threshold at 0 by default so every step drafts ``num_assistant_tokens``
 tokens as ``speculative`` does (transformers' default threshold 0.4 stops most drafts
-early). Forward counts come from forward pre-hooks on both models; tokens committed
-per step are not exposed by ``generate``, so ``accepted_per_step`` stays empty. Per-forward
-times of both models come from the engines' timers through forward hooks
-(``Engine.timing_calls``), as for every other method.
+early). Forward counts come from forward pre-hooks on both models, tokens committed per
+target forward from the stopping criterion that commits them (``CommitEachStep``: its first
+step is the prompt's forward, which also verifies the first draft). Per-forward times of
+both models come from the engines' timers through forward hooks (``Engine.timing_calls``),
+as for every other method.
 """
 
 from __future__ import annotations
@@ -65,6 +66,5 @@ class HFAssisted(Method):
         draft_timing = self.draft.timing_calls() if self.draft_engines() else nullcontext()  # a separate draft
         with counting_calls(self.engine.model, self.draft.model) as counts, draft_timing:
             out = hf_generate(self.engine, prompt_ids, stop, assistant_model=self.draft.model)
-        return Generation(
-            tokens=out.tokens, target_forwards=counts[0], draft_forwards=counts[1], stop_reason=out.reason
-        )
+        return Generation(tokens=out.tokens, target_forwards=counts[0], draft_forwards=counts[1],
+                          accepted_per_step=out.accepted_per_step, stop_reason=out.stop_reason)  # fmt: skip

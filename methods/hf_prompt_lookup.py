@@ -3,8 +3,9 @@
 The comparison point for ``prompt-lookup``. transformers proposes the continuation of
 the *first* (leftmost) match of the last n tokens, n from ``max_matching_ngram_size``
 down to 1; ``prompt-lookup`` uses the most recent one. Target forwards are counted with
-a forward pre-hook; tokens committed per step are not exposed by ``generate``, so
-``accepted_per_step`` stays empty.
+a forward pre-hook, tokens committed per target forward by the stopping criterion that
+commits them (``CommitEachStep``: its first step is the prompt's forward, which already
+verifies the prompt's own match).
 """
 
 from __future__ import annotations
@@ -43,4 +44,5 @@ class HFPromptLookup(Method):
         )
         with counting_calls(self.engine.model) as counts:
             out = hf_generate(self.engine, prompt_ids, stop, options)
-        return Generation(tokens=out.tokens, target_forwards=counts[0], stop_reason=out.reason)
+        return Generation(tokens=out.tokens, target_forwards=counts[0], accepted_per_step=out.accepted_per_step,
+                          stop_reason=out.stop_reason)  # fmt: skip

@@ -36,7 +36,7 @@ from methods.eagle import Eagle, EagleConfig
 from methods.eagle2 import Eagle2, Eagle2Config
 from methods.eagle3 import Eagle3, Eagle3Config
 from methods.hf_assisted import HFAssisted, HFAssistedConfig
-from methods.hf_generate import GeneratedStopStrings, HFGenerate, HFGenerateConfig
+from methods.hf_generate import CommitEachStep, HFGenerate, HFGenerateConfig
 from methods.hf_prompt_lookup import HFPromptLookup, HFPromptLookupConfig
 from methods.lookahead import Lookahead, LookaheadConfig
 from methods.medusa import Medusa, MedusaConfig
@@ -429,7 +429,7 @@ def test_lookahead_stops_inside_an_accepted_ngram(engine, tokenizer):
 def raw_generate(engine: Engine, prompt: list[int], stop: StopRule, **kwargs) -> list[int]:
     """transformers' generate with the stop criterion but without the shared cut."""
     ids = torch.tensor([prompt])
-    criteria = StoppingCriteriaList([GeneratedStopStrings(stop.strings, len(prompt))])
+    criteria = StoppingCriteriaList([CommitEachStep(stop, len(prompt))])
     out = engine.model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
                                 max_new_tokens=stop.max_new_tokens, stopping_criteria=criteria, pad_token_id=2,
                                 eos_token_id=sorted(EOS), **kwargs)  # fmt: skip
