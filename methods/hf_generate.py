@@ -43,16 +43,18 @@ class CommitEachStep(StoppingCriteria):
     done. transformers calls it after every target forward with the whole sequence (batch
     size 1); only the tokens added since the last call are read."""
 
-    def __init__(self, stop: StopRule, prompt_length: int):
+    def __init__(self, engine: Engine, stop: StopRule, prompt_length: int):
+        self.engine = engine  # its phase clock: the commit is the step's "accept" phase
         self.committer = Committer(stop)
         self.prompt_length = prompt_length
         self.seen = 0  # generated tokens read so far (committed, or past the stop)
         self.per_step: list[int] = []  # tokens committed by each call's step, in order
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
-        new = input_ids[0, self.prompt_length + self.seen :].tolist()
-        self.seen += len(new)
-        self.per_step.append(self.committer.add(new))
+        with self.engine.phase("accept"):
+            new = input_ids[0, self.prompt_length + self.seen :].tolist()
+            self.seen += len(new)
+            self.per_step.append(self.committer.add(new))
         return torch.full((input_ids.shape[0],), self.committer.done, dtype=torch.bool, device=input_ids.device)
 
 
@@ -83,7 +85,7 @@ def hf_generate(
         pad_token_id=_pad_id(engine, stop),
         **(options or {}),
     )
-    commit = CommitEachStep(stop, len(prompt_ids))
+    commit = CommitEachStep(engine, stop, len(prompt_ids))
     with torch.inference_mode(), engine.timing_calls():  # per-forward times, as the engine's own forwards
         out = engine.model.generate(
             input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config,

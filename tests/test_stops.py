@@ -447,7 +447,7 @@ def test_lookahead_stops_inside_an_accepted_ngram(engine, tokenizer):
 def raw_generate(engine: Engine, prompt: list[int], stop: StopRule, **kwargs) -> list[int]:
     """transformers' generate with the stop criterion but without the shared cut."""
     ids = torch.tensor([prompt])
-    criteria = StoppingCriteriaList([CommitEachStep(stop, len(prompt))])
+    criteria = StoppingCriteriaList([CommitEachStep(engine, stop, len(prompt))])
     out = engine.model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
                                 max_new_tokens=stop.max_new_tokens, stopping_criteria=criteria, pad_token_id=2,
                                 eos_token_id=sorted(EOS), **kwargs)  # fmt: skip
