@@ -249,6 +249,8 @@ BLOCKS = {  # block name -> its table, from the results directory
     "modes": modes_block,  # eager vs compiled forwards (make bench MODE=compiled)
     "profile-phases": lambda results: phases_block(results, "profile-phases.json"),  # make profile-phases
     "profile-phases-before": lambda results: phases_block(results, "profile-phases-before.json"),
+    # the transformers wrappers beside their counterparts (make profile-phases PHASE_METHODS=... PHASES_OUT=...)
+    "profile-phases-hf": lambda results: phases_block(results, "profile-phases-hf.json"),
 }
 
 
