@@ -131,7 +131,7 @@ def latencies_ms(g: pd.DataFrame) -> tuple[float, list[float]]:
     return float(ttft.median()), [float(np.percentile(tpot, q)) for q in (50, 90, 99)]
 
 
-def decode_tokens(g: pd.DataFrame) -> int:
+def tokens_after_prefill(g: pd.DataFrame) -> int:
     """New tokens committed by decode steps: each record's tokens less those its prompt's forward
     committed (``accepted_per_step``'s first entry; 1 where a record has none). More than one
     where the prompt's forward also verifies a draft (transformers' assisted generation)."""
@@ -204,7 +204,7 @@ def detail(g: pd.DataFrame, reference: pd.DataFrame, speedup: float, manifest: d
         costs.draft_s * 1000, costs.verify_s * 1000, costs.host_s * 1000)  # fmt: skip
     ref = step_costs(reference)
     t1 = ref.verify_s  # the reference's target seconds per 1-token step
-    tokens = decode_tokens(g) / costs.steps if costs.steps else NAN
+    tokens = tokens_after_prefill(g) / costs.steps if costs.steps else NAN
     if not (t1 == t1 and t1 > 0 and costs.steps):
         return out
     setting = method_setting(manifest, str(g.method.iloc[0]))
