@@ -131,6 +131,14 @@ def latencies_ms(g: pd.DataFrame) -> tuple[float, list[float]]:
     return float(ttft.median()), [float(np.percentile(tpot, q)) for q in (50, 90, 99)]
 
 
+def tokens_after_prefill(g: pd.DataFrame) -> int:
+    """New tokens committed by decode steps: each record's tokens less those its prompt's forward
+    committed (``accepted_per_step``'s first entry; 1 where a record has none). More than one
+    where the prompt's forward also verifies a draft (transformers' assisted generation)."""
+    first = g.accepted_per_step.map(lambda s: s[0] if isinstance(s, list) and s else 1)
+    return int((g.tokens.map(len) - first).clip(lower=0).sum())
+
+
 def step_costs(g: pd.DataFrame) -> StepCosts:
     """Draft / verify / host seconds per decode step (NaN when a record has no timed prompt forward)."""
     steps = int((g.target_forwards - 1).clip(lower=0).sum())
@@ -196,7 +204,7 @@ def detail(g: pd.DataFrame, reference: pd.DataFrame, speedup: float, manifest: d
         costs.draft_s * 1000, costs.verify_s * 1000, costs.host_s * 1000)  # fmt: skip
     ref = step_costs(reference)
     t1 = ref.verify_s  # the reference's target seconds per 1-token step
-    tokens = (g.tokens.map(len) - 1).clip(lower=0).sum() / costs.steps if costs.steps else NAN
+    tokens = tokens_after_prefill(g) / costs.steps if costs.steps else NAN
     if not (t1 == t1 and t1 > 0 and costs.steps):
         return out
     setting = method_setting(manifest, str(g.method.iloc[0]))

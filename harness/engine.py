@@ -642,23 +642,32 @@ class Engine:
     @contextmanager
     def timing_calls(self, module: Optional[torch.nn.Module] = None) -> Iterator[None]:
         """Time every call of ``module`` (default: the model) like ``forward`` does, for code that
-        runs the model itself (transformers' ``generate`` in the hf-* wrappers); a no-op when
-        timing is off. Forward hooks, removed on exit."""
-        timer = self.timer
-        if timer is None:
+        runs the model itself (transformers' ``generate`` in the hf-* wrappers): each call is a
+        forward in the timer's log and, under a phase clock, this engine's ``forward_phase``.
+        A no-op when neither is on. Forward hooks, removed on exit."""
+        timer, phases = self.timer, self.phases
+        if timer is None and phases is None:
             yield
             return
         module = module if module is not None else self.model
-        starts: list[Any] = []
+        starts: list[Any] = []  # the timer's start of each call in progress
+        open_phases: list[Any] = []  # the phase of each call in progress, entered by its pre-hook
 
         def before(_module, args, kwargs) -> None:
-            starts.append(timer.begin())
+            if phases is not None:
+                open_phases.append(phases(self.forward_phase))
+                open_phases[-1].__enter__()
+            if timer is not None:
+                starts.append(timer.begin())
 
         def after(_module, args, kwargs, output) -> None:
-            ids = kwargs.get("input_ids", args[0] if args else None)
-            if ids is None:
-                ids = kwargs.get("inputs_embeds")
-            timer.end(starts.pop(), int(ids.shape[1]) if ids is not None else 0)
+            if timer is not None:
+                ids = kwargs.get("input_ids", args[0] if args else None)
+                if ids is None:
+                    ids = kwargs.get("inputs_embeds")
+                timer.end(starts.pop(), int(ids.shape[1]) if ids is not None else 0)
+            if open_phases:
+                open_phases.pop().__exit__(None, None, None)
 
         handles = [module.register_forward_pre_hook(before, with_kwargs=True),
                    module.register_forward_hook(after, with_kwargs=True)]  # fmt: skip
@@ -667,6 +676,8 @@ class Engine:
         finally:
             for handle in handles:
                 handle.remove()
+            while open_phases:  # a call that raised: its phase ends here
+                open_phases.pop().__exit__(None, None, None)
 
     def synchronize(self) -> None:
         if self.device.type == "cuda":

@@ -291,6 +291,8 @@ BLOCKS = {  # block name -> its table, from the results directory
     "profile-phases": lambda results: phases_block(results, "profile-phases.json"),  # make profile-phases
     "profile-phases-before": lambda results: phases_block(results, "profile-phases-before.json"),
     "phases": phases_compare_block,  # the README's before -> after table
+    # the transformers wrappers beside their counterparts (make profile-phases PHASE_METHODS=... PHASES_OUT=...)
+    "profile-phases-hf": lambda results: phases_block(results, "profile-phases-hf.json"),
 }
 
 

@@ -17,7 +17,7 @@ from typing import Optional
 import numpy as np
 import pandas as pd
 
-from harness.detail import as_row, detail
+from harness.detail import as_row, detail, tokens_after_prefill
 from harness.results import RunDir, RunDirError, commit_of, resume_key
 from harness.sandbox import pass_at_k_table
 
@@ -120,8 +120,7 @@ def _step_stats(g: pd.DataFrame) -> tuple[float, float]:
     if steps == 0 or g.prefill_time_s.isna().any():
         return float("nan"), float("nan")
     time = (g.forward_time_s - g.prefill_time_s).sum()
-    tokens = (g.tokens.map(len) - 1).clip(lower=0).sum()
-    return time / steps, tokens / steps
+    return time / steps, tokens_after_prefill(g) / steps
 
 
 def paired_speedups(records: pd.DataFrame, method: str, task: str) -> pd.DataFrame:

@@ -4,10 +4,12 @@ The comparison point for ``speculative``: the same draft model (``draft`` resolv
 exactly as there), with the draft length and schedule set explicitly, and the
 confidence threshold at 0 by default so every step drafts ``num_assistant_tokens``
 tokens as ``speculative`` does (transformers' default threshold 0.4 stops most drafts
-early). Forward counts come from forward pre-hooks on both models; tokens committed
-per step are not exposed by ``generate``, so ``accepted_per_step`` stays empty. Per-forward
-times of both models come from the engines' timers through forward hooks
-(``Engine.timing_calls``), as for every other method.
+early). Target forwards and the tokens each committed come from the stopping criterion that
+commits them (``CommitEachStep``, called once per target forward; its first step is the
+prompt's forward, which also verifies the first draft), draft forwards from a forward
+pre-hook on the draft model. Per-forward times of
+both models come from the engines' timers through forward hooks (``Engine.timing_calls``),
+as for every other method.
 """
 
 from __future__ import annotations
@@ -63,8 +65,9 @@ class HFAssisted(Method):
             assistant_confidence_threshold=cfg.assistant_confidence_threshold,
         )
         draft_timing = self.draft.timing_calls() if self.draft_engines() else nullcontext()  # a separate draft
-        with counting_calls(self.engine.model, self.draft.model) as counts, draft_timing:
+        with counting_calls(self.draft.model) as counts, draft_timing:
             out = hf_generate(self.engine, prompt_ids, stop, assistant_model=self.draft.model)
-        return Generation(
-            tokens=out.tokens, target_forwards=counts[0], draft_forwards=counts[1], stop_reason=out.reason
-        )
+        target_forwards = len(out.accepted_per_step)  # one stopping-criterion call per target forward
+        draft_forwards = counts[0] - (target_forwards if self.draft is self.engine else 0)  # the target as its draft
+        return Generation(tokens=out.tokens, target_forwards=target_forwards, draft_forwards=draft_forwards,
+                          accepted_per_step=out.accepted_per_step, stop_reason=out.stop_reason)  # fmt: skip

@@ -5,27 +5,29 @@ with ``autoregressive`` shows the baseline is right, and its speed shows the bas
 is not a strawman. ``hf_generate`` is shared with the other wrappers of ``generate``
 (hf-assisted, hf-prompt-lookup).
 
-Stop strings: ``generate`` gets a ``StoppingCriteria`` that runs the same ``StopStrings``
-rule on the generated tokens only, and its output then goes through the shared
-``Committer``, so a wrapper ends at exactly the token our methods end at. Both steps are
-needed: transformers checks stopping criteria only after a whole accepted block (assisted
-and prompt-lookup generation can run past a stop inside a block), and its own
-``stop_strings`` (``StopStringCriteria``) also matches a stop string that spans the seam
-between prompt and output, which the shared rule does not count.
+Stop rules: ``generate`` gets a ``StoppingCriteria`` (``CommitEachStep``) that hands the
+tokens of each step to the shared ``Committer``, so a wrapper ends at exactly the token our
+methods end at, and says "stop" once the committer is done. transformers calls it once per
+target forward, so it also records the tokens each forward committed (``accepted_per_step``,
+the prompt's forward first). Both matter: transformers checks stopping criteria only after a
+whole accepted block (assisted and prompt-lookup generation can run past a stop inside a
+block: the committer cuts it), and its own ``stop_strings`` (``StopStringCriteria``) also
+matches a stop string that spans the seam between prompt and output, which the shared rule
+does not count.
 """
 
 from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, Optional
 
 import torch
 from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
 from harness.config import MethodConfig, SamplingConfig
 from harness.engine import Engine
-from harness.stops import Committer, StopRule, StopStrings
+from harness.stops import Committer, StopRule
 from methods.base import Generation, Method
 
 
@@ -34,32 +36,41 @@ class HFGenerateConfig(MethodConfig):
     name: str = "hf-generate"
 
 
-class GeneratedStopStrings(StoppingCriteria):
-    """``StopStrings`` as a transformers stopping criterion, on the tokens after the prompt.
+class CommitEachStep(StoppingCriteria):
+    """The shared commit path as a transformers stopping criterion: the tokens each step added
+    after the prompt go through one ``Committer`` (EOS, stop strings, ``max_new_tokens``; a
+    block is cut at the token that ends generation), and the criterion says "stop" once it is
+    done. transformers calls it after every target forward with the whole sequence (batch
+    size 1); only the tokens added since the last call are read."""
 
-    transformers calls it after every step with the whole sequence; the tokens added since
-    the last call (one, or an accepted block) are checked one by one, so it says "stop" once
-    any of them has completed a stop string. Where in the block is left to the ``Committer``.
-    """
-
-    def __init__(self, strings: StopStrings, prompt_length: int):
-        self.strings, self.prompt_length = strings, prompt_length
-        self.checked = 0  # generated tokens checked so far
-        self.fired = False
+    def __init__(self, engine: Engine, stop: StopRule, prompt_length: int):
+        self.engine = engine  # its phase clock: the commit is the step's "accept" phase
+        self.committer = Committer(stop)
+        self.prompt_length = prompt_length
+        self.seen = 0  # generated tokens read so far (committed, or past the stop)
+        self.per_step: list[int] = []  # tokens committed by each call's step, in order
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
-        new = input_ids[0, self.prompt_length :].tolist()  # batch size 1
-        while not self.fired and self.checked < len(new):
-            self.checked += 1
-            self.fired = self.strings.completed_by(new[: self.checked]) is not None
-        return torch.full((input_ids.shape[0],), self.fired, dtype=torch.bool, device=input_ids.device)
+        with self.engine.phase("accept"):
+            new = input_ids[0, self.prompt_length + self.seen :].tolist()
+            self.seen += len(new)
+            self.per_step.append(self.committer.add(new))
+        return torch.full((input_ids.shape[0],), self.committer.done, dtype=torch.bool, device=input_ids.device)
+
+
+@dataclass
+class HFOutput:
+    """What a wrapper's ``generate`` call committed."""
+
+    tokens: list[int]  # the new tokens, cut under the stop rule
+    stop_reason: Optional[str]  # the Committer's reason (eos, stop:<string>, max_new_tokens)
+    accepted_per_step: list[int]  # tokens committed per target forward, the prompt's forward first
 
 
 def hf_generate(
     engine: Engine, prompt_ids: list[int], stop: StopRule, options: dict | None = None, **generate_kwargs
-) -> Committer:
-    """Greedy ``model.generate`` under ``stop``; returns its new tokens committed under
-    ``stop`` (``.tokens``, and ``.reason`` for the stop that ended them).
+) -> HFOutput:
+    """Greedy ``model.generate`` under ``stop``, its tokens committed step by step under ``stop``.
 
     options: extra GenerationConfig fields (prompt_lookup_num_tokens=...);
     generate_kwargs: extra ``generate`` arguments (assistant_model=...).
@@ -74,16 +85,16 @@ def hf_generate(
         pad_token_id=_pad_id(engine, stop),
         **(options or {}),
     )
-    if stop.strings:
-        criterion = GeneratedStopStrings(stop.strings, len(prompt_ids))
-        generate_kwargs["stopping_criteria"] = StoppingCriteriaList([criterion])
+    commit = CommitEachStep(engine, stop, len(prompt_ids))
     with torch.inference_mode(), engine.timing_calls():  # per-forward times, as the engine's own forwards
         out = engine.model.generate(
-            input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config, **generate_kwargs
-        )
-    committed = Committer(stop)
-    committed.add(out[0, len(prompt_ids) :].tolist())
-    return committed
+            input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config,
+            stopping_criteria=StoppingCriteriaList([commit]), **generate_kwargs,
+        )  # fmt: skip
+    if out.shape[1] != len(prompt_ids) + commit.seen:
+        raise RuntimeError(f"transformers' generate returned {out.shape[1] - len(prompt_ids)} new tokens but showed "
+                           f"its stopping criteria {commit.seen}: this transformers version is not supported")  # fmt: skip
+    return HFOutput(commit.committer.tokens, commit.committer.reason, commit.per_step)
 
 
 @contextmanager
@@ -120,8 +131,8 @@ class HFGenerate(Method):
     def generate(self, prompt_ids: list[int], stop: StopRule, seed: int = 0) -> Generation:
         require_greedy(self.cfg.name, self.sampling)
         out = hf_generate(self.engine, prompt_ids, stop)
-        n = len(out.tokens)
-        return Generation(tokens=out.tokens, target_forwards=n, accepted_per_step=[1] * n, stop_reason=out.reason)
+        return Generation(tokens=out.tokens, target_forwards=len(out.accepted_per_step),
+                          accepted_per_step=out.accepted_per_step, stop_reason=out.stop_reason)  # fmt: skip
 
 
 def _pad_id(engine, stop: StopRule) -> int:

@@ -2,9 +2,10 @@
 
 The comparison point for ``prompt-lookup``. transformers proposes the continuation of
 the *first* (leftmost) match of the last n tokens, n from ``max_matching_ngram_size``
-down to 1; ``prompt-lookup`` uses the most recent one. Target forwards are counted with
-a forward pre-hook; tokens committed per step are not exposed by ``generate``, so
-``accepted_per_step`` stays empty.
+down to 1; ``prompt-lookup`` uses the most recent one. Target forwards and the tokens each committed
+come from the stopping criterion that commits them (``CommitEachStep``, called once per
+target forward; its first step is the prompt's forward, which already verifies the prompt's
+own match).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from harness.config import MethodConfig, SamplingConfig
 from harness.engine import Engine
 from harness.stops import StopRule
 from methods.base import Generation, Method
-from methods.hf_generate import counting_calls, hf_generate, require_greedy
+from methods.hf_generate import hf_generate, require_greedy
 
 
 @dataclass
@@ -41,6 +42,6 @@ class HFPromptLookup(Method):
             prompt_lookup_num_tokens=self.cfg.prompt_lookup_num_tokens,
             max_matching_ngram_size=self.cfg.max_matching_ngram_size,
         )
-        with counting_calls(self.engine.model) as counts:
-            out = hf_generate(self.engine, prompt_ids, stop, options)
-        return Generation(tokens=out.tokens, target_forwards=counts[0], stop_reason=out.reason)
+        out = hf_generate(self.engine, prompt_ids, stop, options)
+        return Generation(tokens=out.tokens, target_forwards=len(out.accepted_per_step),
+                          accepted_per_step=out.accepted_per_step, stop_reason=out.stop_reason)  # fmt: skip

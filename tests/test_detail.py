@@ -3,7 +3,8 @@
 The run: two samples, a (5 new tokens) and b (8). The reference decodes one token per 10 ms
 forward. ``speculative`` (gamma 2) commits [1, 3, 1] on a and [1, 2, 2, 2, 1] on b, with 3 ms
 per draft forward and 15 ms per verify; ``medusa`` (a tree, no gamma) commits [1, 2, 2] and
-[1, 3, 3, 1] at 20 ms per step.
+[1, 3, 3, 1] at 20 ms per step. ``hf-assisted``'s prompt forward also verifies a draft: it
+commits [2, 2, 1] and [3, 3, 2], 21 ms of forwards per step.
 """
 
 from __future__ import annotations
@@ -34,10 +35,15 @@ def record(method: str, sample: str, per_step: list[int], *, prefill: float, ver
     ).__dict__  # fmt: skip
 
 
-def synthetic_run(path: Path) -> Path:
-    rows = [
+def reference_rows() -> list[dict]:
+    return [
         record("autoregressive", "a", [1] * 5, prefill=0.010, verify=0.040, host=0.010, first=0.011),
         record("autoregressive", "b", [1] * 8, prefill=0.010, verify=0.070, host=0.016, first=0.011),
+    ]
+
+
+def synthetic_run(path: Path) -> Path:
+    rows = reference_rows() + [
         record("speculative", "a", [1, 3, 1], prefill=0.010, verify=0.030, draft=0.012, host=0.010, first=0.015,
                proposed=[2, 2], accepted=[1, 1]),  # 2 steps: accept 2, then 0 drafts
         record("speculative", "b", [1, 2, 2, 2, 1], prefill=0.010, verify=0.060, draft=0.024, host=0.010,
@@ -45,6 +51,10 @@ def synthetic_run(path: Path) -> Path:
         record("medusa", "a", [1, 2, 2], prefill=0.010, verify=0.040, host=0.005, first=0.012),
         record("medusa", "b", [1, 3, 3, 1], prefill=0.010, verify=0.060, host=0.005, first=0.012),
     ]  # fmt: skip
+    return write_run(path, rows)
+
+
+def write_run(path: Path, rows: list[dict]) -> Path:
     path.mkdir(parents=True)
     manifest = {"config": {"method": {"speculative": {"gamma": 2, "schedule": "constant"}, "medusa": {}}},
                 "environment": {"device": "cpu", "device_name": "test"}, "model": {"label": "m"}}  # fmt: skip
@@ -104,6 +114,19 @@ def test_tree_limit_from_step_cost(table):
     assert medusa.setting_run == "" and medusa.best_setting == ""
     ar = table.loc["autoregressive"]
     assert ar.limit_speedup == pytest.approx(1.0) and ar.limit_fraction == pytest.approx(1.0)
+
+
+def test_tokens_the_prompt_forward_committed_are_not_decode_steps(tmp_path):
+    rows = reference_rows() + [
+        record("hf-assisted", "a", [2, 2, 1], prefill=0.010, verify=0.030, draft=0.012, host=0.010, first=0.012),
+        record("hf-assisted", "b", [3, 3, 2], prefill=0.010, verify=0.030, draft=0.012, host=0.010, first=0.012),
+    ]  # fmt: skip
+    hf = metrics(load_runs([write_run(tmp_path / "run", rows)])).set_index("method").loc["hf-assisted"]
+    # 4 decode steps commit (5 - 2) + (8 - 3) = 8 tokens (not 5 - 1 + 8 - 1 = 11) in 84 ms of forwards
+    assert hf.accepted_pooled == pytest.approx(2.0)
+    assert hf.step_cost == pytest.approx(2.1) and hf.limit_speedup == pytest.approx(2 / 2.1)
+    assert hf.efficiency == pytest.approx(hf.speedup / (2 / 2.1))
+    assert hf.mean_accepted_tokens == pytest.approx(13 / 6)  # all tokens over all target forwards
 
 
 def test_expected_tokens_extrapolates_by_the_last_conditional():

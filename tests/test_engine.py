@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from harness.config import ModelConfig, SamplingConfig
-from harness.engine import Engine, ForwardTimer, ModelLoadError
+from harness.engine import Engine, ForwardTimer, ModelLoadError, PhaseClock
 from harness.stops import StopRule
 from methods.autoregressive import Autoregressive, AutoregressiveConfig
 
@@ -139,6 +139,17 @@ def test_forward_timer(engine, monkeypatch):
     assert engine.timer is None and engine.stop_timing() == []
     with engine.timing_calls():  # timing off: no hooks, nothing recorded
         engine.model(input_ids=torch.tensor([[0, 5]]))
+    assert not engine.model._forward_hooks and not engine.model._forward_pre_hooks
+    # under a phase clock alone (harness profile --phases), a hooked call is a forward of the
+    # engine's phase, as Engine.forward is
+    engine.phases, engine.forward_phase = PhaseClock(), "draft"
+    try:
+        with engine.timing_calls():
+            engine.model(input_ids=torch.tensor([[0, 5]]))
+        clock = engine.phases
+    finally:
+        engine.phases, engine.forward_phase = None, "verify"
+    assert set(clock.seconds) == {"draft"} and clock.seconds["draft"] > 0 and not clock.stack
     assert not engine.model._forward_hooks and not engine.model._forward_pre_hooks
     # the CUDA rule, with stand-in events: no synchronisation inside a generation; read()
     # synchronises once, after it, and converts every forward's pair of events

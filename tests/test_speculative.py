@@ -19,6 +19,7 @@ from harness.stops import StopRule
 from methods.acceptance import ChainVerifier, greedy_accept, residual, sample_accept
 from methods.autoregressive import Autoregressive, AutoregressiveConfig
 from methods.hf_assisted import HFAssisted, HFAssistedConfig
+from methods.hf_generate import counting_calls
 from methods.speculative import DraftMismatchError, Speculative, SpeculativeConfig
 
 PROMPTS = [[0, 17, 42, 99, 5], [0, 3], [0, 250, 251, 252, 253, 254, 255, 10, 11]]
@@ -236,10 +237,13 @@ def test_hf_assisted_equals_autoregressive(engine, tokenizer):
         method = HFAssisted(HFAssistedConfig(num_assistant_tokens_schedule=schedule), engine, GREEDY, draft=other)
         for prompt in PROMPTS:
             eos = frozenset(engine.eos_ids)  # transformers' generate stops at the model's EOS anyway
-            gen = method.generate(prompt, StopRule(N, eos))
+            with counting_calls(engine.model, other.model) as forwards:  # each model's, counted apart
+                gen = method.generate(prompt, StopRule(N, eos))
             assert gen.tokens == autoregressive(engine, prompt, eos=eos)
+            assert [gen.target_forwards, gen.draft_forwards] == forwards
             # a draft that is never right: one token per target forward
             assert gen.target_forwards == len(gen.tokens) and gen.draft_forwards >= len(gen.tokens) - 1
+            assert gen.accepted_per_step == [1] * len(gen.tokens)
             again = method.generate(prompt, StopRule(N, eos))  # the schedule restarts every call
             assert again.tokens == gen.tokens and again.draft_forwards == gen.draft_forwards
     with pytest.raises(ValueError, match="greedy"):

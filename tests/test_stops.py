@@ -36,7 +36,7 @@ from methods.eagle import Eagle, EagleConfig
 from methods.eagle2 import Eagle2, Eagle2Config
 from methods.eagle3 import Eagle3, Eagle3Config
 from methods.hf_assisted import HFAssisted, HFAssistedConfig
-from methods.hf_generate import GeneratedStopStrings, HFGenerate, HFGenerateConfig
+from methods.hf_generate import CommitEachStep, HFGenerate, HFGenerateConfig, counting_calls
 from methods.hf_prompt_lookup import HFPromptLookup, HFPromptLookupConfig
 from methods.lookahead import Lookahead, LookaheadConfig
 from methods.medusa import Medusa, MedusaConfig
@@ -227,7 +227,25 @@ def test_autoregressive_and_hf_generate(engine, tokenizer):
                        HFGenerate(HFGenerateConfig(), engine, GREEDY)):  # fmt: skip
             gen = method.generate(prompt, stop)
             check_cut(gen, engine, prompt, stop, ref, k, s)
-            assert gen.target_forwards == k + 1
+            assert gen.target_forwards == k + 1 and gen.accepted_per_step == [1] * (k + 1)
+
+
+class CountingStopStrings(StopStrings):
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.calls = 0
+
+    def completed_by(self, tokens):
+        self.calls += 1
+        return super().completed_by(tokens)
+
+
+def test_hf_generate_checks_each_token_once(engine, tokenizer):
+    """The wrapper's stopping criterion is the commit path: every generated token is checked
+    against the stop strings once, while transformers runs (not again after it)."""
+    strings = CountingStopStrings(["never in this output \u2603"], decoder(tokenizer))
+    gen = HFGenerate(HFGenerateConfig(), engine, GREEDY).generate(PROMPTS[0], StopRule(N, EOS, strings))
+    assert strings.calls == len(gen.tokens) and gen.stop_reason in ("eos", "max_new_tokens")
 
 
 @pytest.mark.parametrize("prompt", PROMPTS)
@@ -429,7 +447,7 @@ def test_lookahead_stops_inside_an_accepted_ngram(engine, tokenizer):
 def raw_generate(engine: Engine, prompt: list[int], stop: StopRule, **kwargs) -> list[int]:
     """transformers' generate with the stop criterion but without the shared cut."""
     ids = torch.tensor([prompt])
-    criteria = StoppingCriteriaList([GeneratedStopStrings(stop.strings, len(prompt))])
+    criteria = StoppingCriteriaList([CommitEachStep(engine, stop, len(prompt))])
     out = engine.model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
                                 max_new_tokens=stop.max_new_tokens, stopping_criteria=criteria, pad_token_id=2,
                                 eos_token_id=sorted(EOS), **kwargs)  # fmt: skip
@@ -452,6 +470,10 @@ def test_hf_assisted_is_cut_inside_transformers_block(engine, tokenizer):
             engine.model.generation_config = saved
         check_cut(gen, engine, prompt, stop, ref, k, s)
         assert len(raw) > k + 1 and raw[: k + 1] == gen.tokens  # transformers alone runs past the stop
+        # every target forward commits its 4 drafts + 1 (the prompt's too: it verifies the first
+        # drafts), the last one cut at the stop
+        steps = gen.accepted_per_step
+        assert steps == [5] * (len(steps) - 1) + [k + 1 - 5 * (len(steps) - 1)] and len(steps) == gen.target_forwards
 
 
 def test_hf_prompt_lookup_is_cut_inside_transformers_block(engine, tokenizer):
@@ -468,9 +490,12 @@ def test_hf_prompt_lookup_is_cut_inside_transformers_block(engine, tokenizer):
             raw = raw_generate(engine, prompt, stop, prompt_lookup_num_tokens=10, max_matching_ngram_size=3)
             if len(raw) == k + 1:
                 continue  # the stop fell at the end of transformers' block: nothing to cut
-            gen = method.generate(prompt, stop)
+            with counting_calls(engine.model) as forwards:  # the target's forwards, counted apart
+                gen = method.generate(prompt, stop)
             check_cut(gen, engine, prompt, stop, ref, k, s)
             assert raw[: k + 1] == gen.tokens  # transformers ran past the stop (a block), the wrapper cut it
+            assert sum(gen.accepted_per_step) == k + 1 and len(gen.accepted_per_step) == gen.target_forwards
+            assert gen.target_forwards == forwards[0]
             found += 1
             break
     assert found >= 2
