@@ -37,8 +37,8 @@ class Eagle2Config(EagleConfig):
     name: str = "eagle2"
     top_k: int = 4  # children per expanded node, and nodes expanded per level
     # depth and total_tokens: the fastest pair on HumanEval's tuning split in results/eagle2-trees.md (make tables-eagle2)
-    depth: int = 3  # levels drafted (= head forwards per step; the tree's maximum depth)
-    total_tokens: int = 8  # draft nodes verified per step (the best by cumulative draft log-probability)
+    depth: int = 2  # levels drafted (= head forwards per step; the tree's maximum depth)
+    total_tokens: int = 32  # draft nodes verified per step (the best by cumulative draft log-probability)
     candidates: str = "topk"  # fixed: dynamic trees verify deterministic top-k candidates (module doc)
 
 
