@@ -25,6 +25,11 @@ config; nothing reads a model. Definitions (a "decode step" is a target forward 
   time). Beyond the positions measured, joint(k) decays by the last conditional acceptance. The
   best gamma is the g in 1..``MAX_GAMMA`` maximising it. Any other method (trees, lookups, SPACE):
   tokens per step / (its forward time per step / t_1), the measured step cost;
+- whole generations: the speedup is measured over whole generations, whose prompt forward no
+  method shortens, so each limit above is turned into a whole-generation one by Amdahl's law with
+  the share ``s`` of the reference's forward time spent on its prompt forwards:
+  1 / (s + (1 - s) / decode-step limit). Without it, the prompt's forward (a forward, not host
+  work) would count against a method as overhead, the more so the more tokens it accepts;
 - limit fraction: the measured speedup / the limit at the setting that ran.
 """
 
@@ -150,6 +155,23 @@ def step_costs(g: pd.DataFrame) -> StepCosts:
     return StepCosts(steps, draft / steps, verify / steps, host / steps)
 
 
+def prompt_share(reference: pd.DataFrame) -> float:
+    """The share of the reference's forward time spent on the prompts' forwards (NaN where untimed)."""
+    if reference.empty or reference.prefill_time_s.isna().any():
+        return NAN
+    total = float(reference.forward_time_s.sum())
+    return float(reference.prefill_time_s.sum()) / total if total > 0 else NAN
+
+
+def with_prompt_forward(decode_limit: float, share: float) -> float:
+    """A decode-step limit as a whole-generation limit: every method runs the prompt's forward once,
+    as the reference does, so that share of the reference's forward time is not sped up (Amdahl).
+    The speedup it bounds is measured over whole generations, prompt included."""
+    if not (share == share and decode_limit == decode_limit and decode_limit > 0):
+        return decode_limit
+    return 1.0 / (share + (1.0 - share) / decode_limit)
+
+
 def expected_tokens(joint: list[float], conditional: list[float], gamma: int) -> float:
     """E(gamma) = 1 + sum of joint(k) for k <= gamma, joint decaying by the last conditional
     acceptance beyond the positions measured."""
@@ -214,10 +236,12 @@ def detail(g: pd.DataFrame, reference: pd.DataFrame, speedup: float, manifest: d
                            costs.draft_s / int(gamma), costs.verify_s)  # fmt: skip
         best = chain.best()
         out.limit_speedup = chain.limit(int(gamma))
-        out.setting_run, out.best_setting, out.best_setting_limit = f"gamma={gamma}", f"gamma={best}", chain.limit(best)
+        out.setting_run, out.best_setting = f"gamma={gamma}", f"gamma={best}"
+        out.best_setting_limit = with_prompt_forward(chain.limit(best), prompt_share(reference))
     else:
         step_cost = (costs.draft_s + costs.verify_s) / t1
         out.limit_speedup = tokens / step_cost if step_cost else NAN
+    out.limit_speedup = with_prompt_forward(out.limit_speedup, prompt_share(reference))
     out.limit_fraction = speedup / out.limit_speedup if out.limit_speedup == out.limit_speedup else NAN
     return out
 

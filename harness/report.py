@@ -17,7 +17,7 @@ from typing import Optional
 import numpy as np
 import pandas as pd
 
-from harness.detail import as_row, detail, tokens_after_prefill
+from harness.detail import as_row, detail, prompt_share, tokens_after_prefill, with_prompt_forward
 from harness.results import RunDir, RunDirError, commit_of, resume_key
 from harness.sandbox import pass_at_k_table
 
@@ -227,6 +227,7 @@ def metrics(runs: Runs, by: Optional[str] = None) -> pd.DataFrame:
         t1 = _step_stats(sub)[0]  # the reference's time per 1-token step, same rows
         step_cost = step_time / t1 if t1 == t1 and t1 else float("nan")  # t(step forwards) / t(1-token forward)
         bound = step_tokens / step_cost if step_cost == step_cost and step_cost else float("nan")
+        bound = with_prompt_forward(bound, prompt_share(sub))  # the prompt's forward is not sped up
         rows.append(
             {
                 **key,

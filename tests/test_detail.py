@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.detail import ChainModel, expected_tokens
+from harness.detail import ChainModel, expected_tokens, with_prompt_forward
 from harness.report import load_runs, metrics
 from harness.results import Record, RunDir
 
@@ -95,22 +95,32 @@ def test_latency_and_time_per_step(table):
     assert spec.host_ms_per_step == pytest.approx(20 / 6)
 
 
+# the reference's prompt forwards: 20 ms of its 130 ms of forwards, which no method shortens
+SHARE = 20 / 130
+
+
+def whole(decode_limit: float) -> float:
+    """A decode-step limit over whole generations, by hand: the prompt's 20 ms stay, the rest shrinks."""
+    return 130 / (20 + 110 / decode_limit)
+
+
 def test_chain_limit_and_best_gamma(table):
     spec = table.loc["speculative"]
-    # E(2) = 1 + 4/6 + 1/6; cost = 2 x 3 ms + 15 ms; t1 = 10 ms (110 ms over 11 reference steps)
-    assert spec.limit_speedup == pytest.approx(11 / 6 * 10 / 21)
+    # per decode step: E(2) = 1 + 4/6 + 1/6; cost = 2 x 3 ms + 15 ms; t1 = 10 ms (110 ms over 11 reference steps)
+    assert spec.limit_speedup == pytest.approx(whole(11 / 6 * 10 / 21))
     # gamma 1: E = 5/3, verify 10 + (15 - 10) / 2 = 12.5 ms -> 16.7 / 15.5 = 1.075;
     # gamma 3: E = 11/6 + 1/6 x 1/4, cost 9 + 17.5 ms -> 0.708
     assert spec.setting_run == "gamma=2" and spec.best_setting == "gamma=1"
-    assert spec.best_setting_limit == pytest.approx(5 / 3 * 10 / 15.5)
+    assert spec.best_setting_limit == pytest.approx(whole(5 / 3 * 10 / 15.5))
     assert spec.speedup == pytest.approx(0.156 / 0.166)  # same tokens, wall 166 ms vs 156 ms
     assert spec.limit_fraction == pytest.approx(spec.speedup / spec.limit_speedup)
 
 
 def test_tree_limit_from_step_cost(table):
     medusa = table.loc["medusa"]
-    # 11 tokens over 5 steps at 20 ms a step against 10 ms: 2.2 / 2
-    assert medusa.limit_speedup == pytest.approx(1.1)
+    # 11 tokens over 5 steps at 20 ms a step against 10 ms: 2.2 / 2 per decode step
+    assert medusa.limit_speedup == pytest.approx(whole(1.1))
+    assert medusa.efficiency == pytest.approx(medusa.speedup / whole(1.1))
     assert medusa.setting_run == "" and medusa.best_setting == ""
     ar = table.loc["autoregressive"]
     assert ar.limit_speedup == pytest.approx(1.0) and ar.limit_fraction == pytest.approx(1.0)
@@ -124,9 +134,16 @@ def test_tokens_the_prompt_forward_committed_are_not_decode_steps(tmp_path):
     hf = metrics(load_runs([write_run(tmp_path / "run", rows)])).set_index("method").loc["hf-assisted"]
     # 4 decode steps commit (5 - 2) + (8 - 3) = 8 tokens (not 5 - 1 + 8 - 1 = 11) in 84 ms of forwards
     assert hf.accepted_pooled == pytest.approx(2.0)
-    assert hf.step_cost == pytest.approx(2.1) and hf.limit_speedup == pytest.approx(2 / 2.1)
-    assert hf.efficiency == pytest.approx(hf.speedup / (2 / 2.1))
+    assert hf.step_cost == pytest.approx(2.1) and hf.limit_speedup == pytest.approx(whole(2 / 2.1))
+    assert hf.efficiency == pytest.approx(hf.speedup / whole(2 / 2.1))
     assert hf.mean_accepted_tokens == pytest.approx(13 / 6)  # all tokens over all target forwards
+
+
+def test_the_whole_generation_limit_follows_amdahl():
+    assert with_prompt_forward(2.0, 0.0) == pytest.approx(2.0)  # no prompt forward: the decode limit
+    assert with_prompt_forward(2.0, 0.5) == pytest.approx(1 / (0.5 + 0.25))
+    assert with_prompt_forward(0.5, 0.2) == pytest.approx(1 / (0.2 + 1.6))  # a slowdown shrinks too
+    assert with_prompt_forward(1.0, SHARE) == pytest.approx(1.0)
 
 
 def test_expected_tokens_extrapolates_by_the_last_conditional():
@@ -146,7 +163,7 @@ def test_summary_files_carry_the_detail(tmp_path):
     assert rows["speculative"]["best_setting"] == "gamma=1"
     doc = {r["method"]: r for r in json.loads((path / "summary.json").read_text())}
     assert doc["speculative"]["tpot_ms_p99"] == pytest.approx(rows_float(rows, "speculative", "tpot_ms_p99"))
-    assert doc["medusa"]["limit_speedup"] == pytest.approx(1.1)
+    assert doc["medusa"]["limit_speedup"] == pytest.approx(whole(1.1))
 
 
 def rows_float(rows: dict, method: str, column: str) -> float:
