@@ -35,8 +35,8 @@ from methods.tree import DraftTree, TreeError
 @dataclass
 class Eagle2Config(EagleConfig):
     name: str = "eagle2"
+    # top_k, depth and total_tokens: the fastest job of make tables-eagle2 (HumanEval's tuning split, results/eagle2-trees.md)
     top_k: int = 4  # children per expanded node, and nodes expanded per level
-    # depth and total_tokens: the fastest pair on HumanEval's tuning split in results/eagle2-trees.md (make tables-eagle2)
     depth: int = 2  # levels drafted (= head forwards per step; the tree's maximum depth)
     total_tokens: int = 32  # draft nodes verified per step (the best by cumulative draft log-probability)
     candidates: str = "topk"  # fixed: dynamic trees verify deterministic top-k candidates (module doc)
@@ -46,7 +46,7 @@ class Eagle2(Eagle):
     """EAGLE-2: the EAGLE head drafts a dynamic tree, the nodes of highest draft probability."""
 
     config_class = Eagle2Config
-    main_settings = ("depth", "total_tokens")
+    main_settings = ("depth", "top_k", "total_tokens")
 
     def check_settings(self) -> None:
         cfg = self.cfg
