@@ -38,7 +38,7 @@ class Eagle2Config(EagleConfig):
     # top_k, depth and total_tokens: the fastest job of make tables-eagle2 (HumanEval's tuning split, results/eagle2-trees.md)
     top_k: int = 4  # children per expanded node, and nodes expanded per level
     depth: int = 2  # levels drafted (= head forwards per step; the tree's maximum depth)
-    total_tokens: int = 32  # draft nodes verified per step (the best by cumulative draft log-probability)
+    total_tokens: int = 16  # draft nodes verified per step (the best by cumulative draft log-probability)
     candidates: str = "topk"  # fixed: dynamic trees verify deterministic top-k candidates (module doc)
 
 
