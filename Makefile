@@ -224,7 +224,7 @@ tables-buckets:
 # the README's result tables, generated from results/*.md (tests/test_readme.py compares them)
 # results/profile-phases.json (docs/performance.md): each method's decode step split by phase (draft, verify,
 # tree, accept, cache, other; `harness profile --phases`, wall clocks), from a clean tree
-PHASE_METHODS := autoregressive,speculative,medusa,eagle,eagle2,eagle3,suffix,recycling,lookahead,rest,nest,hf-assisted,hf-prompt-lookup
+PHASE_METHODS := autoregressive,speculative,medusa,eagle,eagle2,eagle3,suffix,recycling,lookahead,rest,nest
 PHASES_OUT ?= results/profile-phases.json
 profile-phases: setup
 	ALLOW_DIRTY=$(ALLOW_DIRTY) .venv/bin/python -m harness.publish clean-tree
@@ -233,7 +233,9 @@ profile-phases: setup
 	$(MAKE) readme
 
 # the "before" profile: the same command run by an older commit's own code (scripts/profile-before.sh); run
-# `make profile-phases-before profile-phases` so that before and after share one sitting and core
+# `make profile-phases-before profile-phases` so that before and after share one sitting and core. The hf-* wrappers
+# have a table of their own (PHASES_OUT=results/profile-phases-hf.json): at BEFORE_COMMIT the phase clock did not see
+# their forwards, so a before row of theirs would mean nothing
 BEFORE_COMMIT ?= eed22b1
 profile-phases-before: setup
 	ALLOW_DIRTY=$(ALLOW_DIRTY) .venv/bin/python -m harness.publish clean-tree
