@@ -215,6 +215,11 @@ def headline_block(results: Path) -> str:
     return sources(files) + "\n\n" + markdown_table(head, cells) + more
 
 
+def profile_forward_mode(data: dict) -> str:
+    """A stored profile's eager / compiled mode (older profiles, as an older commit writes them, name it ``execution``)."""
+    return data.get("forward_mode") or data.get("execution") or "eager"
+
+
 def phases_block(results: Path, name: str) -> str:
     """A per-phase profile (``harness profile --phases``, make profile-phases): ms per decode step
     of each phase, per method, with where and from which commit it was measured."""
@@ -226,7 +231,7 @@ def phases_block(results: Path, name: str) -> str:
     tree = "unknown tree" if git.get("dirty") is None else ("DIRTY tree" if git["dirty"] else "clean tree")
     load = data.get("load_average_1min") or {}
     header = (f"From `results/{name}`: model: {data['model']} | device: {data['device']} ({data['device_name']}) | "
-              f"forwards: {data['forward_mode']} | threads: {data['threads']} | {data['samples']} samples x "
+              f"forwards: {profile_forward_mode(data)} | threads: {data['threads']} | {data['samples']} samples x "
               f"{data['max_new_tokens']} tokens | load average {load.get('before', float('nan')):.1f} -> "
               f"{load.get('after', float('nan')):.1f} | commit: {(git.get('commit') or '?')[:10]} ({tree})")  # fmt: skip
     columns = ["draft", "verify", "tree", "accept", "cache", "other"]
@@ -253,14 +258,14 @@ def phases_compare_block(results: Path, before: str = "profile-phases-before.jso
         tree = "unknown tree" if git.get("dirty") is None else ("DIRTY tree" if git["dirty"] else "clean tree")
         load = data.get("load_average_1min") or {}
         lines.append(f"{label.capitalize()}: `results/{name}`, commit {(git.get('commit') or '?')[:10]} ({tree}), "
-                     f"{data['device']} ({data['device_name']}), {data['forward_mode']}, {data['threads']} thread, "
+                     f"{data['device']} ({data['device_name']}), {profile_forward_mode(data)}, {data['threads']} thread, "
                      f"{data['samples']} samples x {data['max_new_tokens']} tokens, load average "
                      f"{load.get('before', float('nan')):.1f} -> {load.get('after', float('nan')):.1f}")  # fmt: skip
     columns = ["draft", "verify", "tree", "accept", "cache", "other"]
     old_rows = {r["method"]: r for r in files[before]["rows"]}
 
-    def cell(row: dict | None, value) -> str:
-        return "-" if row is None else f"{value(row):.1f}"
+    def cell(row: dict | None, value, digits: int) -> str:
+        return "-" if row is None else f"{value(row):.{digits}f}"
 
     def outside(row: dict) -> float:  # per cent of the step's wall time outside the forwards
         host = sum(row["ms_per_step"][c] for c in ("tree", "accept", "cache", "other"))
@@ -269,10 +274,12 @@ def phases_compare_block(results: Path, before: str = "profile-phases-before.jso
     rows = []
     for r in files[after]["rows"]:
         b = old_rows.get(r["method"])
-        figures = [lambda x, c=c: x["ms_per_step"][c] for c in columns] + [lambda x: x["wall_ms_per_step"], outside]
+        # milliseconds to 2 decimals (a host phase is a few tenths of a ms), the share to 1
+        figures = [(lambda x, c=c: x["ms_per_step"][c], 2) for c in columns]
+        figures += [(lambda x: x["wall_ms_per_step"], 2), (outside, 1)]
         tokens = "-" if b is None else f"{b['tokens_per_step']:.2f}"
         rows.append([r["method"], f"{tokens} → {r['tokens_per_step']:.2f}",
-                     *(f"{cell(b, f)} → {cell(r, f)}" for f in figures)])  # fmt: skip
+                     *(f"{cell(b, f, d)} → {cell(r, f, d)}" for f, d in figures)])  # fmt: skip
     head = ["method", "tokens per step", *(f"{c} ms" for c in columns), "wall ms per step", "% outside forwards"]
     return "<br>\n".join(lines) + "\n\n" + markdown_table(head, rows)
 
