@@ -229,6 +229,7 @@ def detail(g: pd.DataFrame, reference: pd.DataFrame, speedup: float, manifest: d
     tokens = tokens_after_prefill(g) / costs.steps if costs.steps else NAN
     if not (t1 == t1 and t1 > 0 and costs.steps):
         return out
+    share = prompt_share(reference)  # the reference's prompt forwards: no limit speeds them up
     setting = method_setting(manifest, str(g.method.iloc[0]))
     gamma = setting.get("gamma")
     if gamma and setting.get("schedule", "constant") == "constant" and out.acceptance_joint:
@@ -237,11 +238,11 @@ def detail(g: pd.DataFrame, reference: pd.DataFrame, speedup: float, manifest: d
         best = chain.best()
         out.limit_speedup = chain.limit(int(gamma))
         out.setting_run, out.best_setting = f"gamma={gamma}", f"gamma={best}"
-        out.best_setting_limit = with_prompt_forward(chain.limit(best), prompt_share(reference))
+        out.best_setting_limit = with_prompt_forward(chain.limit(best), share)
     else:
         step_cost = (costs.draft_s + costs.verify_s) / t1
         out.limit_speedup = tokens / step_cost if step_cost else NAN
-    out.limit_speedup = with_prompt_forward(out.limit_speedup, prompt_share(reference))
+    out.limit_speedup = with_prompt_forward(out.limit_speedup, share)
     out.limit_fraction = speedup / out.limit_speedup if out.limit_speedup == out.limit_speedup else NAN
     return out
 

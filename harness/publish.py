@@ -29,7 +29,7 @@ from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
 from pathlib import Path
 
 from harness.paths import REPO_ROOT
-from harness.results import git_changes
+from harness.results import commit_of, git_changes
 
 REFERENCE = "autoregressive"
 BEGIN = re.compile(r"<!-- results-table: ([\w-]+) -->\n")
@@ -220,20 +220,23 @@ def profile_forward_mode(data: dict) -> str:
     return data.get("forward_mode") or data.get("execution") or "eager"
 
 
-def phases_block(results: Path, name: str) -> str:
-    """A per-phase profile (``harness profile --phases``, make profile-phases): ms per decode step
-    of each phase, per method, with where and from which commit it was measured."""
+def read_profile(results: Path, name: str) -> dict:
+    """A stored per-phase profile (``harness profile --phases --json``) of results/."""
     path = results / name
     if not path.is_file():
         raise PublishError(f"results/{name} is missing; run make profile-phases (PHASES_OUT=results/{name})")
-    data = json.loads(path.read_text())
-    git = data.get("git") or {}
-    tree = "unknown tree" if git.get("dirty") is None else ("DIRTY tree" if git["dirty"] else "clean tree")
+    return json.loads(path.read_text())
+
+
+def phases_block(results: Path, name: str) -> str:
+    """A per-phase profile (``harness profile --phases``, make profile-phases): ms per decode step
+    of each phase, per method, with where and from which commit it was measured."""
+    data = read_profile(results, name)
     load = data.get("load_average_1min") or {}
     header = (f"From `results/{name}`: model: {data['model']} | device: {data['device']} ({data['device_name']}) | "
               f"forwards: {profile_forward_mode(data)} | threads: {data['threads']} | {data['samples']} samples x "
               f"{data['max_new_tokens']} tokens | load average {load.get('before', float('nan')):.1f} -> "
-              f"{load.get('after', float('nan')):.1f} | commit: {(git.get('commit') or '?')[:10]} ({tree})")  # fmt: skip
+              f"{load.get('after', float('nan')):.1f} | commit: {commit_of(data)}")  # fmt: skip
     columns = ["draft", "verify", "tree", "accept", "cache", "other"]
     rows = [[r["method"], f"{r['tokens_per_step']:.2f}", *(f"{r['ms_per_step'][c]:.2f}" for c in columns),
              f"{r['wall_ms_per_step']:.2f}"] for r in data["rows"]]  # fmt: skip
@@ -245,19 +248,12 @@ def phases_compare_block(results: Path, before: str = "profile-phases-before.jso
                          after: str = "profile-phases.json") -> str:
     """The README's per-phase table: each method's ms per decode step by phase, ``before -> after``,
     from two stored profiles (a method profiled only after shows ``-`` before)."""
-    files = {}
-    for name in (before, after):
-        path = results / name
-        if not path.is_file():
-            raise PublishError(f"results/{name} is missing; run make profile-phases (PHASES_OUT=results/{name})")
-        files[name] = json.loads(path.read_text())
+    files = {name: read_profile(results, name) for name in (before, after)}
     lines = []
     for label, name in (("before", before), ("after", after)):
         data = files[name]
-        git = data.get("git") or {}
-        tree = "unknown tree" if git.get("dirty") is None else ("DIRTY tree" if git["dirty"] else "clean tree")
         load = data.get("load_average_1min") or {}
-        lines.append(f"{label.capitalize()}: `results/{name}`, commit {(git.get('commit') or '?')[:10]} ({tree}), "
+        lines.append(f"{label.capitalize()}: `results/{name}`, commit {commit_of(data)}, "
                      f"{data['device']} ({data['device_name']}), {profile_forward_mode(data)}, {data['threads']} thread, "
                      f"{data['samples']} samples x {data['max_new_tokens']} tokens, load average "
                      f"{load.get('before', float('nan')):.1f} -> {load.get('after', float('nan')):.1f}")  # fmt: skip
