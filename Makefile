@@ -174,7 +174,8 @@ tables-lookahead:
 
 tables-eagle2:
 	rm -rf results/runs/eagle2-trees
-	$(TUNE) -m --methods autoregressive,eagle2 'method.eagle2.top_k=2,4' 'method.eagle2.total_tokens=6,8,12,16' 'method.eagle2.depth=2,3,4' --out results/runs/eagle2-trees $(ARGS)
+	$(TUNE) -m --methods autoregressive,eagle2 'method.eagle2.top_k=2,4' 'method.eagle2.total_tokens=8,16' 'method.eagle2.depth=2,4,6' \
+	  'method.eagle2.stop_below=0.0,0.5,0.7' --limit 40 --out results/runs/eagle2-trees $(ARGS)
 	.venv/bin/harness leaderboard results/runs/eagle2-trees/*/ --by run_dir --allow-mixed --out results/eagle2-trees.md
 
 # chimera's tree, NEST's span (strict) and its relaxation (relaxed, lossy: its own table)

@@ -19,6 +19,12 @@ from methods.eagle2 import Eagle2, Eagle2Config
 class Eagle3Config(Eagle2Config):
     name: str = "eagle3"
     head: str = "zoo/target-eagle3"  # EAGLE-3 head: directory, weights file or hub id (ours or the released format)
+    # the tree eagle3 has run with (not tuned for it): eagle2's defaults before dynamic depth, pinned here so a
+    # re-tune of eagle2 does not change eagle3 unmeasured
+    top_k: int = 4
+    depth: int = 2
+    total_tokens: int = 16
+    stop_below: float = 0.0
 
 
 class Eagle3(Eagle2):

@@ -29,7 +29,8 @@ TUNED = [
     Tuned("medusa-trees.md", "medusa", {"tree": "tree"}),
     Tuned("lookahead-wng.md", "lookahead",
           {"window": "window", "ngram": "ngram", "candidates": "candidates", "context_pool": "context_pool"}),
-    Tuned("eagle2-trees.md", "eagle2", {"depth": "depth", "top_k": "top_k", "total_tokens": "total_tokens"}),
+    Tuned("eagle2-trees.md", "eagle2",
+          {"depth": "depth", "top_k": "top_k", "total_tokens": "total_tokens", "stop_below": "stop_below"}),
     Tuned("speculative-tree.md", "speculative-tree", {"draft_tokens": "max_nodes"}),
 ]
 
