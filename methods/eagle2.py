@@ -42,11 +42,11 @@ from methods.tree import DraftTree, TreeError
 @dataclass
 class Eagle2Config(EagleConfig):
     name: str = "eagle2"
-    # top_k, depth and total_tokens: the fastest job of make tables-eagle2 (HumanEval's tuning split, results/eagle2-trees.md)
+    # top_k, depth, total_tokens and stop_below: the fastest job of make tables-eagle2 (HumanEval's tuning split, results/eagle2-trees.md)
     top_k: int = 4  # children per expanded node, and nodes expanded per level
-    depth: int = 2  # levels drafted (= head forwards per step; the tree's maximum depth)
-    total_tokens: int = 16  # draft nodes verified per step (the best by cumulative draft log-probability)
-    stop_below: float = 0.0  # dynamic depth: no deeper level once the frontier's summed path probability is below this
+    depth: int = 6  # levels drafted at most (= head forwards per step; the tree's maximum depth)
+    total_tokens: int = 8  # draft nodes verified per step (the best by cumulative draft log-probability)
+    stop_below: float = 0.5  # dynamic depth: no deeper level once the frontier's summed path probability is below this
     candidates: str = "topk"  # fixed: dynamic trees verify deterministic top-k candidates (module doc)
 
 

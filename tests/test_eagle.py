@@ -7,6 +7,7 @@ tests/test_conformance.py)."""
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -77,7 +78,8 @@ def ar(engine: Engine, prompt: list[int], stop: StopRule):
 def methods(engine: Engine, v1: EagleHead, v3: EagleHead, sampling=GREEDY) -> list:
     made = [Eagle(EagleConfig(tree=t), engine, sampling, head=v1) for t in TREES]
     made.append(Eagle2(Eagle2Config(), engine, sampling, head=v1))
-    made.append(Eagle2(Eagle2Config(top_k=2, depth=3, total_tokens=5), engine, sampling, head=v1))
+    made.append(Eagle2(Eagle2Config(top_k=2, depth=3, total_tokens=5, stop_below=0.0), engine, sampling, head=v1))  # as published
+    made.append(Eagle2(Eagle2Config(top_k=2, depth=5, total_tokens=12, stop_below=0.3), engine, sampling, head=v1))
     made.append(Eagle3(Eagle3Config(), engine, sampling, head=v3))
     return made
 
@@ -472,6 +474,27 @@ def test_oracle_sometimes_or_never_right_still_exact(engine, rank):
         assert (max(gen.accepted_per_step) == 1) if never else (max(gen.accepted_per_step) >= 3)
 
 
+def test_dynamic_depth_stops_drafting_where_the_frontier_is_unlikely(engine):
+    """stop_below: a frontier whose summed path probability is below it is not expanded. A random
+    head's top-4 hold far less than 0.99 of its probability, so every step drafts one level (the
+    root's children: one head forward) and commits at most 2 tokens; 0 drafts all 4 levels.
+    Both stay exact."""
+    prompt, stop = PROMPTS[0], StopRule(max_new_tokens=30)
+    ref = ar(engine, prompt, stop).tokens
+    head = random_head(engine, 1, seed=3)
+    shallow = Eagle2(Eagle2Config(depth=4, stop_below=0.99), engine, GREEDY, head=head).generate(prompt, stop)
+    deep = Eagle2(Eagle2Config(depth=4, stop_below=0.0), engine, GREEDY, head=head).generate(prompt, stop)
+    for gen in (shallow, deep):
+        assert gen.tokens == ref
+        check_stats(gen)
+    steps = shallow.target_forwards - 1
+    assert shallow.draft_forwards == steps and max(shallow.accepted_per_step) <= 2
+    assert deep.draft_forwards > deep.target_forwards - 1  # the frontier expanded (last steps may lack room)
+    method = Eagle2(Eagle2Config(stop_below=0.5), engine, GREEDY, head=head)
+    assert method.unlikely([math.log(0.3), math.log(0.1)]) and not method.unlikely([math.log(0.3), math.log(0.25)])
+    assert not Eagle2(Eagle2Config(stop_below=0.0), engine, GREEDY, head=head).unlikely([-50.0])  # 0: never stops
+
+
 def test_eos_and_max_new_tokens_inside_an_accepted_block(engine):
     prompt = PROMPTS[1]
     ref = ar(engine, prompt, StopRule(40)).tokens
@@ -500,6 +523,8 @@ def test_bad_settings_are_refused(engine):
         Eagle(EagleConfig(candidates="nucleus"), engine, GREEDY, head=head)
     with pytest.raises(TreeError, match="top_k must be >= 1"):
         Eagle2(Eagle2Config(top_k=0), engine, GREEDY, head=head)
+    with pytest.raises(TreeError, match="stop_below must be in"):
+        Eagle2(Eagle2Config(stop_below=1.0), engine, GREEDY, head=head)
     with pytest.raises(ValueError, match="must be topk"):
         Eagle2(Eagle2Config(candidates="sampled"), engine, GREEDY, head=head)
 
