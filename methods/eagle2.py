@@ -46,7 +46,7 @@ class Eagle2Config(EagleConfig):
     top_k: int = 4  # children per expanded node, and nodes expanded per level
     depth: int = 6  # levels drafted at most (= head forwards per step; the tree's maximum depth)
     total_tokens: int = 8  # draft nodes verified per step (the best by cumulative draft log-probability)
-    stop_below: float = 0.5  # dynamic depth: no deeper level once the frontier's summed path probability is below this
+    stop_below: float = 0.7  # dynamic depth: no deeper level once the frontier's summed path probability is below this
     candidates: str = "topk"  # fixed: dynamic trees verify deterministic top-k candidates (module doc)
 
 

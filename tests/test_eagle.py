@@ -450,7 +450,7 @@ def test_oracle_head_accepts_whole_paths(engine, version):
     prompt, stop = PROMPTS[1], StopRule(max_new_tokens=40)
     ref = ar(engine, prompt, stop).tokens
     head = OracleHead(engine, prompt + ref, version)
-    deep = {"depth": 5, "total_tokens": 24}  # five levels, whatever the defaults are
+    deep = {"depth": 5, "total_tokens": 24, "stop_below": 0.0}  # five levels, whatever the defaults are
     made = [Eagle3(Eagle3Config(**deep), engine, GREEDY, head=head)] if version == 3 else \
         [Eagle(EagleConfig(tree="chain"), engine, GREEDY, head=head), Eagle2(Eagle2Config(**deep), engine, GREEDY, head=head)]  # fmt: skip
     for method in made:

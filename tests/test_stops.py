@@ -317,7 +317,7 @@ def test_eagle_stops_inside_an_accepted_path(engine, tokenizer, name):
     ref = ar(engine, prompt, StopRule(30, frozenset())).tokens
     head = OracleHead(engine, prompt + ref, version=3 if name == "eagle3" else 1)
     method = {"eagle": lambda: Eagle(EagleConfig(tree="chain"), engine, GREEDY, head=head),
-              "eagle2": lambda: Eagle2(Eagle2Config(depth=5, total_tokens=24), engine, GREEDY, head=head),
+              "eagle2": lambda: Eagle2(Eagle2Config(depth=5, total_tokens=24, stop_below=0.0), engine, GREEDY, head=head),
               "eagle3": lambda: Eagle3(Eagle3Config(depth=5, total_tokens=24), engine, GREEDY, head=head)}[name]()  # fmt: skip
     # an oracle head, 5 deep: 1 token from the prefill, then paths of 6 (indices 1-6, 7-12, ...)
     k, s = mid_block_stop(tokenizer, ref, [i for i in range(7, 29) if (i - 1) % 6 in (1, 2, 3, 4)])
