@@ -219,6 +219,23 @@ def test_every_result_records_its_isolation(iso):
         assert results[0]["isolation"] == level.level and results[0]["status"] == "passed", results
 
 
+def test_an_interpreter_linked_from_outside_the_view_runs_by_its_real_path(tmp_path):
+    """A venv's ``python`` is a link, e.g. /tmp/x/.venv/bin/python -> /usr/bin/python3.11: the
+    sandbox's view holds the target, not the link (a newcomer's checkout under /tmp failed every
+    Python program with "bwrap: execvp ...: No such file or directory")."""
+    real = shutil.which("python3", path=sandbox_module.SANDBOX_PATH)
+    if real is None:
+        pytest.fail("no python3 on the sandbox PATH: this machine cannot run the sandbox tests")
+    link = tmp_path / "venv" / "bin" / "python"
+    link.parent.mkdir(parents=True)
+    link.symlink_to(real)
+    limits = dataclasses.replace(FAST, python=str(link))
+    tools, why = toolchains_module.toolchain("python", limits)
+    assert tools == {"python": os.path.realpath(real)}, why
+    res = ex.run_program(python("print(6 * 7)\n"), limits)
+    assert res.status == "passed" and res.stdout.strip() == "42", res
+
+
 # --------------------------------------------------------------------------- hostile programs
 
 

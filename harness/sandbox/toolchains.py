@@ -100,7 +100,9 @@ def toolchain(language: str, limits: Limits, iso: Optional[Isolation] = None) ->
         for c in [limits.python] if limits.python else [sys.executable, "python3"]:
             path = c if c and os.sep in c else (which(c, iso) if c else None)
             if path and can_run(path, iso):
-                return {"python": path}, ""
+                # the file can_run checked: a venv's python is a link from outside the sandbox's view
+                # (a checkout under /tmp, /home) to an interpreter inside it, and only the target is there
+                return {"python": os.path.realpath(path)}, ""
         return None, f"no python interpreter the sandbox can run ({hint})"
     need = {"cpp": ["g++"], "java": ["javac", "java"], "js": ["node"], "go": ["go"]}.get(language)
     if need is None:
