@@ -277,7 +277,7 @@ def run(exp: Experiment, log: Callable[[str], None] = print) -> RunResult:
 
 def execute(rundir: RunDir, samples: list[Sample], records: list[Record], settings: RunSettings, log) -> None:
     """Judge every completion against its task's tests in the sandbox (harness/sandbox/)."""
-    from harness.sandbox import score_records
+    from harness.sandbox import SETUP_FAILED, score_records
 
     if not any("test" in s.meta for s in samples):
         raise HarnessError("run.execute=true needs a task with tests (humaneval, humaneval-x)")
@@ -285,6 +285,11 @@ def execute(rundir: RunDir, samples: list[Sample], records: list[Record], settin
     log(f"executing {len(records)} completions in the sandbox: {iso.describe()}")
     results = score_records({s.id: s for s in samples}, records, workers=settings.execute_workers, iso=iso)
     rundir.write_execution(results, iso.as_dict())
+    broken = [r["detail"] for r in results if r["status"] == "error" and r["detail"].startswith(SETUP_FAILED)]
+    if broken:  # not the completions' verdicts: a pass@1 over them would blame the model for the sandbox
+        raise HarnessError(f"the sandbox did not start for {len(broken)} of {len(results)} completions ({broken[0][:200]}); "
+                           "fix its set-up (harness/sandbox/__init__.py says what it needs) and rerun with the same --out: "
+                           "the generations are kept")  # fmt: skip
     skipped = {r["detail"] for r in results if r["status"] == "skipped"}
     for reason in sorted(skipped):
         log(f"skipped: {reason}")

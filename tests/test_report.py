@@ -219,6 +219,29 @@ def test_execute_below_full_isolation_refuses_unless_accepted(model_dir, tmp_pat
     assert "(1 judged, 0 skipped), WEAK isolation" in capsys.readouterr().out
 
 
+def test_a_sandbox_that_does_not_start_stops_the_run_keeping_the_generations(model_dir, tmp_path, monkeypatch, capsys):
+    """When the sandbox itself fails to start a program, its "error" is not the completion's
+    verdict: the run says so in one line and exits 2 instead of publishing pass@1 = 0, and the
+    generations stay (a rerun with the same --out resumes)."""
+    import harness.sandbox as sandbox
+
+    def not_starting(samples_by_id, records, **kwargs):
+        return [{"method": r.method, "task": r.task, "sample_id": r.sample_id, "language": "python", "status": "error",
+                 "detail": f"{sandbox.SETUP_FAILED}: bwrap: execvp /x/.venv/bin/python: No such file or directory",
+                 "seconds": 0.0, "isolation": "weak"} for r in records]  # fmt: skip
+
+    monkeypatch.setattr(sandbox, "score_records", not_starting)
+    out = tmp_path / "broken"
+    args = ["run", "--model", str(model_dir), "--task", "humaneval", "--limit", "1", "--max-new-tokens", "4",
+            "--out", str(out), "run.progress=false", "run.execute=true", "run.execute_isolation=weak"]  # fmt: skip
+    capsys.readouterr()
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "the sandbox did not start for 1 of 1 completions" in err and "--out" in err, err
+    assert len((out / "samples.jsonl").read_text().splitlines()) == 1
+    assert not (out / "leaderboard.md").exists()
+
+
 def test_two_shards_merged_equal_the_unsharded_run(model_dir, tmp_path, capsys):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"id": f"s{i}", "prompt": f"x{i} = "}) + "\n" for i in range(5)))

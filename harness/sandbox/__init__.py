@@ -98,11 +98,11 @@ from harness.sandbox.jail import (
 from harness.sandbox.languages import ALIASES, INSTALL_HINT, LANGUAGES, MAIN_FILE, normalise_language
 from harness.sandbox.programs import Program, build_program
 from harness.sandbox.scoring import check_completion, pass_at_k, pass_at_k_table, score_records
-from harness.sandbox.toolchains import STATUSES, ExecResult, run_program, toolchain
+from harness.sandbox.toolchains import SETUP_FAILED, STATUSES, ExecResult, run_program, toolchain
 
 __all__ = [
     "ALIASES", "ExecResult", "FULL", "INSTALL_HINT", "Isolation", "IsolationError", "LANGUAGES",
-    "Limits", "MAIN_FILE", "Program", "SANDBOX_SLOTS", "SANDBOX_UID_BASE", "STATUSES", "Sandbox", "WEAK", "build_program",
+    "Limits", "MAIN_FILE", "Program", "SANDBOX_SLOTS", "SANDBOX_UID_BASE", "SETUP_FAILED", "STATUSES", "Sandbox", "WEAK", "build_program",
     "check_completion", "isolation", "normalise_language", "pass_at_k", "pass_at_k_table", "require_isolation",
     "run_program", "score_records", "toolchain", "truncate_completion",
 ]  # fmt: skip

@@ -59,6 +59,9 @@ STATUSES = ("passed", "failed", "timeout", "error", "skipped")
 GO_PATHS = ("/usr/share/gocode",)  # GOPATH candidates holding github.com/stretchr/testify
 
 
+SETUP_FAILED = "sandbox setup failed"  # an ``error`` detail's start when the sandbox itself did not start
+
+
 @dataclass
 class ExecResult:
     """How a program went. ``status``:
@@ -319,7 +322,7 @@ def _result(status: str, detail: str, step: Step, returncode: Optional[int] = No
 
 def _judge_run(step: Step, limits: Limits, program: Program) -> ExecResult:
     if step.setup_error:
-        return _result("error", f"sandbox setup failed: {step.setup_error}", step, step.returncode)
+        return _result("error", f"{SETUP_FAILED}: {step.setup_error}", step, step.returncode)
     if step.timed_out:
         return _result("timeout", _with_output(f"timed out after {limits.timeout_s:g} s", step, 300), step)
     limit = _limit_hit(step) if step.returncode != 0 else None
@@ -343,7 +346,7 @@ def _judge_run(step: Step, limits: Limits, program: Program) -> ExecResult:
 def _judge_build(step: Step, limits: Limits, what: str) -> Optional[ExecResult]:
     """None if the build step succeeded, else the result to return."""
     if step.setup_error:
-        return _result("error", f"sandbox setup failed: {step.setup_error}", step, step.returncode)
+        return _result("error", f"{SETUP_FAILED}: {step.setup_error}", step, step.returncode)
     if step.timed_out:
         return _result("timeout", f"{what} timed out after {limits.compile_timeout_s:g} s", step)
     if step.returncode == 0:
