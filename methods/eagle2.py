@@ -83,10 +83,11 @@ class Eagle2(Eagle):
         scores = [0.0] + top.values.tolist()  # per drafter node: cumulative draft log-probability (root 0)
         frontier = [drafter.node(0, token) for token in top.indices.tolist()]
         for _ in range(depth - 1):
-            if self.unlikely([scores[n] for n in frontier]):
+            frontier_scores = [scores[n] for n in frontier]
+            if self.unlikely(frontier_scores):
                 break
             top = torch.topk(torch.log_softmax(drafter.expand(frontier), dim=-1), k, dim=-1)  # [len(frontier), k]
-            base = torch.tensor([scores[n] for n in frontier], device=top.values.device)
+            base = torch.tensor(frontier_scores, device=top.values.device)
             cum = (base[:, None] + top.values).flatten().tolist()
             tokens = top.indices.flatten().tolist()
             children = [drafter.node(frontier[i // k], token) for i, token in enumerate(tokens)]
